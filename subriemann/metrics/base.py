@@ -1,0 +1,315 @@
+r"""The base class of every metric on parameter space.
+
+A metric :math:`g` on :math:`\mathbb{R}^K` turns the differential of the cost
+into a vector: the Riemannian gradient is the *sharp* of :math:`dC`, the
+vector :math:`v` in the metric's distribution :math:`\mathcal{V}` with
+
+.. math:: g(v, w) = dC(w) \quad \text{for all } w \in \mathcal{V},
+
+and the gradient flow is :math:`\partial_s\theta = -v` (MATH.md §2).  A flow
+is never hand-coded per metric: :meth:`ParameterMetric.gradient` is
+``sharp(dC)``.
+
+Subclasses give at least :meth:`~ParameterMetric.metric_matrix`; everything
+else (``inner_product``, ``sharp``, ``distribution``, geodesics through
+geomstats) then works, densely.  Built-in metrics override the methods with
+matrix-free or push-through forms.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from subriemann._geomstats import default_dtype, import_geomstats
+from subriemann.linalg import PointState, cg, check_converged
+
+import_geomstats()
+from geomstats.geometry.riemannian_metric import RiemannianMetric  # noqa: E402
+from geomstats.numerics.geodesic import ExpODESolver  # noqa: E402
+from geomstats.numerics.ivp import GSIVPIntegrator  # noqa: E402
+
+if TYPE_CHECKING:
+    from subriemann.space import ParameterSpace
+
+__all__ = ["ParameterMetric", "DENSE_K_LIMIT"]
+
+DENSE_K_LIMIT = 8000
+"""Largest K for which K × K matrices (``metric_matrix``, ``distribution``) are formed."""
+
+
+def _batched(fn: Any, base_point: Tensor, *vecs: Tensor) -> Tensor:
+    """Apply ``fn(point, *vecs)`` over leading batch dimensions ``[..., K]``."""
+    if base_point.ndim == 1 and all(v.ndim <= 1 for v in vecs):
+        return fn(base_point, *vecs)
+    shape = torch.broadcast_shapes(base_point.shape[:-1], *[v.shape[:-1] for v in vecs])
+    bp = base_point.expand(*shape, base_point.shape[-1]).reshape(-1, base_point.shape[-1])
+    vs = [v.expand(*shape, v.shape[-1]).reshape(-1, v.shape[-1]) for v in vecs]
+    outs = [fn(bp[i], *[v[i] for v in vs]) for i in range(bp.shape[0])]
+    out = torch.stack(outs)
+    return out.reshape(*shape, *out.shape[1:])
+
+
+class ParameterMetric(RiemannianMetric):
+    r"""A (possibly degenerate) metric tensor on parameter space :math:`\mathbb{R}^K`.
+
+    A geomstats :class:`~geomstats.geometry.riemannian_metric.RiemannianMetric`
+    with an attached exp solver (RK4 on the geodesic equation), so
+    ``inner_product``, ``norm``, ``christoffels``, ``exp`` and ``geodesic``
+    work on small models.
+
+    Parameters
+    ----------
+    space : ParameterSpace
+    rank_rtol : float
+        Relative rank threshold: singular values of :math:`D` (or eigenvalues
+        of a dense metric matrix) at most ``rank_rtol`` times the largest are
+        treated as zero.  It *defines* the distribution.
+    rank_atol : float, optional
+        Absolute threshold :math:`\tau`; overrides ``rank_rtol``.  Flows fix
+        it at its initial value so that the vector field stays continuous.
+    exp_steps : int
+        RK4 steps of geomstats' geodesic integrator used by ``exp``.
+
+    Notes
+    -----
+    Shapes follow geomstats: ``base_point`` has shape ``[..., K]``.
+    Methods that solve (``sharp``, ``gradient``, ``distribution``) take a
+    single point ``[K]``.
+    """
+
+    def __init__(
+        self,
+        space: ParameterSpace,
+        *,
+        rank_rtol: float = 1e-6,
+        rank_atol: float | None = None,
+        exp_steps: int = 50,
+    ) -> None:
+        from subriemann.space import ParameterSpace
+
+        if not isinstance(space, ParameterSpace):
+            raise TypeError(
+                f"{type(self).__name__} needs a subriemann.ParameterSpace, got {type(space).__name__}"
+            )
+        super().__init__(space)
+        if not (isinstance(rank_rtol, (int, float)) and 0 <= rank_rtol < 1):
+            raise ValueError(f"rank_rtol must be a number in [0, 1), got {rank_rtol!r}")
+        if rank_atol is not None and not (isinstance(rank_atol, (int, float)) and rank_atol >= 0):
+            raise ValueError(f"rank_atol must be a non-negative number, got {rank_atol!r}")
+        self.rank_rtol = float(rank_rtol)
+        self.rank_atol = None if rank_atol is None else float(rank_atol)
+        self.exp_solver = ExpODESolver(space, integrator=GSIVPIntegrator(exp_steps, "rk4"))
+
+    # -- plumbing ------------------------------------------------------------------
+    @property
+    def space(self) -> ParameterSpace:
+        """The parameter space this metric lives on."""
+        return self._space
+
+    def state(self, base_point: Tensor) -> PointState:
+        """Shared per-point cache (see :meth:`ParameterSpace.point_state`)."""
+        return self._space.point_state(base_point)
+
+    def _check_tangent(self, vec: Tensor, what: str = "tangent_vec") -> Tensor:
+        return self._space._check_vec(vec, self._space.dim, what)
+
+    def _require_small_k(self, what: str) -> None:
+        if self._space.dim > DENSE_K_LIMIT:
+            raise ValueError(
+                f"{what} forms a K x K matrix and K = {self._space.dim} > {DENSE_K_LIMIT}; "
+                "use the operator forms instead (inner_product, metric_vec, sharp, gradient)"
+            )
+
+    def description(self) -> dict[str, Any]:
+        """A JSON-serialisable description, recorded in trajectories."""
+        return {
+            "class": type(self).__name__,
+            "rank_rtol": self.rank_rtol,
+            "rank_atol": self.rank_atol,
+        }
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.description().items() if k != "class")
+        return f"{type(self).__name__}({args})"
+
+    # -- rank of D ---------------------------------------------------------------
+    def singular_values(self, base_point: Tensor) -> Tensor:
+        r"""Singular values of :math:`D[\theta]`, descending, shape ``[min(QN, K)]``."""
+        return self.state(base_point).singular_values(self._factorization())
+
+    def _factorization(self) -> str:
+        return "svd"
+
+    def rank_threshold(self, base_point: Tensor) -> float:
+        r"""The threshold :math:`\tau`: ``rank_atol``, or ``rank_rtol`` times :math:`\sigma_{\max}`."""
+        if self.rank_atol is not None:
+            return self.rank_atol
+        s = self.singular_values(base_point)
+        return self.rank_rtol * float(s[0]) if s.numel() else 0.0
+
+    def rank(self, base_point: Tensor) -> int:
+        r"""Numerical rank of :math:`D[\theta]`: the number of :math:`\sigma_i > \tau`."""
+        s = self.singular_values(base_point)
+        return int((s > self.rank_threshold(base_point)).sum())
+
+    # -- the tensor ----------------------------------------------------------------
+    def metric_matrix(self, base_point: Tensor) -> Tensor:
+        r"""The metric tensor :math:`g_{ij}(\theta)`, shape ``[..., K, K]`` (dense, small K)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement metric_matrix(base_point) "
+            "(or override inner_product and sharp)"
+        )
+
+    def metric_vec(self, tangent_vec: Tensor, base_point: Tensor) -> Tensor:
+        r""":math:`g(\theta)\,v` (the flat map of a tangent vector), shape ``[..., K]``."""
+        v = self._check_tangent(tangent_vec)
+        return _batched(lambda p, a: self.metric_matrix(p) @ a, base_point, v)
+
+    def inner_product(
+        self, tangent_vec_a: Tensor, tangent_vec_b: Tensor, base_point: Tensor
+    ) -> Tensor:
+        r""":math:`g_\theta(a, b)`, shape ``[...]``."""
+        a = self._check_tangent(tangent_vec_a, "tangent_vec_a")
+        b = self._check_tangent(tangent_vec_b, "tangent_vec_b")
+        return (a * self.metric_vec(b, base_point)).sum(-1)
+
+    def _dense_eigh(self, base_point: Tensor) -> tuple[Tensor, Tensor, float]:
+        st = self.state(base_point)
+        key = ("metric_eigh", type(self).__name__, id(self))
+        if key not in st._cache:
+            self._require_small_k("the dense metric route")
+            m = self.metric_matrix(st.theta)
+            evals, evecs = torch.linalg.eigh(0.5 * (m + m.T))
+            st._cache[key] = (evals, evecs)
+        evals, evecs = st._cache[key]
+        top = float(evals.abs().max()) if evals.numel() else 0.0
+        tol = self.rank_atol if self.rank_atol is not None else self.rank_rtol * top
+        return evals, evecs, tol
+
+    def distribution(self, base_point: Tensor) -> Tensor:
+        r"""Orthonormal frame of the subspace where :math:`g` is positive definite, ``[K, r]``."""
+        evals, evecs, tol = self._dense_eigh(base_point)
+        return evecs[:, evals > tol]
+
+    def sharp(self, cotangent_vec: Tensor, base_point: Tensor) -> Tensor:
+        r"""The vector :math:`v \in \mathcal{V}` with :math:`g(v, w) = \xi(w)` for all :math:`w \in \mathcal{V}`.
+
+        Parameters
+        ----------
+        cotangent_vec : Tensor, shape=[K]
+            :math:`\xi`, in coordinates (so :math:`\xi(w) = \xi\cdot w`).
+        base_point : Tensor, shape=[K]
+
+        Returns
+        -------
+        tangent_vec : Tensor, shape=[K]
+            :math:`g^+\xi`, the pseudoinverse restricted to the distribution.
+        """
+        xi = self._check_tangent(cotangent_vec, "cotangent_vec")
+        if self._space.dim > DENSE_K_LIMIT:
+            return self._sharp_cg(xi, base_point)
+        evals, evecs, tol = self._dense_eigh(base_point)
+        keep = evals > tol
+        w = evecs[:, keep]
+        return w @ ((w.T @ xi) / evals[keep])
+
+    def _sharp_cg(self, xi: Tensor, base_point: Tensor) -> Tensor:
+        theta = self._space.check_point(base_point)
+        v, info = cg(lambda z: self.metric_vec(z, theta), xi)
+        check_converged(info)
+        return v
+
+    def sharp_pullback(self, output_covec: Tensor, base_point: Tensor) -> Tensor:
+        r"""``sharp`` of the pulled-back covector :math:`D^\top u`, shape ``[K]``.
+
+        Built-in metrics solve this in output space (push-through).
+        """
+        u = self._space._check_vec(output_covec, self._space.output_dim, "output_covec")
+        return self.sharp(self.state(base_point).vjp(u), base_point)
+
+    def gradient(self, base_point: Tensor) -> Tensor:
+        r"""Riemannian gradient :math:`\operatorname{grad} C = \sharp(dC)`, shape ``[K]``.
+
+        :math:`dC = D^\top\nabla_x C`; the gradient flow is
+        :math:`\partial_s\theta = -\operatorname{grad} C`.
+        """
+        st = self.state(base_point)
+        return self.sharp_pullback(st.output_grad, st.theta)
+
+    # -- checks --------------------------------------------------------------------
+    def check(self, base_point: Tensor, *, atol: float = 1e-10) -> None:
+        """Check that ``metric_matrix`` is symmetric and positive on the distribution.
+
+        Raises
+        ------
+        ValueError
+            Naming the failed property and its size.
+        """
+        m = self.metric_matrix(self._space.check_point(base_point))
+        scale = float(m.abs().max()) or 1.0
+        asym = float((m - m.T).abs().max()) / scale
+        if asym > atol:
+            raise ValueError(f"metric_matrix is not symmetric: max |g - g^T| / max |g| = {asym:.3g}")
+        evals = torch.linalg.eigvalsh(0.5 * (m + m.T))
+        if float(evals.min()) < -atol * scale:
+            raise ValueError(
+                f"metric_matrix is not positive semidefinite: smallest eigenvalue {float(evals.min()):.3g}"
+            )
+        frame = self.distribution(base_point)
+        if frame.shape[1] == 0:
+            raise ValueError("metric has an empty distribution at this point")
+        restricted = torch.linalg.eigvalsh(frame.T @ m @ frame)
+        if float(restricted.min()) <= 0:
+            raise ValueError(
+                "metric is not positive definite on its distribution: smallest eigenvalue "
+                f"{float(restricted.min()):.3g}"
+            )
+
+    # -- geomstats -----------------------------------------------------------------
+    def exp(self, tangent_vec: Tensor, base_point: Tensor) -> Tensor:
+        """Riemannian exponential through geomstats' geodesic ODE (small K)."""
+        self._require_small_k("exp")
+        with default_dtype(self._space.dtype):
+            return super().exp(tangent_vec, base_point)
+
+    def geodesic(self, initial_point, end_point=None, initial_tangent_vec=None):
+        """geomstats' geodesic, run in the space's dtype (small K)."""
+        self._require_small_k("geodesic")
+        with default_dtype(self._space.dtype):
+            path = super().geodesic(initial_point, end_point, initial_tangent_vec)
+
+        def run(t):
+            with default_dtype(self._space.dtype):
+                return path(t)
+
+        return run
+
+    def christoffels(self, base_point: Tensor) -> Tensor:
+        """Christoffel symbols by autodiff of ``metric_matrix`` (small K; uses the pseudo-inverse)."""
+        self._require_small_k("christoffels")
+        with default_dtype(self._space.dtype):
+            return super().christoffels(base_point)
+
+    def cometric_matrix(self, base_point: Tensor) -> Tensor:
+        """Pseudo-inverse of ``metric_matrix`` (the inverse where it is invertible)."""
+        return torch.linalg.pinv(self.metric_matrix(base_point), hermitian=True)
+
+    # -- combination ---------------------------------------------------------------
+    def __add__(self, other: ParameterMetric) -> ParameterMetric:
+        from subriemann.metrics.custom import SumMetric
+
+        if not isinstance(other, ParameterMetric):
+            return NotImplemented
+        return SumMetric(self._space, [self, other])
+
+    def __mul__(self, scalar: float) -> ParameterMetric:  # type: ignore[override]
+        from subriemann.metrics.custom import SumMetric
+
+        if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
+            return NotImplemented
+        return SumMetric(self._space, [self], weights=[float(scalar)])
+
+    __rmul__ = __mul__  # type: ignore[assignment]

@@ -1,0 +1,265 @@
+r"""Building blocks for user-defined metrics.
+
+Three recipes (see ``examples/custom_metrics.py``):
+
+(a) subclass :class:`~subriemann.metrics.ParameterMetric` and give
+    ``metric_matrix(base_point)``;
+(b) give an output-space metric :math:`G(x)` (``[QN, QN]``) and pull it back,
+    :math:`g = D^\top G D` (:class:`OutputMetric`);
+(c) combine metrics: weighted sums (:class:`SumMetric`, or ``a + b`` and
+    ``c * a``) and damping (:class:`DampedMetric`).
+
+The generic ``sharp`` works for all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from subriemann.metrics.base import ParameterMetric, _batched
+
+__all__ = ["OutputMetric", "SumMetric", "DampedMetric"]
+
+
+class OutputMetric(ParameterMetric):
+    r"""Pullback :math:`g = D^\top G(x) D` of an output-space metric :math:`G(x)`.
+
+    Parameters
+    ----------
+    space : ParameterSpace
+    output_metric : callable
+        ``output_metric(x) -> G``, with ``x`` of shape ``[QN]`` (sample-major)
+        and ``G`` symmetric positive semidefinite of shape ``[QN, QN]``.
+        ``None`` means the identity (then this is the output pullback).
+    rank_rtol, rank_atol, exp_steps
+        See :class:`~subriemann.metrics.ParameterMetric`.
+
+    Notes
+    -----
+    With the thin SVD :math:`D = U_r\Sigma_r V_r^\top` (:math:`\sigma_i>\tau`),
+    the metric in the coordinates of :math:`V_r` is
+    :math:`M = \Sigma_r U_r^\top G U_r \Sigma_r` (``[r, r]``), so
+
+    .. math:: \sharp\xi = V_r M^+ V_r^\top \xi,
+
+    where :math:`M^+` keeps the eigenvalues above ``rank_rtol`` times the largest.
+    The distribution is :math:`V_r` times the eigenvectors of :math:`M` kept.
+    This forms :math:`D` (small and moderate problems).
+
+    Examples
+    --------
+    >>> import torch, subriemann as sr
+    >>> _ = torch.manual_seed(0)
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    >>> space = sr.ParameterSpace(net, torch.randn(4, 2), torch.randn(4, 1))
+    >>> w = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    >>> space = space.equip_with_metric(sr.metrics.OutputMetric, output_metric=lambda x: torch.diag(w))
+    >>> sr.check_gradient(space, space.initial_point()).passed
+    True
+    """
+
+    def __init__(
+        self,
+        space,
+        output_metric: Callable[[Tensor], Tensor] | None = None,
+        *,
+        rank_rtol: float = 1e-6,
+        rank_atol: float | None = None,
+        exp_steps: int = 50,
+    ) -> None:
+        super().__init__(space, rank_rtol=rank_rtol, rank_atol=rank_atol, exp_steps=exp_steps)
+        if output_metric is not None and not callable(output_metric):
+            raise TypeError("output_metric must be a callable x -> G(x) of shape [QN, QN]")
+        self._output_metric = output_metric
+
+    def output_metric(self, x: Tensor) -> Tensor:
+        """:math:`G(x)`, shape ``[QN, QN]``, checked for shape and finiteness."""
+        qn = self._space.output_dim
+        if self._output_metric is None:
+            return torch.eye(qn, dtype=x.dtype, device=x.device)
+        g = self._output_metric(x)
+        if not isinstance(g, Tensor) or g.shape != (qn, qn):
+            shape = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+            raise ValueError(f"output_metric must return a [{qn}, {qn}] tensor, got {shape}")
+        if not torch.isfinite(g).all():
+            raise ValueError("output_metric returned NaN or inf")
+        return g
+
+    def output_metric_vec(self, x: Tensor, u: Tensor) -> Tensor:
+        """:math:`G(x)u`; override for structured :math:`G` (e.g. block diagonal)."""
+        return self.output_metric(x) @ u
+
+    def metric_matrix(self, base_point: Tensor) -> Tensor:
+        r""":math:`D^\top G(x) D`, shape ``[..., K, K]``."""
+        self._require_small_k("metric_matrix")
+        sp = self._space
+
+        def one(p: Tensor) -> Tensor:
+            d = sp.jacobian(p)
+            x = sp.backend.outputs(p)
+            return d.T @ self.output_metric(x) @ d
+
+        return _batched(one, base_point)
+
+    def metric_vec(self, tangent_vec: Tensor, base_point: Tensor) -> Tensor:
+        r""":math:`D^\top G D v` (one JVP and one VJP)."""
+        v = self._check_tangent(tangent_vec)
+
+        def one(p: Tensor, a: Tensor) -> Tensor:
+            st = self.state(p)
+            return st.vjp(self.output_metric_vec(st.outputs, st.jvp(a)))
+
+        return _batched(one, base_point, v)
+
+    def inner_product(self, tangent_vec_a, tangent_vec_b, base_point):
+        r""":math:`\langle Da, G\,Db\rangle`, without K × K."""
+        a = self._check_tangent(tangent_vec_a, "tangent_vec_a")
+        b = self._check_tangent(tangent_vec_b, "tangent_vec_b")
+        sp = self._space
+
+        def one(p: Tensor, u: Tensor, w: Tensor) -> Tensor:
+            if p.requires_grad:
+                x, du, dw = sp.backend.outputs(p), sp.jvp(p, u), sp.jvp(p, w)
+            else:
+                st = self.state(p)
+                x, du, dw = st.outputs, st.jvp(u), st.jvp(w)
+            return du @ self.output_metric_vec(x, dw)
+
+        return _batched(one, base_point, a, b)
+
+    def _reduced(self, base_point: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(V_r, sigma_r, U_r, W, evals)`` pieces of the reduced form, cached per point."""
+        st = self.state(base_point)
+        key = ("output_metric", id(self))
+        if key not in st._cache:
+            u, s, v = st.svd
+            keep = s > self.rank_threshold(base_point)
+            u, s, v = u[:, keep], s[keep], v[:, keep]
+            gu = torch.stack([self.output_metric_vec(st.outputs, c) for c in u.T], dim=1) \
+                if u.shape[1] else u
+            m = s[:, None] * (u.T @ gu) * s[None, :]
+            evals, w = torch.linalg.eigh(0.5 * (m + m.T))
+            st._cache[key] = (v, s, u, w, evals)
+        return st._cache[key]
+
+    def _pinv_apply(self, coef: Tensor, base_point: Tensor) -> Tensor:
+        v, _, _, w, evals = self._reduced(base_point)
+        top = float(evals.abs().max()) if evals.numel() else 0.0
+        keep = evals > self.rank_rtol * top
+        w = w[:, keep]
+        return v @ (w @ ((w.T @ coef) / evals[keep]))
+
+    def sharp(self, cotangent_vec: Tensor, base_point: Tensor) -> Tensor:
+        r""":math:`V_r M^+ V_r^\top\xi` (see Notes)."""
+        xi = self._check_tangent(cotangent_vec, "cotangent_vec")
+        v = self._reduced(base_point)[0]
+        return self._pinv_apply(v.T @ xi, base_point)
+
+    def sharp_pullback(self, output_covec: Tensor, base_point: Tensor) -> Tensor:
+        r""":math:`V_r M^+ \Sigma_r U_r^\top u`."""
+        u = self._space._check_vec(output_covec, self._space.output_dim, "output_covec")
+        _, s, uu, _, _ = self._reduced(base_point)
+        return self._pinv_apply(s * (uu.T @ u), base_point)
+
+    def distribution(self, base_point: Tensor) -> Tensor:
+        """Frame :math:`V_r W_+` of the directions where :math:`D^\\top G D` is positive."""
+        self._require_small_k("distribution")
+        v, _, _, w, evals = self._reduced(base_point)
+        top = float(evals.abs().max()) if evals.numel() else 0.0
+        return v @ w[:, evals > self.rank_rtol * top]
+
+
+class SumMetric(ParameterMetric):
+    r"""A weighted sum :math:`g = \sum_i c_i\, g_i` of metrics on the same space.
+
+    ``a + b`` and ``c * a`` on metrics build one.  ``sharp`` is dense
+    (eigendecomposition of the summed ``metric_matrix``) for
+    :math:`K \le` ``DENSE_K_LIMIT`` and conjugate gradients on
+    ``metric_vec`` beyond.
+
+    Parameters
+    ----------
+    space : ParameterSpace
+    metrics : sequence of ParameterMetric
+        Instances on ``space``.
+    weights : sequence of float, optional
+        Non-negative :math:`c_i` (default all 1).
+    """
+
+    def __init__(
+        self,
+        space,
+        metrics: Sequence[ParameterMetric],
+        weights: Sequence[float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(space, **kwargs)
+        metrics = list(metrics)
+        if not metrics:
+            raise ValueError("SumMetric needs at least one metric")
+        for m in metrics:
+            if not isinstance(m, ParameterMetric):
+                raise TypeError(f"SumMetric combines ParameterMetric instances, got {type(m).__name__}")
+            if m._space is not space:
+                raise ValueError("all metrics of a SumMetric must live on the same space")
+        weights = [1.0] * len(metrics) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(metrics):
+            raise ValueError(f"got {len(metrics)} metrics but {len(weights)} weights")
+        if any(w < 0 for w in weights):
+            raise ValueError(f"weights must be non-negative, got {weights}")
+        self.metrics, self.weights = metrics, weights
+
+    def description(self) -> dict[str, Any]:
+        d = super().description()
+        d["terms"] = [dict(weight=w, **m.description()) for m, w in zip(self.metrics, self.weights)]
+        return d
+
+    def metric_matrix(self, base_point: Tensor) -> Tensor:
+        return sum(w * m.metric_matrix(base_point) for m, w in zip(self.metrics, self.weights))
+
+    def metric_vec(self, tangent_vec: Tensor, base_point: Tensor) -> Tensor:
+        return sum(w * m.metric_vec(tangent_vec, base_point) for m, w in zip(self.metrics, self.weights))
+
+    def inner_product(self, tangent_vec_a, tangent_vec_b, base_point):
+        return sum(
+            w * m.inner_product(tangent_vec_a, tangent_vec_b, base_point)
+            for m, w in zip(self.metrics, self.weights)
+        )
+
+    def __add__(self, other: ParameterMetric) -> ParameterMetric:
+        if isinstance(other, SumMetric) and other._space is self._space:
+            return SumMetric(self._space, self.metrics + other.metrics, self.weights + other.weights)
+        if isinstance(other, ParameterMetric):
+            return SumMetric(self._space, [*self.metrics, other], [*self.weights, 1.0])
+        return NotImplemented
+
+    def __mul__(self, scalar: float) -> ParameterMetric:  # type: ignore[override]
+        if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
+            return NotImplemented
+        return SumMetric(self._space, self.metrics, [scalar * w for w in self.weights])
+
+    __rmul__ = __mul__  # type: ignore[assignment]
+
+
+class DampedMetric(SumMetric):
+    r"""A metric plus damping, :math:`g + \mu 1_K` (Levenberg–Marquardt style).
+
+    ``DampedMetric(space, OutputPullbackMetric(space), damping=mu)`` is
+    :math:`D^\top D + \mu 1`, i.e. :math:`(1+\mu)\,g_\lambda` with
+    :math:`\lambda = 1/(1+\mu)`.
+    """
+
+    def __init__(self, space, base: ParameterMetric, damping: float, **kwargs: Any) -> None:
+        from subriemann.metrics.builtin import EuclideanMetric
+
+        if not isinstance(damping, (int, float)) or damping < 0:
+            raise ValueError(f"damping must be a non-negative number, got {damping!r}")
+        super().__init__(space, [base, EuclideanMetric(space)], [1.0, float(damping)], **kwargs)
+        self.damping = float(damping)
+
+
+

@@ -1,0 +1,406 @@
+r"""The parameter space :math:`\mathbb{R}^K` of a network on its training set.
+
+MATH.md §1: a network :math:`f(\cdot, \theta)` with :math:`K` parameters is
+evaluated on :math:`N` inputs; stacking its :math:`Q` outputs per sample
+gives :math:`x[\theta] \in \mathbb{R}^{QN}` (sample-major), with Jacobian
+:math:`D = \partial x / \partial\theta` of shape ``[QN, K]`` and a cost
+:math:`C(x)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from subriemann._geomstats import import_geomstats
+from subriemann.jacobian import JacobianBackend, ParameterLayout, make_backend
+from subriemann.linalg import PointState
+from subriemann.losses import Loss, get_loss
+
+import_geomstats()
+from geomstats.geometry.base import VectorSpace  # noqa: E402
+
+__all__ = ["ParameterSpace", "NonFiniteError"]
+
+_STOCHASTIC = (
+    torch.nn.modules.dropout._DropoutNd,
+    torch.nn.modules.batchnorm._BatchNorm,
+)
+
+
+class NonFiniteError(ValueError):
+    """Raised when the network's outputs or the cost are NaN or infinite."""
+
+
+class ParameterSpace(VectorSpace):
+    r"""Parameter space :math:`\mathbb{R}^K` of ``model`` on a training set.
+
+    A geomstats vector space (``point_ndim == 1``, ``shape == (K,)``),
+    equipped by default with the Euclidean metric.  Equip another metric
+    the geomstats way::
+
+        space.equip_with_metric(sr.metrics.InterpolatedMetric, lam=0.5)
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any module mapping inputs of shape ``[n, ...]`` to outputs
+        ``[n, Q]`` (or ``[n]`` when ``Q = 1``).  It is copied, converted to
+        ``dtype`` and put in eval mode; the user's module is never mutated.
+    inputs : Tensor, shape=[N, ...]
+        Training inputs :math:`x^{(0)}_j`.
+    targets : Tensor, shape=[N, Q]
+        Labels :math:`y_j`: real values for MSE, probability vectors for
+        cross-entropy.  A 1-D tensor is read as ``[N, 1]``.
+    loss : str or Loss
+        ``"mse"`` (:math:`\tfrac12|x-y|^2`, summed), ``"cross_entropy"`` or
+        a :class:`~subriemann.losses.Loss`.
+    dtype : torch.dtype
+        float64 (default) or float32.
+    device : str or torch.device, optional
+    chunk_size : int, optional
+        Samples per chunk when evaluating the network and its derivatives;
+        bounds memory for large N.
+    backend : {"auto", "func", "structured"}
+        Engine for :math:`D` and the NTK (see :mod:`subriemann.jacobian`).
+
+    Notes
+    -----
+    **Parameter order.** :math:`\theta` concatenates the trainable tensors of
+    ``model.named_parameters()`` (those with ``requires_grad=True``) in that
+    order, each flattened row-major.  Buffers and frozen parameters are held
+    fixed.
+
+    **Train-mode layers.** Dropout and BatchNorm in train mode make
+    :math:`D` random or batch-dependent.  The internal copy is always put in
+    eval mode; if the user's module had such a layer in train mode a
+    :class:`UserWarning` says so.
+
+    Examples
+    --------
+    >>> import torch, subriemann as sr
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    >>> X, Y = torch.randn(5, 2), torch.randn(5, 1)
+    >>> space = sr.ParameterSpace(model, X, Y)
+    >>> space.dim, space.output_dim, space.num_samples, space.num_outputs
+    (33, 5, 5, 1)
+    >>> theta = space.initial_point()
+    >>> space.jacobian(theta).shape
+    torch.Size([5, 33])
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        loss: str | Loss = "mse",
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: str | torch.device | None = None,
+        chunk_size: int | None = None,
+        backend: str = "auto",
+        equip: bool = True,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if dtype not in (torch.float64, torch.float32):
+            raise TypeError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+        if not isinstance(inputs, Tensor):
+            raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+        if not isinstance(targets, Tensor):
+            raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.loss = get_loss(loss)
+
+        # -- data ---------------------------------------------------------------
+        if inputs.ndim == 0 or inputs.shape[0] == 0:
+            raise ValueError(f"inputs must have shape (N, ...) with N >= 1, got {tuple(inputs.shape)}")
+        if inputs.is_floating_point():
+            inputs = inputs.to(dtype=dtype, device=self.device)
+            if not torch.isfinite(inputs).all():
+                raise ValueError("inputs contain NaN or inf")
+        else:
+            inputs = inputs.to(device=self.device)
+        targets = targets.to(dtype=dtype, device=self.device)
+        if targets.ndim == 1:
+            targets = targets.unsqueeze(1)
+        if targets.ndim != 2:
+            raise ValueError(f"targets must have shape (N, Q), got {tuple(targets.shape)}")
+        if targets.shape[0] != inputs.shape[0]:
+            raise ValueError(
+                f"inputs and targets disagree on N: inputs have {inputs.shape[0]} samples, "
+                f"targets {targets.shape[0]}"
+            )
+        if not torch.isfinite(targets).all():
+            raise ValueError("targets contain NaN or inf")
+        self.loss.check_targets(targets)
+        self.inputs = inputs
+        self.targets = targets
+
+        # -- model --------------------------------------------------------------
+        stochastic = [
+            name for name, m in model.named_modules() if isinstance(m, _STOCHASTIC) and m.training
+        ]
+        if stochastic:
+            warnings.warn(
+                "model has Dropout/BatchNorm layers in train mode "
+                f"({', '.join(stochastic)}); subriemann uses a copy in eval mode so that "
+                "the Jacobian D is deterministic. The model passed in is not changed.",
+                UserWarning,
+                stacklevel=2,
+            )
+        module = copy.deepcopy(model).to(dtype=dtype, device=self.device)
+        module.eval()
+        self.module = module
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("model has no trainable parameters (requires_grad=True)")
+        self.layout = ParameterLayout([n for n, _ in named], [p.shape for _, p in named])
+        self._fixed: dict[str, Tensor] = {
+            n: p.detach() for n, p in module.named_parameters() if not p.requires_grad
+        }
+        self._fixed.update(dict(module.named_buffers()))
+
+        # Probe the model's output shape on one sample.
+        theta0 = self.layout.flatten({n: p.detach() for n, p in named})
+        with torch.no_grad():
+            try:
+                probe = self._apply(self.layout.unflatten(theta0), inputs[:1])
+            except Exception as err:  # the model cannot run on these inputs
+                raise ValueError(
+                    f"model cannot be evaluated on inputs of shape {tuple(inputs.shape)}: {err}"
+                ) from err
+        q = probe.shape[1]
+        if q != targets.shape[1]:
+            raise ValueError(
+                f"model has {q} outputs per sample but targets have {targets.shape[1]} columns"
+            )
+        self._theta0 = theta0.clone()
+        self._num_samples = int(inputs.shape[0])
+        self._num_outputs = int(q)
+        self.y = targets.reshape(-1)
+        self.backend_kind = backend
+        self.chunk_size = chunk_size
+        self.backend: JacobianBackend = make_backend(
+            backend, module, self._apply, self.layout, inputs, q, chunk_size
+        )
+        super().__init__(shape=(self.layout.dim,), dim=self.layout.dim, equip=equip)
+
+    # -- geomstats --------------------------------------------------------------
+    @staticmethod
+    def default_metric():
+        """Euclidean metric: ordinary gradient flow."""
+        from subriemann.metrics import EuclideanMetric
+
+        return EuclideanMetric
+
+    def _create_basis(self) -> Tensor:
+        return torch.eye(self.dim, dtype=self.dtype, device=self.device)
+
+    def random_point(self, n_samples: int = 1, bound: float = 1.0) -> Tensor:
+        """Uniform points in :math:`[-b, b]^K`, shape ``[n_samples, K]`` (or ``[K]``)."""
+        pts = bound * (2 * torch.rand(n_samples, self.dim, dtype=self.dtype, device=self.device) - 1)
+        return pts[0] if n_samples == 1 else pts
+
+    # -- sizes ------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        """N, the number of training inputs."""
+        return self._num_samples
+
+    @property
+    def num_outputs(self) -> int:
+        """Q, the number of outputs per sample."""
+        return self._num_outputs
+
+    @property
+    def output_dim(self) -> int:
+        """QN, the dimension of output space."""
+        return self._num_samples * self._num_outputs
+
+    @property
+    def overparametrized(self) -> bool:
+        r""":math:`K \ge QN`."""
+        return self.dim >= self.output_dim
+
+    # -- evaluation -------------------------------------------------------------
+    def _apply(self, params: dict[str, Tensor], inputs: Tensor) -> Tensor:
+        out = functional_call(self.module, {**self._fixed, **params}, (inputs,))
+        if not isinstance(out, Tensor):
+            raise ValueError(f"model must return a Tensor, got {type(out).__name__}")
+        if out.ndim == 1:
+            out = out.unsqueeze(1)
+        if out.ndim != 2 or out.shape[0] != inputs.shape[0]:
+            raise ValueError(
+                f"model output must have shape (n, Q) for inputs of shape (n, ...); got "
+                f"{tuple(out.shape)} for {inputs.shape[0]} inputs"
+            )
+        return out
+
+    def check_point(self, theta: Any) -> Tensor:
+        r"""Validate a point :math:`\theta` (shape ``[K]``, the space's dtype) and return it."""
+        if not isinstance(theta, Tensor):
+            raise TypeError(f"theta must be a torch.Tensor, got {type(theta).__name__}")
+        if theta.dtype != self.dtype:
+            raise TypeError(f"theta must have dtype {self.dtype}, got {theta.dtype}")
+        if theta.shape != (self.dim,):
+            raise ValueError(
+                f"theta must have shape ({self.dim},) (K = {self.dim}), got {tuple(theta.shape)}"
+            )
+        if theta.device != self.device:
+            theta = theta.to(self.device)
+        return theta
+
+    def _check_vec(self, vec: Tensor, size: int, what: str) -> Tensor:
+        if not isinstance(vec, Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(vec).__name__}")
+        if vec.shape[-1:] != (size,):
+            raise ValueError(f"{what} must have shape [..., {size}], got {tuple(vec.shape)}")
+        return vec.to(dtype=self.dtype, device=self.device)
+
+    def initial_point(self) -> Tensor:
+        r"""The model's parameters as :math:`\theta`, shape ``[K]`` (a copy)."""
+        return self._theta0.clone()
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        """Name → tensor views of ``theta`` (see the parameter order above)."""
+        return self.layout.unflatten(self.check_point(theta))
+
+    def outputs(self, theta: Tensor) -> Tensor:
+        r""":math:`x[\theta]`, shape ``[QN]``, sample-major.
+
+        Raises
+        ------
+        NonFiniteError
+            If the outputs contain NaN or inf.
+        """
+        x = self.backend.outputs(self.check_point(theta))
+        if not torch.isfinite(x).all():
+            raise NonFiniteError("model outputs contain NaN or inf at this theta")
+        return x
+
+    def jacobian(self, theta: Tensor) -> Tensor:
+        r""":math:`D[\theta] = \partial x / \partial\theta`, shape ``[QN, K]`` (dense)."""
+        return self.backend.jacobian(self.check_point(theta))
+
+    def jvp(self, theta: Tensor, tangent_vec: Tensor) -> Tensor:
+        r""":math:`D v`, shape ``[..., QN]``, without forming :math:`D`.
+
+        Parameters
+        ----------
+        theta : Tensor, shape=[K]
+        tangent_vec : Tensor, shape=[..., K]
+        """
+        theta = self.check_point(theta)
+        v = self._check_vec(tangent_vec, self.dim, "tangent_vec")
+        if v.ndim == 1:
+            return self.backend.jvp(theta, v)
+        flat = v.reshape(-1, self.dim)
+        out = torch.stack([self.backend.jvp(theta, r) for r in flat])
+        return out.reshape(*v.shape[:-1], self.output_dim)
+
+    def vjp(self, theta: Tensor, output_covec: Tensor) -> Tensor:
+        r""":math:`D^\top u`, shape ``[..., K]``, without forming :math:`D`.
+
+        Parameters
+        ----------
+        theta : Tensor, shape=[K]
+        output_covec : Tensor, shape=[..., QN]
+        """
+        theta = self.check_point(theta)
+        u = self._check_vec(output_covec, self.output_dim, "output_covec")
+        if u.ndim == 1:
+            return self.backend.vjp(theta, u)
+        flat = u.reshape(-1, self.output_dim)
+        out = torch.stack([self.backend.vjp(theta, r) for r in flat])
+        return out.reshape(*u.shape[:-1], self.dim)
+
+    def ntk(self, theta: Tensor) -> Tensor:
+        r"""Empirical NTK :math:`DD^\top`, shape ``[QN, QN]``."""
+        return self.backend.ntk(self.check_point(theta))
+
+    # -- cost -------------------------------------------------------------------
+    def _as_samples(self, x: Tensor) -> Tensor:
+        return x.reshape(self._num_samples, self._num_outputs)
+
+    def output_cost(self, x: Tensor) -> Tensor:
+        """:math:`C(x)` for outputs ``x`` of shape ``[QN]``."""
+        return self.loss.value(self._as_samples(x), self.targets)
+
+    def output_grad(self, x: Tensor) -> Tensor:
+        r""":math:`\nabla_x C` for outputs ``x`` of shape ``[QN]``."""
+        return self.loss.grad(self._as_samples(x), self.targets).reshape(-1)
+
+    def output_hvp(self, x: Tensor, v: Tensor) -> Tensor:
+        r""":math:`\nabla_x^2 C\, v` for outputs ``x`` and ``v`` of shape ``[QN]``."""
+        return self.loss.hvp(self._as_samples(x), self.targets, self._as_samples(v)).reshape(-1)
+
+    def cost(self, theta: Tensor) -> Tensor:
+        r""":math:`C(x[\theta])`, a scalar tensor."""
+        c = self.output_cost(self.outputs(theta))
+        if not torch.isfinite(c):
+            raise NonFiniteError("cost is NaN or inf at this theta")
+        return c
+
+    def output_cost_grad(self, theta: Tensor) -> Tensor:
+        r""":math:`\nabla_x C` at :math:`x[\theta]`, shape ``[QN]``."""
+        return self.output_grad(self.outputs(theta))
+
+    def cost_grad(self, theta: Tensor) -> Tensor:
+        r""":math:`\nabla_\theta C = D^\top \nabla_x C`, shape ``[K]`` (one VJP)."""
+        return self.vjp(theta, self.output_cost_grad(theta))
+
+    # -- per-point cache -------------------------------------------------------------
+    def point_state(self, theta: Tensor) -> PointState:
+        r"""The :class:`~subriemann.linalg.PointState` at :math:`\theta` (cached for the last points).
+
+        The metric, the rank monitor and the flow's events share it, so that
+        :math:`D` (or the NTK) and its factorization are computed once per point.
+        """
+        theta = self.check_point(theta)
+        if theta.requires_grad:
+            return PointState(self, theta)
+        cache = self.__dict__.setdefault("_states", [])
+        for st in cache:
+            if st.theta is theta or torch.equal(st.theta, theta):
+                return st
+        st = PointState(self, theta.detach().clone())
+        cache.insert(0, st)
+        del cache[3:]
+        return st
+
+    # -- back to torch ----------------------------------------------------------
+    def load_into(self, model: torch.nn.Module, theta: Tensor) -> torch.nn.Module:
+        r"""Copy :math:`\theta` into ``model``'s trainable parameters (in place) and return it."""
+        params = self.unflatten(theta)
+        named = dict(model.named_parameters())
+        missing = [n for n in params if n not in named]
+        if missing:
+            raise ValueError(f"model has no parameters named {missing}")
+        with torch.no_grad():
+            for n, t in params.items():
+                if named[n].shape != t.shape:
+                    raise ValueError(
+                        f"parameter {n!r} has shape {tuple(named[n].shape)}, theta gives {tuple(t.shape)}"
+                    )
+                named[n].copy_(t.to(dtype=named[n].dtype, device=named[n].device))
+        return model
+
+    def to_model(self, theta: Tensor) -> torch.nn.Module:
+        r"""A new module (copy of the internal float64 one) holding :math:`\theta`."""
+        return self.load_into(copy.deepcopy(self.module), theta)
+
+    def __repr__(self) -> str:
+        return (
+            f"ParameterSpace(K={self.dim}, N={self.num_samples}, Q={self.num_outputs}, "
+            f"loss={self.loss!r}, backend={self.backend.name!r}, dtype={self.dtype})"
+        )
