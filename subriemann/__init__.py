@@ -16,7 +16,9 @@ _import_geomstats()
 
 from subriemann import losses, metrics  # noqa: E402
 from subriemann.check import GradientCheck, check_gradient  # noqa: E402
+from subriemann.flow import gradient_flow  # noqa: E402
 from subriemann.space import NonFiniteError, ParameterSpace  # noqa: E402
+from subriemann.trajectory import FlowStatus, RankChange, Trajectory  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -26,6 +28,10 @@ __all__ = [
     "metrics",
     "losses",
     "check_gradient",
+    "gradient_flow",
+    "Trajectory",
+    "RankChange",
+    "FlowStatus",
     "GradientCheck",
     "__version__",
 ]
