@@ -34,8 +34,36 @@ def _backend_error(found: str) -> ImportError:
     )
 
 
+def _loaded_backend() -> str:
+    """Name of the backend of the geomstats already in ``sys.modules``."""
+    import geomstats.backend as gs
+
+    # geomstats names its backend module ``geomstats.<backend>``.
+    name = str(getattr(gs, "__name__", ""))
+    if name.startswith("geomstats.") and name != "geomstats.backend":
+        return name.rsplit(".", 1)[-1]
+    try:  # fall back to what geomstats itself read at its import
+        from geomstats._backend import BACKEND_NAME
+    except ImportError:  # pragma: no cover - layout of another geomstats version
+        return os.environ.get("GEOMSTATS_BACKEND", "numpy")
+    return str(BACKEND_NAME)
+
+
+def _import_submodules() -> None:
+    import geomstats
+    import geomstats.backend  # noqa: F401
+    import geomstats.geometry.base  # noqa: F401
+    import geomstats.geometry.riemannian_metric  # noqa: F401
+    import geomstats.geometry.sub_riemannian_metric  # noqa: F401
+
+    del geomstats
+
+
 def import_geomstats():
     """Import geomstats with the pytorch backend and return the module.
+
+    Torch's default dtype is the same after the call as before it, whether
+    geomstats is imported here or was imported before.
 
     Returns
     -------
@@ -45,31 +73,29 @@ def import_geomstats():
     ------
     ImportError
         If geomstats was already imported, or is requested through
-        ``GEOMSTATS_BACKEND``, with a backend other than pytorch.
+        ``GEOMSTATS_BACKEND``, with a backend other than pytorch.  The
+        message says what to do.
     """
+    dtype = torch.get_default_dtype()
     if "geomstats" in sys.modules:
-        import geomstats.backend as gs
-
-        name = getattr(gs, "__name__", "")
-        backend = os.environ.get("GEOMSTATS_BACKEND", "numpy")
-        if _REQUIRED not in name and backend != _REQUIRED:
-            raise _backend_error(backend)
+        found = _loaded_backend()
+        if found != _REQUIRED:
+            raise _backend_error(found)
+        try:  # the geometry submodules may not be imported yet
+            _import_submodules()
+        finally:
+            torch.set_default_dtype(dtype)
         return sys.modules["geomstats"]
 
     requested = os.environ.get("GEOMSTATS_BACKEND")
     if requested is not None and requested != _REQUIRED:
         raise _backend_error(requested)
     os.environ["GEOMSTATS_BACKEND"] = _REQUIRED
-    dtype = torch.get_default_dtype()
     try:
-        import geomstats
-        import geomstats.backend  # noqa: F401
-        import geomstats.geometry.base  # noqa: F401
-        import geomstats.geometry.riemannian_metric  # noqa: F401
-        import geomstats.geometry.sub_riemannian_metric  # noqa: F401
+        _import_submodules()
     finally:
         torch.set_default_dtype(dtype)
-    return geomstats
+    return sys.modules["geomstats"]
 
 
 class default_dtype:

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, jvp, vjp, vmap
+from torch.func import jvp, vjp, vmap
 
 __all__ = ["JacobianBackend", "FuncBackend", "ParameterLayout", "make_backend"]
 
@@ -105,12 +105,25 @@ class FuncBackend:
     ``jacobian`` picks reverse mode (one vector-Jacobian product per output
     row, vectorised over samples) when :math:`QN \le K` and forward mode
     (one Jacobian-vector product per parameter) otherwise.  ``ntk``
-    accumulates :math:`DD^\top = \sum_p D_p D_p^\top` over parameter tensors
-    :math:`p`, so the peak memory is that of the largest block
-    :math:`D_p`, never of :math:`D`.
+    accumulates :math:`DD^\top = \sum_p D_p D_p^\top` over groups of
+    parameter tensors :math:`p`, so the peak memory is that of the largest
+    block :math:`D_p`, never of :math:`D`.
+
+    Reverse-mode products differentiate with respect to the *dictionary* of
+    parameter tensors (views of :math:`\theta`) and concatenate the
+    results, rather than with respect to the flat :math:`\theta`: the
+    gradient through a slice of :math:`\theta` would scatter every block
+    into a zero tensor of length :math:`K` (for :math:`D`, a zero
+    ``[QN, K]`` tensor per parameter tensor).  Everything stays
+    differentiable in :math:`\theta` (e.g. under :func:`torch.func.jacfwd`).
     """
 
     name = "func"
+    #: ``jvp`` and ``vjp`` accept batches ``[..., K]`` / ``[..., QN]``.
+    batched = True
+    #: Largest block :math:`D_p` (in entries) that ``ntk`` forms at once:
+    #: :math:`2^{27}` float64 entries are 1 GiB.
+    ntk_block_entries: int = 1 << 27
 
     def __init__(
         self,
@@ -134,47 +147,120 @@ class FuncBackend:
     def _flat_apply(self, theta: Tensor, inputs: Tensor) -> Tensor:
         return self.apply(self.layout.unflatten(theta), inputs).reshape(-1)
 
+    def _split(
+        self, theta: Tensor, names: Sequence[str] | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``(wrt, rest)``: the parameter views to differentiate and the others."""
+        params = self.layout.unflatten(theta)
+        if names is None:
+            return params, {}
+        keep = set(names)
+        wrt = {n: p for n, p in params.items() if n in keep}
+        rest = {n: p for n, p in params.items() if n not in keep}
+        return wrt, rest
+
+    @staticmethod
+    def _cat(grads: dict[str, Tensor], names: Sequence[str], lead: int) -> Tensor:
+        """Concatenate per-parameter blocks ``[*lead_dims, *shape]`` into ``[*lead_dims, k]``."""
+        parts = [grads[n] for n in names]
+        lead_shape = parts[0].shape[:lead]
+        return torch.cat([g.reshape(*lead_shape, -1) for g in parts], dim=lead)
+
     # -- interface -------------------------------------------------------------
     def outputs(self, theta: Tensor) -> Tensor:
         return torch.cat([self._flat_apply(theta, c) for c in self._chunks()])
 
     def jvp(self, theta: Tensor, tangent_vec: Tensor) -> Tensor:
-        out = []
+        """:math:`Dv`; ``tangent_vec`` of shape ``[K]`` or ``[..., K]`` (vectorised)."""
+        if tangent_vec.ndim > 1:
+            flat = tangent_vec.reshape(-1, tangent_vec.shape[-1])
+            res = vmap(lambda v: self.jvp(theta, v))(flat)
+            return res.reshape(*tangent_vec.shape[:-1], res.shape[-1])
+        out: list[Tensor] = []
         for c in self._chunks():
             out.append(jvp(lambda t, c=c: self._flat_apply(t, c), (theta,), (tangent_vec,))[1])
         return torch.cat(out)
 
     def vjp(self, theta: Tensor, output_covec: Tensor) -> Tensor:
-        q = self.num_outputs
-        res = torch.zeros_like(theta)
+        r""":math:`D^\top u`; ``output_covec`` of shape ``[QN]`` or ``[..., QN]`` (vectorised)."""
+        return self.pullback(theta, lambda x: output_covec)[1]
+
+    def pullback(
+        self, theta: Tensor, covec_fn: Callable[[Tensor], Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        r"""``(x, D^T covec_fn(x))`` with as few forward passes as possible.
+
+        With one chunk the forward pass that gives :math:`x` is reused for the
+        vector-Jacobian product (this is what ``cost_grad`` needs:
+        ``covec_fn`` maps :math:`x` to :math:`\nabla_x C`).  With several
+        chunks the outputs are computed first and each chunk is evaluated
+        again for its VJP, so that memory stays bounded.
+
+        Parameters
+        ----------
+        theta : Tensor, shape=[K]
+        covec_fn : callable
+            Maps the outputs ``x`` (shape ``[QN]``) to covectors ``[QN]`` or
+            ``[..., QN]``.
+
+        Returns
+        -------
+        x : Tensor, shape=[QN]
+        pulled : Tensor, shape=[K] or [..., K]
+        """
+        names = self.layout.names
+        chunks = self._chunks()
+        wrt, _ = self._split(theta)
+
+        def pull(fn: Callable, u: Tensor) -> Tensor:
+            if u.ndim == 1:
+                return self._cat(fn(u)[0], names, 0)
+            flat = u.reshape(-1, u.shape[-1])
+            g = self._cat(vmap(fn)(flat)[0], names, 1)
+            return g.reshape(*u.shape[:-1], g.shape[-1])
+
+        if len(chunks) == 1:
+            x, fn = vjp(lambda w: self.apply(w, chunks[0]).reshape(-1), wrt)[:2]
+            return x, pull(fn, covec_fn(x).to(x.dtype))
+        x = self.outputs(theta)
+        u = covec_fn(x).to(x.dtype)
+        res: Tensor | None = None
         start = 0
-        for c in self._chunks():
-            n = c.shape[0] * q
-            _, fn = vjp(lambda t, c=c: self._flat_apply(t, c), theta)
-            res = res + fn(output_covec[start : start + n])[0]
+        for c in chunks:
+            n = c.shape[0] * self.num_outputs
+            fn = vjp(lambda w, c=c: self.apply(w, c).reshape(-1), wrt)[1]
+            g = pull(fn, u[..., start : start + n])
+            res = g if res is None else res + g
             start += n
-        return res
+        assert res is not None
+        return x, res
 
-    def _jacobian_reverse(self, theta: Tensor, cols: slice | None = None) -> Tensor:
-        """Rows of D by reverse mode, vectorised over samples (and outputs)."""
+    def _jacobian_reverse(self, theta: Tensor, names: Sequence[str] | None = None) -> Tensor:
+        """Rows of D (columns of the parameters ``names``) by reverse mode.
+
+        Vectorised over samples (outer :func:`~torch.func.vmap`) and over the
+        Q outputs of a sample (inner ``vmap`` over the identity).
+        """
         q = self.num_outputs
+        wrt, rest = self._split(theta, names)
+        order = list(wrt)
 
-        def single(t: Tensor, x: Tensor) -> Tensor:
-            return self._flat_apply(t, x.unsqueeze(0))
+        def row_block(w: dict[str, Tensor], x: Tensor) -> Tensor:
+            def single(ww: dict[str, Tensor]) -> Tensor:
+                return self.apply({**rest, **ww}, x.unsqueeze(0)).reshape(-1)
 
-        def row_block(t: Tensor, x: Tensor) -> Tensor:
-            _, fn = vjp(lambda tt: single(tt, x), t)
-            eye = torch.eye(q, dtype=t.dtype, device=t.device)
-            return vmap(fn)(eye)[0]  # [Q, K]
+            fn = vjp(single, w)[1]
+            eye = torch.eye(q, dtype=theta.dtype, device=theta.device)
+            return self._cat(vmap(fn)(eye)[0], order, 1)  # [Q, k]
 
         blocks = []
         for c in self._chunks():
-            j = vmap(row_block, in_dims=(None, 0))(theta, c)  # [n, Q, K]
-            j = j.reshape(-1, theta.shape[0])
-            blocks.append(j if cols is None else j[:, cols])
-        return torch.cat(blocks)
+            j = vmap(row_block, in_dims=(None, 0))(wrt, c)  # [n, Q, k]
+            blocks.append(j.reshape(-1, j.shape[-1]))
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     def _jacobian_forward(self, theta: Tensor) -> Tensor:
+        """Columns of D by forward mode, 256 basis vectors per vectorised pass."""
         k = theta.shape[0]
         eye_chunk = 256
         cols = []
@@ -193,30 +279,27 @@ class FuncBackend:
 
     def ntk(self, theta: Tensor) -> Tensor:
         qn = self.inputs.shape[0] * self.num_outputs
-        gram = torch.zeros(qn, qn, dtype=theta.dtype, device=theta.device)
         if qn > theta.shape[0]:
             d = self._jacobian_forward(theta)
             return d @ d.T
         # Group parameter tensors into blocks of bounded size.
-        budget = max(1, (1 << 27) // max(qn, 1))  # ~1 GiB of float64 per block
-        block: list[slice] = []
+        budget = max(1, self.ntk_block_entries // max(qn, 1))  # parameters per block
+        groups: list[list[str]] = []
         size = 0
-        groups: list[slice] = []
-        for sl in self.layout.slices():
-            n = sl.stop - sl.start
-            if block and size + n > budget:
-                groups.append(slice(block[0].start, block[-1].stop))
-                block, size = [], 0
-            block.append(sl)
-            size += n
-        if block:
-            groups.append(slice(block[0].start, block[-1].stop))
+        for name, n in zip(self.layout.names, self.layout.numels):
+            if groups and groups[-1] and size + n <= budget:
+                groups[-1].append(name)
+                size += n
+            else:
+                groups.append([name])
+                size = n
         if len(groups) == 1:
             d = self._jacobian_reverse(theta)
             return d @ d.T
+        gram = torch.zeros(qn, qn, dtype=theta.dtype, device=theta.device)
         for g in groups:
-            dp = self._jacobian_reverse(theta, cols=g)
-            gram += dp @ dp.T
+            dp = self._jacobian_reverse(theta, names=g)
+            gram = gram + dp @ dp.T
         return gram
 
 

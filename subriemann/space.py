@@ -37,6 +37,10 @@ class NonFiniteError(ValueError):
     """Raised when the network's outputs or the cost are NaN or infinite."""
 
 
+class _ModelOutputError(ValueError):
+    """The model ran but did not return a ``[n, Q]`` tensor for ``n`` inputs."""
+
+
 class ParameterSpace(VectorSpace):
     r"""Parameter space :math:`\mathbb{R}^K` of ``model`` on a training set.
 
@@ -56,7 +60,10 @@ class ParameterSpace(VectorSpace):
         Training inputs :math:`x^{(0)}_j`.
     targets : Tensor, shape=[N, Q]
         Labels :math:`y_j`: real values for MSE, probability vectors for
-        cross-entropy.  A 1-D tensor is read as ``[N, 1]``.
+        cross-entropy.  A 1-D tensor is read as ``[N, 1]``.  They are
+        validated in their own precision by ``loss.check_targets``, then
+        converted to ``dtype`` and passed through ``loss.prepare_targets``
+        (for cross-entropy: rows renormalized to sum to 1 exactly).
     loss : str or Loss
         ``"mse"`` (:math:`\tfrac12|x-y|^2`, summed), ``"cross_entropy"`` or
         a :class:`~subriemann.losses.Loss`.
@@ -123,14 +130,18 @@ class ParameterSpace(VectorSpace):
 
         # -- data ---------------------------------------------------------------
         if inputs.ndim == 0 or inputs.shape[0] == 0:
-            raise ValueError(f"inputs must have shape (N, ...) with N >= 1, got {tuple(inputs.shape)}")
+            raise ValueError(
+                f"inputs must have shape (N, ...) with N >= 1, got {tuple(inputs.shape)}"
+            )
         if inputs.is_floating_point():
             inputs = inputs.to(dtype=dtype, device=self.device)
             if not torch.isfinite(inputs).all():
                 raise ValueError("inputs contain NaN or inf")
         else:
             inputs = inputs.to(device=self.device)
-        targets = targets.to(dtype=dtype, device=self.device)
+        targets = targets.to(device=self.device)
+        if not targets.is_floating_point():
+            targets = targets.to(dtype=dtype)
         if targets.ndim == 1:
             targets = targets.unsqueeze(1)
         if targets.ndim != 2:
@@ -142,7 +153,10 @@ class ParameterSpace(VectorSpace):
             )
         if not torch.isfinite(targets).all():
             raise ValueError("targets contain NaN or inf")
+        # Checked in the user's precision (a float32 softmax row sums to 1 only to
+        # float32 accuracy), then converted and made exact by the loss.
         self.loss.check_targets(targets)
+        targets = self.loss.prepare_targets(targets.to(dtype=dtype))
         self.inputs = inputs
         self.targets = targets
 
@@ -170,15 +184,22 @@ class ParameterSpace(VectorSpace):
         }
         self._fixed.update(dict(module.named_buffers()))
 
-        # Probe the model's output shape on one sample.
+        # Probe the model's output shape on (at most) two samples: with two, a
+        # model that reduces over the batch dimension is caught here.
         theta0 = self.layout.flatten({n: p.detach() for n, p in named})
         with torch.no_grad():
             try:
-                probe = self._apply(self.layout.unflatten(theta0), inputs[:1])
+                probe = self._apply(self.layout.unflatten(theta0), inputs[:2])
+            except _ModelOutputError as err:
+                raise ValueError(str(err)) from None
             except Exception as err:  # the model cannot run on these inputs
                 raise ValueError(
                     f"model cannot be evaluated on inputs of shape {tuple(inputs.shape)}: {err}"
                 ) from err
+        if not torch.isfinite(probe).all():
+            raise NonFiniteError(
+                "model outputs contain NaN or inf at the model's current parameters"
+            )
         q = probe.shape[1]
         if q != targets.shape[1]:
             raise ValueError(
@@ -193,6 +214,13 @@ class ParameterSpace(VectorSpace):
         self.backend: JacobianBackend = make_backend(
             backend, module, self._apply, self.layout, inputs, q, chunk_size
         )
+        with torch.no_grad():
+            x0 = self.backend.outputs(theta0)
+        if not torch.isfinite(x0).all():
+            raise NonFiniteError(
+                "model outputs contain NaN or inf at the model's current parameters "
+                f"({int((~torch.isfinite(x0)).sum())} of {x0.numel()} entries)"
+            )
         super().__init__(shape=(self.layout.dim,), dim=self.layout.dim, equip=equip)
 
     # -- geomstats --------------------------------------------------------------
@@ -208,7 +236,8 @@ class ParameterSpace(VectorSpace):
 
     def random_point(self, n_samples: int = 1, bound: float = 1.0) -> Tensor:
         """Uniform points in :math:`[-b, b]^K`, shape ``[n_samples, K]`` (or ``[K]``)."""
-        pts = bound * (2 * torch.rand(n_samples, self.dim, dtype=self.dtype, device=self.device) - 1)
+        u = torch.rand(n_samples, self.dim, dtype=self.dtype, device=self.device)
+        pts = bound * (2 * u - 1)
         return pts[0] if n_samples == 1 else pts
 
     # -- sizes ------------------------------------------------------------------
@@ -236,11 +265,11 @@ class ParameterSpace(VectorSpace):
     def _apply(self, params: dict[str, Tensor], inputs: Tensor) -> Tensor:
         out = functional_call(self.module, {**self._fixed, **params}, (inputs,))
         if not isinstance(out, Tensor):
-            raise ValueError(f"model must return a Tensor, got {type(out).__name__}")
+            raise _ModelOutputError(f"model must return a Tensor, got {type(out).__name__}")
         if out.ndim == 1:
             out = out.unsqueeze(1)
         if out.ndim != 2 or out.shape[0] != inputs.shape[0]:
-            raise ValueError(
+            raise _ModelOutputError(
                 f"model output must have shape (n, Q) for inputs of shape (n, ...); got "
                 f"{tuple(out.shape)} for {inputs.shape[0]} inputs"
             )
@@ -302,7 +331,9 @@ class ParameterSpace(VectorSpace):
         """
         theta = self.check_point(theta)
         v = self._check_vec(tangent_vec, self.dim, "tangent_vec")
-        if v.ndim == 1:
+        if v.numel() == 0:
+            return v.new_zeros(*v.shape[:-1], self.output_dim)
+        if v.ndim == 1 or getattr(self.backend, "batched", False):
             return self.backend.jvp(theta, v)
         flat = v.reshape(-1, self.dim)
         out = torch.stack([self.backend.jvp(theta, r) for r in flat])
@@ -318,7 +349,9 @@ class ParameterSpace(VectorSpace):
         """
         theta = self.check_point(theta)
         u = self._check_vec(output_covec, self.output_dim, "output_covec")
-        if u.ndim == 1:
+        if u.numel() == 0:
+            return u.new_zeros(*u.shape[:-1], self.dim)
+        if u.ndim == 1 or getattr(self.backend, "batched", False):
             return self.backend.vjp(theta, u)
         flat = u.reshape(-1, self.output_dim)
         out = torch.stack([self.backend.vjp(theta, r) for r in flat])
@@ -356,12 +389,32 @@ class ParameterSpace(VectorSpace):
         return self.output_grad(self.outputs(theta))
 
     def cost_grad(self, theta: Tensor) -> Tensor:
-        r""":math:`\nabla_\theta C = D^\top \nabla_x C`, shape ``[K]`` (one VJP)."""
-        return self.vjp(theta, self.output_cost_grad(theta))
+        r""":math:`\nabla_\theta C = D^\top \nabla_x C`, shape ``[K]`` (one VJP).
+
+        When the engine supports it (``backend.pullback``) and the data is one
+        chunk, the forward pass that gives :math:`x[\theta]` is reused for the
+        VJP.
+
+        Raises
+        ------
+        NonFiniteError
+            If the outputs contain NaN or inf.
+        """
+        theta = self.check_point(theta)
+        pullback = getattr(self.backend, "pullback", None)
+        if pullback is None:
+            return self.vjp(theta, self.output_cost_grad(theta))
+
+        def covec(x: Tensor) -> Tensor:
+            if not torch.isfinite(x).all():
+                raise NonFiniteError("model outputs contain NaN or inf at this theta")
+            return self.output_grad(x)
+
+        return pullback(theta, covec)[1]
 
     # -- per-point cache -------------------------------------------------------------
     def point_state(self, theta: Tensor) -> PointState:
-        r"""The :class:`~subriemann.linalg.PointState` at :math:`\theta` (cached for the last points).
+        r"""The :class:`~subriemann.linalg.PointState` at :math:`\theta` (the last 3 are cached).
 
         The metric, the rank monitor and the flow's events share it, so that
         :math:`D` (or the NTK) and its factorization are computed once per point.
@@ -390,7 +443,8 @@ class ParameterSpace(VectorSpace):
             for n, t in params.items():
                 if named[n].shape != t.shape:
                     raise ValueError(
-                        f"parameter {n!r} has shape {tuple(named[n].shape)}, theta gives {tuple(t.shape)}"
+                        f"parameter {n!r} has shape {tuple(named[n].shape)}, "
+                        f"theta gives {tuple(t.shape)}"
                     )
                 named[n].copy_(t.to(dtype=named[n].dtype, device=named[n].device))
         return model

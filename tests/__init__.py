@@ -1,0 +1,1 @@
+"""Test suite of subriemann (a package, so that tests can ``from tests.helpers import ...``)."""

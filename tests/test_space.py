@@ -1,0 +1,571 @@
+"""ParameterSpace: every quantity against an independent computation (issue 2).
+
+References (see :mod:`tests.helpers`) call the torch model directly, flatten
+its parameters themselves, and differentiate with ``torch.func.jacrev`` /
+``torch.autograd`` on the whole batch, or with central finite differences.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import subriemann as sr
+from subriemann.jacobian import FuncBackend
+from tests.helpers import (
+    MLPSpec,
+    ce_by_hand,
+    central_fd_jacobian,
+    flat_params,
+    make_mlp,
+    make_problem,
+    mlp_problems,
+    mlp_specs,
+    mse_by_hand,
+    reference_jacobian,
+    reference_outputs,
+    unflat_params,
+)
+
+F64 = torch.float64
+# Engines: the generic torch.func one, and whatever "auto" picks for the model.
+BACKENDS = ["func", "auto"]
+
+
+def _space(p, loss="mse", **kw):
+    return sr.ParameterSpace(p.model, p.inputs, p.targets, loss, **kw)
+
+
+def _perturbed(space, scale=0.3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return space.initial_point() + scale * torch.randn(space.dim, generator=gen, dtype=F64)
+
+
+# -- sizes and the geomstats side ---------------------------------------------------
+def test_sizes_and_vector_space(mlp_problem):
+    space = _space(mlp_problem)
+    spec = mlp_problem.spec
+    assert space.dim == spec.num_params == 3 * 8 + 8 + 8 * 2 + 2
+    assert space.num_samples == 5 and space.num_outputs == 2
+    assert space.output_dim == 10 and space.overparametrized
+    assert space.point_ndim == 1 and space.shape == (space.dim,)
+    theta = space.initial_point()
+    assert theta.dtype == F64 and theta.shape == (space.dim,)
+    assert bool(space.belongs(theta))
+    pts = space.random_point(3)
+    assert pts.shape == (3, space.dim) and pts.dtype == F64
+    assert "K=50" in repr(space)
+
+
+def test_initial_point_is_named_parameter_order_and_a_copy(mlp_problem):
+    space = _space(mlp_problem)
+    theta = space.initial_point()
+    torch.testing.assert_close(theta, flat_params(mlp_problem.model), rtol=0, atol=0)
+    theta[0] += 1.0
+    assert not torch.equal(theta, space.initial_point())
+    parts = space.unflatten(space.initial_point())
+    assert list(parts) == [n for n, _ in mlp_problem.model.named_parameters()]
+    for name, p in mlp_problem.model.named_parameters():
+        torch.testing.assert_close(parts[name], p.detach().to(F64), rtol=0, atol=0)
+
+
+def test_frozen_parameters_and_buffers_are_held_fixed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 2))
+    model[0].bias.requires_grad_(False)
+    model.register_buffer("shift", torch.tensor(0.5))
+    X, Y = torch.randn(6, 3), torch.randn(6, 2)
+    space = sr.ParameterSpace(model, X, Y)
+    names = list(space.unflatten(space.initial_point()))
+    assert "0.bias" not in names
+    assert space.dim == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    theta = _perturbed(space)
+    torch.testing.assert_close(
+        space.jacobian(theta), reference_jacobian(model, X, theta), rtol=1e-10, atol=1e-12
+    )
+
+
+# -- outputs -------------------------------------------------------------------------
+@given(mlp_problems())
+def test_outputs_match_model_called_directly(p):
+    space = _space(p)
+    x = space.outputs(space.initial_point())
+    ref = reference_outputs(p.model, p.inputs)
+    assert x.shape == (space.output_dim,) and x.dtype == F64
+    torch.testing.assert_close(x, ref, rtol=1e-12, atol=1e-12)
+    theta = _perturbed(space)
+    torch.testing.assert_close(
+        space.outputs(theta), reference_outputs(p.model, p.inputs, theta), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_outputs_are_sample_major(mlp_problem):
+    p = mlp_problem
+    space = _space(p)
+    x = space.outputs(space.initial_point())
+    m64 = copy.deepcopy(p.model).to(F64)
+    q = space.num_outputs
+    for j in range(space.num_samples):
+        with torch.no_grad():
+            fj = m64(p.inputs[j : j + 1].to(F64))[0]  # the model on sample j alone
+        for i in range(q):
+            assert math.isclose(float(x[j * q + i]), float(fj[i]), rel_tol=1e-12, abs_tol=1e-12)
+    torch.testing.assert_close(space.output_cost(x), mse_by_hand(x, p.targets.to(F64).reshape(-1)))
+
+
+def test_float32_space():
+    p = make_problem(MLPSpec((3, 5, 2), "tanh", 4, seed=7))
+    space = _space(p, dtype=torch.float32)
+    theta = space.initial_point()
+    assert theta.dtype == torch.float32
+    x = space.outputs(theta)
+    assert x.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(x, p.model(p.inputs).reshape(-1))
+    assert space.jacobian(theta).dtype == torch.float32
+    with pytest.raises(TypeError, match="dtype"):
+        space.outputs(theta.double())
+
+
+# -- the Jacobian --------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(p=mlp_problems())
+def test_jacobian_matches_jacrev_on_whole_batch(backend, p):
+    space = _space(p, backend=backend)
+    theta = _perturbed(space, seed=p.spec.seed)
+    d = space.jacobian(theta)
+    assert d.shape == (space.output_dim, space.dim) and d.dtype == F64
+    torch.testing.assert_close(
+        d, reference_jacobian(p.model, p.inputs, theta), rtol=1e-10, atol=1e-12
+    )
+
+
+@given(p=mlp_problems(max_depth=2, max_width=4, max_samples=4))
+def test_jacobian_matches_central_finite_differences(p):
+    # Central differences in float64 with h = 1e-6: the truncation error is
+    # h²/6·|∂³x| ≲ 1e-12 for these O(1) tanh/softplus/sigmoid/GELU nets (weights
+    # ~ N(0, 1/fan_in), inputs ~ N(0, 1)), and the rounding error is
+    # ≈ eps·|x|/h ≈ 2e-16·10/1e-6 = 2e-9.  An absolute tolerance of 1e-7 (plus
+    # 1e-6 relative) leaves a margin of 50 over that bound, while a wrong
+    # entry of D (a transposed block, a wrong sample order) is off by O(1).
+    space = _space(p)
+    theta = _perturbed(space, scale=0.2, seed=p.spec.seed)
+    fd = central_fd_jacobian(space.outputs, theta, h=1e-6)
+    torch.testing.assert_close(space.jacobian(theta), fd, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 3])
+def test_func_backend_reverse_and_forward_modes(mlp_problem, tall_problem, chunk_size):
+    for p in (mlp_problem, tall_problem):
+        space = _space(p, backend="func", chunk_size=chunk_size)
+        be = space.backend
+        assert isinstance(be, FuncBackend)
+        theta = _perturbed(space)
+        ref = reference_jacobian(p.model, p.inputs, theta)
+        rev = be._jacobian_reverse(theta)
+        fwd = be._jacobian_forward(theta)
+        torch.testing.assert_close(rev, ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(fwd, ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(space.jacobian(theta), ref, rtol=1e-10, atol=1e-12)
+        # The dense Jacobian picks the cheaper mode: reverse iff QN <= K.
+        picked = rev if space.output_dim <= space.dim else fwd
+        torch.testing.assert_close(space.jacobian(theta), picked, rtol=0, atol=0)
+    assert mlp_problem.spec.num_params > 10 and tall_problem.spec.num_params < 40
+
+
+def test_chunked_equals_unchunked(mlp_problem):
+    full = _space(mlp_problem, backend="func")
+    chunked = _space(mlp_problem, backend="func", chunk_size=2)
+    assert chunked.backend.chunk_size == 2
+    theta = _perturbed(full)
+    for name in ("outputs", "jacobian", "ntk", "cost", "cost_grad", "output_cost_grad"):
+        torch.testing.assert_close(
+            getattr(chunked, name)(theta), getattr(full, name)(theta), rtol=1e-12, atol=1e-12
+        )
+
+
+def test_jacobian_of_a_model_with_integer_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 3), nn.Tanh(), nn.Flatten(), nn.Linear(6, 2))
+    X = torch.randint(0, 7, (5, 2))
+    Y = torch.randn(5, 2)
+    for backend in BACKENDS:
+        space = sr.ParameterSpace(model, X, Y, backend=backend)
+        theta = _perturbed(space)
+        torch.testing.assert_close(
+            space.jacobian(theta), reference_jacobian(model, X, theta), rtol=1e-10, atol=1e-12
+        )
+
+
+# -- products ------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@given(p=mlp_problems(max_samples=5))
+def test_jvp_vjp_ntk_against_dense_jacobian(backend, chunk_size, p):
+    space = _space(p, backend=backend, chunk_size=chunk_size)
+    theta = _perturbed(space, seed=p.spec.seed)
+    d = reference_jacobian(p.model, p.inputs, theta)
+    gen = torch.Generator().manual_seed(p.spec.seed)
+    v = torch.randn(space.dim, generator=gen, dtype=F64)
+    u = torch.randn(space.output_dim, generator=gen, dtype=F64)
+    tol = {"rtol": 1e-10, "atol": 1e-11}
+    torch.testing.assert_close(space.jvp(theta, v), d @ v, **tol)
+    torch.testing.assert_close(space.vjp(theta, u), d.T @ u, **tol)
+    # batched [..., K] and [..., QN]
+    vb = torch.randn(2, 3, space.dim, generator=gen, dtype=F64)
+    ub = torch.randn(2, 3, space.output_dim, generator=gen, dtype=F64)
+    jv, vj = space.jvp(theta, vb), space.vjp(theta, ub)
+    assert jv.shape == (2, 3, space.output_dim) and vj.shape == (2, 3, space.dim)
+    torch.testing.assert_close(jv, vb @ d.T, **tol)
+    torch.testing.assert_close(vj, ub @ d, **tol)
+    torch.testing.assert_close(space.ntk(theta), d @ d.T, **tol)
+
+
+def test_empty_batches_of_vectors(space):
+    theta = space.initial_point()
+    assert space.jvp(theta, torch.zeros(0, space.dim, dtype=F64)).shape == (0, space.output_dim)
+    assert space.vjp(theta, torch.zeros(0, space.output_dim, dtype=F64)).shape == (0, space.dim)
+
+
+def test_ntk_in_parameter_blocks(mlp_problem):
+    """The NTK accumulated over parameter groups (bounded memory) equals D Dᵀ."""
+    space = _space(mlp_problem, backend="func")
+    theta = _perturbed(space)
+    d = reference_jacobian(mlp_problem.model, mlp_problem.inputs, theta)
+    space.backend.ntk_block_entries = 30 * space.output_dim  # blocks of <= 30 parameters
+    torch.testing.assert_close(space.ntk(theta), d @ d.T, rtol=1e-10, atol=1e-12)
+    # underparametrized: through the forward-mode D
+    tall = make_problem(MLPSpec((2, 2, 1), "gelu", num_samples=12, seed=4))
+    ts = _space(tall, backend="func")
+    th = _perturbed(ts)
+    dt = reference_jacobian(tall.model, tall.inputs, th)
+    torch.testing.assert_close(ts.ntk(th), dt @ dt.T, rtol=1e-10, atol=1e-12)
+
+
+# -- cost ----------------------------------------------------------------------------
+def _autograd_cost_grad(model, inputs, targets, theta, by_hand):
+    """∇_θ C with torch.autograd on the model itself, the loss written out by hand."""
+    m = copy.deepcopy(model).to(F64)
+    m.eval()
+    with torch.no_grad():
+        for p, t in zip(
+            [p for p in m.parameters() if p.requires_grad], unflat_params(m, theta).values()
+        ):
+            p.copy_(t)
+    c = by_hand(m(inputs.to(F64)), targets.to(F64))
+    grads = torch.autograd.grad(c, [p for p in m.parameters() if p.requires_grad])
+    return c.detach(), torch.cat([g.reshape(-1) for g in grads])
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@given(data=st.data())
+def test_cost_and_cost_grad_against_autograd(chunk_size, loss, data):
+    p = data.draw(mlp_problems(loss))
+    by_hand = mse_by_hand if loss == "mse" else ce_by_hand
+    space = _space(p, loss, chunk_size=chunk_size)
+    theta = _perturbed(space, seed=p.spec.seed)
+    y = p.targets.to(F64)
+    if loss != "mse":  # float32 softmax rows, made exact in float64 (as documented)
+        y = y / y.sum(1, keepdim=True)
+    torch.testing.assert_close(space.targets, y, rtol=1e-15, atol=0)
+    c_ref, g_ref = _autograd_cost_grad(p.model, p.inputs, y, theta, by_hand)
+    torch.testing.assert_close(space.cost(theta), c_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(space.cost_grad(theta), g_ref, rtol=1e-10, atol=1e-12)
+    x = space.outputs(theta)
+    xr = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(by_hand(xr.view(p.spec.num_samples, -1), y), xr)
+    torch.testing.assert_close(space.output_cost_grad(theta), gx, rtol=1e-12, atol=1e-12)
+
+
+def test_cost_hessian_through_cost_grad(mlp_problem):
+    """cost_grad stays differentiable: jacfwd/jacrev of it is the autograd Hessian of C."""
+    p = mlp_problem
+    space = _space(p)
+    theta = _perturbed(space)
+    m = copy.deepcopy(p.model).to(F64)
+
+    def cost(t):
+        out = torch.func.functional_call(m, unflat_params(m, t), (p.inputs.to(F64),))
+        return mse_by_hand(out, p.targets.to(F64))
+
+    h_ref = torch.autograd.functional.hessian(cost, theta)
+    torch.testing.assert_close(torch.func.jacfwd(space.cost_grad)(theta), h_ref)
+    torch.testing.assert_close(torch.func.jacrev(space.cost_grad)(theta), h_ref)
+
+
+def test_output_space_cost_helpers(ce_problem):
+    space = _space(ce_problem, "cross_entropy")
+    x = space.outputs(space.initial_point())
+    y = ce_problem.targets.to(F64)
+    y = y / y.sum(1, keepdim=True)
+    xs = x.view(space.num_samples, -1)
+    torch.testing.assert_close(space.output_cost(x), ce_by_hand(xs, y))
+    torch.testing.assert_close(space.output_grad(x), (torch.softmax(xs, 1) - y).reshape(-1))
+    v = torch.randn(space.output_dim, dtype=F64)
+    h = torch.autograd.functional.hessian(lambda z: ce_by_hand(z.view_as(xs), y), x)
+    torch.testing.assert_close(space.output_hvp(x, v), h @ v)
+
+
+# -- back to torch -------------------------------------------------------------------
+def test_to_model_and_load_into_round_trip(mlp_problem):
+    p = mlp_problem
+    space = _space(p)
+    theta = _perturbed(space)
+    model = space.to_model(theta)
+    assert isinstance(model, nn.Module) and not model.training
+    with torch.no_grad():
+        torch.testing.assert_close(model(p.inputs.to(F64)).reshape(-1), space.outputs(theta))
+    torch.testing.assert_close(flat_params(model), theta, rtol=0, atol=0)
+    # load into a float64 copy of the user's model: exact round trip
+    m64 = copy.deepcopy(p.model).to(F64)
+    assert space.load_into(m64, theta) is m64
+    torch.testing.assert_close(flat_params(m64), theta, rtol=0, atol=0)
+    again = sr.ParameterSpace(m64, p.inputs, p.targets)
+    torch.testing.assert_close(again.initial_point(), theta, rtol=0, atol=0)
+    # into a float32 model: cast, dtype kept
+    m32 = copy.deepcopy(p.model)
+    space.load_into(m32, theta)
+    assert next(m32.parameters()).dtype == torch.float32
+    torch.testing.assert_close(flat_params(m32, torch.float32), theta.float())
+    with pytest.raises(ValueError, match="no parameters named"):
+        space.load_into(nn.Linear(2, 2), theta)
+
+
+def test_user_model_is_not_mutated(mlp_problem):
+    p = mlp_problem
+    p.model.train()
+    before = {n: t.detach().clone() for n, t in p.model.state_dict().items()}
+    space = _space(p)
+    theta = _perturbed(space)
+    space.jacobian(theta), space.cost_grad(theta), space.ntk(theta), space.to_model(theta)
+    assert p.model.training
+    for n, t in p.model.state_dict().items():
+        assert t.dtype == torch.float32
+        assert torch.equal(t, before[n]), n
+    assert all(p.requires_grad for p in p.model.parameters())
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [nn.Dropout(0.5), nn.BatchNorm1d(6)],
+    ids=["dropout", "batchnorm"],
+)
+def test_train_mode_layers_warn_and_give_deterministic_jacobian(layer):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), layer, nn.Tanh(), nn.Linear(6, 2))
+    model.train()
+    X, Y = torch.randn(5, 3), torch.randn(5, 2)
+    with pytest.warns(UserWarning, match="train mode"):
+        space = sr.ParameterSpace(model, X, Y)
+    assert model.training and model[1].training  # the user's module is untouched
+    theta = _perturbed(space)
+    d1, d2 = space.jacobian(theta), space.jacobian(theta)
+    assert torch.equal(d1, d2)
+    # D is that of the eval-mode network
+    torch.testing.assert_close(d1, reference_jacobian(model, X, theta), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(space.outputs(theta), reference_outputs(model, X, theta))
+
+
+def test_eval_mode_layers_do_not_warn(recwarn):
+    model = nn.Sequential(nn.Linear(3, 6), nn.Dropout(0.5), nn.Tanh(), nn.Linear(6, 2)).eval()
+    sr.ParameterSpace(model, torch.randn(4, 3), torch.randn(4, 2))
+    assert not [w for w in recwarn if "train mode" in str(w.message)]
+
+
+def test_one_output_model_returning_a_vector_and_1d_targets():
+    class Squeeze(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.lin(x).squeeze(-1)  # shape [n]
+
+    torch.manual_seed(0)
+    model, X, Y = Squeeze(), torch.randn(4, 3), torch.randn(4)
+    space = sr.ParameterSpace(model, X, Y)
+    assert space.num_outputs == 1 and space.output_dim == 4
+    theta = space.initial_point()
+    torch.testing.assert_close(space.outputs(theta), reference_outputs(model, X))
+    torch.testing.assert_close(space.jacobian(theta), reference_jacobian(model, X, theta))
+
+
+# -- bad input -----------------------------------------------------------------------
+def _mlp():
+    return make_mlp((3, 4, 2), seed=0)
+
+
+def test_bad_sizes():
+    model = _mlp()
+    with pytest.raises(ValueError, match="disagree on N"):
+        sr.ParameterSpace(model, torch.randn(5, 3), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="model has 2 outputs per sample but targets have 3"):
+        sr.ParameterSpace(model, torch.randn(5, 3), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="model has 2 outputs per sample but targets have 1"):
+        sr.ParameterSpace(model, torch.randn(5, 3), torch.randn(5))
+    with pytest.raises(ValueError, match=r"targets must have shape \(N, Q\)"):
+        sr.ParameterSpace(model, torch.randn(5, 3), torch.randn(5, 2, 1))
+    with pytest.raises(ValueError, match="N >= 1"):
+        sr.ParameterSpace(model, torch.randn(0, 3), torch.randn(0, 2))
+    with pytest.raises(ValueError, match="cannot be evaluated on inputs"):
+        sr.ParameterSpace(model, torch.randn(5, 4), torch.randn(5, 2))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_inputs_and_targets(bad):
+    model = _mlp()
+    X, Y = torch.randn(5, 3), torch.randn(5, 2)
+    Xb, Yb = X.clone(), Y.clone()
+    Xb[2, 1] = bad
+    Yb[4, 0] = bad
+    with pytest.raises(ValueError, match="inputs contain NaN or inf"):
+        sr.ParameterSpace(model, Xb, Y)
+    with pytest.raises(ValueError, match="targets contain NaN or inf"):
+        sr.ParameterSpace(model, X, Yb)
+
+
+def test_non_finite_outputs():
+    model = _mlp()
+    X, Y = torch.randn(5, 3), torch.randn(5, 2)
+    space = sr.ParameterSpace(model, X, Y)
+    theta = space.initial_point()
+    theta[0] = math.nan
+    for method in ("outputs", "cost", "cost_grad", "output_cost_grad"):
+        with pytest.raises(ValueError, match="outputs contain NaN or inf"):
+            getattr(space, method)(theta)
+    assert issubclass(sr.NonFiniteError, ValueError)
+    # outputs that overflow to inf at a large theta
+    exp_model = nn.Sequential(nn.Linear(3, 2))
+    space = sr.ParameterSpace(lambda_module(exp_model), X, Y)
+    big = space.initial_point() + 1e3
+    with pytest.raises(sr.NonFiniteError, match="NaN or inf"):
+        space.outputs(big)
+    # a model whose outputs are already NaN at its own parameters
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan
+    with pytest.raises(ValueError, match="model outputs contain NaN or inf"):
+        sr.ParameterSpace(model, X, Y)
+
+
+class lambda_module(nn.Module):  # noqa: N801
+    """exp of a linear map: finite at small θ, inf at large θ."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return torch.exp(self.inner(x))
+
+
+def test_cross_entropy_targets_off_the_simplex():
+    model = make_mlp((3, 4, 3), seed=0)
+    X = torch.randn(4, 3)
+    y = torch.full((4, 3), 1 / 3)
+    neg = y.clone()
+    neg[1] = torch.tensor([1.2, -0.2, 0.0])
+    with pytest.raises(ValueError, match="probability vectors.*negative"):
+        sr.ParameterSpace(model, X, neg, "cross_entropy")
+    off = y.clone()
+    off[2] = torch.tensor([0.5, 0.25, 0.125])
+    with pytest.raises(ValueError, match=r"row 2 sums to 0\.875, not 1"):
+        sr.ParameterSpace(model, X, off, "cross_entropy")
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        sr.ParameterSpace(make_mlp((3, 1)), X, torch.randint(0, 3, (4,)), "cross_entropy")
+    # one-hot rows are fine, and so is MSE with the same targets
+    sr.ParameterSpace(model, X, torch.eye(3)[[0, 1, 2, 0]], "cross_entropy")
+    sr.ParameterSpace(model, X, off, "mse")
+
+
+def test_no_trainable_parameters():
+    model = _mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        sr.ParameterSpace(model, torch.randn(5, 3), torch.randn(5, 2))
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        sr.ParameterSpace(nn.Tanh(), torch.randn(5, 3), torch.randn(5, 3))
+
+
+def test_bad_theta(space):
+    k = space.dim
+    with pytest.raises(ValueError, match=rf"theta must have shape \({k},\)"):
+        space.outputs(torch.zeros(k + 1, dtype=F64))
+    with pytest.raises(ValueError, match="theta must have shape"):
+        space.jacobian(torch.zeros(2, k, dtype=F64))
+    with pytest.raises(TypeError, match="theta must have dtype torch.float64"):
+        space.outputs(torch.zeros(k, dtype=torch.float32))
+    with pytest.raises(TypeError, match="theta must have dtype"):
+        space.cost_grad(torch.zeros(k, dtype=torch.int64))
+    with pytest.raises(TypeError, match="theta must be a torch.Tensor"):
+        space.outputs([0.0] * k)
+    with pytest.raises(TypeError, match="theta must be a torch.Tensor"):
+        space.outputs(space.initial_point().numpy())
+    with pytest.raises(ValueError, match=r"tangent_vec must have shape \[\.\.\., "):
+        space.jvp(space.initial_point(), torch.zeros(k - 1, dtype=F64))
+    with pytest.raises(ValueError, match="output_covec must have shape"):
+        space.vjp(space.initial_point(), torch.zeros(k, dtype=F64))
+
+
+def test_unsupported_models():
+    X, Y = torch.randn(5, 3), torch.randn(5, 2)
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x), x
+
+    class Cube(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.lin(x).view(-1, 2, 2)
+
+    class BatchMean(nn.Module):  # reduces over the batch: no per-sample outputs
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x).mean(0)
+
+    with pytest.raises(ValueError, match="model must return a Tensor, got tuple"):
+        sr.ParameterSpace(Pair(), X, Y)
+    with pytest.raises(ValueError, match=r"model output must have shape \(n, Q\)"):
+        sr.ParameterSpace(Cube(), X, Y)
+    with pytest.raises(ValueError, match=r"model output must have shape \(n, Q\)"):
+        sr.ParameterSpace(BatchMean(), X, torch.randn(5, 1))
+
+
+def test_bad_types_and_options():
+    X, Y = torch.randn(5, 3), torch.randn(5, 2)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        sr.ParameterSpace(lambda x: x, X, Y)
+    with pytest.raises(TypeError, match="inputs must be a torch.Tensor"):
+        sr.ParameterSpace(_mlp(), X.numpy(), Y)
+    with pytest.raises(TypeError, match="targets must be a torch.Tensor"):
+        sr.ParameterSpace(_mlp(), X, Y.tolist())
+    with pytest.raises(TypeError, match="dtype must be"):
+        sr.ParameterSpace(_mlp(), X, Y, dtype=torch.float16)
+    with pytest.raises(ValueError, match="unknown loss"):
+        sr.ParameterSpace(_mlp(), X, Y, "hinge")
+    with pytest.raises(ValueError, match="backend must be"):
+        sr.ParameterSpace(_mlp(), X, Y, backend="magic")
+
+
+@given(mlp_specs(max_depth=1))
+def test_specs_strategy_draws_valid_models(spec):
+    p = make_problem(spec)
+    assert p.inputs.shape == (spec.num_samples, spec.num_inputs)
+    assert p.targets.shape == (spec.num_samples, spec.num_outputs)
+    assert sum(t.numel() for t in p.model.parameters()) == spec.num_params
