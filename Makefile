@@ -13,18 +13,23 @@ TORCH  := torch==2.13.0
 HAS_DOCS := $(wildcard mkdocs.yml)
 comma    := ,
 
-.PHONY: demo test lint typecheck docs pytest clean
+.PHONY: demo test clean
 
 demo: $(VENV)/.installed-base
 	$(PY) -m subriemann run --out subriemann-report
 
+# Every check runs even when an earlier one fails (so the test results are always
+# shown); the target fails if any of them failed.
 test: $(VENV)/.installed-test
-	$(PY) -m ruff check .
-	$(PY) -m mypy
-ifneq ($(HAS_DOCS),)
-	$(PY) -m mkdocs build --strict --site-dir site
-endif
-	$(PY) -m pytest -n 2 tests subriemann
+	@status=0; \
+	echo "== ruff check ."; $(PY) -m ruff check . || status=1; \
+	echo "== mypy"; $(PY) -m mypy || status=1; \
+	if [ -n "$(HAS_DOCS)" ]; then \
+	    echo "== mkdocs build --strict"; $(PY) -m mkdocs build --strict --site-dir site || status=1; \
+	fi; \
+	echo "== pytest -n 2 tests subriemann"; $(PY) -m pytest -n 2 tests subriemann || status=1; \
+	if [ $$status -ne 0 ]; then echo "make test: FAILED (see the sections above)"; fi; \
+	exit $$status
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
