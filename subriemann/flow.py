@@ -62,18 +62,6 @@ class _Failure(Exception):
     """The vector field could not be evaluated (NaN/inf)."""
 
 
-def _hermite(y0: Tensor, f0: Tensor, y1: Tensor, f1: Tensor, h: float, a: float) -> Tensor:
-    """Cubic Hermite interpolation of the step ``y0 -> y1`` at offset ``a`` in ``[0, h]``."""
-    if h == 0:
-        return y0.clone()
-    u = a / h
-    h00 = 2 * u**3 - 3 * u**2 + 1
-    h10 = u**3 - 2 * u**2 + u
-    h01 = -2 * u**3 + 3 * u**2
-    h11 = u**3 - u**2
-    return h00 * y0 + h10 * h * f0 + h01 * y1 + h11 * h * f1
-
-
 class _Flow:
     """One flow's integrator state and records (internal)."""
 
@@ -162,33 +150,60 @@ class _Flow:
         return min(100 * h0, h1, self.s_end)
 
     # -- events ----------------------------------------------------------------------
-    def locate(self, s0: float, y0: Tensor, f0: Tensor, y1: Tensor, f1: Tensor, h: float,
-               r0: int, r1: int, sv0: Tensor, sv1: Tensor) -> RankChange:
+    def locate(self, s0: float, y0: Tensor, f0: Tensor, h: float, r0: int, r1: int,
+               sv0: Tensor, sv1: Tensor) -> tuple[RankChange, Tensor, Tensor]:
+        """Bisect the step ``[s0, s0 + h]`` for the crossing of ``sigma_k - tau``.
+
+        Points inside the step are sub-steps of the same integrator from
+        ``y0`` (exact to the integration tolerance; linear for Euler, whose
+        path *is* piecewise linear).  Returns the event, and the point and
+        singular values just after the crossing.
+        """
         k = min(r0, r1)  # 0-based index of the singular value that crossed tau
         tau = self.tau
-        linear = self.o["method"] == "euler"
+        # Sub-steps use the vector field of the stratum the step started on (a threshold
+        # tau' on the same side of sigma_k as tau at the start), so that they continue the
+        # old branch smoothly instead of sampling the jump.
+        if r1 < r0:  # sigma_k falls below tau: keep it with tau' < tau
+            below = float(sv0[k + 1]) if k + 1 < sv0.numel() else 0.0
+            tau_old = math.sqrt(tau * below) if below > 1e-6 * tau else 1e-3 * tau
+        else:  # sigma_k rises above tau: keep excluding it with tau' > tau
+            above = float(sv0[k - 1]) if k >= 1 else math.inf
+            tau_old = math.sqrt(tau * above) if math.isfinite(above) else 1e3 * tau
 
         def point(a: float) -> Tensor:
-            if linear:
-                return y0 + (a / h) * (y1 - y0) if h else y0.clone()
-            return _hermite(y0, f0, y1, f1, h, a)
+            if self.o["method"] == "euler":
+                return y0 + a * f0
+            saved = self.metric.rank_atol
+            self.metric.rank_atol = tau_old
+            try:
+                return self.step(y0, f0, a)[0]
+            finally:
+                self.metric.rank_atol = saved
 
         lo, hi = 0.0, h
         sv_lo, sv_hi = sv0, sv1
+        y_hi: Tensor | None = None
         above_lo = bool(sv0[k] > tau)
-        tol = self.o["event_tol"]
         for _ in range(200):
-            if hi - lo <= tol:
+            if hi - lo <= self.o["event_tol"]:
                 break
             mid = 0.5 * (lo + hi)
-            svm = self.sv(point(mid))
+            try:
+                ym = point(mid)
+            except _Failure:
+                hi = mid
+                continue
+            svm = self.sv(ym)
             if bool(svm[k] > tau) == above_lo:
                 lo, sv_lo = mid, svm
             else:
-                hi, sv_hi = mid, svm
-        return RankChange(
+                hi, sv_hi, y_hi = mid, svm, ym
+        if y_hi is None:
+            y_hi = point(hi)
+        ev = RankChange(
             s=s0 + 0.5 * (lo + hi),
-            theta=point(hi).detach().clone(),
+            theta=y_hi.detach().clone(),
             rank_before=r0,
             rank_after=r1,
             singular_values_before=sv_lo.clone(),
@@ -197,6 +212,7 @@ class _Flow:
             tau=tau,
             s_bracket=hi - lo,
         )
+        return ev, y_hi, sv_hi
 
     def cap_near_tau(self, h: float, sv: Tensor) -> float:
         """Cap the step so no singular value moves more than half its distance to tau."""
@@ -209,7 +225,10 @@ class _Flow:
         mask = approaching & (rate > 0)
         if not bool(mask.any()):
             return h
-        cap = float((0.5 * gap[mask] / rate[mask]).min())
+        # move at most half the gap, but at least tau/2: a crossing is allowed (no Zeno
+        # approach), two crossings of one singular value within a step are not.
+        allowed = torch.clamp(0.5 * gap[mask], min=0.5 * self.tau)
+        cap = float((allowed / rate[mask]).min())
         return max(min(h, cap), self.o["min_event_step"])
 
     # -- checkpoint ---------------------------------------------------------------
@@ -514,17 +533,35 @@ def _run(fl: _Flow, grid: list[float], save_all: bool, checkpoint, resume, progr
                 fl.n_rejected += 1
                 fl.h = 0.25 * h
                 continue
+            jump: tuple[RankChange, Tensor, Tensor] | None = None
             if o["method"] == "dopri5":
                 fac = 5.0 if err == 0 else min(5.0, max(0.2, 0.9 * err ** (-0.2)))
                 if err > 1.0:
-                    fl.n_rejected += 1
-                    fl.h = h * fac
-                    continue
+                    sv_trial = fl.sv(y1) if o["monitor_rank"] else sv
+                    r_trial = int((sv_trial > fl.tau).sum())
+                    if r_trial == r:
+                        fl.n_rejected += 1
+                        fl.h = h * fac
+                        continue
+                    # The step crosses a rank change, where the vector field jumps: no step
+                    # across it passes error control.  Step to the crossing instead (the
+                    # part before it is error-controlled by the previous steps) and go on
+                    # on the new stratum.
+                    jump = fl.locate(fl.s, fl.theta, f, h, r, r_trial, sv, sv_trial)
+                    hit = jump[0].s_bracket
+                    h = (jump[0].s - fl.s) + 0.5 * hit
+                    landing = False
+                    y1 = jump[1]
+                    try:
+                        f1 = fl.field(y1)
+                    except _Failure as failure:
+                        status = FlowStatus("nonfinite", f"after the rank change: {failure}")
+                        break
                 # a step shortened to land on a save time does not shrink the free step
                 fl.h = max(fl.h, h * fac) if landing and fac >= 1.0 else h * fac
             # -- accepted ---------------------------------------------------------------
             s0, y0, f0, sv0 = fl.s, fl.theta, f, sv
-            sv1 = fl.sv(y1) if o["monitor_rank"] else sv
+            sv1 = jump[2] if jump is not None else (fl.sv(y1) if o["monitor_rank"] else sv)
             gi = fl.grid_index + 1 if landing and fl.grid_index < len(grid) else fl.grid_index
             # one statement, so an interruption never leaves a half-updated state
             fl.n_steps, fl.s, fl.grid_index, fl.sv_prev, fl.s_prev, fl.theta, f, sv = (
@@ -536,7 +573,7 @@ def _run(fl: _Flow, grid: list[float], save_all: bool, checkpoint, resume, progr
             if bar is not None:
                 bar.update(fl.s - s0)
             if o["monitor_rank"] and r1 != r:
-                ev = fl.locate(s0, y0, f0, y1, f1, h, r, r1, sv0, sv1)
+                ev = jump[0] if jump is not None else fl.locate(s0, y0, f0, h, r, r1, sv0, sv1)[0]
                 fl.events.append(ev)
                 if o["stop_on_rank_change"]:
                     fl.theta, fl.s = ev.theta, ev.s
@@ -546,6 +583,18 @@ def _run(fl: _Flow, grid: list[float], save_all: bool, checkpoint, resume, progr
                     status = FlowStatus("rank_change", f"rank {r} -> {r1} at s = {ev.s:.9g}")
                     break
             r = r1
+            ev_s = [e.s for e in fl.events[-4:]]
+            if len(ev_s) == 4 and ev_s[-1] - ev_s[0] <= 1e-3 * max(1.0, fl.s_end) and len(
+                {(e.rank_before, e.rank_after) for e in fl.events[-4:]}
+            ) == 2 and fl.events[-1].rank_before == fl.events[-3].rank_before:
+                fl.record(fl.s, fl.theta, f, sv)
+                status = FlowStatus(
+                    "rank_chattering",
+                    f"rank flips {fl.events[-1].rank_before} <-> {fl.events[-1].rank_after} at "
+                    f"s = {fl.s:.6g} (sigma_{fl.events[-1].index + 1} stays at tau = {fl.tau:.3g}); "
+                    + FlowStatus("rank_chattering").message,
+                )
+                break
             saved = save_all or landing
             if saved:
                 fl.record(fl.s, fl.theta, f, sv)

@@ -39,6 +39,9 @@ STATUS_CODES = {
     "cost_tol_reached": "cost fell below cost_tol",
     "equilibrium_reached": "equilibrium reached: |V| fell below stall_tol times its initial size",
     "rank_change": "stopped at a rank change (stop_on_rank_change=True)",
+    "rank_chattering": "the flow slides along a rank-change boundary (the rank flips back and "
+    "forth at the threshold tau, where the vector field is discontinuous); raise rank_rtol, "
+    "use lam < 1, or treat the boundary as where the flow ends",
     "max_steps_reached": "step budget (max_steps) exhausted",
     "max_time_reached": "wall-time budget (max_time) exhausted",
     "nonfinite": "the vector field became NaN/inf; trajectory kept up to the last good state",
