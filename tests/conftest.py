@@ -25,6 +25,12 @@ settings.register_profile(
 )
 settings.load_profile("subriemann")
 
+# Under pytest-xdist every worker is its own process: with torch's default of one
+# thread per core, 2 workers on 2 cores oversubscribe the CPU and OpenMP's spinning
+# makes small matrix products ~100x slower.  One thread per worker.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_torch():
