@@ -1,5 +1,13 @@
 """Analysis of flows: theory diagnostics, linearized flows, critical sets, rank strata, cross-entropy."""
 
+from subriemann.analysis.critical import (
+    CriticalSet,
+    EquilibriumReport,
+    classify_equilibrium,
+    plot_critical_set,
+    refine_critical_point,
+    track_critical_set,
+)
 from subriemann.analysis.interpolation import (
     DecayFit,
     InterpolationDeviation,
@@ -9,6 +17,12 @@ from subriemann.analysis.interpolation import (
     linear_interpolation_residual,
 )
 from subriemann.analysis.linearized import OutputFlow, kernel_eigh, output_flow
+from subriemann.analysis.strata import (
+    SpaceRecipe,
+    plot_strata_graph,
+    sample_strata,
+    strata_graph,
+)
 
 __all__ = [
     "apriori_stopping_time",
@@ -20,4 +34,14 @@ __all__ = [
     "output_flow",
     "OutputFlow",
     "kernel_eigh",
+    "classify_equilibrium",
+    "EquilibriumReport",
+    "refine_critical_point",
+    "track_critical_set",
+    "CriticalSet",
+    "plot_critical_set",
+    "strata_graph",
+    "sample_strata",
+    "SpaceRecipe",
+    "plot_strata_graph",
 ]
