@@ -3,7 +3,7 @@
     python benchmarks/ntk_quick.py [--sizes S M L] [--repeat 5]
 
 For each size (tanh MLPs, float64, issue 8) prints the best-of-``repeat``
-wall time of: one plain gradient (forward + backward of the summed MSE),
+wall time (calls interleaved) of: one plain gradient (forward + backward of the summed MSE),
 ``StructuredBackend.ntk``, and the push-through step "NTK + Cholesky of
 DD^T + one VJP" (the VJP reuses the layer factors cached by ``ntk``), plus
 the peak RSS of the process.
@@ -34,13 +34,24 @@ def mlp(widths: list[int]) -> torch.nn.Sequential:
 
 
 def best(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+    """Best of ``repeat`` wall times of ``fn()`` in ms (after one warm-up call)."""
+    return best_interleaved([fn], repeat)[0]
+
+
+def best_interleaved(fns: list, repeat: int) -> list[float]:
+    """Best wall time (ms) of each function, the calls interleaved round by round.
+
+    Interleaving makes the ratios robust to other processes on the machine.
+    """
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * min(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [1e3 * min(ts) for ts in times]
 
 
 def measure(size: str, repeat: int) -> None:
@@ -72,9 +83,7 @@ def measure(size: str, repeat: int) -> None:
         w = torch.cholesky_solve(r.unsqueeze(1), chol).squeeze(1)
         be.vjp(theta, w)
 
-    t_plain = best(plain, repeat)
-    t_ntk = best(ntk_only, repeat)
-    t_step = best(step, repeat)
+    t_plain, t_ntk, t_step = best_interleaved([plain, ntk_only, step], repeat)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         f"{size}: K={space.dim} QN={qn} chunks={len(be.bounds)} | plain grad {t_plain:.1f} ms"

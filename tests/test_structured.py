@@ -137,8 +137,10 @@ def _conv2d_net(q: int) -> nn.Module:
 
 
 def _conv1d_net(q: int) -> nn.Module:
+    first = nn.Conv1d(3, 4, 3, padding="same", dilation=2)
+    first.weight.requires_grad_(False)  # frozen weight, trainable bias
     return nn.Sequential(
-        nn.Conv1d(3, 4, 3, padding="same", dilation=2),
+        first,
         nn.Tanh(),
         nn.Conv1d(4, 4, 2, groups=2, padding="same", bias=False),
         nn.ELU(),
