@@ -1,5 +1,9 @@
-"""Analysis of flows: theory diagnostics, linearized flows, critical sets, rank strata, cross-entropy."""
+"""Analysis of flows.
 
+Theory diagnostics, linearized flows, critical sets, rank strata and cross-entropy.
+"""
+
+from subriemann.analysis import cross_entropy
 from subriemann.analysis.critical import (
     CriticalSet,
     EquilibriumReport,
@@ -25,6 +29,7 @@ from subriemann.analysis.strata import (
 )
 
 __all__ = [
+    "cross_entropy",
     "apriori_stopping_time",
     "linear_interpolation_residual",
     "decay_rate",
