@@ -1,0 +1,345 @@
+"""End-to-end tests of ``subriemann run`` on tiny problems (issue 7).
+
+Every run here uses the teacher–student data (no scikit-learn needed), a
+6-unit MLP, N = 5 and s_end = 0.5, so a whole run takes about a second in
+process.  The checks: the files of the report folder, summary.json against
+its schema, PNGs that matplotlib can read, trajectories that load, bad input
+(exit code 2, one line on stderr, no traceback) and Ctrl-C (exit code 130,
+the completed flow and the checkpoint kept, then ``--resume``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+import subriemann as sr
+from subriemann.cli import main
+from subriemann.report import SUMMARY_SCHEMA, SchemaError, validate_summary
+
+TINY = [
+    "--data", "teacher", "--model", "mlp:6", "--n-samples", "5", "--s-end", "0.5",
+    "--metrics", "euclidean,pullback", "--rtol", "1e-7", "--max-time", "60", "--no-progress",
+]
+TINY_TOML = """
+data = "data.npz"
+model_file = "net.py:build"
+s-end = 0.5
+metrics = ["interp:0.5", "bundle"]
+rtol = 1e-7
+max_time = 60
+progress = false
+out = "report"
+"""
+NET_PY = """
+import torch
+
+def build(in_dim, out_dim):
+    return torch.nn.Sequential(torch.nn.Linear(in_dim, 7), torch.nn.Softplus(),
+                               torch.nn.Linear(7, out_dim))
+"""
+FIGURES = ("cost", "output_path", "singular_values", "deviation")
+
+
+def check_schema(summary: dict) -> None:
+    """Validate with the built-in validator and, when installed, with jsonschema."""
+    validate_summary(summary)
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    jsonschema.validate(summary, SUMMARY_SCHEMA)
+
+
+def check_report(out: Path, flows: tuple[str, ...] = ("euclidean", "pullback")) -> dict:
+    """The report folder of a completed run: every file there and sound."""
+    summary = json.loads((out / "summary.json").read_text())
+    check_schema(summary)
+    assert summary["complete"] is True
+    assert [f["name"] for f in summary["flows"]] == list(flows)
+    for key in ("subriemann", "torch", "geomstats", "numpy", "python"):
+        assert summary["versions"][key]
+    assert isinstance(summary["settings"]["seed"], int)
+    assert set(summary["figures"]) == set(FIGURES)
+    for rel in summary["figures"].values():
+        png = out / rel
+        assert png.stat().st_size > 5_000
+        img = matplotlib.image.imread(png)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
+        assert float(np.std(img)) > 0.01  # not a blank canvas
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4
+    assert '<table id="flows">' in html
+    for f in summary["flows"]:
+        assert f["completed"] and f["checkpoint"] is None
+        traj = sr.Trajectory.load(out / f["trajectory"])
+        assert len(traj) == f["points"] >= 2
+        assert float(traj.cost[-1]) == pytest.approx(f["final_cost"])
+        assert not (out / "flows" / f"{f['name']}.ckpt.npz").exists()
+    return summary
+
+
+@pytest.fixture(scope="module")
+def flags_run(tmp_path_factory) -> tuple[Path, str]:
+    """One tiny run with command-line flags (shared by the tests that only read it)."""
+    import io
+    from contextlib import redirect_stdout
+
+    out = tmp_path_factory.mktemp("flags") / "report"
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(["run", *TINY, "--out", str(out)]) == 0
+    return out, buf.getvalue()
+
+
+def test_run_with_flags(flags_run):
+    out, printed = flags_run
+    assert "pullback" in printed and "report.html" in printed
+    assert "s_end_reached" in printed  # the summary table
+    summary = check_report(out)
+    pull = summary["flows"][1]
+    assert pull["lam"] == 1.0 and pull["status"]["code"] == "s_end_reached"
+    # MATH.md §3: the adapted flow is a straight line in output space and decays at rate 2
+    assert pull["interpolation_residual"] < 1e-6
+    assert pull["decay_rate"]["rate"] == pytest.approx(2.0, rel=1e-5)
+    assert pull["rank"]["min"] == pull["rank"]["full"] == 5
+    assert summary["flows"][0]["interpolation_residual"] > 1e-3  # the standard flow bends
+    assert summary["problem"]["num_samples"] == 5 and summary["problem"]["overparametrized"]
+
+
+def test_run_with_config_npz_and_model_file(tmp_path):
+    """A TOML config naming an .npz dataset and a model file, relative to the config's folder."""
+    cfg_dir = tmp_path / "exp"
+    cfg_dir.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(cfg_dir / "data.npz", inputs=rng.normal(size=(4, 3)), targets=rng.normal(size=(4, 2)))
+    (cfg_dir / "net.py").write_text(NET_PY)
+    cfg = cfg_dir / "run.toml"
+    cfg.write_text(TINY_TOML)
+    # the command line wins over the config
+    assert main(["run", "--config", str(cfg), "--seed", "3", "--s-end", "0.3"]) == 0
+    summary = check_report(cfg_dir / "report", ("interp-0.5", "bundle-1"))
+    st = summary["settings"]
+    assert st["seed"] == 3 and st["s_end"] == 0.3 and st["metrics"] == ["interp:0.5", "bundle"]
+    assert st["model_file"].endswith("net.py:build") and st["progress"] is False
+    assert summary["problem"]["output_dim"] == 8
+    assert summary["problem"]["num_parameters"] == 3 * 7 + 7 + 7 * 2 + 2
+    assert [f["lam"] for f in summary["flows"]] == [0.5, 1.0]
+
+
+def test_run_subprocess(tmp_path):
+    """``python -m subriemann run`` in a fresh interpreter (one flow, to keep it short)."""
+    out = tmp_path / "r"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [*TINY, "--metrics", "pullback", "--s-end", "0.3", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "subriemann", "run", *argv],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    check_report(out, ("pullback",))
+
+
+def test_help_and_version(capsys):
+    assert main([]) == 0
+    assert "run" in capsys.readouterr().out
+    assert main(["run", "--help"]) == 0
+    assert "--model-file" in capsys.readouterr().out
+    assert main(["--version"]) == 0
+    assert sr.__version__ in capsys.readouterr().out
+
+
+# -- bad input ----------------------------------------------------------------------------
+def _files(tmp: Path) -> dict[str, str]:
+    (tmp / "text.npz").write_text("not a zip archive")
+    np.savez(tmp / "nokey.npz", inputs=np.zeros((3, 2)))
+    np.savez(tmp / "mismatch.npz", inputs=np.zeros((3, 2)), targets=np.zeros((4, 1)))
+    np.savez(tmp / "nan.npz", inputs=np.full((3, 2), np.nan), targets=np.zeros((3, 1)))
+    (tmp / "syntax.py").write_text("def f(:\n")
+    (tmp / "raises.py").write_text("raise RuntimeError('boom at import')\n")
+    (tmp / "notmodule.py").write_text("def f():\n    return 42\n")
+    (tmp / "wrongq.py").write_text(
+        "import torch\ndef f():\n    return torch.nn.Linear(4, 3)\n"
+    )
+    (tmp / "bad.toml").write_text("s_end = = 1\n")
+    (tmp / "unknown.toml").write_text("s_end = 1.0\nlearning_rate = 0.1\n")
+    (tmp / "badtype.toml").write_text('s_end = "long"\n')
+    (tmp / "afile").write_text("x")
+    return {k.replace(".", "_"): str(tmp / k) for k in (
+        "text.npz", "nokey.npz", "mismatch.npz", "nan.npz", "syntax.py", "raises.py",
+        "notmodule.py", "wrongq.py", "bad.toml", "unknown.toml", "badtype.toml", "afile",
+    )}
+
+
+BAD = [
+    (["frobnicate"], "invalid choice"),
+    (["run", "--bogus"], "unrecognized"),
+    (["run", "--model", "cnn:3"], "unknown model spec"),
+    (["run", "--model", "mlp:0,4"], "width"),
+    (["run", "--activation", "swish"], "unknown activation"),
+    (["run", "--data", "mnist"], "unknown dataset"),
+    (["run", "--data", "{tmp}/missing.npz"], "no data file"),
+    (["run", "--data", "{text_npz}"], "cannot read"),
+    (["run", "--data", "{nokey_npz}"], "'targets'"),
+    (["run", "--data", "{mismatch_npz}"], "samples"),
+    (["run", "--data", "{nan_npz}"], "NaN"),
+    (["run", "--n-samples", "0"], "n_samples"),
+    (["run", "--loss", "hinge"], "unknown loss"),
+    (["run", "--data", "teacher", "--loss", "cross_entropy"], "cross_entropy"),
+    (["run", "--data", "teacher", "--label-smoothing", "0.1"], "label-smoothing"),
+    (["run", "--data", "teacher", "--label-smoothing", "1.5"], "label_smoothing"),
+    (["run", "--data", "teacher", "--metrics", "fisher"], "fisher"),
+    (["run", "--metrics", "riemann"], "unknown metric"),
+    (["run", "--metrics", "interp:2"], "[0, 1]"),
+    (["run", "--metrics", "interp:x"], "not a number"),
+    (["run", "--metrics", "pullback,pullback"], "twice"),
+    (["run", "--metrics", ","], "empty"),
+    (["run", "--s-end", "-1"], "s_end"),
+    (["run", "--s-end", "abc"], "s_end"),
+    (["run", "--s-end", "inf"], "s_end"),
+    (["run", "--rtol", "0"], "rtol"),
+    (["run", "--rank-rtol", "2"], "rank_rtol"),
+    (["run", "--max-time", "-5"], "max_time"),
+    (["run", "--seed", "-3"], "seed"),
+    (["run", "--seed", "1.5"], "seed"),
+    (["run", "--threads", "0"], "threads"),
+    (["run", "--device", "tpu"], "device"),
+    (["run", "--device", "cuda:99"], "cuda"),
+    (["run", "--model", "mlp:4", "--model-file", "{notmodule_py}:f"], "not both"),
+    (["run", "--model-file", "{tmp}/missing.py:f"], "no model file"),
+    (["run", "--model-file", "{syntax_py}:f"], "SyntaxError"),
+    (["run", "--model-file", "{raises_py}:f"], "boom at import"),
+    (["run", "--model-file", "{notmodule_py}:g"], "no callable"),
+    (["run", "--model-file", "{notmodule_py}:f"], "torch.nn.Module"),
+    (["run", "--model-file", "{notmodule_py}"], "path.py:factory"),
+    (["run", "--data", "teacher", "--model-file", "{wrongq_py}:f"], "outputs"),
+    (["run", "--config", "{tmp}/missing.toml"], "no config file"),
+    (["run", "--config", "{bad_toml}"], "cannot parse"),
+    (["run", "--config", "{unknown_toml}"], "learning_rate"),
+    (["run", "--config", "{badtype_toml}"], "s_end"),
+    (["run", *TINY, "--out", "{afile}/sub"], ""),
+]
+
+
+@pytest.mark.parametrize(("argv", "needle"), BAD, ids=[" ".join(a)[:60] for a, _ in BAD])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, needle):
+    files = _files(tmp_path)
+    argv = [a.format(tmp=tmp_path, **files) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("subriemann: error: ")
+    assert needle in lines[0]
+    assert "Traceback" not in err
+
+
+def test_bad_input_subprocess(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "subriemann", "run", "--model", "transformer:12"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [
+        ln for ln in proc.stderr.splitlines() if ln.startswith("subriemann: error: unknown model")
+    ]
+
+
+def test_schema_validator_rejects():
+    good = {"format": "subriemann.report/1"}
+    with pytest.raises(SchemaError, match="missing key"):
+        validate_summary(good)
+    with pytest.raises(SchemaError, match="expected"):
+        validate_summary([])
+
+
+# -- Ctrl-C -------------------------------------------------------------------------------
+def _interrupt_after(monkeypatch, cls, calls: int) -> None:
+    """Make ``cls.gradient`` raise KeyboardInterrupt at its ``calls``-th call (a Ctrl-C)."""
+    original = cls.gradient
+    count = {"n": 0}
+
+    def gradient(self, base_point):
+        count["n"] += 1
+        if count["n"] == calls:
+            raise KeyboardInterrupt
+        return original(self, base_point)
+
+    monkeypatch.setattr(cls, "gradient", gradient)
+
+
+def test_ctrl_c_keeps_completed_flow_and_checkpoint_then_resume(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r"
+    argv = ["run", *TINY, "--metrics", "pullback,euclidean", "--out", str(out)]
+    with monkeypatch.context() as mp:
+        # the first flow (pullback) runs through; the second (Euclidean) is interrupted
+        _interrupt_after(mp, sr.metrics.EuclideanMetric, 60)
+        assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    check_schema(summary)
+    assert summary["complete"] is False
+    done, running = summary["flows"]
+    assert done["name"] == "pullback" and done["completed"]
+    assert (out / done["trajectory"]).is_file()
+    assert running["name"] == "euclidean" and running["status"]["code"] == "interrupted"
+    assert not running["completed"] and running["trajectory"] is None
+    ckpt = out / running["checkpoint"]
+    assert ckpt.name == "euclidean.ckpt.npz" and ckpt.is_file()
+    partial = sr.Trajectory.load(ckpt)
+    assert partial.status.code in ("running", "interrupted") and 0 < float(partial.s[-1]) < 0.5
+    assert not (out / "report.html").exists()
+
+    # --resume keeps the completed flow and continues the interrupted one from its checkpoint
+    assert main([*argv, "--resume"]) == 0
+    assert "kept from the previous run" in capsys.readouterr().out
+    summary = check_report(out, ("pullback", "euclidean"))
+    assert summary["flows"][1]["status"]["code"] == "s_end_reached"
+    assert summary["flows"][1]["n_steps"] > partial.counters["n_steps"]
+
+
+def test_ctrl_c_while_plotting(tmp_path, monkeypatch):
+    import subriemann.plots
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subriemann.plots, "all_figures", boom)
+    out = tmp_path / "r"
+    assert main(["run", *TINY, "--metrics", "pullback", "--s-end", "0.2", "--out", str(out)]) == 130
+    summary = json.loads((out / "summary.json").read_text())
+    check_schema(summary)
+    assert summary["complete"] is False and [f["completed"] for f in summary["flows"]] == [True]
+
+
+def test_budget_then_resume_extends(tmp_path):
+    """A flow stopped by its wall-time budget is reported as such and --resume extends it."""
+    out = tmp_path / "r"
+    argv = ["run", *TINY, "--metrics", "pullback", "--out", str(out)]
+    assert main([*argv, "--max-time", "1e-9"]) == 0  # the budget is spent at once
+    summary = json.loads((out / "summary.json").read_text())
+    check_schema(summary)
+    (flow,) = summary["flows"]
+    assert flow["status"]["code"] == "max_time_reached" and flow["s_final"] < 0.5
+    assert flow["checkpoint"] == "flows/pullback.ckpt.npz" and (out / flow["checkpoint"]).is_file()
+    assert all((out / p).stat().st_size > 0 for p in summary["figures"].values())
+    assert main([*argv, "--max-time", "60", "--resume"]) == 0
+    summary = check_report(out, ("pullback",))
+    assert summary["flows"][0]["status"]["code"] == "s_end_reached"
+
+
+def test_resume_refuses_other_settings(flags_run, capsys):
+    out, _ = flags_run
+    assert main(["run", *TINY, "--seed", "1", "--resume", "--out", str(out)]) == 2
+    assert "other settings" in capsys.readouterr().err
