@@ -298,15 +298,22 @@ def _dense_spectrum(hess: _Hessian, kernel_rtol: float, min_gap: float) -> _Spec
 
 
 def _eigsh(
-    op: Any, k: int, which: str, tol: float, maxiter: int
+    op: Any, k: int, which: str, tol: float, maxiter: int, seed: int = 0,
+    avoid: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """ARPACK ``eigsh`` from a seeded Gaussian start vector (it has a component in every
+    eigenspace, kernels included; orthogonal to the columns of ``avoid``), retrying with a
+    larger Krylov space on ARPACK errors."""
     from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, eigsh
 
     n = op.shape[0]
     ncv = min(n, max(2 * k + 1, k + 20))
+    v0 = np.random.default_rng(seed).standard_normal(n)
+    if avoid is not None and avoid.shape[1]:
+        v0 = v0 - avoid @ (avoid.T @ v0)
     for _ in range(3):
         try:
-            w, v = eigsh(op, k=k, which=which, tol=tol, maxiter=maxiter, ncv=ncv)
+            w, v = eigsh(op, k=k, which=which, tol=tol, maxiter=maxiter, ncv=ncv, v0=v0)
             return w, v, True
         except ArpackNoConvergence as err:
             return np.asarray(err.eigenvalues), np.asarray(err.eigenvectors), False
@@ -324,14 +331,20 @@ def _lanczos_spectrum(
     n_eigs: int,
     max_rounds: int,
     arpack_tol: float = 1e-10,
+    patience: int = 2,
 ) -> _Spectrum:
     r"""Extreme and smallest-magnitude eigenvalues by ARPACK, with explicit deflation.
 
     ARPACK's single-vector Lanczos finds only some copies of a repeated
-    eigenvalue, and a kernel is exactly that.  So the smallest-magnitude
-    run is repeated with the kernel vectors found so far deflated (moved to
-    the eigenvalue :math:`2A`), until a round finds no new kernel vector or
-    ``max_rounds`` is reached (then the dimension is a lower bound).
+    eigenvalue (in exact arithmetic one per Krylov space; more only through
+    rounding), and a kernel is exactly that.  So the smallest-magnitude run
+    is repeated with the kernel vectors found so far deflated (moved to the
+    eigenvalue :math:`2A`) and a fresh random start vector orthogonal to
+    them, until ``patience`` consecutive rounds find no new kernel vector, or
+    ``max_rounds`` rounds were spent (then the dimension is flagged as a
+    lower bound).  This is a randomized search: a kernel direction can still
+    be missed, and the notes say that the estimate rests on the computed
+    part of the spectrum.
     """
     from scipy.sparse.linalg import LinearOperator
 
@@ -339,7 +352,7 @@ def _lanczos_spectrum(
     op = hess.operator()
     notes: list[str] = []
     k = min(n_eigs, kdim - 1)
-    maxiter = max(1000, 20 * kdim)
+    maxiter = max(300, 2 * kdim)  # ARPACK restarts; a run that stops short gives what it has
     top, _, ok = _eigsh(op, min(4, kdim - 1), "LM", arpack_tol, maxiter)
     if not ok:
         notes.append("ARPACK did not converge for the largest eigenvalues")
@@ -351,7 +364,8 @@ def _lanczos_spectrum(
     kernel_vals: list[float] = []
     others = np.zeros(0)
     rounds_exhausted = True
-    for _ in range(max_rounds):
+    misses = 0
+    for rnd in range(max_rounds):
         basis = kernel
 
         def mv(v: np.ndarray, basis: np.ndarray = basis) -> np.ndarray:
@@ -363,14 +377,20 @@ def _lanczos_spectrum(
             return hw + (2.0 * scale) * (basis @ c)
 
         dop = LinearOperator((kdim, kdim), matvec=mv, rmatvec=mv, dtype=np.float64)
-        w, vecs, ok = _eigsh(dop, k, "SM", arpack_tol, maxiter)
+        w, vecs, ok = _eigsh(dop, k, "SM", arpack_tol, maxiter, seed=1 + rnd, avoid=basis)
         if not ok:
             notes.append("ARPACK did not converge for the smallest-magnitude eigenvalues")
         small = np.abs(w) <= kernel_rtol * scale
-        others = w[~small]
         if not small.any():
-            rounds_exhausted = False
-            break
+            others = w
+            # a Krylov run can miss a repeated eigenvalue: stop after `patience` misses
+            misses += 1
+            if misses >= patience:
+                rounds_exhausted = False
+                break
+            continue
+        misses = 0
+        others = w[~small]
         kernel = np.linalg.qr(np.hstack([kernel, vecs[:, small]]))[0]
         kernel_vals.extend(float(x) for x in w[small])
         if kernel.shape[1] >= kdim - 1:
@@ -386,7 +406,7 @@ def _lanczos_spectrum(
         thr = max(float(a[kcut - 1]) if kcut else 0.0, _EPS * scale)
         notes.append(
             f"the kernel has at least {kernel.shape[1]} dimensions; {max_rounds} deflation rounds "
-            f"of {k} eigenvalues did not exhaust it (raise n_eigs or max_rounds)"
+            f"of {k} eigenvalues did not confirm its end (raise n_eigs or max_rounds)"
         )
     elif gap < min_gap:
         notes.append(
@@ -1275,17 +1295,24 @@ def track_critical_set(
         )
         kernels[nid] = rep.kernel_basis
         sigmas[nid] = _frames(space, theta, rep.rank)
+        points.append(theta.detach().clone())
+        stacked.clear()
         return nid
 
+    points: list[Tensor] = []  # node thetas in node order (ids are 0, 1, 2, ...)
+    stacked: list[Tensor] = []  # cache of torch.stack(points)
+
     def nearest(theta: Tensor, exclude: int | None = None) -> tuple[int | None, float]:
-        best, dist = None, math.inf
-        for n, data in graph.nodes(data=True):
-            if n == exclude:
-                continue
-            d = float((data["theta"] - theta).norm())
-            if d < dist:
-                best, dist = n, d
-        return best, dist
+        if not points:
+            return None, math.inf
+        if not stacked:
+            stacked.append(torch.stack(points))
+        d = (stacked[0] - theta).norm(dim=1)
+        if exclude is not None:
+            d[exclude] = math.inf
+        best = int(torch.argmin(d))
+        dist = float(d[best])
+        return (best, dist) if math.isfinite(dist) else (None, math.inf)
 
     # -- seeds --------------------------------------------------------------------
     for si, seed in enumerate(seeds):
@@ -1551,7 +1578,12 @@ def plot_critical_set(critical_set: CriticalSet, ax: Any = None, *, colorbar: bo
     for a, b in g.edges:
         ax.plot([pos[a][0], pos[b][0]], [pos[a][1], pos[b][1]], color="0.6", lw=0.8, zorder=1)
     costs = np.array([g.nodes[n]["cost"] for n in nodes])
-    sc = ax.scatter(xy[:, 0], xy[:, 1], c=costs, cmap="viridis", s=22, zorder=2)
+    lo, hi = float(costs.min()), float(costs.max())
+    if hi - lo <= 1e-9 * max(1.0, abs(hi)):  # constant cost: a visible, centred colour range
+        pad = max(1e-3 * max(1.0, abs(hi)), hi - lo)
+        lo, hi = lo - pad, hi + pad
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=costs, cmap="viridis", vmin=lo, vmax=hi, s=22,
+                    zorder=2)
     seeds = [n for n in critical_set.seed_nodes if n is not None]
     if seeds:
         sxy = np.array([pos[n] for n in seeds])
@@ -1568,7 +1600,7 @@ def plot_critical_set(critical_set: CriticalSet, ax: Any = None, *, colorbar: bo
     dims = ", ".join(str(i.dimension) for i in critical_set.component_info)
     ax.set_title(
         f"critical set: {len(nodes)} points, {critical_set.n_components} component(s), "
-        f"dim {dims}",
+        f"dim {dims}\nC from {float(costs.min()):.8g} to {float(costs.max()):.8g}",
         fontsize=9,
     )
     ax.set_aspect("equal", adjustable="datalim")

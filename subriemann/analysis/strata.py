@@ -27,9 +27,17 @@ holds closures).  :func:`sample_strata` therefore sends either the pickled
 space (as bytes) or, when that fails, a :class:`SpaceRecipe`: the model, the
 data, the loss, the engine and the metric's class and arguments, from which
 the worker rebuilds the space.  Either way each work item gets its **own
-copy**, which also makes thread pools safe (a flow temporarily sets the
-metric's rank threshold, and :func:`torch.func.functional_call` swaps the
-parameters of the module it runs).
+copy** (a flow temporarily sets the metric's rank threshold, and
+:func:`torch.func.functional_call` swaps the parameters of the module it runs).
+
+Threads
+-------
+torch's forward-mode automatic differentiation (:func:`torch.func.jvp`, used
+for :math:`Dv` and the Jacobian) keeps its dual levels in process-global
+state, so two flows running in two threads of one process corrupt each other
+("Trying to access a forward AD level with an invalid index").  A thread
+executor is accepted, but the flows inside one process are serialized by a
+lock: threads give no speed-up, processes (the default) do.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import copy
 import inspect
 import math
 import pickle
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +78,9 @@ GLOBAL_MINIMUM = "global minimum"
 NON_GLOBAL = "non-global critical set"
 NOT_CONVERGED = "not converged"
 TERMINALS = (GLOBAL_MINIMUM, NON_GLOBAL, NOT_CONVERGED)
+
+_FORWARD_AD_LOCK = threading.Lock()
+"""Held by :func:`run_flow_task` around each flow (see the module docstring, "Threads")."""
 
 
 def stratum_node(rank: int) -> str:
@@ -123,7 +135,7 @@ def classify_endpoint(
     *,
     global_tol: float = 1e-4,
     critical_tol: float = 1e-3,
-    stall_rtol: float = 1e-4,
+    stall_rtol: float = 1e-3,
 ) -> dict[str, Any]:
     r"""Cheap classification of where a flow ended (no Hessian).
 
@@ -214,7 +226,7 @@ def strata_graph(
     *,
     global_tol: float = 1e-4,
     critical_tol: float = 1e-3,
-    stall_rtol: float = 1e-4,
+    stall_rtol: float = 1e-3,
 ) -> nx.DiGraph:
     r"""The directed graph of rank strata visited by ``trajectories`` and where they ended.
 
@@ -527,29 +539,45 @@ def run_flow_task(
         from subriemann.trajectory import Trajectory
 
         sp = _materialize(space)
-        out = gradient_flow(sp, theta0.to(dtype=sp.dtype, device=sp.device), s_end,
-                            **options.get("flow", {}))
-        if not isinstance(out, Trajectory):  # a single start point gives one trajectory
-            raise TypeError("gradient_flow returned a list for a single start point")
-        traj = out
-        mode = options.get("classify", "cheap")
-        tols = options.get("tolerances", {})
-        details: dict[str, Any] = {}
-        label = None
-        if mode == "cheap":
-            details = classify_endpoint(traj, sp, **tols)
-            label = details["label"]
-        elif mode == "full":
-            from subriemann.analysis.critical import classify_equilibrium
+        # torch's forward-mode AD (torch.func.jvp) keeps its dual levels in process-global
+        # state: two flows in threads of one process corrupt each other. Serialize them.
+        with _FORWARD_AD_LOCK:
+            out = gradient_flow(sp, theta0.to(dtype=sp.dtype, device=sp.device), s_end,
+                                **options.get("flow", {}))
+            if not isinstance(out, Trajectory):  # a single start point gives one trajectory
+                raise TypeError("gradient_flow returned a list for a single start point")
+            traj = out
+            mode = options.get("classify", "cheap")
+            tols = options.get("tolerances", {})
+            details: dict[str, Any] = {}
+            label = None
+            if mode == "cheap":
+                details = classify_endpoint(traj, sp, **tols)
+                label = details["label"]
+            elif mode == "full":
+                from subriemann.analysis.critical import (
+                    classify_equilibrium,
+                    refine_critical_point,
+                )
 
-            cheap = classify_endpoint(traj, sp, **tols)
-            rep = classify_equilibrium(sp, traj.theta[-1].to(sp.dtype))
-            details = dict(cheap)
-            details.update(
-                kind=rep.kind, dimension=rep.dimension, index=rep.index,
-                dimension_gap=rep.dimension_gap, rank_deficit=rep.rank_deficit,
-            )
-            label = cheap["label"]
+                cheap = classify_endpoint(traj, sp, **tols)
+                details = dict(cheap)
+                theta = traj.theta[-1].to(sp.dtype)
+                # a flow stops near, not on, the critical set: refine first (the Hessian
+                # kernel is the tangent space only on the set)
+                try:
+                    move = 0.1 * max(1.0, float(theta.norm()))
+                    refined, _ = refine_critical_point(sp, theta, max_move=move)
+                    details["refined_distance"] = float((refined - theta).norm())
+                    theta = refined
+                except RuntimeError as err:
+                    details["refine_error"] = str(err)
+                rep = classify_equilibrium(sp, theta)
+                details.update(
+                    kind=rep.kind, dimension=rep.dimension, index=rep.index,
+                    dimension_gap=rep.dimension_gap, rank_deficit=rep.rank_deficit,
+                )
+                label = cheap["label"]
         return {"trajectory": traj, "label": label, "details": details}
     except Exception:
         return {"error": traceback.format_exc()}
@@ -562,7 +590,9 @@ def _default_executor(max_workers: int) -> Any:
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["subriemann"])
+        # imported once in the server and inherited by every worker: subriemann, and
+        # torch._dynamo, which torch.func.grad imports on its first call (seconds)
+        ctx.set_forkserver_preload(["subriemann", "torch._dynamo"])
     return ProcessPoolExecutor(max_workers=max_workers, mp_context=ctx)
 
 
@@ -666,9 +696,11 @@ def sample_strata(
     classify : {"cheap", "full"} or None
         How the workers classify each flow's end: ``"cheap"``
         (:func:`classify_endpoint` with the space: gradient and rank),
-        ``"full"`` (also :func:`~subriemann.analysis.classify_equilibrium`:
-        Hessian dimension and index, in ``details``), or None (from the
-        trajectory alone, in :func:`strata_graph`).
+        ``"full"`` (also :func:`~subriemann.analysis.refine_critical_point`,
+        moving at most 10% of :math:`\max(1, |\theta|)`, then
+        :func:`~subriemann.analysis.classify_equilibrium` at the refined
+        point: Hessian dimension and index, in ``details``), or None (from
+        the trajectory alone, in :func:`strata_graph`).
     threads_per_worker : int or None
         torch threads in each worker process (None: leave torch's default).
     global_tol, critical_tol : float
@@ -821,7 +853,7 @@ def sample_strata(
 # plot
 # ---------------------------------------------------------------------------
 def plot_strata_graph(graph: nx.DiGraph, ax: Any = None) -> Any:
-    r"""Draw a strata graph: strata by rank on a row, terminal classes below.
+    r"""Draw a strata graph: strata by decreasing rank on a row, terminal classes below.
 
     Stratum nodes are sized by the flow time spent in them and labelled
     ``S_r`` with the time; rank-change edges carry their counts, and each
@@ -843,9 +875,9 @@ def plot_strata_graph(graph: nx.DiGraph, ax: Any = None) -> Any:
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4.5))
-    strata = sorted(
+    strata = sorted(  # highest rank on the left: flows that lose rank go right
         (n for n, d in graph.nodes(data=True) if d.get("kind") == "stratum"),
-        key=lambda n: graph.nodes[n]["rank"],
+        key=lambda n: -graph.nodes[n]["rank"],
     )
     terms = [n for n, d in graph.nodes(data=True) if d.get("kind") == "terminal"]
     order = {t: i for i, t in enumerate(TERMINALS)}
