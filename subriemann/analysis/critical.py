@@ -771,7 +771,7 @@ def classify_equilibrium(
     ...     def forward(self, X):
     ...         return self.a * self.b * X
     >>> X = torch.tensor([[1.0], [2.0]]); Y = torch.tensor([[1.0], [0.0]])
-    >>> space = sr.ParameterSpace(Line(), X, Y)
+    >>> space = sr.ParameterSpace(Line(), X, Y, backend="func")
     >>> origin = torch.zeros(2, dtype=torch.float64)
     >>> rep = sr.analysis.classify_equilibrium(space, origin)
     >>> rep.kind, rep.index, rep.dimension, rep.is_global_minimum
