@@ -179,10 +179,10 @@ def time_to_tolerance(budget: float) -> list[dict]:
     import torch
 
     import subriemann as sr
-    from subriemann.cli import default_problem  # the problem `subriemann run` uses
+    from subriemann.cli import DEFAULTS, _resolve, build_problem
 
-    model, inputs, targets = default_problem(seed=0)
-    space = sr.ParameterSpace(model, inputs, targets)
+    opts = _resolve(dict(DEFAULTS, progress=False), set())  # the problem `subriemann run` uses
+    space = build_problem(opts).space
     theta0 = space.initial_point()
     c0 = float(space.cost(theta0))
     target = 1e-10 * c0
