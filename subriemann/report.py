@@ -575,8 +575,9 @@ _CAPTIONS = {
     "deviation": (
         "(d) Deviation from linear interpolation",
         "z(t) = x(t) − (t·y + (1 − t)·x(0)), split into P z (inside ran D) and P^⊥ z (rank loss), "
-        "relative to |x(0) − y|. For λ = 1 the whole deviation is P^⊥ z, predicted by the "
-        "propagator formula (2.58, dotted); with rank D = QN it vanishes.",
+        "relative to |x(0) − y|. For λ = 1, (2.58) says z is produced by P^⊥ alone (the "
+        "propagator prediction is dotted): with rank D = QN it vanishes, and what remains is "
+        "integration error.",
     ),
 }
 
