@@ -17,6 +17,7 @@ has an explicit ``dtype`` (float64 unless the user asks otherwise).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -91,10 +92,18 @@ def import_geomstats():
     if requested is not None and requested != _REQUIRED:
         raise _backend_error(requested)
     os.environ["GEOMSTATS_BACKEND"] = _REQUIRED
+    # geomstats also configures the *root* logger at import (level INFO, a stderr
+    # handler): undo that too, so the user's logging is what it was.
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
     try:
         _import_submodules()
     finally:
         torch.set_default_dtype(dtype)
+        root.setLevel(level)
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
     return sys.modules["geomstats"]
 
 

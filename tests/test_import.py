@@ -140,3 +140,17 @@ def test_readme_quick_start_runs():
     assert blocks, "README.md has no python block"
     out = _ok(blocks[0])
     assert out.split() == ["True", "True", "torch.float32"]
+
+
+def test_import_leaves_the_root_logger_alone():
+    """geomstats configures the root logger at import; subriemann undoes it."""
+    out = _ok(
+        """
+        import logging
+        before = (logging.getLogger().level, len(logging.getLogger().handlers))
+        import subriemann
+        after = (logging.getLogger().level, len(logging.getLogger().handlers))
+        print(before == after, after)
+        """
+    )
+    assert out.startswith("True"), out
