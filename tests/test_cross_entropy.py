@@ -175,7 +175,7 @@ def test_standard_flow_moves_the_hyperplanes():
     traj = sr.gradient_flow(space, space.initial_point(), s_end=3.0, rtol=1e-9, atol=1e-11)
     hs = ce.hyperplane_sums(traj)
     assert not hs.adapted
-    assert hs.max_drift > 1e-2  # clearly nonzero (measured: 0.3)
+    assert hs.max_drift > 1e-2  # clearly nonzero (measured: 0.065; lambda = 1: 6e-14)
     # the cost falls, but towards a minimizer on other hyperplanes
     assert traj.final_cost < float(traj.cost[0])
     le = ce.limit_error(traj)
@@ -185,10 +185,10 @@ def test_standard_flow_moves_the_hyperplanes():
 
 
 def _one_hidden_unit_space(bias: bool) -> sr.ParameterSpace:
-    """A tanh MLP 3 -> 1 -> 3 on N = 8 samples: K = 10 (9 without the last bias) < QN = 24.
+    """A tanh MLP 3 -> 1 -> 3 on N = 8 samples: K = 10 (7 without the last bias) < QN = 24.
 
     Too few hidden features: rank D = K < QN, constant along the short flow below
-    (sigma_min / sigma_max stays above 5e-3, far above the threshold 1e-6).
+    (sigma_min / sigma_max stays above 4e-2, far above the threshold 1e-6).
     """
     n, q = 8, 3
     model = make_mlp((3, 1, q), "tanh", seed=0)
@@ -226,8 +226,8 @@ def test_rank_loss_with_last_layer_bias_keeps_only_the_total():
     assert int(traj.rank.min()) == int(traj.rank.max()) == 10  # rank loss, constant
     hs = ce.hyperplane_sums(traj)
     assert hs.adapted and not hs.full_rank
-    assert hs.max_drift > 0.1  # per-sample sums move (measured: 0.3)
-    assert hs.total_drift < 1e-10  # the total does not (measured: ~1e-13)
+    assert hs.max_drift > 0.1  # per-sample sums move (measured: 0.30)
+    assert hs.total_drift < 1e-10  # the total does not (measured: 8e-13)
     # no convergence to x*: C stays far above C* = sum_j H(y_j)
     le = ce.limit_error(traj)
     assert le.final is not None and le.final > 1.0
@@ -240,7 +240,7 @@ def test_rank_loss_without_last_layer_bias_moves_the_total_too():
     traj = sr.gradient_flow(space, space.initial_point(), s_end=1.0, **TIGHT)
     assert int(traj.rank.min()) == space.dim < space.output_dim
     hs = ce.hyperplane_sums(traj)
-    assert hs.total_drift > 1e-3
+    assert hs.total_drift > 1e-2  # measured: 0.53
 
 
 def test_trained_last_layer_keeps_every_sum_at_any_rank():

@@ -13,9 +13,10 @@ so that
 
 * **invariant hyperplanes**: :math:`\langle 1, x_j(s)\rangle = c_j` is constant
   (:func:`hyperplane_sums`);
-* **strict convexity on each hyperplane**: :math:`H_j` is positive definite on
-  :math:`1^\perp` when every :math:`y_{j,i} > 0` near the minimum, so the minimizer
-  on :math:`\{\langle 1, \cdot\rangle = c_j\}` is unique;
+* **strict convexity on each hyperplane**: at every finite :math:`x_j` all
+  :math:`\sigma_{j,i} > 0`, so :math:`H_j` is positive definite on :math:`1^\perp`
+  and a minimizer on :math:`\{\langle 1, \cdot\rangle = c_j\}`, if one exists, is
+  unique;
 * **explicit limit** (Prop 2.7, Cor 2.8): if every :math:`y_{j,i} > 0`,
 
   .. math:: x_j(s) \to x_j^* = \log y_j + \frac{c_j - \langle 1, \log y_j\rangle}{Q}\,1,
@@ -39,10 +40,13 @@ so that
   never return inf or NaN.
 
 With rank loss (:math:`\operatorname{rank}D < QN`) and a **bias in the last layer**
-only the total :math:`\sum_j\langle 1, x_j\rangle` is conserved: the bias makes
-:math:`1_{QN} \in \operatorname{ran}D`, so :math:`P1 = 1` and
+only the total :math:`\sum_j\langle 1, x_j\rangle` is guaranteed to be conserved:
+the bias makes :math:`1_{QN} \in \operatorname{ran}D`, so :math:`P1 = 1` and
 :math:`\tfrac{d}{ds}\langle 1, x\rangle = -\langle 1, P\nabla_xC\rangle
-= -\langle 1, \nabla_xC\rangle = 0` (see ``docs/cross_entropy.md``).
+= -\langle 1, \nabla_xC\rangle = 0`.  (A model linear in its parameters with shared
+features, :math:`x_j = W\phi_j + b`, keeps every per-sample sum at any rank:
+:math:`P = \Pi_S\otimes 1_Q` commutes with summing a sample's logits.  See
+``docs/cross_entropy.md``.)
 
 Also here: :func:`smooth_labels` (so that the finite-limit statements apply to
 real data) and :func:`load_digits_problem` (scikit-learn's digits, the optional
@@ -324,13 +328,15 @@ def divergence_direction(targets: Any) -> Tensor:
     Rows of labels with full support are zero.
 
     Why this direction: on the hyperplane the cost decreases strictly along
-    :math:`d_j` for ever (:math:`\partial_\tau C(x_j + \tau d_j) < 0`), the infimum
+    :math:`d_j` for ever (:math:`\partial_\tau C(x_j + \tau d_j)
+    = (\sigma_j(S_j) - 1)/(|S_j||u_j|) < 0`), and the infimum
     :math:`H(y_j)` is approached only as the logits outside :math:`S_j` go to
     :math:`-\infty` relative to those in :math:`S_j`.  Along the adapted flow
     :math:`\tfrac{d}{ds}\langle x_j, d_j\rangle = (1 - \sigma_j(S_j))/(|S_j||u_j|) > 0`;
-    the gap grows like :math:`\log s`, the logits within :math:`S_j` converge (up to
-    the common shift) to :math:`\log y_j|_{S_j}` and those outside :math:`S_j` to a
-    common value, so :math:`(x_j(s) - x_j(0))/|x_j(s) - x_j(0)| \to d_j` (slowly).
+    the gap between the two groups grows like :math:`\log s`, while the differences
+    :math:`x_{j,i} - x_{j,k}` converge to :math:`\log(y_{j,i}/y_{j,k})` for
+    :math:`i, k \in S_j` and to 0 for :math:`i, k \notin S_j`; so
+    :math:`(x_j(s) - x_j(0))/|x_j(s) - x_j(0)| \to d_j` (slowly).
 
     Parameters
     ----------
@@ -595,9 +601,9 @@ def fitted_rate(
     :math:`s_{\min} \le s \le s_{\max}`.
 
     * ``quantity="distance"`` (default): :math:`q = |x(s) - x^*|`, expected rate
-      :math:`\mu`; defaults ``upper = 1e-2``, ``lower = 1e-7``.
+      :math:`\mu`; defaults ``upper = 1e-3``, ``lower = 1e-7``.
     * ``quantity="cost"``: :math:`q = C(s) - \sum_j H(y_j)`, expected rate
-      :math:`2\mu`; defaults ``upper = 1e-4`` (:math:`C - C^*` is quadratic in
+      :math:`2\mu`; defaults ``upper = 1e-6`` (:math:`C - C^*` is quadratic in
       :math:`x - x^*`) and ``lower = max(1e-12, 1e3\,\epsilon\,C^*/q(0))``
       (:math:`C - C^*` is resolved only down to about :math:`\epsilon C^*`).
 
@@ -638,7 +644,7 @@ def fitted_rate(
     n, q = _check_ce_trajectory(traj, "fitted_rate")
     if quantity not in ("distance", "cost"):
         raise ValueError(f"quantity must be 'distance' or 'cost', got {quantity!r}")
-    up = (1e-2 if quantity == "distance" else 1e-4) if upper is None else float(upper)
+    up = (1e-3 if quantity == "distance" else 1e-6) if upper is None else float(upper)
     if not (0 < up <= 1):
         raise ValueError(f"upper must lie in (0, 1], got {upper!r}")
     err = limit_error(traj)
@@ -654,12 +660,18 @@ def fitted_rate(
         cstar = err.limit.minimum_cost
         val = traj.cost.to(torch.float64) - cstar
         q0 = float(val[0])
+        if not q0 > 0:
+            raise ValueError(
+                f"fitted_rate: C(0) - C* = {q0:.3e}; the flow starts at the minimum"
+            )
         eps = float(torch.finfo(torch.float64).eps)
         lo = max(1e-12, 1e3 * eps * abs(cstar) / q0) if lower is None else float(lower)
         expected = 2 * mu
     if not (0 <= lo < up):
         raise ValueError(f"lower must lie in [0, upper), got {lo!r}")
     v0 = float(val[0])
+    if not v0 > 0:
+        raise ValueError("fitted_rate: the flow starts at the predicted limit")
     s = traj.s.to(torch.float64)
     keep = (val > lo * v0) & (val <= up * v0) & (val > 0)
     if s_min is not None:
@@ -668,11 +680,11 @@ def fitted_rate(
         keep &= s <= s_max
     npts = int(keep.sum())
     if npts < 3:
-        final = float(val[-1]) / v0 if v0 > 0 else math.nan
+        final = float(val[-1]) / v0
         raise ValueError(
             f"fitted_rate: only {npts} saved points with {lo:.1e} <= q(s)/q(0) <= {up:.1e} "
-            f"(q = {quantity}, final q/q(0) = {final:.3e}); run the flow longer (the linear "
-            "regime is reached after |x - x*| has fallen by `upper`), or the flow does not "
+            f"(q = {quantity}, final q/q(0) = {final:.3e}); run the flow longer (the window "
+            "starts once q has fallen to `upper` times q(0)), or the flow does not "
             "approach x* (lambda < 1, rank loss)"
         )
     ss, lv = s[keep], torch.log(val[keep])
