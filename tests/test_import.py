@@ -154,3 +154,23 @@ def test_import_leaves_the_root_logger_alone():
         """
     )
     assert out.startswith("True"), out
+
+
+def test_readme_flow_block_runs(tmp_path):
+    """The README's second Python block (a flow and its checks) runs after the first."""
+    import re
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        blocks = re.findall(r"```python\n(.*?)```", fh.read(), re.S)
+    env = {k: v for k, v in os.environ.items() if k != "GEOMSTATS_BACKEND"}
+    env["PYTHONPATH"] = ROOT
+    res = subprocess.run(
+        [sys.executable, "-c", blocks[0] + blocks[1]],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.split("\n")
+    assert lines[3].startswith("s_end_reached")
+    assert float(lines[4]) < 1e-8  # straight line (Prop 2.4)
+    assert abs(float(lines[5]) - 2.0) < 1e-6  # uniform rate 2
+    assert (tmp_path / "flow.npz").exists()
