@@ -24,6 +24,9 @@ class GradientCheck:
         The tolerance ``passed`` was judged by.
     passed : bool
     distribution_dim : int
+        Dimension of the distribution the directions were drawn from, or
+        ``-1`` when they were drawn as ``sharp`` of random covectors
+        (large K, no frame formed).
     """
 
     residuals: Tensor
@@ -31,6 +34,14 @@ class GradientCheck:
     rtol: float
     passed: bool
     distribution_dim: int
+
+    def __str__(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        return (
+            f"gradient check {verdict}: max residual {self.max_residual:.3g} "
+            f"(rtol {self.rtol:.1g}) over {self.residuals.numel()} directions, "
+            f"distribution dim {self.distribution_dim}"
+        )
 
 
 def check_gradient(
@@ -44,9 +55,14 @@ def check_gradient(
     r"""Verify :math:`g(\operatorname{grad}C, w) = dC(w)` for random :math:`w \in \mathcal{V}`.
 
     This is the characterization of the Riemannian gradient (MATH.md §2,
-    §8 item 4), checked for ``space.metric`` at ``base_point``: it works for
-    any metric with ``distribution``, ``inner_product`` and ``gradient``,
-    custom ones included.
+    §8 item 4; our ``gradient`` is :math:`+\operatorname{grad}C`, the flow
+    is its negative), checked for ``space.metric`` at ``base_point``.  It
+    works for any metric with ``inner_product`` and ``gradient``, custom
+    ones included.  The directions are :math:`w = Fc` with :math:`F` the
+    orthonormal frame ``distribution(base_point)`` and :math:`c` standard
+    normal; when the metric refuses to form the frame (large K) they are
+    :math:`w = \sharp\xi` for random covectors :math:`\xi`, which lie in the
+    distribution by definition.
 
     Parameters
     ----------
@@ -55,23 +71,50 @@ def check_gradient(
     base_point : Tensor, shape=[K]
     n_directions : int
     rtol : float
+        Pass when every residual
+        :math:`|g(\operatorname{grad}C, w) - dC(w)|/(|dC|\,|w|)` is at most ``rtol``.
     seed : int
 
     Returns
     -------
     GradientCheck
+        Prints as a one-line verdict.
+
+    Examples
+    --------
+    >>> import torch, subriemann as sr
+    >>> _ = torch.manual_seed(0)
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    >>> space = sr.ParameterSpace(net, torch.randn(5, 2), torch.randn(5, 1))
+    >>> space = space.equip_with_metric(sr.metrics.InterpolatedMetric, lam=0.5)
+    >>> sr.check_gradient(space, space.initial_point()).passed
+    True
     """
+    if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 1:
+        raise ValueError(f"n_directions must be a positive integer, got {n_directions!r}")
+    if not isinstance(rtol, (int, float)) or not rtol > 0:
+        raise ValueError(f"rtol must be a positive number, got {rtol!r}")
+    from subriemann.metrics import base as _base
+
     metric = space.metric
     theta = space.check_point(base_point)
-    frame = metric.distribution(theta)
     gen = torch.Generator().manual_seed(seed)
-    coef = torch.randn(frame.shape[1], n_directions, generator=gen, dtype=frame.dtype)
-    ws = (frame @ coef.to(frame.device)).T  # [n, K]
+    if space.dim <= _base.DENSE_K_LIMIT:
+        frame = metric.distribution(theta)
+        coef = torch.randn(frame.shape[1], n_directions, generator=gen, dtype=frame.dtype)
+        ws = (frame @ coef.to(frame.device)).T  # [n, K]
+        dist_dim = int(frame.shape[1])
+    else:
+        xis = torch.randn(n_directions, space.dim, generator=gen, dtype=space.dtype).to(
+            space.device
+        )
+        ws = torch.stack([metric.sharp(xi, theta) for xi in xis])
+        dist_dim = -1
     grad = metric.gradient(theta)
     dc = space.point_state(theta).cost_grad
-    lhs = metric.inner_product(grad.expand_as(ws), ws, theta)
+    lhs = torch.stack([metric.inner_product(grad, w, theta) for w in ws])
     rhs = ws @ dc
     scale = float(dc.norm()) * ws.norm(dim=1)
     res = (lhs - rhs).abs() / torch.clamp(scale, min=torch.finfo(ws.dtype).tiny)
     m = float(res.max()) if res.numel() else 0.0
-    return GradientCheck(res, m, rtol, m <= rtol, frame.shape[1])
+    return GradientCheck(res, m, float(rtol), m <= rtol, dist_dim)

@@ -2,10 +2,10 @@ r"""Results of a gradient flow: :class:`Trajectory`, :class:`RankChange`, :class
 
 File format (``Trajectory.save``): one ``.npz`` archive holding
 
-* the arrays ``s``, ``theta`` (``[T, K]``), ``outputs`` (``[T, QN]``),
-  ``cost``, ``grad_norm``, ``singular_values`` (``[T, min(QN, K)]``),
-  ``rank`` (int64), ``targets`` (``[QN]``), stored in their own dtype (so a
-  save/load round trip is bit-exact);
+* the arrays ``s`` (float64), ``theta`` (``[T, K]``), ``outputs``
+  (``[T, QN]``), ``cost``, ``grad_norm``, ``singular_values``
+  (``[T, min(QN, K)]``), ``rank`` (int64), ``targets`` (``[QN]``), stored in
+  their own dtype (so a save/load round trip is bit-exact);
 * for each rank event ``i``: ``event{i}_theta``, ``event{i}_sv_before``,
   ``event{i}_sv_after``;
 * ``meta``: a JSON string with ``format`` (``"subriemann.trajectory/1"``),
@@ -15,7 +15,15 @@ File format (``Trajectory.save``): one ``.npz`` archive holding
   ``n_steps``, ``n_rejected``, ``wall_time``), ``settings`` (the solver
   options) and the scalar fields of the events.
 
-JSON floats are written with ``repr`` precision, so nothing is lost.
+A *checkpoint* (``gradient_flow(..., checkpoint=path)``) is the same file with
+the integrator state added: ``meta["integrator"]`` (flow time, proposed step,
+counters, the number of regular saved points and events) and the arrays
+``integrator_theta``, ``integrator_f`` (the vector field there),
+``integrator_sv`` and ``integrator_sv_prev``; :meth:`Trajectory.load` reads it
+as a trajectory and ignores them.
+
+JSON floats are written with ``repr`` precision (``Infinity`` for an infinite
+``max_step``), so nothing is lost: a save → load round trip is bit-exact.
 """
 
 from __future__ import annotations
@@ -42,13 +50,14 @@ STATUS_CODES = {
     "rank_chattering": "the flow slides along a rank-change boundary (the rank flips back and "
     "forth at the threshold tau, where the vector field is discontinuous); raise rank_rtol, "
     "use lam < 1, or treat the boundary as where the flow ends",
-    "max_steps_reached": "step budget (max_steps) exhausted",
-    "max_time_reached": "wall-time budget (max_time) exhausted",
+    "max_steps_reached": "step budget (max_steps) exhausted; resumable from a checkpoint",
+    "max_time_reached": "wall-time budget (max_time) exhausted; resumable from a checkpoint",
     "nonfinite": "the vector field became NaN/inf; trajectory kept up to the last good state",
     "step_size_collapsed": "step size collapsed (near-singular vector field); trajectory kept up "
     "to the last good state",
-    "interrupted": "interrupted (KeyboardInterrupt); trajectory kept up to the last good state",
-    "running": "still running (checkpoint)",
+    "interrupted": "interrupted (KeyboardInterrupt); trajectory kept up to the last good state, "
+    "resumable from a checkpoint",
+    "running": "still running (a checkpoint written during the flow)",
 }
 """Every status code a flow can end with, and what it means."""
 
@@ -87,9 +96,11 @@ class RankChange:
     Attributes
     ----------
     s : float
-        Flow time of the crossing, localized by bisection on
-        :math:`\sigma_k(s) - \tau`.
+        Flow time of the crossing (the midpoint of the final bracket), localized
+        by a bracketing search (regula falsi / bisection) on :math:`\sigma_k(s) - \tau`.
     theta : Tensor, shape=[K]
+        The point just after the crossing: the far end of the final bracket,
+        at ``s + s_bracket / 2``.
     rank_before, rank_after : int
     singular_values_before, singular_values_after : Tensor
         Singular values of :math:`D` at the ends of the final bisection bracket.
@@ -189,10 +200,15 @@ class Trajectory:
         return float(self.cost[-1])
 
     def __repr__(self) -> str:
+        span = (
+            f"s=[{float(self.s[0]):.4g}, {float(self.s[-1]):.4g}], cost "
+            f"{float(self.cost[0]):.3e} -> {float(self.cost[-1]):.3e}, "
+            if len(self)
+            else ""
+        )
         return (
-            f"Trajectory(points={len(self)}, s=[{float(self.s[0]):.4g}, {float(self.s[-1]):.4g}], "
-            f"cost {float(self.cost[0]):.3e} -> {float(self.cost[-1]):.3e}, "
-            f"events={len(self.events)}, status={self.status.code!r}, metric={self.metric.get('class')})"
+            f"Trajectory(points={len(self)}, {span}events={len(self.events)}, "
+            f"status={self.status.code!r}, metric={self.metric.get('class')})"
         )
 
     # -- I/O -----------------------------------------------------------------------
@@ -233,7 +249,7 @@ class Trajectory:
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_name(path.name + ".npz")
-        arrays: dict[str, np.ndarray] = {
+        arrays: dict[str, Any] = {
             k: getattr(self, k).detach().cpu().numpy() for k in self._ARRAYS
         }
         for i, e in enumerate(self.events):

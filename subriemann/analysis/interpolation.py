@@ -35,7 +35,9 @@ __all__ = [
 
 def _check_mse(loss_name: str, what: str) -> None:
     if loss_name != "mse":
-        raise ValueError(f"{what} is a statement about the MSE cost (MATH.md §3); loss is {loss_name!r}")
+        raise ValueError(
+            f"{what} is a statement about the MSE cost (MATH.md §3); loss is {loss_name!r}"
+        )
 
 
 def apriori_stopping_time(space, initial_point: Tensor, eps: float) -> float:
@@ -52,7 +54,10 @@ def apriori_stopping_time(space, initial_point: Tensor, eps: float) -> float:
     (so :math:`K \ge QN`).  With rank loss :math:`C` still decreases
     (:math:`d|x-y|^2/ds = -2|P(x-y)|^2`) but may stall above :math:`\varepsilon`.
     A warning is issued when :math:`D` is not of full rank :math:`QN` at
-    ``initial_point``.
+    ``initial_point`` (threshold: the space's metric's ``rank_atol``, or its
+    ``rank_rtol`` :math:`\sigma_{\max}`, default :math:`10^{-6}\sigma_{\max}`).
+    The bound is checked, not assumed, by comparing with a flow's ``cost``
+    (``tests/test_interpolation.py``).
 
     Parameters
     ----------
@@ -69,7 +74,7 @@ def apriori_stopping_time(space, initial_point: Tensor, eps: float) -> float:
     _check_mse(getattr(space.loss, "name", ""), "apriori_stopping_time")
     if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-    st = space.point_state(initial_point)
+    st = space.point_state(space.check_point(initial_point))
     if space.output_dim > space.dim:
         warnings.warn(
             f"K = {space.dim} < QN = {space.output_dim}: D cannot have rank QN, the bound "
@@ -77,10 +82,15 @@ def apriori_stopping_time(space, initial_point: Tensor, eps: float) -> float:
         )
     else:
         s = st.singular_values("ntk" if space.output_dim * space.dim > 2_000_000 else "svd")
-        tau = 1e-6 * float(s[0])
-        if int((s > tau).sum()) < space.output_dim:
+        metric = getattr(space, "metric", None)
+        tau = getattr(metric, "rank_atol", None)
+        if tau is None:
+            tau = float(getattr(metric, "rank_rtol", 1e-6)) * float(s[0])
+        rank = int((s > tau).sum())
+        if rank < space.output_dim:
             warnings.warn(
-                "D is rank-deficient at the initial point (rank < QN): the bound T_eps does not apply",
+                f"D is rank-deficient at the initial point (rank {rank} < QN = "
+                f"{space.output_dim}): the bound T_eps does not apply",
                 UserWarning, stacklevel=2,
             )
     c0 = float(st.cost)
@@ -88,9 +98,12 @@ def apriori_stopping_time(space, initial_point: Tensor, eps: float) -> float:
 
 
 def _line(traj: Trajectory) -> tuple[Tensor, Tensor, Tensor]:
-    x0 = traj.outputs[0]
-    y = traj.targets
-    t = traj.t[:, None]
+    """The straight line :math:`t y + (1-t) x(0)` at the saved times, :math:`x(0)`, :math:`y`."""
+    if len(traj) == 0:
+        raise ValueError("the trajectory has no saved points")
+    x0 = traj.outputs[0].to(torch.float64)
+    y = traj.targets.to(torch.float64)
+    t = traj.t.to(torch.float64)[:, None]
     return t * y + (1 - t) * x0, x0, y
 
 
@@ -110,7 +123,7 @@ def linear_interpolation_residual(traj: Trajectory, *, per_point: bool = False) 
     """
     line, x0, y = _line(traj)
     scale = float((x0 - y).norm()) or 1.0
-    res = (traj.outputs - line).norm(dim=1) / scale
+    res = (traj.outputs.to(torch.float64) - line).norm(dim=1) / scale
     return res if per_point else float(res.max())
 
 
@@ -147,7 +160,7 @@ def decay_rate(
     round-off floor).  For cross-entropy the late-time rate is
     :math:`\mu` instead (see :mod:`subriemann.analysis.cross_entropy`).
     """
-    s, c = traj.s, traj.cost
+    s, c = traj.s.to(torch.float64), traj.cost.to(torch.float64)
     keep = (s >= s_min) & (c > floor * float(c[0])) & (c > 0)
     if s_max is not None:
         keep &= s <= s_max
@@ -202,50 +215,107 @@ class InterpolationDeviation:
         }
 
 
-def _projector(space, theta: Tensor, tau: float) -> Tensor:
+def _range_basis(space, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """Left singular vectors of :math:`D[\\theta]` and its singular values (float64)."""
     st = space.point_state(theta)
     if space.output_dim * space.dim <= 2_000_000:
         u, s, _ = st.svd
     else:
         u, s = st.ntk_eigh
-    u = u[:, s > tau]
+    return u.to(torch.float64), s.to(torch.float64)
+
+
+def _projector(space, theta: Tensor, tau: float | None = None, rank: int | None = None) -> Tensor:
+    r"""Orthogonal projector :math:`P` on :math:`\operatorname{ran}D[\theta]` (``[QN, QN]``).
+
+    Spanned by the left singular vectors with :math:`\sigma_i > \tau`, or by
+    the top ``rank`` of them.
+    """
+    u, s = _range_basis(space, theta)
+    if rank is None:
+        rank = int((s > (0.0 if tau is None else tau)).sum())
+    u = u[:, :rank]
     return u @ u.T
 
 
-def interpolation_deviation(traj: Trajectory, space) -> InterpolationDeviation:
-    r"""Deviation :math:`z(t)` from linear interpolation, split on :math:`\operatorname{ran}D` and its complement.
+def _expm_sym(a: Tensor) -> Tensor:
+    r""":math:`\exp(A)` of a symmetric matrix, through its eigendecomposition."""
+    evals, evecs = torch.linalg.eigh(0.5 * (a + a.T))
+    return (evecs * torch.exp(evals)) @ evecs.T
 
-    Recomputes :math:`P(s)` at every saved point (one factorization each) and
-    integrates the propagator :math:`\partial_s U = P^\perp U` along the
-    stored path; then checks :math:`z` against the Duhamel formula (2.58).
+
+def interpolation_deviation(traj: Trajectory, space) -> InterpolationDeviation:
+    r"""Deviation :math:`z(t)` from the straight line, on :math:`\operatorname{ran}D` and off it.
+
+    With :math:`\tilde x(t) = x(s(t))`, :math:`t = 1 - e^{-s}`,
+
+    .. math:: z(t) = \tilde x(t) - \bigl(t\,y + (1-t)\,x(0)\bigr)
+              = x(s) - y - e^{-s}(x(0) - y),
+
+    split as :math:`z = Pz + P^\perp z` with :math:`P` the projector on
+    :math:`\operatorname{ran}D` at the same point (threshold ``traj.rank_tau``).
+    For MSE and :math:`\lambda = 1`, :math:`\partial_s(x - y) = -P(x - y)`, so
+    :math:`x(s) - y = e^{-s}U(s)(x(0) - y)` with the propagator
+    :math:`\partial_s U = P^\perp(s)U`, :math:`U(0) = 1`, and (2.58–2.59)
+
+    .. math:: z(t) = (1-t)\bigl(U(t, 0) - 1\bigr)(x(0) - y)
+              = (1-t)\int_0^t U(t,t')P^\perp(t')(x(0)-y)\,\frac{dt'}{1-t'}.
+
+    This function recomputes :math:`P` at every saved point (one
+    factorization each), integrates :math:`U` along the stored path with the
+    exponential midpoint rule :math:`U_{n} = \exp\bigl(\tfrac{h}{2}(P^\perp_{n-1}
+    + P^\perp_n)\bigr)U_{n-1}` (second order in the spacing :math:`h`; exact
+    when :math:`P` is constant; carried out on the bounded :math:`e^{-s}U`),
+    splitting an interval at each recorded rank event where :math:`P` jumps,
+    and compares :math:`z` with the prediction.
+    With full rank :math:`P^\perp = 0`: :math:`U = 1` and the prediction is
+    :math:`z = 0` (Prop 2.4).
 
     Parameters
     ----------
     traj : Trajectory
-        A flow on ``space``; dense saving (every accepted step) makes the
-        propagator accurate.
+        A flow on ``space``.  The propagator error is :math:`O(h^2|\partial_s P|)`
+        for a saved spacing :math:`h`: save densely (``save_at``) for a tight check.
     space : ParameterSpace
         The space the flow ran on (for :math:`D` at the saved points).
+
+    Returns
+    -------
+    InterpolationDeviation
+        ``propagator_error`` is :math:`\max_t|z - z_{\rm prop}|/|x(0) - y|`.
     """
     line, x0, y = _line(traj)
-    z = traj.outputs - line
+    z = traj.outputs.to(torch.float64) - line
     qn = z.shape[1]
-    eye = torch.eye(qn, dtype=z.dtype)
-    ps = [_projector(space, th, traj.rank_tau) for th in traj.theta]
-    z_range = torch.stack([p @ zz for p, zz in zip(ps, z)])
-    z_perp = z - z_range
-    u = eye.clone()
+    dev = z.device
+    eye = torch.eye(qn, dtype=torch.float64, device=dev)
+    perps = [eye - _projector(space, th, traj.rank_tau).to(dev) for th in traj.theta]
+    z_perp = torch.stack([q @ zz for q, zz in zip(perps, z)]) if len(z) else z.clone()
+    z_range = z - z_perp
+    events = sorted(traj.events, key=lambda e: e.s)
+    # W = e^{-s} U, with dW/ds = -P W (bounded, unlike U); exp of the symmetric generator
+    # by eigh (accurate to round-off, unlike a Pade exponential of a small matrix)
+    w = eye.clone()
     r0 = x0 - y
-    preds = [torch.zeros(qn, dtype=z.dtype)]
-    for n in range(1, len(ps)):
-        ds = float(traj.s[n] - traj.s[n - 1])
-        gen = 0.5 * ((eye - ps[n - 1]) + (eye - ps[n]))
-        u = torch.linalg.matrix_exp(ds * gen) @ u
-        preds.append(float(1 - traj.t[n]) * ((u - eye) @ r0))
-    z_prop = torch.stack(preds)
+    preds = [torch.zeros(qn, dtype=torch.float64, device=dev)]
+    for n in range(1, len(perps)):
+        s_a, s_b = float(traj.s[n - 1]), float(traj.s[n])
+        # pieces [s_a, e_1], [e_1, e_2], ..., [e_m, s_b] split at the rank events inside
+        nodes: list[tuple[float, Tensor, Tensor]] = [(s_a, perps[n - 1], perps[n - 1])]
+        for e in events:
+            if s_a < e.s < s_b:
+                before = eye - _projector(space, e.theta, rank=e.rank_before).to(dev)
+                after = eye - _projector(space, e.theta, rank=e.rank_after).to(dev)
+                nodes.append((e.s, before, after))
+        nodes.append((s_b, perps[n], perps[n]))
+        for (sa, _, qa), (sb, qb, _) in zip(nodes, nodes[1:]):
+            if sb > sa:
+                w = _expm_sym(-0.5 * (sb - sa) * ((eye - qa) + (eye - qb))) @ w
+        preds.append(w @ r0 - math.exp(-float(traj.s[n])) * r0)
+    z_prop = torch.stack(preds)[: len(z)]
     scale = float(r0.norm()) or 1.0
-    err = float((z - z_prop).norm(dim=1).max()) / scale
-    zmax = float(z.norm(dim=1).max())
+    err = float((z - z_prop).norm(dim=1).max()) / scale if len(z) else 0.0
+    zmax = float(z.norm(dim=1).max()) if len(z) else 0.0
     frac = float(z_prop.norm(dim=1).max()) / zmax if zmax > 0 else math.nan
     lam = traj.metric.get("lam")
     applies = traj.loss == "mse" and lam == 1.0

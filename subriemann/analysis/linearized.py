@@ -46,7 +46,7 @@ class OutputFlow:
 
 
 def kernel_eigh(space, theta: Tensor, lam: float, rank_rtol: float = 1e-6) -> tuple[Tensor, Tensor]:
-    r"""Eigendecomposition :math:`\mathcal K_\lambda = U\operatorname{diag}(\kappa)U^\top` at :math:`\theta`.
+    r"""Eigendecomposition :math:`\mathcal K_\lambda = U\operatorname{diag}(\kappa)U^\top` at θ.
 
     Returns ``(U, kappa)`` with ``U`` of shape ``[QN, QN]`` (full orthonormal
     basis of output space) and ``kappa`` of shape ``[QN]``.
@@ -74,7 +74,7 @@ def output_flow(
     rank_rtol: float = 1e-6,
     n_steps: int = 2000,
 ) -> OutputFlow:
-    r"""Flow of the linearized model :math:`\partial_s x = -\mathcal K_\lambda\nabla_x C` from :math:`x[\theta]`.
+    r"""Flow of the linearized model :math:`\partial_s x = -\mathcal K_\lambda\nabla_x C`.
 
     Parameters
     ----------

@@ -1,16 +1,20 @@
 r"""Metrics on parameter space (MATH.md §2).
 
-=========================  ====================================================  ===============================
-metric                     tensor at :math:`\theta`                              class
-=========================  ====================================================  ===============================
-Euclidean                  :math:`1_K`                                           :class:`EuclideanMetric`
-output pullback            :math:`D^\top D`                                      :class:`OutputPullbackMetric`
-interpolated               :math:`(1-\lambda)1 + \lambda D^\top D`                :class:`InterpolatedMetric`
-sub-Riemannian bundle      :math:`g_\lambda` on :math:`\operatorname{ran}D^\top`  :class:`BundleMetric`
-pullback of :math:`G(x)`   :math:`D^\top G D`                                    :class:`OutputMetric`
-softmax Fisher             :math:`D^\top G_{\rm softmax} D`                      :class:`SoftmaxFisherMetric`
-sums, damping              :math:`\sum c_i g_i`, :math:`g + \mu 1`                :class:`SumMetric`, :class:`DampedMetric`
-=========================  ====================================================  ===============================
+Each row of the table of MATH.md §2 is a class (see ``docs/metrics.md``):
+
+* Euclidean, :math:`1_K`: :class:`EuclideanMetric`;
+* output pullback, :math:`D^\top D`: :class:`OutputPullbackMetric`;
+* interpolated, :math:`g_\lambda = (1-\lambda)1 + \lambda D^\top D`: :class:`InterpolatedMetric`;
+* sub-Riemannian bundle, :math:`g_\lambda` on :math:`\operatorname{ran}D^\top`:
+  :class:`BundleMetric`.
+
+Custom metrics:
+
+* pullback :math:`D^\top G(x) D` of an output metric: :class:`OutputMetric`;
+* softmax Fisher (natural gradient): :class:`SoftmaxFisherMetric`;
+* sums :math:`\sum_i c_i g_i` and damping :math:`g + \mu 1`: :class:`SumMetric`,
+  :class:`DampedMetric`;
+* anything with a ``metric_matrix``: subclass :class:`ParameterMetric`.
 """
 
 from subriemann.metrics.base import ParameterMetric

@@ -18,6 +18,7 @@ matrix-free or push-through forms.
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from subriemann.space import ParameterSpace
 
 __all__ = ["ParameterMetric", "DENSE_K_LIMIT"]
+
+_TOKENS = itertools.count()
 
 DENSE_K_LIMIT = 8000
 """Largest K for which K × K matrices (``metric_matrix``, ``distribution``) are formed."""
@@ -92,7 +95,8 @@ class ParameterMetric(RiemannianMetric):
 
         if not isinstance(space, ParameterSpace):
             raise TypeError(
-                f"{type(self).__name__} needs a subriemann.ParameterSpace, got {type(space).__name__}"
+                f"{type(self).__name__} needs a subriemann.ParameterSpace, "
+                f"got {type(space).__name__}"
             )
         super().__init__(space)
         if not (isinstance(rank_rtol, (int, float)) and 0 <= rank_rtol < 1):
@@ -101,6 +105,11 @@ class ParameterMetric(RiemannianMetric):
             raise ValueError(f"rank_atol must be a non-negative number, got {rank_atol!r}")
         self.rank_rtol = float(rank_rtol)
         self.rank_atol = None if rank_atol is None else float(rank_atol)
+        if isinstance(exp_steps, bool) or not isinstance(exp_steps, int) or exp_steps < 1:
+            raise ValueError(f"exp_steps must be a positive integer, got {exp_steps!r}")
+        self.exp_steps = exp_steps
+        # key of this metric's entries in the shared per-point cache (never reused, unlike id())
+        self._token = next(_TOKENS)
         self.exp_solver = ExpODESolver(space, integrator=GSIVPIntegrator(exp_steps, "rk4"))
 
     # -- plumbing ------------------------------------------------------------------
@@ -144,7 +153,7 @@ class ParameterMetric(RiemannianMetric):
         return "svd"
 
     def rank_threshold(self, base_point: Tensor) -> float:
-        r"""The threshold :math:`\tau`: ``rank_atol``, or ``rank_rtol`` times :math:`\sigma_{\max}`."""
+        r"""The threshold :math:`\tau`: ``rank_atol``, or ``rank_rtol`` :math:`\sigma_{\max}`."""
         if self.rank_atol is not None:
             return self.rank_atol
         s = self.singular_values(base_point)
@@ -178,7 +187,7 @@ class ParameterMetric(RiemannianMetric):
 
     def _dense_eigh(self, base_point: Tensor) -> tuple[Tensor, Tensor, float]:
         st = self.state(base_point)
-        key = ("metric_eigh", type(self).__name__, id(self))
+        key = ("metric_eigh", self._token)
         if key not in st._cache:
             self._require_small_k("the dense metric route")
             m = self.metric_matrix(st.theta)
@@ -195,7 +204,7 @@ class ParameterMetric(RiemannianMetric):
         return evecs[:, evals > tol]
 
     def sharp(self, cotangent_vec: Tensor, base_point: Tensor) -> Tensor:
-        r"""The vector :math:`v \in \mathcal{V}` with :math:`g(v, w) = \xi(w)` for all :math:`w \in \mathcal{V}`.
+        r"""The :math:`v\in\mathcal{V}` with :math:`g(v, w) = \xi(w)` on all of :math:`\mathcal{V}`.
 
         Parameters
         ----------
@@ -207,6 +216,15 @@ class ParameterMetric(RiemannianMetric):
         -------
         tangent_vec : Tensor, shape=[K]
             :math:`g^+\xi`, the pseudoinverse restricted to the distribution.
+
+        Notes
+        -----
+        The generic implementation eigendecomposes ``metric_matrix``
+        (eigenvalues at most ``rank_atol``, or ``rank_rtol`` times the largest,
+        count as zero).  For :math:`K >` ``DENSE_K_LIMIT`` it runs CG on
+        ``metric_vec`` instead, which needs :math:`g` positive definite and
+        warns (:class:`~subriemann.linalg.ConvergenceWarning`) with its
+        residual when it does not converge.
         """
         xi = self._check_tangent(cotangent_vec, "cotangent_vec")
         if self._space.dim > DENSE_K_LIMIT:
@@ -240,32 +258,78 @@ class ParameterMetric(RiemannianMetric):
         return self.sharp_pullback(st.output_grad, st.theta)
 
     # -- checks --------------------------------------------------------------------
-    def check(self, base_point: Tensor, *, atol: float = 1e-10) -> None:
-        """Check that ``metric_matrix`` is symmetric and positive on the distribution.
+    def check(self, base_point: Tensor, *, atol: float = 1e-10, n_directions: int = 4) -> None:
+        r"""Check that the metric is a metric: symmetric, positive on its distribution, consistent.
+
+        Verifies, relative to :math:`\max|g_{ij}|`:
+
+        * ``metric_matrix`` is symmetric, :math:`\max|g - g^\top| \le` ``atol``;
+        * it is positive semidefinite (smallest eigenvalue :math:`\ge -` ``atol``);
+        * ``distribution`` is an orthonormal frame on which :math:`g` is
+          positive definite (smallest eigenvalue of :math:`F^\top gF` above
+          rounding, :math:`100\,\epsilon\max|g_{ij}|`);
+        * ``inner_product(a, b)`` equals :math:`a^\top g\, b` and is symmetric
+          for random :math:`a, b` (this catches an ``inner_product`` override
+          that disagrees with ``metric_matrix``).
 
         Raises
         ------
         ValueError
             Naming the failed property and its size.
         """
-        m = self.metric_matrix(self._space.check_point(base_point))
+        theta = self._space.check_point(base_point)
+        self._require_small_k("check")
+        m = self.metric_matrix(theta)
+        k = self._space.dim
+        if tuple(m.shape) != (k, k):
+            raise ValueError(f"metric_matrix must have shape ({k}, {k}), got {tuple(m.shape)}")
+        if not torch.isfinite(m).all():
+            raise ValueError("metric_matrix contains NaN or inf")
         scale = float(m.abs().max()) or 1.0
         asym = float((m - m.T).abs().max()) / scale
         if asym > atol:
-            raise ValueError(f"metric_matrix is not symmetric: max |g - g^T| / max |g| = {asym:.3g}")
+            raise ValueError(
+                f"metric_matrix is not symmetric: max |g - g^T| / max |g| = {asym:.3g}"
+            )
         evals = torch.linalg.eigvalsh(0.5 * (m + m.T))
         if float(evals.min()) < -atol * scale:
             raise ValueError(
-                f"metric_matrix is not positive semidefinite: smallest eigenvalue {float(evals.min()):.3g}"
+                "metric_matrix is not positive semidefinite: smallest eigenvalue "
+                f"{float(evals.min()):.3g} (max |g| = {scale:.3g})"
             )
-        frame = self.distribution(base_point)
+        frame = self.distribution(theta)
         if frame.shape[1] == 0:
             raise ValueError("metric has an empty distribution at this point")
+        gram = frame.T @ frame
+        ortho = float(
+            (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).abs().max()
+        )
+        if ortho > 1e-8:
+            raise ValueError(
+                f"distribution is not an orthonormal frame: max |F^T F - 1| = {ortho:.3g}"
+            )
         restricted = torch.linalg.eigvalsh(frame.T @ m @ frame)
-        if float(restricted.min()) <= 0:
+        # positive beyond rounding: eigenvalues carry an absolute error of ~eps * max|g|
+        floor = 100.0 * float(torch.finfo(m.dtype).eps) * scale
+        if float(restricted.min()) <= floor:
             raise ValueError(
                 "metric is not positive definite on its distribution: smallest eigenvalue "
-                f"{float(restricted.min()):.3g}"
+                f"{float(restricted.min()):.3g} (threshold {floor:.3g})"
+            )
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(n_directions, k, generator=gen, dtype=m.dtype).to(m.device)
+        b = torch.randn(n_directions, k, generator=gen, dtype=m.dtype).to(m.device)
+        ab = torch.stack([self.inner_product(x, y, theta) for x, y in zip(a, b)])
+        ba = torch.stack([self.inner_product(y, x, theta) for x, y in zip(a, b)])
+        ref = torch.einsum("ni,ij,nj->n", a, m, b)
+        norm = scale * a.norm(dim=1) * b.norm(dim=1)
+        if float(((ab - ba).abs() / norm).max()) > 1e-8:
+            raise ValueError("inner_product is not symmetric: g(a, b) != g(b, a)")
+        err = float(((ab - ref).abs() / norm).max())
+        if err > 1e-8:
+            raise ValueError(
+                "inner_product disagrees with metric_matrix: "
+                f"max |g(a, b) - a^T G b| / (|G||a||b|) = {err:.3g}"
             )
 
     # -- geomstats -----------------------------------------------------------------
@@ -287,8 +351,32 @@ class ParameterMetric(RiemannianMetric):
 
         return run
 
+    def geodesic_equation(self, state: Tensor) -> Tensor:
+        r"""Right-hand side of the geodesic ODE, ``state = [..., 2, K]`` (position, velocity).
+
+        :math:`\ddot\theta^k = -\Gamma^k(\dot\theta,\dot\theta)` with
+        :math:`g\,\Gamma(v, v) = (\partial_v g)\,v - \tfrac12\nabla_\theta(v^\top g\,v)`
+        (the Koszul formula contracted with :math:`v` twice), computed with
+        one forward-mode and one reverse-mode derivative of ``metric_matrix``
+        and ``cometric_matrix`` (the inverse, or pseudo-inverse, of
+        :math:`g`): no :math:`K^3` Christoffel tensor.  Needs
+        ``metric_matrix`` to be differentiable by :mod:`torch.func`.
+        """
+        self._require_small_k("geodesic_equation")
+
+        def one(pos: Tensor, vel: Tensor) -> Tensor:
+            pos = pos.detach()
+            dg_v = torch.func.jvp(self.metric_matrix, (pos,), (vel,))[1]
+            grad_q = torch.func.grad(lambda p: vel @ self.metric_matrix(p) @ vel)(pos)
+            rhs = dg_v @ vel - 0.5 * grad_q
+            return -(self.cometric_matrix(pos) @ rhs)
+
+        pos, vel = state[..., 0, :], state[..., 1, :]
+        acc = _batched(one, pos, vel)
+        return torch.stack([vel, acc], dim=-2)
+
     def christoffels(self, base_point: Tensor) -> Tensor:
-        """Christoffel symbols by autodiff of ``metric_matrix`` (small K; uses the pseudo-inverse)."""
+        """Christoffel symbols by autodiff of ``metric_matrix`` (small K; pseudo-inverse)."""
         self._require_small_k("christoffels")
         with default_dtype(self._space.dtype):
             return super().christoffels(base_point)

@@ -1,13 +1,10 @@
 r"""The built-in metrics of MATH.md §2.
 
-=========================  =================================================  ==========================
-metric                     tensor at :math:`\theta`                           class
-=========================  =================================================  ==========================
-Euclidean                  :math:`1_K`                                        :class:`EuclideanMetric`
-output pullback            :math:`D^\top D`                                   :class:`OutputPullbackMetric`
-interpolated               :math:`g_\lambda = (1-\lambda)1 + \lambda D^\top D`  :class:`InterpolatedMetric`
-sub-Riemannian bundle      :math:`g_\lambda` restricted to :math:`\operatorname{ran} D^\top`  :class:`BundleMetric`
-=========================  =================================================  ==========================
+* Euclidean, :math:`1_K`: :class:`EuclideanMetric`;
+* output pullback, :math:`D^\top D`: :class:`OutputPullbackMetric`;
+* interpolated, :math:`g_\lambda = (1-\lambda)1 + \lambda D^\top D`: :class:`InterpolatedMetric`;
+* sub-Riemannian bundle, :math:`g_\lambda` restricted to :math:`\operatorname{ran}D^\top`:
+  :class:`BundleMetric`.
 
 All of them have the gradient :math:`V_\lambda = g_\lambda^+ D^\top\nabla_x C`
 (the flow is :math:`\partial_s\theta = -V_\lambda`), with spectral form
@@ -19,16 +16,18 @@ All of them have the gradient :math:`V_\lambda = g_\lambda^+ D^\top\nabla_x C`
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from subriemann._geomstats import default_dtype, import_geomstats
+from subriemann._warnings import warn_once
 from subriemann.linalg import (
-    choose_solver,
     cg,
     check_converged,
+    choose_solver,
     interp_weights,
     lsmr,
 )
@@ -36,18 +35,41 @@ from subriemann.metrics.base import ParameterMetric, _batched
 
 __all__ = ["EuclideanMetric", "InterpolatedMetric", "OutputPullbackMetric", "BundleMetric"]
 
+_EPS64 = float(torch.finfo(torch.float64).eps)
+
 
 def check_lam(lam: Any) -> float:
-    """Validate :math:`\\lambda \\in [0, 1]`."""
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-        if isinstance(lam, Tensor) and lam.numel() == 1:
-            lam = float(lam)
-        else:
-            raise TypeError(f"lam must be a real number in [0, 1], got {type(lam).__name__}")
+    r"""Validate :math:`\lambda \in [0, 1]` and return it as a float.
+
+    Raises
+    ------
+    TypeError
+        If ``lam`` is not a real number (a bool, a string, a tensor with more
+        than one element, ...).
+    ValueError
+        If ``lam`` is NaN or outside :math:`[0, 1]`.
+    """
+    if isinstance(lam, bool) or isinstance(lam, (str, bytes)):
+        raise TypeError(f"lam must be a real number in [0, 1], got {type(lam).__name__}")
+    if isinstance(lam, Tensor):
+        if lam.numel() != 1 or lam.is_complex() or lam.dtype == torch.bool:
+            raise TypeError(
+                f"lam must be a real scalar in [0, 1], got a tensor of shape {tuple(lam.shape)}"
+            )
+        lam = float(lam)
+    elif not isinstance(lam, numbers.Real):
+        raise TypeError(f"lam must be a real number in [0, 1], got {type(lam).__name__}")
     lam = float(lam)
-    if math.isnan(lam) or not 0.0 <= lam <= 1.0:
+    if math.isnan(lam):
+        raise ValueError("lam must lie in [0, 1], got NaN")
+    if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must lie in [0, 1], got {lam}")
     return lam
+
+
+def _second_derivative(space, theta: Tensor, v: Tensor) -> Tensor:
+    r""":math:`\partial^2 x[v, v] = \frac{d^2}{dt^2} x(\theta + t v)|_{t=0}` (two nested JVPs)."""
+    return torch.func.jvp(lambda t: space.backend.jvp(t, v), (theta,), (v,))[1]
 
 
 class EuclideanMetric(ParameterMetric):
@@ -56,7 +78,7 @@ class EuclideanMetric(ParameterMetric):
     :math:`\operatorname{grad} C = D^\top\nabla_x C`; its output-space velocity
     is :math:`-DD^\top\nabla_x C` (the NTK, MATH.md (2.17)).  This is
     :class:`InterpolatedMetric` at :math:`\lambda = 0`, implemented without
-    any solve.
+    any solve.  Geodesics are straight lines.
     """
 
     lam = 0.0
@@ -68,6 +90,11 @@ class EuclideanMetric(ParameterMetric):
 
     def metric_vec(self, tangent_vec: Tensor, base_point: Tensor) -> Tensor:
         return self._check_tangent(tangent_vec).clone()
+
+    def inner_product(self, tangent_vec_a, tangent_vec_b, base_point=None):
+        a = self._check_tangent(tangent_vec_a, "tangent_vec_a")
+        b = self._check_tangent(tangent_vec_b, "tangent_vec_b")
+        return (a * b).sum(-1)
 
     def sharp(self, cotangent_vec: Tensor, base_point: Tensor) -> Tensor:
         return self._check_tangent(cotangent_vec, "cotangent_vec").clone()
@@ -87,17 +114,22 @@ class EuclideanMetric(ParameterMetric):
         k = self._space.dim
         return torch.zeros(*base_point.shape[:-1], k, k, k, dtype=base_point.dtype)
 
+    def geodesic_equation(self, state: Tensor) -> Tensor:
+        return torch.stack([state[..., 1, :], torch.zeros_like(state[..., 1, :])], dim=-2)
+
     def exp(self, tangent_vec: Tensor, base_point: Tensor) -> Tensor:
+        """:math:`\\theta + v`: geodesics of the Euclidean metric are straight lines."""
         return base_point + tangent_vec
 
 
 class InterpolatedMetric(ParameterMetric):
-    r"""The family :math:`g_\lambda = (1-\lambda)1 + \lambda D^\top D`, :math:`\lambda\in[0,1]` (2.44).
+    r"""The family :math:`g_\lambda = (1-\lambda)1 + \lambda D^\top D`, :math:`\lambda\in[0,1]`.
 
     :math:`\lambda = 0` is the Euclidean metric and :math:`\lambda = 1` the
     output pullback :math:`D^\top D`, both reproduced *exactly*: at
     :math:`\lambda = 1` the gradient is the pseudoinverse
-    :math:`D^+\nabla_x C` (never :math:`1 - \varepsilon`).
+    :math:`D^+\nabla_x C` with the explicit threshold :math:`\tau` (never
+    :math:`1 - \varepsilon`).
 
     Parameters
     ----------
@@ -105,13 +137,26 @@ class InterpolatedMetric(ParameterMetric):
     lam : float
         :math:`\lambda \in [0, 1]`.
     solver : {"auto", "svd", "ntk", "lstsq", "matrix_free"}
-        How ``sharp`` solves (see :mod:`subriemann.linalg`).
+        How ``sharp`` solves (see :mod:`subriemann.linalg` and ``docs/metrics.md``).
     rank_rtol, rank_atol, exp_steps
         See :class:`~subriemann.metrics.ParameterMetric`.
     maxiter : int, optional
-        Iteration limit of the matrix-free solvers.
+        Fixed iteration limit of the matrix-free solvers (default: scaled
+        with the conditioning, see :func:`subriemann.linalg.cg` and
+        :func:`subriemann.linalg.lsmr`).
     solver_rtol : float
         Tolerance of the matrix-free solvers.
+
+    Notes
+    -----
+    The geodesic equation is :math:`\ddot\theta = -\lambda\, g_\lambda^{-1}D^\top\,
+    \partial^2x[\dot\theta,\dot\theta]`, since the Christoffel symbols of the
+    first kind of :math:`(1-\lambda)1+\lambda D^\top D` are
+    :math:`\Gamma_{l,ij} = \lambda\sum_a D_{al}\,\partial_i\partial_j x_a`;
+    ``exp`` integrates it with RK4 (geomstats' ``ExpODESolver``), each step
+    costing two nested JVPs and one ``sharp``.  It is a Riemannian geodesic
+    for :math:`\lambda<1`, and at :math:`\lambda=1` only where
+    :math:`\operatorname{rank}D = K`; use :class:`BundleMetric` otherwise.
 
     Examples
     --------
@@ -137,14 +182,20 @@ class InterpolatedMetric(ParameterMetric):
         rank_atol: float | None = None,
         exp_steps: int = 50,
         maxiter: int | None = None,
-        solver_rtol: float = 1e-10,
+        solver_rtol: float = 1e-12,
     ) -> None:
         super().__init__(space, rank_rtol=rank_rtol, rank_atol=rank_atol, exp_steps=exp_steps)
         self.lam = check_lam(lam)
         self.solver_name = solver
         self.solver = choose_solver(space, solver)
+        if maxiter is not None and (
+            isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 1
+        ):
+            raise ValueError(f"maxiter must be a positive integer or None, got {maxiter!r}")
+        if not (isinstance(solver_rtol, (int, float)) and 0.0 < solver_rtol < 1.0):
+            raise ValueError(f"solver_rtol must be a number in (0, 1), got {solver_rtol!r}")
         self.maxiter = maxiter
-        self.solver_rtol = solver_rtol
+        self.solver_rtol = float(solver_rtol)
         self.last_solve = None
 
     def description(self) -> dict[str, Any]:
@@ -154,6 +205,10 @@ class InterpolatedMetric(ParameterMetric):
 
     def _factorization(self) -> str:
         return "svd" if self.solver in ("svd", "lstsq") else "ntk"
+
+    @property
+    def _small_is_output(self) -> bool:
+        return self._space.output_dim <= self._space.dim
 
     # -- the tensor ----------------------------------------------------------------
     def metric_matrix(self, base_point: Tensor) -> Tensor:
@@ -198,19 +253,82 @@ class InterpolatedMetric(ParameterMetric):
 
         return _batched(one, base_point, a, b)
 
-    # -- solves --------------------------------------------------------------------
+    # -- thresholds ----------------------------------------------------------------
     def _tau(self, base_point: Tensor) -> float:
         return self.rank_threshold(base_point)
 
+    def _conlim(self, base_point: Tensor) -> float:
+        r""":math:`\sigma_{\max}/\tau` for LSMR's condition limit (no factorization needed)."""
+        if self.rank_atol is None:
+            return 1.0 / self.rank_rtol if self.rank_rtol > 0 else 0.0
+        if self.rank_atol == 0.0:
+            return 0.0
+        # only the scale of a stopping test: a coarse power iteration suffices
+        return self.state(base_point).sigma_max(rtol=1e-4, maxiter=100) / self.rank_atol
+
+    def _rcond(self, base_point: Tensor) -> float:
+        r""":math:`\tau/\sigma_{\max}` for ``gelsd``."""
+        if self.rank_atol is None:
+            return self.rank_rtol
+        smax = self.state(base_point).sigma_max()
+        return self.rank_atol / smax if smax > 0 else 0.0
+
+    def _gram_eigh(self, base_point: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Eigendecomposition of the smaller Gram matrix, ``(W, sigma)`` descending.
+
+        :math:`DD^\top = W\Sigma^2W^\top` (:math:`W = U`) when :math:`QN\le K`,
+        else :math:`D^\top D = W\Sigma^2W^\top` (:math:`W = V`).
+        """
+        st = self.state(base_point)
+        return st.ntk_eigh if self._small_is_output else st.param_eigh
+
+    def _ntk_tau(self, base_point: Tensor, s: Tensor) -> float:
+        tau = self._tau(base_point)
+        smax = float(s[0]) if s.numel() else 0.0
+        if smax > 0 and tau < 10.0 * math.sqrt(_EPS64) * smax:
+            warn_once(
+                f"the rank threshold tau = {tau:.3g} is below what the 'ntk' route resolves "
+                f"(about 1e-7 * sigma_max = {1e-7 * smax:.3g}): eigenvalues of D D^T carry an "
+                "error of eps * sigma_max^2. Raise rank_rtol or use solver='svd'."
+            )
+        return tau
+
+    def _param_cholesky(self, base_point: Tensor) -> Tensor:
+        st = self.state(base_point)
+        key = ("param_chol", self.lam)
+        if key not in st._cache:
+            d = st.jacobian
+            a = self.lam * (d.T @ d) + (1.0 - self.lam) * torch.eye(
+                d.shape[1], dtype=d.dtype, device=d.device
+            )
+            st._cache[key] = torch.linalg.cholesky(a)
+        return st._cache[key]
+
+    # -- solves --------------------------------------------------------------------
+    def _solve_info(self, info) -> None:
+        self.last_solve = info
+        check_converged(info)
+
     def sharp_pullback(self, output_covec: Tensor, base_point: Tensor) -> Tensor:
-        r""":math:`g_\lambda^+ D^\top u`, solved in the smaller of K and QN.
+        r""":math:`g_\lambda^+ D^\top u`, the sharp of a pulled-back covector, shape ``[K]``.
 
         * ``svd``: :math:`V\operatorname{diag}(\sigma_i/((1-\lambda)+\lambda\sigma_i^2))U^\top u`;
-        * ``ntk``: :math:`D^\top((1-\lambda)1+\lambda DD^\top)^{+}u`, Cholesky for
-          :math:`\lambda<1`, thresholded eigendecomposition at :math:`\lambda=1`;
-        * ``lstsq``: :math:`\lambda^{-1}\arg\min_v |Dv-u|^2+\varepsilon|v|^2`,
-          :math:`\varepsilon = (1-\lambda)/\lambda`, as a stacked least-squares problem;
-        * ``matrix_free``: LSMR (:math:`\lambda=1`) or CG (:math:`\lambda<1`).
+        * ``ntk`` (push-through, smaller space): for :math:`QN\le K`,
+          :math:`D^\top((1-\lambda)1+\lambda DD^\top)^{-1}u` (Cholesky) for
+          :math:`\lambda<1` and :math:`D^\top U\Sigma^{-2}U^\top u` (thresholded
+          eigendecomposition of :math:`DD^\top`) at :math:`\lambda=1`; for
+          :math:`K<QN` the same with :math:`D^\top D` in :math:`\mathbb{R}^K`;
+        * ``lstsq``: ``gelsd`` on :math:`D` (``rcond`` :math:`=\tau/\sigma_{\max}`)
+          at :math:`\lambda=1`; for :math:`\lambda<1` the full-rank stacked
+          least-squares problem in the smaller space,
+          :math:`w = \arg\min_w |\sqrt\lambda D^\top w|^2
+          + |\sqrt{1-\lambda}\,w - u/\sqrt{1-\lambda}|^2`,
+          :math:`v = D^\top w` (:math:`QN \le K`), or
+          :math:`\lambda^{-1}\arg\min_v |Dv-u|^2+\varepsilon|v|^2`,
+          :math:`\varepsilon=(1-\lambda)/\lambda` (:math:`K<QN`);
+        * ``matrix_free``: LSMR at :math:`\lambda=1` (condition limit
+          :math:`\sigma_{\max}/\tau`), CG on the SPD operator in the smaller
+          space for :math:`\lambda<1`.
         """
         sp = self._space
         u = sp._check_vec(output_covec, sp.output_dim, "output_covec")
@@ -221,54 +339,97 @@ class InterpolatedMetric(ParameterMetric):
         if self.solver == "svd":
             uu, s, v = st.svd
             return v @ (interp_weights(s, lam, self._tau(base_point)) * (uu.T @ u))
-        if self.solver == "ntk" and sp.output_dim <= sp.dim:
-            if lam < 1.0 and "eigh" not in st._cache:
-                chol = st.cholesky(lam)
-                w = torch.cholesky_solve(u.unsqueeze(1), chol).squeeze(1)
-                return st.vjp(w)
-            uu, s = st.ntk_eigh
-            tau = self._tau(base_point)
-            denom = (1.0 - lam) + lam * s**2
-            keep = s > tau if lam == 1.0 else torch.ones_like(s, dtype=torch.bool)
-            coef = torch.where(keep, (uu.T @ u) / torch.where(keep, denom, 1.0), 0.0)
-            return st.vjp(uu @ coef)
-        if self.solver == "ntk":  # K < QN: K-space form through the SVD
-            uu, s, v = st.svd
-            return v @ (interp_weights(s, lam, self._tau(base_point)) * (uu.T @ u))
+        if self.solver == "ntk":
+            return self._ntk_pullback(u, base_point)
         if self.solver == "lstsq":
-            d = st.jacobian
-            if lam == 1.0:
-                tau = self._tau(base_point)
-                smax = float(st.singular_values("svd")[0]) or 1.0
-                sol = torch.linalg.lstsq(
-                    d.cpu(), u.cpu().unsqueeze(1), rcond=tau / smax, driver="gelsd"
-                ).solution
-                return sol.squeeze(1).to(u.device)
-            eps = (1.0 - lam) / lam
-            eye = math.sqrt(eps) * torch.eye(sp.dim, dtype=d.dtype, device=d.device)
-            a = torch.cat([d, eye])
-            b = torch.cat([u, torch.zeros(sp.dim, dtype=u.dtype, device=u.device)])
-            sol = torch.linalg.lstsq(a.cpu(), b.cpu().unsqueeze(1), driver="gelsd").solution
-            return sol.squeeze(1).to(u.device) / lam
-        # matrix-free
+            return self._lstsq_pullback(u, base_point)
+        return self._mf_pullback(u, base_point)
+
+    def _ntk_pullback(self, u: Tensor, base_point: Tensor) -> Tensor:
+        st = self.state(base_point)
+        lam = self.lam
+        if self._small_is_output:
+            if lam < 1.0:
+                chol = st.cholesky(lam)
+                return st.vjp(torch.cholesky_solve(u.unsqueeze(1), chol).squeeze(1))
+            w, s = self._gram_eigh(base_point)
+            keep = s > self._ntk_tau(base_point, s)
+            coef = torch.where(keep, (w.T @ u) / torch.where(keep, s**2, 1.0), 0.0)
+            return st.vjp(w @ coef)
+        rhs = st.vjp(u)
+        if lam < 1.0:
+            return torch.cholesky_solve(rhs.unsqueeze(1), self._param_cholesky(base_point)).squeeze(
+                1
+            )
+        w, s = self._gram_eigh(base_point)
+        keep = s > self._ntk_tau(base_point, s)
+        coef = torch.where(keep, (w.T @ rhs) / torch.where(keep, s**2, 1.0), 0.0)
+        return w @ coef
+
+    def _lstsq_pullback(self, u: Tensor, base_point: Tensor) -> Tensor:
+        sp = self._space
+        st = self.state(base_point)
+        lam = self.lam
+        d = st.jacobian
+        if lam == 1.0:
+            sol = torch.linalg.lstsq(
+                d.cpu(), u.cpu().unsqueeze(1), rcond=self._rcond(base_point), driver="gelsd"
+            ).solution
+            return sol.squeeze(1).to(u.device)
+        if self._small_is_output:
+            # min_w |A w - b|, A = [sqrt(lam) D^T; sqrt(1-lam) 1], b = [0; u/sqrt(1-lam)]:
+            # A^T A = (1-lam)1 + lam D D^T and A^T b = u.  Full column rank: QR.
+            qn = sp.output_dim
+            a = torch.cat(
+                [
+                    math.sqrt(lam) * d.T,
+                    math.sqrt(1.0 - lam) * torch.eye(qn, dtype=d.dtype, device=d.device),
+                ]
+            )
+            b = torch.cat(
+                [torch.zeros(sp.dim, dtype=u.dtype, device=u.device), u / math.sqrt(1.0 - lam)]
+            )
+            w = torch.linalg.lstsq(a.cpu(), b.cpu().unsqueeze(1), driver="gels").solution
+            return st.vjp(w.squeeze(1).to(u.device))
+        eps = (1.0 - lam) / lam
+        eye = math.sqrt(eps) * torch.eye(sp.dim, dtype=d.dtype, device=d.device)
+        a = torch.cat([d, eye])
+        b = torch.cat([u, torch.zeros(sp.dim, dtype=u.dtype, device=u.device)])
+        sol = torch.linalg.lstsq(a.cpu(), b.cpu().unsqueeze(1), driver="gels").solution
+        return sol.squeeze(1).to(u.device) / lam
+
+    def _mf_pullback(self, u: Tensor, base_point: Tensor) -> Tensor:
+        sp = self._space
+        st = self.state(base_point)
+        lam = self.lam
         if lam == 1.0:
             v, info = lsmr(
-                st.jvp, st.vjp, (sp.output_dim, sp.dim), u,
-                rtol=self.solver_rtol, maxiter=self.maxiter,
+                st.jvp,
+                st.vjp,
+                (sp.output_dim, sp.dim),
+                u,
+                rtol=self.solver_rtol,
+                maxiter=self.maxiter,
+                conlim=self._conlim(base_point),
             )
-        elif sp.output_dim <= sp.dim:
+        elif self._small_is_output:
             w, info = cg(
-                lambda z: (1.0 - lam) * z + lam * st.jvp(st.vjp(z)), u,
-                rtol=self.solver_rtol, maxiter=self.maxiter,
+                lambda z: (1.0 - lam) * z + lam * st.jvp(st.vjp(z)),
+                u,
+                rtol=self.solver_rtol,
+                maxiter=self.maxiter,
+                eig_lower=1.0 - lam,
             )
             v = st.vjp(w)
         else:
             v, info = cg(
-                lambda z: (1.0 - lam) * z + lam * st.vjp(st.jvp(z)), st.vjp(u),
-                rtol=self.solver_rtol, maxiter=self.maxiter,
+                lambda z: (1.0 - lam) * z + lam * st.vjp(st.jvp(z)),
+                st.vjp(u),
+                rtol=self.solver_rtol,
+                maxiter=self.maxiter,
+                eig_lower=1.0 - lam,
             )
-        self.last_solve = info
-        check_converged(info)
+        self._solve_info(info)
         return v
 
     def _svd_sharp(self, xi: Tensor, base_point: Tensor, restrict: bool) -> Tensor:
@@ -286,30 +447,67 @@ class InterpolatedMetric(ParameterMetric):
     def sharp(self, cotangent_vec: Tensor, base_point: Tensor) -> Tensor:
         r""":math:`g_\lambda^+\xi` for a general covector :math:`\xi \in \mathbb{R}^K`.
 
-        For :math:`\lambda<1` by Woodbury,
-        :math:`g_\lambda^{-1}\xi = (1-\lambda)^{-1}[\xi - \lambda D^\top((1-\lambda)1+\lambda DD^\top)^{-1}D\xi]`;
-        at :math:`\lambda = 1`, :math:`(D^\top D)^+\xi` on :math:`\operatorname{ran}D^\top`.
+        For :math:`\lambda<1`, :math:`g_\lambda^{-1}\xi`: through the SVD
+        (``svd``, ``lstsq``), by Woodbury
+        :math:`(1-\lambda)^{-1}[\xi - \lambda D^\top((1-\lambda)1+\lambda DD^\top)^{-1}D\xi]`
+        (``ntk``, :math:`QN\le K`), or CG on :math:`g_\lambda` in
+        :math:`\mathbb{R}^K` (``matrix_free``).  At :math:`\lambda = 1`,
+        :math:`(D^\top D)^+\xi = D^+(D^+)^\top\xi` (thresholded), which lies in
+        :math:`\operatorname{ran}D^\top`; ``matrix_free`` computes it with two
+        LSMR solves.
         """
         xi = self._check_tangent(cotangent_vec, "cotangent_vec")
-        sp = self._space
         lam = self.lam
         if lam == 0.0:
             return xi.clone()
-        if self.solver in ("svd", "lstsq") or sp.output_dim > sp.dim and self.solver == "ntk":
+        if self.solver in ("svd", "lstsq") or (self.solver == "ntk" and not self._small_is_output):
             return self._svd_sharp(xi, base_point, restrict=False)
         st = self.state(base_point)
         if self.solver == "ntk":
             if lam < 1.0:
                 return self._woodbury(xi, base_point)
-            uu, s = st.ntk_eigh
-            tau = self._tau(base_point)
-            keep = s > tau
+            uu, s = self._gram_eigh(base_point)
+            keep = s > self._ntk_tau(base_point, s)
             coef = torch.where(keep, (uu.T @ st.jvp(xi)) / torch.where(keep, s**4, 1.0), 0.0)
             return st.vjp(uu @ coef)
-        # matrix-free
-        v, info = cg(lambda z: self.metric_vec(z, st.theta), xi, rtol=self.solver_rtol, maxiter=self.maxiter)
-        self.last_solve = info
-        check_converged(info)
+        return self._mf_sharp(xi, base_point)
+
+    def _mf_sharp(self, xi: Tensor, base_point: Tensor) -> Tensor:
+        sp = self._space
+        st = self.state(base_point)
+        lam = self.lam
+        if lam < 1.0:
+            v, info = cg(
+                lambda z: (1.0 - lam) * z + lam * st.vjp(st.jvp(z)),
+                xi,
+                rtol=self.solver_rtol,
+                maxiter=self.maxiter,
+                eig_lower=1.0 - lam,
+            )
+            self._solve_info(info)
+            return v
+        conlim = self._conlim(base_point)
+        # (D^T D)^+ xi = D^+ (D^T)^+ xi: w = min-norm solution of D^T w = xi, then D^+ w
+        w, info = lsmr(
+            st.vjp,
+            st.jvp,
+            (sp.dim, sp.output_dim),
+            xi,
+            rtol=self.solver_rtol,
+            maxiter=self.maxiter,
+            conlim=conlim,
+        )
+        self._solve_info(info)
+        v, info = lsmr(
+            st.jvp,
+            st.vjp,
+            (sp.output_dim, sp.dim),
+            w,
+            rtol=self.solver_rtol,
+            maxiter=self.maxiter,
+            conlim=conlim,
+        )
+        self._solve_info(info)
         return v
 
     def _woodbury(self, xi: Tensor, base_point: Tensor) -> Tensor:
@@ -323,7 +521,8 @@ class InterpolatedMetric(ParameterMetric):
         r"""Frame of the subspace where :math:`g_\lambda` is positive definite.
 
         :math:`\mathbb{R}^K` for :math:`\lambda < 1`; the right singular vectors
-        :math:`v_i` with :math:`\sigma_i > \tau` (:math:`\operatorname{ran} D^\top`) at :math:`\lambda=1`.
+        :math:`v_i` with :math:`\sigma_i > \tau` (:math:`\operatorname{ran} D^\top`) at
+        :math:`\lambda=1`.
         """
         self._require_small_k("distribution")
         if self.lam < 1.0:
@@ -340,6 +539,41 @@ class InterpolatedMetric(ParameterMetric):
             return torch.linalg.inv(self.metric_matrix(base_point))
         return super().cometric_matrix(base_point)
 
+    # -- geodesics -----------------------------------------------------------------
+    def christoffels(self, base_point: Tensor) -> Tensor:
+        r""":math:`\Gamma^k_{ij} = \lambda\,(g_\lambda^{-1}D^\top)_{ka}\,\partial_i\partial_j x_a`.
+
+        Shape ``[..., K, K, K]``, contravariant index first (small K).
+        """
+        self._require_small_k("christoffels")
+        sp = self._space
+
+        def one(p: Tensor) -> Tensor:
+            hess = torch.func.hessian(sp.backend.outputs)(p)  # [QN, K, K]
+            m = self.cometric_matrix(p) @ sp.jacobian(p).T  # [K, QN]
+            return self.lam * torch.einsum("ka,aij->kij", m, hess)
+
+        return _batched(one, base_point)
+
+    def geodesic_equation(self, state: Tensor) -> Tensor:
+        r"""Right-hand side of the geodesic ODE, ``state = [..., 2, K]`` (position, velocity).
+
+        :math:`\ddot\theta = -\lambda\,g_\lambda^+D^\top\,\partial^2x[\dot\theta,\dot\theta]`:
+        two nested JVPs and one ``sharp_pullback``, no Christoffel tensor.
+        """
+        sp = self._space
+
+        def one(pos: Tensor, vel: Tensor) -> Tensor:
+            if self.lam == 0.0:
+                return torch.zeros_like(vel)
+            pos = pos.detach()
+            h = _second_derivative(sp, pos, vel)
+            return -self.lam * self.sharp_pullback(h, pos)
+
+        pos, vel = state[..., 0, :], state[..., 1, :]
+        acc = _batched(one, pos, vel)
+        return torch.stack([vel, acc], dim=-2)
+
 
 class OutputPullbackMetric(InterpolatedMetric):
     r"""The pullback :math:`D^\top D` of the Euclidean output metric: the adapted flow (2.26).
@@ -353,12 +587,54 @@ class OutputPullbackMetric(InterpolatedMetric):
 
     def __init__(self, space, **kwargs: Any) -> None:
         if "lam" in kwargs:
-            raise TypeError("OutputPullbackMetric has lam = 1 fixed; use InterpolatedMetric(lam=...)")
+            raise TypeError(
+                "OutputPullbackMetric has lam = 1 fixed; use InterpolatedMetric(lam=...)"
+            )
         super().__init__(space, 1.0, **kwargs)
 
 
+class _SpectralFunction(torch.autograd.Function):
+    r"""Fixed-rank spectral function :math:`F = W\operatorname{diag}(f(\mu))W^\top` of symmetric G.
+
+    Here :math:`G = W\operatorname{diag}(\mu)W^\top`.
+
+    ``f`` is applied to the ``r`` largest eigenvalues and is 0 on the others
+    (a fixed-rank spectral function).  The backward pass uses the
+    Daleckii–Krein formula :math:`dF = W(\Gamma\circ W^\top dG\,W)W^\top`,
+    :math:`\Gamma_{ij} = (f_i - f_j)/(\mu_i - \mu_j)` (:math:`f'(\mu_i)` for
+    near-ties), which stays finite where eigendecomposition gradients do not
+    (repeated or zero eigenvalues).
+    """
+
+    @staticmethod
+    def forward(ctx, g, r, f, fprime):  # type: ignore[override]
+        mu, w = torch.linalg.eigh(0.5 * (g + g.mT))
+        mu, w = mu.flip(-1), w.flip(-1)
+        n = mu.shape[-1]
+        fv = torch.zeros_like(mu)
+        dv = torch.zeros_like(mu)
+        fv[:r] = f(mu[:r])
+        dv[:r] = fprime(mu[:r])
+        num = fv[:, None] - fv[None, :]
+        den = mu[:, None] - mu[None, :]
+        scale = float(mu.abs().max()) if n else 1.0
+        tie = den.abs() <= 1e-9 * max(scale, 1e-300)
+        avg = 0.5 * (dv[:, None] + dv[None, :])
+        gamma = torch.where(tie, avg, num / torch.where(tie, torch.ones_like(den), den))
+        ctx.save_for_backward(w, gamma)
+        return (w * fv) @ w.mT
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        w, gamma = ctx.saved_tensors
+        gs = 0.5 * (grad_out + grad_out.mT)
+        return w @ (gamma * (w.mT @ gs @ w)) @ w.mT, None, None, None
+
+
 class BundleMetric(InterpolatedMetric):
-    r"""The sub-Riemannian bundle metric: :math:`g_\lambda` on :math:`\mathcal{V}_\theta = \operatorname{ran} D[\theta]^\top` (2.45).
+    r"""Sub-Riemannian bundle metric: :math:`g_\lambda` on :math:`\operatorname{ran}D^\top` (2.45).
+
+    The distribution is :math:`\mathcal{V}_\theta = \operatorname{ran} D[\theta]^\top`.
 
     The distribution is :math:`\operatorname{ran}D^\top` for every
     :math:`\lambda` (rank threshold :math:`\tau`); on it the metric is
@@ -368,7 +644,16 @@ class BundleMetric(InterpolatedMetric):
 
     ``metric_matrix`` returns :math:`\bar P g_\lambda \bar P` with
     :math:`\bar P = D^+D` (zero off the distribution); :meth:`to_geomstats`
-    exports a geomstats :class:`~geomstats.geometry.sub_riemannian_metric.SubRiemannianMetric`.
+    exports a geomstats :class:`~geomstats.geometry.sub_riemannian_metric.SubRiemannianMetric`
+    and :meth:`exp` follows the normal sub-Riemannian geodesics.
+
+    Notes
+    -----
+    ``solver="lstsq"`` is served by the SVD (the same dense factorization).
+    With ``solver="matrix_free"`` and :math:`\lambda<1` the directions with
+    :math:`0<\sigma_i\le\tau` are not cut off (a Krylov solver cannot);
+    their weight :math:`\sigma_i/((1-\lambda)+\lambda\sigma_i^2)\le\tau/(1-\lambda)`
+    is negligible.
     """
 
     def __init__(self, space, lam: float = 1.0, **kwargs: Any) -> None:
@@ -384,7 +669,11 @@ class BundleMetric(InterpolatedMetric):
         return vh.mT[:, keep], s[keep]
 
     def metric_matrix(self, base_point: Tensor) -> Tensor:
-        r""":math:`\bar P g_\lambda \bar P = \sum_{\sigma_i>\tau} ((1-\lambda)+\lambda\sigma_i^2) v_iv_i^\top`."""
+        r""":math:`\bar Pg_\lambda\bar P`, shape ``[..., K, K]``.
+
+        .. math:: \bar Pg_\lambda\bar P
+                  = \sum_{\sigma_i>\tau}((1-\lambda)+\lambda\sigma_i^2)\,v_iv_i^\top.
+        """
         self._require_small_k("metric_matrix")
 
         def one(p: Tensor) -> Tensor:
@@ -394,31 +683,64 @@ class BundleMetric(InterpolatedMetric):
         return _batched(one, base_point)
 
     def _project(self, a: Tensor, base_point: Tensor) -> Tensor:
+        r""":math:`\bar P a`, the orthogonal projection onto :math:`\operatorname{ran}D^\top`."""
         st = self.state(base_point)
-        if self.solver == "svd" or self._space.output_dim > self._space.dim:
+        if self.solver == "svd" or not self._small_is_output:
             _, s, v = st.svd
             v = v[:, s > self._tau(base_point)]
             return v @ (v.T @ a)
-        uu, s = st.ntk_eigh
-        keep = s > self._tau(base_point)
-        coef = torch.where(keep, (uu.T @ st.jvp(a)) / torch.where(keep, s**2, 1.0), 0.0)
-        return st.vjp(uu @ coef)
+        if self.solver == "ntk":
+            uu, s = self._gram_eigh(base_point)
+            keep = s > self._ntk_tau(base_point, s)
+            coef = torch.where(keep, (uu.T @ st.jvp(a)) / torch.where(keep, s**2, 1.0), 0.0)
+            return st.vjp(uu @ coef)
+        sp = self._space
+        out, info = lsmr(
+            st.jvp,
+            st.vjp,
+            (sp.output_dim, sp.dim),
+            st.jvp(a),
+            rtol=self.solver_rtol,
+            maxiter=self.maxiter,
+            conlim=self._conlim(base_point),
+        )
+        self._solve_info(info)
+        return out
 
     def metric_vec(self, tangent_vec: Tensor, base_point: Tensor) -> Tensor:
+        r""":math:`\bar P g_\lambda \bar P v = (1-\lambda)\bar P v + \lambda D^\top D v`."""
         v = self._check_tangent(tangent_vec)
 
         def one(p: Tensor, a: Tensor) -> Tensor:
             st = self.state(p)
-            pa = self._project(a, p)
-            return (1.0 - self.lam) * pa + self.lam * st.vjp(st.jvp(pa))
+            out = self.lam * st.vjp(st.jvp(a))
+            if self.lam < 1.0:
+                out = out + (1.0 - self.lam) * self._project(a, p)
+            return out
 
         return _batched(one, base_point, v)
 
     def inner_product(self, tangent_vec_a, tangent_vec_b, base_point):
-        r""":math:`g_\lambda(\bar Pa, \bar Pb)`: the components off :math:`\mathcal{V}` do not count."""
+        r""":math:`g_\lambda(\bar Pa,\bar Pb)`.
+
+        .. math:: g_\lambda(\bar Pa,\bar Pb) = (1-\lambda)\langle\bar Pa,b\rangle
+                  + \lambda\langle Da,Db\rangle.
+
+
+        The components off :math:`\mathcal{V}` do not count; no K × K matrix is formed.
+        """
         a = self._check_tangent(tangent_vec_a, "tangent_vec_a")
         b = self._check_tangent(tangent_vec_b, "tangent_vec_b")
-        return (a * self.metric_vec(b, base_point)).sum(-1)
+        lam = self.lam
+
+        def one(p: Tensor, u: Tensor, w: Tensor) -> Tensor:
+            st = self.state(p)
+            out = lam * (st.jvp(u) @ st.jvp(w))
+            if lam < 1.0:
+                out = out + (1.0 - lam) * (self._project(u, p) @ w)
+            return out
+
+        return _batched(one, base_point, a, b)
 
     def sharp_pullback(self, output_covec: Tensor, base_point: Tensor) -> Tensor:
         if self.lam == 1.0 or self.solver == "matrix_free":
@@ -427,24 +749,36 @@ class BundleMetric(InterpolatedMetric):
         return self.sharp(self.state(base_point).vjp(output_covec), base_point)
 
     def sharp(self, cotangent_vec: Tensor, base_point: Tensor) -> Tensor:
-        r""":math:`\sum_{\sigma_i>\tau} v_i\langle v_i,\xi\rangle/((1-\lambda)+\lambda\sigma_i^2)`, in :math:`\mathcal{V}`."""
+        r"""The sharp on :math:`\mathcal{V}`.
+
+        .. math:: \sharp\xi = \sum_{\sigma_i>\tau}
+                  \frac{\langle v_i,\xi\rangle}{(1-\lambda)+\lambda\sigma_i^2}\,v_i \in \mathcal{V}.
+        """
         xi = self._check_tangent(cotangent_vec, "cotangent_vec")
-        sp = self._space
-        if self.solver == "svd" or sp.output_dim > sp.dim:
+        if self.solver == "svd" or not self._small_is_output:
             return self._svd_sharp(xi, base_point, restrict=True)
         st = self.state(base_point)
         if self.solver == "ntk":
-            uu, s = st.ntk_eigh
-            tau, lam = self._tau(base_point), self.lam
+            uu, s = self._gram_eigh(base_point)
+            tau, lam = self._ntk_tau(base_point, s), self.lam
             keep = s > tau
             # xi = D^T w + xi_perp; only D^T w counts: w = (DD^T)^+ D xi
             denom = s**2 * ((1.0 - lam) + lam * s**2)
             coef = torch.where(keep, (uu.T @ st.jvp(xi)) / torch.where(keep, denom, 1.0), 0.0)
             return st.vjp(uu @ coef)
+        if self.lam == 1.0:
+            return self._mf_sharp(xi, base_point)
+        # matrix-free, lam < 1: g_lam maps ran D^T to itself; CG from 0 on P xi stays there
         pxi = self._project(xi, base_point)
-        v, info = cg(lambda z: self.metric_vec(z, st.theta), pxi, rtol=self.solver_rtol)
-        self.last_solve = info
-        check_converged(info)
+        lam = self.lam
+        v, info = cg(
+            lambda z: (1.0 - lam) * z + lam * st.vjp(st.jvp(z)),
+            pxi,
+            rtol=self.solver_rtol,
+            maxiter=self.maxiter,
+            eig_lower=1.0 - lam,
+        )
+        self._solve_info(info)
         return v
 
     def distribution(self, base_point: Tensor) -> Tensor:
@@ -455,16 +789,114 @@ class BundleMetric(InterpolatedMetric):
     def cometric_matrix(self, base_point: Tensor) -> Tensor:
         return torch.linalg.pinv(self.metric_matrix(base_point), hermitian=True)
 
+    # -- sub-Riemannian geometry ------------------------------------------------------
+    def hamiltonian(self, position: Tensor, momentum: Tensor, rank: int) -> Tensor:
+        r"""The sub-Riemannian Hamiltonian :math:`H(\theta, p)`.
+
+        .. math:: H(\theta, p) = \tfrac12\sum_{i\le r}
+                  \frac{\langle v_i, p\rangle^2}{(1-\lambda)+\lambda\sigma_i^2}.
+
+
+        This is :math:`\tfrac12|F^\top p|^2` for the :math:`g_\lambda`-orthonormal
+        frame :math:`F` of :meth:`to_geomstats`.  It is computed as a
+        fixed-rank spectral function of the smaller Gram matrix, with no
+        singular vectors (so it is differentiable wherever
+        :math:`\sigma_r > \sigma_{r+1}`, repeated singular values included):
+
+        * :math:`QN \le K`: :math:`\tfrac12 (Dp)^\top f(DD^\top)(Dp)`,
+          :math:`f(s) = 1/(s((1-\lambda)+\lambda s))` on the top ``r`` eigenvalues;
+        * :math:`K < QN`: :math:`\tfrac12 p^\top f(D^\top D)\,p`,
+          :math:`f(s) = 1/((1-\lambda)+\lambda s)` on the top ``r`` eigenvalues.
+
+        Parameters
+        ----------
+        position : Tensor, shape=[K]
+        momentum : Tensor, shape=[K]
+        rank : int
+            :math:`r`, the (constant) rank of the distribution.
+        """
+        sp = self._space
+        lam, c = self.lam, 1.0 - self.lam
+        d = sp.backend.jacobian(position)
+        if sp.output_dim <= sp.dim:
+            w = d @ momentum
+            fmat = _SpectralFunction.apply(
+                d @ d.T,
+                rank,
+                lambda s: 1.0 / (s * (c + lam * s)),
+                lambda s: -(c + 2.0 * lam * s) / (s * (c + lam * s)) ** 2,
+            )
+            return 0.5 * w @ (fmat @ w)
+        fmat = _SpectralFunction.apply(
+            d.T @ d, rank, lambda s: 1.0 / (c + lam * s), lambda s: -lam / (c + lam * s) ** 2
+        )
+        return 0.5 * momentum @ (fmat @ momentum)
+
+    def _cosharp(self, position: Tensor, momentum: Tensor, rank: int) -> Tensor:
+        r""":math:`\partial H/\partial p = FF^\top p`, the sub-Riemannian sharp."""
+        sp = self._space
+        lam, c = self.lam, 1.0 - self.lam
+        d = sp.backend.jacobian(position)
+        _, s, vh = torch.linalg.svd(d, full_matrices=False)
+        v, s = vh[:rank].mT, s[:rank]
+        return v @ ((v.T @ momentum) / (c + lam * s**2))
+
+    def _hamilton_rhs(self, q: Tensor, p: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+        r"""Hamilton's equations :math:`(\partial_p H, -\partial_\theta H)`, one backward pass."""
+        with torch.enable_grad():
+            qq = q.detach().requires_grad_(True)
+            pp = p.detach().requires_grad_(True)
+            h = self.hamiltonian(qq, pp, rank)
+            dq_h, dp_h = torch.autograd.grad(h, (qq, pp))
+        return dp_h, -dq_h
+
+    def exp(self, tangent_vec: Tensor, base_point: Tensor) -> Tensor:
+        r"""End point of the normal sub-Riemannian geodesic with initial velocity :math:`v`.
+
+        The initial covector is :math:`p_0 = g_\lambda\bar P v` (so that
+        :math:`\dot\theta(0) = \sharp p_0 = \bar P v`); Hamilton's equations
+        :math:`\dot\theta = \partial H/\partial p`,
+        :math:`\dot p = -\partial H/\partial\theta` are integrated with
+        ``exp_steps`` RK4 steps on :math:`[0, 1]`.  The rank of the
+        distribution is held at its value at ``base_point``.
+        """
+        self._require_small_k("exp")
+        v = self._check_tangent(tangent_vec)
+
+        def one(q: Tensor, vel: Tensor) -> Tensor:
+            q = self._space.check_point(q.detach())
+            rank = self.rank(q)
+            p = self.metric_vec(vel, q)
+            h = 1.0 / self.exp_steps
+            for _ in range(self.exp_steps):
+                k1 = self._hamilton_rhs(q, p, rank)
+                k2 = self._hamilton_rhs(q + 0.5 * h * k1[0], p + 0.5 * h * k1[1], rank)
+                k3 = self._hamilton_rhs(q + 0.5 * h * k2[0], p + 0.5 * h * k2[1], rank)
+                k4 = self._hamilton_rhs(q + h * k3[0], p + h * k3[1], rank)
+                q = q + h / 6.0 * (k1[0] + 2 * k2[0] + 2 * k3[0] + k4[0])
+                p = p + h / 6.0 * (k1[1] + 2 * k2[1] + 2 * k3[1] + k4[1])
+            return q
+
+        return _batched(one, base_point, v)
+
+    def geodesic_equation(self, state: Tensor) -> Tensor:
+        raise NotImplementedError(
+            "BundleMetric is sub-Riemannian: its geodesics are the normal Hamiltonian ones; "
+            "use BundleMetric.exp or to_geomstats()"
+        )
+
     def to_geomstats(self, rank: int | None = None):
-        r"""Export as a geomstats ``SubRiemannianMetric`` through a :math:`g_\lambda`-orthonormal frame.
+        r"""Export as a geomstats ``SubRiemannianMetric`` with a :math:`g_\lambda`-orthonormal frame
 
         The frame is :math:`F(\theta) = [v_i/\sqrt{(1-\lambda)+\lambda\sigma_i^2}]_{i\le r}`,
         the first ``r`` right singular vectors of :math:`D` (``r`` defaults to
         :math:`\operatorname{rank}D` at the initial point; the distribution must
         have constant rank along what geomstats integrates).  Its Hamiltonian
         :math:`H(\theta,p) = \tfrac12|F^\top p|^2` generates the normal
-        sub-Riemannian geodesics (``symp_euler``, ``iterate``).  Calls run in
-        the space's dtype.
+        sub-Riemannian geodesics (``symp_euler``, ``iterate``, ``exp``).  The
+        Hamiltonian and the sharp map are evaluated without singular vectors
+        (see :meth:`hamiltonian`), so geomstats' autodiff through them is
+        well defined.  Calls run in the space's dtype.
         """
         import_geomstats()
         from geomstats.geometry.sub_riemannian_metric import SubRiemannianMetric
@@ -473,25 +905,36 @@ class BundleMetric(InterpolatedMetric):
         self._require_small_k("to_geomstats")
         r = self.rank(sp.initial_point()) if rank is None else int(rank)
         lam = self.lam
+        outer = self
 
         def frame(point: Tensor) -> Tensor:
             def one(p: Tensor) -> Tensor:
-                d = sp.jacobian(p)
+                d = sp.backend.jacobian(p)
                 _, s, vh = torch.linalg.svd(d, full_matrices=False)
                 scale = ((1.0 - lam) + lam * s[:r] ** 2).rsqrt()
                 return vh[:r].mT * scale
 
             return _batched(one, point)
 
-        class _Wrapped(SubRiemannianMetric):
+        class _Exported(SubRiemannianMetric):
             def __getattribute__(self, name: str) -> Any:
                 attr = super().__getattribute__(name)
                 if callable(attr) and not name.startswith("__"):
+
                     def call(*args: Any, **kw: Any) -> Any:
                         with default_dtype(sp.dtype):
                             return attr(*args, **kw)
+
                     return call
                 return attr
 
-        return _Wrapped(sp, frame=frame)
+            def _hamiltonian_frame(self, state):
+                position, momentum = state
+                return _batched(lambda q, m: outer.hamiltonian(q, m, r), position, momentum)
 
+            def sr_sharp(self, base_point, cotangent_vec):
+                return _batched(lambda q, m: outer._cosharp(q, m, r), base_point, cotangent_vec)
+
+        exported = _Exported(sp, frame=frame)
+        exported.rank = r
+        return exported

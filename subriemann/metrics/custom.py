@@ -14,6 +14,8 @@ The generic ``sharp`` works for all of them.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,7 +48,11 @@ class OutputMetric(ParameterMetric):
 
     .. math:: \sharp\xi = V_r M^+ V_r^\top \xi,
 
-    where :math:`M^+` keeps the eigenvalues above ``rank_rtol`` times the largest.
+    where :math:`M^+` keeps the eigenvalues above ``rank_rtol**2`` times the
+    largest: :math:`M` scales like :math:`\sigma^2`, so this is the same
+    relative threshold as the one on the singular values of :math:`D`, and it
+    cuts the exact zeros of :math:`G` (e.g. the all-ones direction of each
+    sample for the softmax Fisher metric), which are rounding-level.
     The distribution is :math:`V_r` times the eigenvectors of :math:`M` kept.
     This forms :math:`D` (small and moderate problems).
 
@@ -57,7 +63,8 @@ class OutputMetric(ParameterMetric):
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     >>> space = sr.ParameterSpace(net, torch.randn(4, 2), torch.randn(4, 1))
     >>> w = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
-    >>> space = space.equip_with_metric(sr.metrics.OutputMetric, output_metric=lambda x: torch.diag(w))
+    >>> G = lambda x: torch.diag(w)
+    >>> space = space.equip_with_metric(sr.metrics.OutputMetric, output_metric=G)
     >>> sr.check_gradient(space, space.initial_point()).passed
     True
     """
@@ -131,25 +138,31 @@ class OutputMetric(ParameterMetric):
 
         return _batched(one, base_point, a, b)
 
-    def _reduced(self, base_point: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _reduced(self, base_point: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``(V_r, sigma_r, U_r, W, evals)`` pieces of the reduced form, cached per point."""
         st = self.state(base_point)
-        key = ("output_metric", id(self))
+        key = ("output_metric", self._token)
         if key not in st._cache:
             u, s, v = st.svd
             keep = s > self.rank_threshold(base_point)
             u, s, v = u[:, keep], s[keep], v[:, keep]
-            gu = torch.stack([self.output_metric_vec(st.outputs, c) for c in u.T], dim=1) \
-                if u.shape[1] else u
+            gu = (
+                torch.stack([self.output_metric_vec(st.outputs, c) for c in u.T], dim=1)
+                if u.shape[1]
+                else u
+            )
             m = s[:, None] * (u.T @ gu) * s[None, :]
             evals, w = torch.linalg.eigh(0.5 * (m + m.T))
             st._cache[key] = (v, s, u, w, evals)
         return st._cache[key]
 
+    def _eig_cut(self, evals: Tensor) -> Tensor:
+        top = float(evals.abs().max()) if evals.numel() else 0.0
+        return evals > self.rank_rtol**2 * top
+
     def _pinv_apply(self, coef: Tensor, base_point: Tensor) -> Tensor:
         v, _, _, w, evals = self._reduced(base_point)
-        top = float(evals.abs().max()) if evals.numel() else 0.0
-        keep = evals > self.rank_rtol * top
+        keep = self._eig_cut(evals)
         w = w[:, keep]
         return v @ (w @ ((w.T @ coef) / evals[keep]))
 
@@ -169,8 +182,7 @@ class OutputMetric(ParameterMetric):
         """Frame :math:`V_r W_+` of the directions where :math:`D^\\top G D` is positive."""
         self._require_small_k("distribution")
         v, _, _, w, evals = self._reduced(base_point)
-        top = float(evals.abs().max()) if evals.numel() else 0.0
-        return v @ w[:, evals > self.rank_rtol * top]
+        return v @ w[:, self._eig_cut(evals)]
 
 
 class SumMetric(ParameterMetric):
@@ -203,14 +215,20 @@ class SumMetric(ParameterMetric):
             raise ValueError("SumMetric needs at least one metric")
         for m in metrics:
             if not isinstance(m, ParameterMetric):
-                raise TypeError(f"SumMetric combines ParameterMetric instances, got {type(m).__name__}")
+                raise TypeError(
+                    f"SumMetric combines ParameterMetric instances, got {type(m).__name__}"
+                )
             if m._space is not space:
                 raise ValueError("all metrics of a SumMetric must live on the same space")
+        if weights is not None:
+            for w in weights:
+                if isinstance(w, bool) or not isinstance(w, numbers.Real):
+                    raise TypeError(f"weights must be real numbers, got {type(w).__name__}")
         weights = [1.0] * len(metrics) if weights is None else [float(w) for w in weights]
         if len(weights) != len(metrics):
             raise ValueError(f"got {len(metrics)} metrics but {len(weights)} weights")
-        if any(w < 0 for w in weights):
-            raise ValueError(f"weights must be non-negative, got {weights}")
+        if any(not math.isfinite(w) or w < 0 for w in weights):
+            raise ValueError(f"weights must be finite and non-negative, got {weights}")
         self.metrics, self.weights = metrics, weights
 
     def description(self) -> dict[str, Any]:
@@ -219,10 +237,15 @@ class SumMetric(ParameterMetric):
         return d
 
     def metric_matrix(self, base_point: Tensor) -> Tensor:
-        return sum(w * m.metric_matrix(base_point) for m, w in zip(self.metrics, self.weights))
+        r""":math:`\sum_i c_i g_i(\theta)`, shape ``[..., K, K]``."""
+        terms = [w * m.metric_matrix(base_point) for m, w in zip(self.metrics, self.weights)]
+        return torch.stack(terms).sum(0)
 
     def metric_vec(self, tangent_vec: Tensor, base_point: Tensor) -> Tensor:
-        return sum(w * m.metric_vec(tangent_vec, base_point) for m, w in zip(self.metrics, self.weights))
+        r""":math:`\sum_i c_i g_i v` (each term's own operator form)."""
+        pairs = zip(self.metrics, self.weights)
+        terms = [w * m.metric_vec(tangent_vec, base_point) for m, w in pairs]
+        return torch.stack(terms).sum(0)
 
     def inner_product(self, tangent_vec_a, tangent_vec_b, base_point):
         return sum(
@@ -232,7 +255,9 @@ class SumMetric(ParameterMetric):
 
     def __add__(self, other: ParameterMetric) -> ParameterMetric:
         if isinstance(other, SumMetric) and other._space is self._space:
-            return SumMetric(self._space, self.metrics + other.metrics, self.weights + other.weights)
+            return SumMetric(
+                self._space, self.metrics + other.metrics, self.weights + other.weights
+            )
         if isinstance(other, ParameterMetric):
             return SumMetric(self._space, [*self.metrics, other], [*self.weights, 1.0])
         return NotImplemented
@@ -249,17 +274,60 @@ class DampedMetric(SumMetric):
     r"""A metric plus damping, :math:`g + \mu 1_K` (Levenberg–Marquardt style).
 
     ``DampedMetric(space, OutputPullbackMetric(space), damping=mu)`` is
-    :math:`D^\top D + \mu 1`, i.e. :math:`(1+\mu)\,g_\lambda` with
-    :math:`\lambda = 1/(1+\mu)`.
+    :math:`D^\top D + \mu 1`, i.e. :math:`(1+\mu)\,g_{\lambda'}` with
+    :math:`\lambda' = 1/(1+\mu)`.  In general, for ``base`` in the
+    interpolated family (:class:`~subriemann.metrics.EuclideanMetric`,
+    :class:`~subriemann.metrics.InterpolatedMetric`,
+    :class:`~subriemann.metrics.OutputPullbackMetric`),
+
+    .. math:: g_\lambda + \mu 1 = (1+\mu)\, g_{\lambda/(1+\mu)},
+
+    and ``sharp``/``gradient`` use that identity with the base's solver
+    (push-through or matrix-free, no K × K matrix).  Other bases go through
+    the generic :class:`SumMetric` route.
+
+    Parameters
+    ----------
+    space : ParameterSpace
+    base : ParameterMetric
+    damping : float
+        :math:`\mu \ge 0`.
     """
 
     def __init__(self, space, base: ParameterMetric, damping: float, **kwargs: Any) -> None:
-        from subriemann.metrics.builtin import EuclideanMetric
+        from subriemann.metrics.builtin import (
+            EuclideanMetric,
+            InterpolatedMetric,
+            OutputPullbackMetric,
+        )
 
-        if not isinstance(damping, (int, float)) or damping < 0:
-            raise ValueError(f"damping must be a non-negative number, got {damping!r}")
+        if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
+            raise TypeError(f"damping must be a real number, got {type(damping).__name__}")
+        if not math.isfinite(damping) or damping < 0:
+            raise ValueError(f"damping must be a finite non-negative number, got {damping!r}")
         super().__init__(space, [base, EuclideanMetric(space)], [1.0, float(damping)], **kwargs)
         self.damping = float(damping)
+        self._equivalent: ParameterMetric | None = None
+        self._scale: float = 1.0 + self.damping
+        if type(base) in (EuclideanMetric, InterpolatedMetric, OutputPullbackMetric):
+            lam = float(getattr(base, "lam", 0.0))
+            opts: dict[str, Any] = dict(rank_rtol=base.rank_rtol, rank_atol=base.rank_atol)
+            if isinstance(base, InterpolatedMetric):
+                opts.update(solver=base.solver, maxiter=base.maxiter, solver_rtol=base.solver_rtol)
+            self._equivalent = InterpolatedMetric(space, lam / self._scale, **opts)
 
+    def sharp(self, cotangent_vec: Tensor, base_point: Tensor) -> Tensor:
+        r""":math:`(g+\mu1)^{+}\xi`, or :math:`(1+\mu)^{-1}g_{\lambda/(1+\mu)}^{+}\xi` (family)."""
+        if self._equivalent is None:
+            return super().sharp(cotangent_vec, base_point)
+        return self._equivalent.sharp(cotangent_vec, base_point) / self._scale
 
+    def sharp_pullback(self, output_covec: Tensor, base_point: Tensor) -> Tensor:
+        if self._equivalent is None:
+            return super().sharp_pullback(output_covec, base_point)
+        return self._equivalent.sharp_pullback(output_covec, base_point) / self._scale
 
+    def distribution(self, base_point: Tensor) -> Tensor:
+        if self._equivalent is None:
+            return super().distribution(base_point)
+        return self._equivalent.distribution(base_point)

@@ -3,7 +3,8 @@ r"""The softmax Fisher metric for classification (MATH.md §6).
 For cross-entropy on logits, the output-space Hessian of the cost is the
 block-diagonal matrix
 
-.. math:: G(x) = \operatorname{blockdiag}_j\bigl(\operatorname{diag}\sigma_j - \sigma_j\sigma_j^\top\bigr),
+.. math:: G(x) = \operatorname{blockdiag}_j
+          \bigl(\operatorname{diag}\sigma_j - \sigma_j\sigma_j^\top\bigr),
           \qquad \sigma_j = \operatorname{softmax}(x_j),
 
 which is also the Fisher information of the categorical model in logit

@@ -1,0 +1,952 @@
+"""Metrics on parameter space against independent dense references (issue 3).
+
+Every reference here is computed *outside* subriemann: the outputs come from
+``torch.func.functional_call`` on a separate copy of the model, ``D`` from
+``torch.func.jacrev`` of those outputs, :math:`\\nabla_x C` by hand, and the
+linear algebra with numpy (``pinv`` with an explicit ``rcond``, ``solve``,
+``svd``).
+
+Tolerances
+----------
+All computations are float64, :math:`\\epsilon \\approx 2.2\\times10^{-16}`.
+A backward-stable solve of a system of condition :math:`\\kappa` has relative
+forward error :math:`\\lesssim c\\,\\epsilon\\,\\kappa`; for least squares with
+a residual, :math:`\\lesssim c\\,\\epsilon\\,\\kappa(2 + \\kappa\\tan\\vartheta)`
+(Wedin; :math:`\\tan\\vartheta = |P^\\perp g|/|Pg|`).  Both the library and the
+reference commit such an error, so tolerances are that bound with
+:math:`c = 100` (the dimension-dependent constant for these sizes), computed
+from the reference SVD of each drawn network; routes that square the
+condition number (the NTK eigendecomposition) get :math:`\\kappa^2`, and the
+matrix-free solvers get their solver tolerance in place of :math:`\\epsilon`.
+Drawn networks are kept when :math:`\\kappa(D) \\le 10^4`, which keeps the
+smallest singular value 100 times above the default rank threshold
+:math:`\\tau = 10^{-6}\\sigma_{\\max}` (so the reference and the library
+agree on the rank).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call, jacrev
+
+import subriemann as sr
+from subriemann.linalg import ConvergenceWarning, RankThresholdWarning
+from subriemann.metrics import (
+    BundleMetric,
+    DampedMetric,
+    EuclideanMetric,
+    InterpolatedMetric,
+    OutputMetric,
+    OutputPullbackMetric,
+    ParameterMetric,
+    SoftmaxFisherMetric,
+    SumMetric,
+)
+
+EPS = float(np.finfo(np.float64).eps)
+C = 100.0  # constant in front of the floating-point error bounds (see module docstring)
+RTOL = 1e-6  # default rank_rtol of the metrics
+KAPPA_MAX = 1e4
+SOLVERS = ("svd", "ntk", "lstsq", "matrix_free")
+MF_RTOL = 1e-12  # default solver_rtol of the matrix-free solvers
+
+HYP = settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+# ----------------------------------------------------------------------------------------
+# models and an independent dense reference
+# ----------------------------------------------------------------------------------------
+def tanh_mlp(widths: tuple[int, ...], seed: int, gain: float = 2.0) -> nn.Module:
+    """A float64 tanh MLP with weights N(0, gain^2/fan_in) and biases N(0, 1/4)."""
+    gen = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        lin = nn.Linear(a, b).double()
+        with torch.no_grad():
+            lin.weight.copy_(
+                torch.randn(b, a, generator=gen, dtype=torch.float64) * gain / math.sqrt(a)
+            )
+            lin.bias.copy_(0.5 * torch.randn(b, generator=gen, dtype=torch.float64))
+        layers.append(lin)
+        if i < len(widths) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+class Ref:
+    """Dense reference at one point, built without subriemann.
+
+    ``D`` by ``jacrev`` of ``functional_call`` on a copy of the model, the
+    output gradient by hand (MSE: x - y, summed cost; CE: softmax(x) - y).
+    """
+
+    def __init__(
+        self, model: nn.Module, inputs, targets, theta, loss: str = "mse", rtol: float = RTOL
+    ) -> None:
+        self.model = copy.deepcopy(model).double()
+        self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.shapes = [p.shape for n, p in self.model.named_parameters() if p.requires_grad]
+        self.inputs = inputs.double()
+        self.theta = theta.detach().clone()
+        self.y = targets.double().reshape(-1)
+        x = self.outputs(self.theta)
+        d = jacrev(self.outputs)(self.theta)
+        self.x = x.detach().numpy()
+        self.D = d.detach().numpy()
+        q = targets.shape[1] if targets.ndim == 2 else 1
+        if loss == "mse":
+            self.g = self.x - self.y.numpy()
+        else:
+            xs = torch.as_tensor(self.x).reshape(-1, q)
+            self.g = (torch.softmax(xs, -1) - targets.double()).reshape(-1).numpy()
+        self.U, self.s, vt = np.linalg.svd(self.D, full_matrices=False)
+        self.V = vt.T
+        self.tau = rtol * self.s[0]
+        self.r = int((self.s > self.tau).sum())
+        self.kappa = float(self.s[0] / self.s[-1]) if self.s[-1] > 0 else float("inf")
+        ur = self.U[:, : self.r]
+        self.P = ur @ ur.T
+        self.Vr = self.V[:, : self.r]
+        self.K = self.D.shape[1]
+        self.QN = self.D.shape[0]
+        self.rtol = rtol
+
+    def outputs(self, theta):
+        params, i = {}, 0
+        for n, shp in zip(self.names, self.shapes):
+            k = int(np.prod(shp))
+            params[n] = theta[i : i + k].reshape(shp)
+            i += k
+        return functional_call(self.model, params, (self.inputs,)).reshape(-1)
+
+    # closed forms of MATH.md §2 -----------------------------------------------------------
+    def g_lam(self, lam: float) -> np.ndarray:
+        return (1 - lam) * np.eye(self.K) + lam * self.D.T @ self.D
+
+    def euclidean(self) -> np.ndarray:
+        return self.D.T @ self.g
+
+    def pullback(self) -> np.ndarray:
+        return np.linalg.pinv(self.D, rcond=self.rtol) @ self.g
+
+    def interpolated(self, lam: float) -> np.ndarray:
+        if lam == 1.0:
+            return self.pullback()
+        return np.linalg.solve(self.g_lam(lam), self.D.T @ self.g)
+
+    def bundle(self, lam: float) -> np.ndarray:
+        """g_lam restricted to ran D^T (frame V_r): V_r (V_r^T g V_r)^{-1} V_r^T D^T g."""
+        vr = self.Vr
+        return vr @ np.linalg.solve(vr.T @ self.g_lam(lam) @ vr, vr.T @ self.D.T @ self.g)
+
+    def sharp_interpolated(self, xi: np.ndarray, lam: float) -> np.ndarray:
+        if lam == 1.0:
+            return np.linalg.pinv(self.D.T @ self.D, rcond=self.rtol**2, hermitian=True) @ xi
+        return np.linalg.solve(self.g_lam(lam), xi)
+
+    def sharp_bundle(self, xi: np.ndarray, lam: float) -> np.ndarray:
+        vr = self.Vr
+        return vr @ np.linalg.solve(vr.T @ self.g_lam(lam) @ vr, vr.T @ xi)
+
+    # error scales ---------------------------------------------------------------------------
+    def tan_theta(self) -> float:
+        pg = np.linalg.norm(self.P @ self.g)
+        return float(np.linalg.norm(self.g - self.P @ self.g) / pg) if pg > 0 else 0.0
+
+    def kappa_g(self, lam: float) -> float:
+        """Condition number of g_lam on the subspace where the solve acts."""
+        if lam == 1.0:
+            return self.kappa**2
+        smin = self.s[-1] if self.QN >= self.K else 0.0
+        return float(((1 - lam) + lam * self.s[0] ** 2) / ((1 - lam) + lam * smin**2))
+
+    def tol(self, lam: float) -> float:
+        """Forward-error bound of the gradient V_lam (see the module docstring)."""
+        if lam == 1.0:
+            return C * EPS * self.kappa * (2 + self.kappa * self.tan_theta())
+        return C * EPS * self.kappa_g(lam)
+
+
+def rel(a, b) -> float:
+    a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    b = b.detach().cpu().numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
+    nb = float(np.linalg.norm(b))
+    return float(np.linalg.norm(a - b)) / (nb if nb > 0 else 1.0)
+
+
+class Case:
+    """A drawn problem: model, data, space, point and its reference."""
+
+    def __init__(
+        self, model, inputs, targets, loss: str = "mse", rtol: float = RTOL, backend: str = "auto"
+    ) -> None:
+        self.model, self.inputs, self.targets, self.loss = model, inputs, targets, loss
+        self.backend = backend
+        self.space = self.fresh()
+        self.theta = self.space.initial_point()
+        self.ref = Ref(model, inputs, targets, self.theta, loss=loss, rtol=rtol)
+
+    def fresh(self) -> sr.ParameterSpace:
+        """A new space on the same problem (metrics with different options side by side)."""
+        return sr.ParameterSpace(
+            self.model, self.inputs, self.targets, loss=self.loss, backend=self.backend
+        )
+
+    def metric(self, cls, **kw):
+        return self.fresh().equip_with_metric(cls, **kw).metric
+
+
+@st.composite
+def cases(draw, regime: str | None = None, loss: str = "mse", kappa_max: float = KAPPA_MAX):
+    """Random small tanh MLPs, overparametrized (K > QN) or underparametrized (K < QN)."""
+    regime = regime or draw(st.sampled_from(["over", "under"]))
+    m = draw(st.integers(1, 3))
+    q = draw(st.integers(2, 3)) if loss == "cross_entropy" else draw(st.integers(1, 2))
+    if regime == "over":
+        hidden = draw(st.lists(st.integers(2, 6), min_size=1, max_size=2))
+    else:
+        hidden = [draw(st.integers(2, 4))]
+    widths = (m, *hidden, q)
+    k = sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
+    if regime == "over":
+        n = draw(st.integers(1, min(8, (k - 1) // q)))
+    else:
+        n = k // q + draw(st.integers(1, 5))
+    seed = draw(st.integers(0, 2**20))
+    gen = torch.Generator().manual_seed(seed + 1)
+    inputs = torch.randn(n, m, generator=gen, dtype=torch.float64)
+    targets = torch.randn(n, q, generator=gen, dtype=torch.float64)
+    if loss == "cross_entropy":
+        targets = torch.softmax(2 * targets, -1)
+    case = Case(tanh_mlp(widths, seed), inputs, targets, loss=loss)
+    assert (case.space.dim > case.space.output_dim) == (regime == "over")
+    assume(case.ref.kappa <= kappa_max)
+    return case
+
+
+def grad_np(metric, theta) -> np.ndarray:
+    return metric.gradient(theta).detach().numpy()
+
+
+# ----------------------------------------------------------------------------------------
+# MATH.md §2: every metric's gradient against its closed form
+# ----------------------------------------------------------------------------------------
+@HYP
+@given(case=cases(), lam=st.sampled_from([0.0, 0.3, 0.5, 0.9, 1.0]))
+def test_gradients_match_closed_forms(case, lam):
+    ref, th = case.ref, case.theta
+    # Euclidean: D^T grad_x C
+    e = grad_np(case.metric(EuclideanMetric), th)
+    assert rel(e, ref.euclidean()) <= C * EPS
+    # output pullback: D^+ grad_x C (numpy pinv, rcond = rank_rtol)
+    p = grad_np(case.metric(OutputPullbackMetric), th)
+    assert rel(p, ref.pullback()) <= ref.tol(1.0)
+    # interpolated: ((1-lam)1 + lam D^T D)^{-1} D^T grad_x C
+    v = grad_np(case.metric(InterpolatedMetric, lam=lam), th)
+    assert rel(v, ref.interpolated(lam)) <= ref.tol(lam)
+    # the two ends are reproduced exactly (same formula, not 1 - eps)
+    if lam == 0.0:
+        assert rel(v, e) <= C * EPS
+    if lam == 1.0:
+        assert rel(v, p) <= C * EPS
+    # bundle: g_lam restricted to ran D^T
+    b = grad_np(case.metric(BundleMetric, lam=lam), th)
+    assert rel(b, ref.bundle(lam)) <= ref.tol(lam)
+
+
+# ----------------------------------------------------------------------------------------
+# MATH.md §8 item 1, horizontality, item 4
+# ----------------------------------------------------------------------------------------
+@HYP
+@given(case=cases())
+def test_output_velocities_item1(case):
+    """D V_0 = -D D^T grad_x C (1e-12) and D V_1 = -P grad_x C (1e-9); V = -gradient."""
+    ref, th = case.ref, case.theta
+    v0 = -grad_np(case.metric(EuclideanMetric), th)
+    v1 = -grad_np(case.metric(OutputPullbackMetric), th)
+    ntk_g = ref.D @ ref.D.T @ ref.g
+    # relative to the scale |D|^2 |g| of the product (the sum D D^T g is formed in float64)
+    assert np.linalg.norm(ref.D @ v0 + ntk_g) <= 1e-12 * ref.s[0] ** 2 * np.linalg.norm(ref.g)
+    # D D^+ g = P g: error eps * kappa |g| <= 2e-12 |g| for kappa <= 1e4
+    assert np.linalg.norm(ref.D @ v1 + ref.P @ ref.g) <= 1e-9 * np.linalg.norm(ref.g)
+
+
+@HYP
+@given(case=cases(), lam=st.sampled_from([0.0, 0.5, 1.0]))
+def test_horizontality(case, lam):
+    """Every V_lam lies in ran D^T: |(1 - V_r V_r^T) V| is at rounding level."""
+    ref, th = case.ref, case.theta
+    for cls in (InterpolatedMetric, BundleMetric):
+        v = grad_np(case.metric(cls, lam=lam), th)
+        off = v - ref.Vr @ (ref.Vr.T @ v)
+        # V = sum_i c_i v_i exactly; the off-frame part is rounding in the v_i (eps * size)
+        assert np.linalg.norm(off) <= C * EPS * ref.kappa * np.linalg.norm(v) + 1e-300
+
+
+def _item4_tol(ref) -> float:
+    # |g(V, w) - dC(w)| / (|dC||w|): error of D V (eps kappa |g|) against |D^T g| >= sigma_min |P g|
+    return max(1e-9, C * EPS * ref.kappa**2 * np.linalg.norm(ref.g) / np.linalg.norm(ref.P @ ref.g))
+
+
+@HYP
+@given(case=cases(), lam=st.sampled_from([0.0, 0.3, 1.0]))
+def test_characterization_item4(case, lam):
+    """g_lam(V_lam, w) = dC(w) for w in the distribution (1e-9), densely and via check_gradient."""
+    ref, th = case.ref, case.theta
+    tol = _item4_tol(ref)
+    dc = ref.D.T @ ref.g
+    rng = np.random.default_rng(0)
+    for cls in (InterpolatedMetric, BundleMetric):
+        metric = case.metric(cls, lam=lam)
+        v = grad_np(metric, th)
+        # the distribution: R^K for the interpolated metric at lam < 1, else ran D^T
+        frame = np.eye(ref.K) if (cls is InterpolatedMetric and lam < 1) else ref.Vr
+        w = frame @ rng.standard_normal((frame.shape[1], 6))
+        lhs = v @ ref.g_lam(lam) @ w
+        res = np.abs(lhs - dc @ w) / (np.linalg.norm(dc) * np.linalg.norm(w, axis=0))
+        assert res.max() <= tol, (cls.__name__, res.max(), tol)
+        space = metric.space
+        check = sr.check_gradient(space, th, rtol=tol)
+        assert check.passed, str(check)
+
+
+# ----------------------------------------------------------------------------------------
+# MATH.md §8 item 3: equal zeros for every lam, on a rank-deficient model x = F(B theta)
+# ----------------------------------------------------------------------------------------
+class Reparametrized(nn.Module):
+    """x = F(B theta): an MLP F whose r parameters are B theta (rank D <= r everywhere)."""
+
+    def __init__(self, inner: nn.Module, k: int, seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self._inner = [inner]  # hidden from named_parameters: only theta is trainable
+        self._names = [n for n, _ in inner.named_parameters()]
+        self._shapes = [p.shape for _, p in inner.named_parameters()]
+        r = sum(p.numel() for p in inner.parameters())
+        self.register_buffer(
+            "B", torch.randn(r, k, generator=gen, dtype=torch.float64) / math.sqrt(k)
+        )
+        self.theta = nn.Parameter(torch.randn(k, generator=gen, dtype=torch.float64))
+
+    def forward(self, x):
+        z, params, i = self.B @ self.theta, {}, 0
+        for n, shp in zip(self._names, self._shapes):
+            params[n] = z[i : i + shp.numel()].reshape(shp)
+            i += shp.numel()
+        return functional_call(self._inner[0], params, (x,))
+
+
+def _rank_deficient_case(seed: int, critical: bool):
+    inner = tanh_mlp((2, 2, 1), seed)  # r = 9 parameters
+    model = Reparametrized(inner, k=20, seed=seed)  # K = 20 > QN = 12 > r = 9
+    gen = torch.Generator().manual_seed(seed + 7)
+    inputs = torch.randn(12, 2, generator=gen, dtype=torch.float64)
+    probe = Ref(
+        model,
+        inputs,
+        torch.zeros(12, 1, dtype=torch.float64),
+        torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+    )
+    assert probe.r <= 9 < 12
+    left_null = probe.U[:, probe.r :] if probe.U.shape[1] > probe.r else None
+    if left_null is None:  # thin SVD: complete the left null space
+        q, _ = np.linalg.qr(
+            np.c_[probe.U[:, : probe.r], np.random.default_rng(seed).standard_normal((12, 12))]
+        )
+        left_null = q[:, probe.r :]
+    gvec = left_null @ np.random.default_rng(seed).standard_normal(left_null.shape[1])
+    if not critical:
+        gvec = gvec + probe.U[:, 0]  # a component in ran D
+    targets = torch.as_tensor(probe.x - gvec).reshape(12, 1)  # so that grad_x C = x - y = gvec
+    return Case(model, inputs, targets, backend="func")  # a custom module: generic engine
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(seed=st.integers(0, 1000))
+def test_equal_zeros_rank_deficient(seed):
+    crit, noncrit = _rank_deficient_case(seed, True), _rank_deficient_case(seed, False)
+    ref = crit.ref
+    assert ref.r < ref.QN < ref.K  # rank loss in the overparametrized regime
+    kr = ref.s[0] / ref.s[ref.r - 1]  # condition of D on its numerical range
+    assume(kr <= 1e3)
+    assert np.linalg.norm(ref.D.T @ ref.g) <= 1e-12 * ref.s[0] * np.linalg.norm(ref.g)
+    # "zero" up to rounding: the library's grad_x C = x - y is g plus the rounding of x
+    # (eps |x|), and its ran D is the reference's rotated by eps * kappa_r; D^+ then divides
+    # these components by sigma_r (the weights of V_lam never exceed 1/sigma_r + sigma_max).
+    noise = C * EPS * (kr * np.linalg.norm(ref.g) + np.linalg.norm(ref.x))
+    noise *= 1 / ref.s[ref.r - 1] + ref.s[0]
+    for lam in (0.0, 0.25, 0.5, 0.75, 1.0):
+        for cls in (InterpolatedMetric, BundleMetric):
+            v = grad_np(crit.metric(cls, lam=lam), crit.theta)
+            assert np.linalg.norm(v) <= noise, (cls.__name__, lam)
+            w = grad_np(noncrit.metric(cls, lam=lam), noncrit.theta)
+            assert np.linalg.norm(w) > 1e4 * noise, (cls.__name__, lam)
+
+
+# ----------------------------------------------------------------------------------------
+# solvers agree with the dense SVD path
+# ----------------------------------------------------------------------------------------
+def solver_tol(
+    ref: Ref, solver: str, lam: float, what: str = "gradient", bundle: bool = False
+) -> float:
+    """Agreement bound of ``solver`` with the SVD path.
+
+    svd/lstsq: backward stable, eps * kappa_eff (kappa_eff: that of g_lam for
+    lam < 1, of the least-squares problem at lam = 1, kappa^2 for sharp of a
+    general covector at lam = 1, since (D^T D)^+ has condition kappa^2).
+    ntk: the eigenvalues of D D^T carry the absolute error eps sigma_max^2, so
+    every quantity built on them gains a factor kappa (kappa^2 instead of
+    kappa); the bundle metric uses (D D^T)^+ for its projector onto ran D^T
+    even at lam < 1.  matrix_free: the solver tolerance (1e-12) in place of
+    eps, on the same condition numbers.
+    """
+    k = ref.kappa
+    if lam == 1.0:
+        base = k * (2 + k * ref.tan_theta()) if what == "gradient" else k**2
+    else:
+        base = ref.kappa_g(lam)
+    if solver == "ntk" and (lam == 1.0 or bundle):
+        base = max(base, k**2) * (k if what == "sharp" else 1.0)
+    if bundle and solver == "matrix_free" and what == "sharp":
+        base = max(base, k**2)  # the projection of a general covector is one LSMR solve
+    unit = MF_RTOL if solver == "matrix_free" else EPS
+    return C * unit * base + C * EPS * base
+
+
+@settings(
+    max_examples=6,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+@pytest.mark.parametrize("solver", SOLVERS[1:])
+@given(case=cases(), lam=st.sampled_from([0.3, 0.5, 1.0]))
+def test_solvers_agree_with_svd(solver, case, lam):
+    ref, th = case.ref, case.theta
+    xi = torch.as_tensor(np.random.default_rng(1).standard_normal(ref.K))
+    for cls in (InterpolatedMetric, BundleMetric):
+        bundle = cls is BundleMetric
+        base = case.metric(cls, lam=lam, solver="svd")
+        g_svd, s_svd = base.gradient(th), base.sharp(xi, th)
+        m = case.metric(cls, lam=lam, solver=solver)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)  # must converge here
+            g, s = m.gradient(th), m.sharp(xi, th)
+        assert rel(g, g_svd) <= solver_tol(ref, solver, lam, bundle=bundle), cls.__name__
+        assert rel(s, s_svd) <= solver_tol(ref, solver, lam, "sharp", bundle), cls.__name__
+        # the SVD path's sharp of a general covector against the dense reference
+        expected = (
+            ref.sharp_bundle(xi.numpy(), lam) if bundle else ref.sharp_interpolated(xi.numpy(), lam)
+        )
+        assert rel(s_svd, expected) <= solver_tol(ref, "svd", lam, "sharp")
+
+
+class Designed(nn.Module):
+    """x_j = tanh(<a_j, theta>) at small theta: D = diag(sech^2) A, A's spectrum prescribed."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(k, 1, bias=False).double()
+        with torch.no_grad():
+            self.lin.weight.mul_(1e-3)  # tanh' ~ 1: the spectrum of D is that of A
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+def designed_case(sigmas, k: int, seed: int = 0, rtol: float = RTOL) -> Case:
+    """A model whose Jacobian has (nearly) the singular values ``sigmas`` (QN = len(sigmas))."""
+    rng = np.random.default_rng(seed)
+    n = len(sigmas)
+    u = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    v = np.linalg.qr(rng.standard_normal((k, n)))[0]
+    a = torch.as_tensor(u @ np.diag(sigmas) @ v.T)
+    targets = torch.as_tensor(rng.standard_normal((n, 1)))
+    return Case(Designed(k), a, targets, rtol=rtol, backend="func")
+
+
+NEAR_SINGULAR = [
+    # (sigma_min/sigma_max, rank_rtol): threshold below sigma_min (kept) or above it (cut)
+    (1e-5, 1e-6),
+    (1e-5, 1e-4),
+    (1e-9, 1e-6),
+]
+
+
+@pytest.mark.parametrize("ratio,rtol", NEAR_SINGULAR)
+@pytest.mark.parametrize("lam", [0.5, 1.0])
+def test_near_singular_solvers(ratio, rtol, lam):
+    """Solvers on D with sigma_min/sigma_max = ratio, one isolated small singular value."""
+    sig = np.r_[np.linspace(1.0, 0.2, 9), ratio]
+    case = designed_case(sig, k=30, rtol=rtol)
+    ref, th = case.ref, case.theta
+    s = ref.s / ref.s[0]
+    assert 0.5 * ratio < s[-1] < 2 * ratio
+    kept = s[-1] > rtol
+    xi = torch.as_tensor(np.random.default_rng(2).standard_normal(ref.K))
+    g_svd = case.metric(InterpolatedMetric, lam=lam, solver="svd", rank_rtol=rtol).gradient(th)
+    assert rel(g_svd, ref.interpolated(lam)) <= C * EPS * (ref.kappa if kept else 1 / rtol)
+    for solver in SOLVERS[1:]:
+        m = case.metric(InterpolatedMetric, lam=lam, solver=solver, rank_rtol=rtol)
+        if solver == "matrix_free" and lam == 1.0 and not kept:
+            # a Krylov solver cannot cut the spectrum at tau: it must say so, never silently
+            with pytest.warns(RankThresholdWarning, match="rank threshold"):
+                g = m.gradient(th)
+            assert torch.isfinite(g).all()
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)
+            g = m.gradient(th)
+            m.sharp(xi, th)
+        if lam < 1.0:
+            # g_lam >= (1 - lam): every route is well conditioned, kappa(g) <= 1 + sigma_max^2
+            tol = C * (MF_RTOL if solver == "matrix_free" else EPS) * 2
+        elif kept:
+            # the 1/sigma_min component is resolved: svd/lstsq eps*kappa, ntk eps*kappa^2,
+            # matrix_free rtol*kappa
+            tol = (
+                C
+                * {
+                    "ntk": EPS * ref.kappa**2,
+                    "lstsq": EPS * ref.kappa,
+                    "matrix_free": MF_RTOL * ref.kappa,
+                }[solver]
+            )
+        else:
+            # cut: the kept spectrum has condition <= 5, the routes agree to rounding;
+            # the ntk route sees sigma_min^2 + O(eps) against tau^2 >> eps
+            tol = C * EPS * 25
+        assert rel(g, g_svd) <= tol, (solver, rel(g, g_svd), tol)
+
+
+@pytest.mark.parametrize("lam", [0.5, 1.0])
+def test_rank_deficient_solvers(lam):
+    """Exactly rank-deficient D (x = F(B theta)): every solver, matrix-free included, agrees."""
+    case = _rank_deficient_case(3, critical=False)
+    ref, th = case.ref, case.theta
+    xi = torch.as_tensor(np.random.default_rng(3).standard_normal(ref.K))
+    kr = ref.s[0] / ref.s[ref.r - 1]  # condition of D on its numerical range
+    for cls in (InterpolatedMetric, BundleMetric):
+        base = case.metric(cls, lam=lam, solver="svd")
+        g_svd, s_svd = base.gradient(th), base.sharp(xi, th)
+        ref_g = ref.bundle(lam) if (cls is BundleMetric or lam == 1.0) else ref.interpolated(lam)
+        assert rel(g_svd, ref_g) <= C * EPS * kr**2
+        for solver in SOLVERS[1:]:
+            m = case.metric(cls, lam=lam, solver=solver)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ConvergenceWarning)
+                g, s = m.gradient(th), m.sharp(xi, th)
+            unit = MF_RTOL if solver == "matrix_free" else EPS
+            assert rel(g, g_svd) <= C * unit * kr**2 + C * EPS * kr**2, (cls.__name__, solver)
+            # sharp of a covector with components in ker D: (D^T D)^+ has condition kr^2
+            assert rel(s, s_svd) <= C * unit * kr**3 + C * EPS * kr**3, (cls.__name__, solver)
+
+
+def test_solver_choice_and_report():
+    case = designed_case(np.linspace(1, 0.5, 4), k=12)
+    m = case.metric(InterpolatedMetric, lam=1.0, solver="matrix_free")
+    m.gradient(case.theta)
+    info = m.last_solve
+    assert info.solver == "lsmr" and info.converged and info.residual <= 10 * MF_RTOL
+    assert info.iterations <= info.maxiter
+    assert m.description()["solver"] == "matrix_free"
+    assert case.metric(InterpolatedMetric, lam=0.5).solver == "svd"  # small: auto -> svd
+    m = case.metric(InterpolatedMetric, lam=0.5, solver="matrix_free")
+    m.gradient(case.theta)
+    assert m.last_solve.solver == "cg" and m.last_solve.converged
+
+
+# ----------------------------------------------------------------------------------------
+# custom recipes
+# ----------------------------------------------------------------------------------------
+class DiagonalPlusPullback(ParameterMetric):
+    """Recipe (a): only metric_matrix, g = D^T D + diag(1 + theta^2)."""
+
+    def metric_matrix(self, base_point):
+        d = self.space.jacobian(base_point)
+        return d.T @ d + torch.diag(1.0 + base_point**2)
+
+
+@HYP
+@given(case=cases())
+def test_recipe_a_subclass_with_metric_matrix(case):
+    ref, th = case.ref, case.theta
+    space = case.fresh().equip_with_metric(DiagonalPlusPullback)
+    m = ref.D.T @ ref.D + np.diag(1.0 + th.numpy() ** 2)
+    v = grad_np(space.metric, th)
+    assert rel(v, np.linalg.solve(m, ref.D.T @ ref.g)) <= C * EPS * np.linalg.cond(m)
+    a, b = torch.randn(2, ref.K, dtype=torch.float64)
+    assert abs(
+        float(space.metric.inner_product(a, b, th)) - a.numpy() @ m @ b.numpy()
+    ) <= C * EPS * np.linalg.norm(m, 2) * float(a.norm() * b.norm())
+    assert sr.check_gradient(space, th, rtol=1e-9).passed
+    space.metric.check(th)
+
+
+@HYP
+@given(case=cases())
+def test_recipe_b_output_metric(case):
+    """(b) D^T G D with a user G(x) (per-sample weights): gradient = pinv(D^T G D) D^T g."""
+    ref, th = case.ref, case.theta
+    q = case.space.num_outputs
+    weights = torch.linspace(
+        0.5, 2.0, case.space.num_samples, dtype=torch.float64
+    ).repeat_interleave(q)
+    space = case.fresh().equip_with_metric(
+        OutputMetric, output_metric=lambda x: torch.diag(weights)
+    )
+    gm = ref.D.T @ np.diag(weights.numpy()) @ ref.D
+    expected = np.linalg.pinv(gm, rcond=RTOL**2, hermitian=True) @ ref.D.T @ ref.g
+    v = grad_np(space.metric, th)
+    # cond(D^T G D) on its range <= 4 kappa^2; pinv of a Gram squares the conditioning
+    tol = C * EPS * 4 * ref.kappa**2 * (2 + ref.kappa * ref.tan_theta())
+    assert rel(v, expected) <= tol
+    assert sr.check_gradient(space, th, rtol=_item4_tol(ref) * 4).passed
+    # the identity G reproduces the output pullback (through the reduced Gram: kappa^2 again)
+    plain = case.fresh().equip_with_metric(OutputMetric).metric
+    assert rel(plain.gradient(th), ref.pullback()) <= tol
+
+
+@HYP
+@given(case=cases(), mu=st.sampled_from([0.1, 1.0, 3.0]), c=st.sampled_from([0.5, 2.0]))
+def test_recipe_c_sums_and_damping(case, mu, c):
+    ref, th = case.ref, case.theta
+    space = case.fresh()
+    a = InterpolatedMetric(space, lam=0.3)
+    b = OutputPullbackMetric(space)
+    s = a + b
+    assert isinstance(s, SumMetric)
+    gm = ref.g_lam(0.3) + ref.D.T @ ref.D
+    assert rel(s.metric_matrix(th), gm) <= C * EPS
+    space.metric = s
+    assert rel(s.gradient(th), np.linalg.solve(gm, ref.D.T @ ref.g)) <= C * EPS * np.linalg.cond(gm)
+    assert sr.check_gradient(space, th, rtol=1e-9).passed
+    # c * a: gradient scales by 1/c
+    sc = c * a
+    assert rel(sc.gradient(th), ref.interpolated(0.3) / c) <= ref.tol(0.3) + C * EPS
+    ws = SumMetric(space, [a, b], weights=[c, 1.0])
+    assert rel(ws.metric_matrix(th), c * ref.g_lam(0.3) + ref.D.T @ ref.D) <= C * EPS
+    # damping: D^T D + mu 1 = (1 + mu) g_lam with lam = 1/(1 + mu)
+    d = DampedMetric(space, OutputPullbackMetric(space), damping=mu)
+    lam = 1.0 / (1.0 + mu)
+    assert rel(d.metric_matrix(th), (1 + mu) * ref.g_lam(lam)) <= C * EPS
+    assert rel(d.gradient(th), ref.interpolated(lam) / (1 + mu)) <= ref.tol(lam)
+    generic = SumMetric(space, [OutputPullbackMetric(space), EuclideanMetric(space)], [1.0, mu])
+    assert rel(d.gradient(th), generic.gradient(th)) <= 2 * ref.tol(lam)
+    space.metric = d
+    assert sr.check_gradient(space, th, rtol=1e-9).passed
+    # the family identity for an interpolated base: g_0.3 + mu 1 = (1 + mu) g_{0.3/(1+mu)}
+    d3 = DampedMetric(space, InterpolatedMetric(space, lam=0.3), damping=mu)
+    assert rel(d3.metric_matrix(th), (1 + mu) * ref.g_lam(0.3 / (1 + mu))) <= C * EPS
+    assert rel(d3.gradient(th), ref.interpolated(0.3 / (1 + mu)) / (1 + mu)) <= ref.tol(0.3)
+
+
+@HYP
+@given(case=cases(loss="cross_entropy", kappa_max=1e3))
+def test_softmax_fisher(case):
+    """Singular along 1 per sample; gradient = dense pinv(D^T G D) D^T g."""
+    ref, th = case.ref, case.theta
+    q, n = case.space.num_outputs, case.space.num_samples
+    space = case.fresh().equip_with_metric(SoftmaxFisherMetric)
+    x = torch.as_tensor(ref.x).reshape(n, q)
+    p = torch.softmax(x, -1)
+    blocks = [torch.diag(pj) - torch.outer(pj, pj) for pj in p]
+    gmat = torch.block_diag(*blocks).numpy()
+    for j in range(n):  # G annihilates the all-ones vector of each sample
+        one = np.zeros(q * n)
+        one[j * q : (j + 1) * q] = 1
+        assert np.linalg.norm(gmat @ one) <= C * EPS
+    fisher = ref.D.T @ gmat @ ref.D
+    evals = np.linalg.eigvalsh(fisher)
+    top = evals.max()
+    cut = RTOL**2 * top  # the metric's cut on eigenvalues of D^T G D (they scale like sigma^2)
+    kept = evals[evals > cut]
+    # require a clear gap at the cut, so that the reference and the metric cut at the same place
+    assume(kept.min() > 100 * cut and (evals[evals <= cut] < 1e-2 * cut).all())
+    expected = np.linalg.pinv(fisher, rcond=RTOL**2, hermitian=True) @ ref.D.T @ ref.g
+    v = grad_np(space.metric, th)
+    kf = top / kept.min()
+    # two eigendecompositions (of the reduced metric here, of D^T G D in the reference):
+    # backward errors O(K eps), amplified by the condition kf of the Fisher matrix on its
+    # range, and the Gram structure squares kappa(D)
+    tol = C * EPS * ref.K * kf * ref.kappa**2
+    assert rel(v, expected) <= tol
+    assert sr.check_gradient(space, th, rtol=max(1e-9, tol)).passed
+    if ref.r == ref.QN:
+        # D onto: w_j = D^+ 1_j shifts sample j's logits by a constant; it is a null direction
+        # of the metric (g(w_j, w_j) = 1_j^T G 1_j = 0), orthogonal to its distribution
+        frame = space.metric.distribution(th).numpy()
+        assert frame.shape[1] == ref.QN - n
+        for j in range(n):
+            one = np.zeros(q * n)
+            one[j * q : (j + 1) * q] = 1
+            wj = torch.as_tensor(np.linalg.pinv(ref.D, rcond=RTOL) @ one)
+            scale = ref.s[0] ** 2 * float(wj @ wj)
+            assert abs(float(space.metric.inner_product(wj, wj, th))) <= C * EPS * scale
+            # eigenvectors of the reduced metric: error O(K eps) / relative gap (1 / kf)
+            frame_tol = C * EPS * ref.K * kf * ref.kappa
+            assert np.linalg.norm(frame.T @ wj.numpy()) <= frame_tol * float(wj.norm())
+
+
+# ----------------------------------------------------------------------------------------
+# geodesics
+# ----------------------------------------------------------------------------------------
+def _tiny_case(n: int = 4, seed: int = 0) -> Case:
+    gen = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    targets = torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    return Case(tanh_mlp((2, 2, 1), seed), inputs, targets)  # K = 9
+
+
+def _reference_geodesic(ref: Ref, lam: float, theta, v, steps: int):
+    """RK4 on the geodesic equation with Christoffels from autodiff of a dense g(theta)."""
+
+    def metric(t):
+        d = jacrev(ref.outputs)(t)
+        return (1 - lam) * torch.eye(t.shape[0], dtype=t.dtype) + lam * d.T @ d
+
+    def accel(t, u):
+        g = metric(t)
+        dg = torch.func.jacfwd(metric)(t)  # dg[i, j, l] = d_l g_ij
+        # Gamma^k_ij u^i u^j = g^{kl} (d_i g_lj + d_j g_li - d_l g_ij) u^i u^j / 2
+        first = torch.einsum("lji,i,j->l", dg, u, u) - 0.5 * torch.einsum("ijl,i,j->l", dg, u, u)
+        return -torch.linalg.solve(g, first)
+
+    h = 1.0 / steps
+    q, u = theta.clone(), v.clone()
+    energies = []
+    for _ in range(steps):
+        energies.append(float(u @ metric(q) @ u))
+        k1 = (u, accel(q, u))
+        k2 = (u + 0.5 * h * k1[1], accel(q + 0.5 * h * k1[0], u + 0.5 * h * k1[1]))
+        k3 = (u + 0.5 * h * k2[1], accel(q + 0.5 * h * k2[0], u + 0.5 * h * k2[1]))
+        k4 = (u + h * k3[1], accel(q + h * k3[0], u + h * k3[1]))
+        q = q + h / 6 * (k1[0] + 2 * k2[0] + 2 * k3[0] + k4[0])
+        u = u + h / 6 * (k1[1] + 2 * k2[1] + 2 * k3[1] + k4[1])
+    energies.append(float(u @ metric(q) @ u))
+    return q, np.array(energies)
+
+
+def test_geodesic_interpolated_matches_independent_rk4():
+    case = _tiny_case()
+    ref, th = case.ref, case.theta
+    steps = 12
+    metric = case.metric(InterpolatedMetric, lam=0.5, exp_steps=steps)
+    v = 0.4 * torch.as_tensor(np.random.default_rng(4).standard_normal(ref.K))
+    end = metric.exp(v, th)
+    end_ref, energies = _reference_geodesic(ref, 0.5, th, v, steps)
+    # the same RK4 scheme on the same ODE: agreement to rounding, not to the step size
+    assert rel(end - th, end_ref - th) <= 1e-10
+    # the discrete geodesic conserves g(u, u) to RK4 accuracy O(h^4) ~ 1e-4 * |u|^2
+    assert np.ptp(energies) <= 1e-4 * energies[0]
+    # and converges: halving the step changes the end point by O(h^4)
+    fine, _ = _reference_geodesic(ref, 0.5, th, v, 2 * steps)
+    assert rel(end - th, fine - th) <= 1e-4
+    # analytic Christoffels against autodiff of the dense metric (geomstats' formula)
+    gam = metric.christoffels(th)
+    gm = torch.as_tensor(ref.g_lam(0.5))
+    dg = torch.func.jacfwd(
+        lambda t: (
+            0.5 * torch.eye(ref.K, dtype=t.dtype)
+            + 0.5 * jacrev(ref.outputs)(t).T @ jacrev(ref.outputs)(t)
+        )
+    )(th)
+    # dg[i, j, l] = d_l g_ij;  Gamma_{l,ij} = (d_i g_lj + d_j g_li - d_l g_ij) / 2
+    first = 0.5 * (torch.einsum("lji->lij", dg) + dg - torch.einsum("ijl->lij", dg))
+    gam_ref = torch.einsum("kl,lij->kij", torch.linalg.inv(gm), first)
+    assert rel(gam, gam_ref) <= 1e-10
+
+
+def test_generic_geodesic_equation_matches_builtin():
+    """Recipe (a) metric with g_{1/2}'s matrix: the generic geodesic path gives the same exp."""
+
+    class Half(ParameterMetric):
+        def metric_matrix(self, base_point):
+            d = self.space.jacobian(base_point)
+            return 0.5 * torch.eye(d.shape[1], dtype=d.dtype) + 0.5 * d.T @ d
+
+    case = _tiny_case(seed=1)
+    th = case.theta
+    v = 0.3 * torch.as_tensor(np.random.default_rng(5).standard_normal(case.ref.K))
+    a = case.metric(Half, exp_steps=6).exp(v, th)
+    b = case.metric(InterpolatedMetric, lam=0.5, exp_steps=6).exp(v, th)
+    assert rel(a - th, b - th) <= 1e-10
+
+
+def test_euclidean_exp_is_a_straight_line():
+    case = _tiny_case()
+    metric = case.metric(EuclideanMetric)
+    v = torch.randn(case.ref.K, dtype=torch.float64)
+    assert torch.equal(metric.exp(v, case.theta), case.theta + v)
+    state = torch.stack([case.theta, v])
+    assert torch.equal(metric.geodesic_equation(state)[1], torch.zeros_like(v))
+
+
+# ----------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------
+@pytest.fixture
+def small_case() -> Case:
+    return _tiny_case()
+
+
+@pytest.mark.parametrize("lam", [1.5, -0.1, 1 + 1e-12])
+def test_lam_outside_unit_interval(small_case, lam):
+    with pytest.raises(ValueError, match=r"lam must lie in \[0, 1\]"):
+        small_case.fresh().equip_with_metric(InterpolatedMetric, lam=lam)
+    with pytest.raises(ValueError, match=r"lam must lie in \[0, 1\]"):
+        BundleMetric(small_case.fresh(), lam=lam)
+
+
+def test_lam_nan_and_wrong_type(small_case):
+    with pytest.raises(ValueError, match="NaN"):
+        InterpolatedMetric(small_case.fresh(), lam=float("nan"))
+    for bad in ("0.5", None, True, [0.5], torch.tensor([0.1, 0.2]), 0.5j):
+        with pytest.raises(TypeError, match="lam must be a real"):
+            InterpolatedMetric(small_case.fresh(), lam=bad)
+    # numpy and 0-d tensor scalars are real numbers
+    assert InterpolatedMetric(small_case.fresh(), lam=np.float32(0.25)).lam == 0.25
+    assert InterpolatedMetric(small_case.fresh(), lam=torch.tensor(1.0)).lam == 1.0
+    with pytest.raises(TypeError, match="lam = 1 fixed"):
+        OutputPullbackMetric(small_case.fresh(), lam=0.5)
+
+
+def test_bad_solver_and_options(small_case):
+    with pytest.raises(ValueError, match="solver must be one of"):
+        InterpolatedMetric(small_case.fresh(), lam=0.5, solver="cholesky")
+    with pytest.raises(ValueError, match="rank_rtol"):
+        InterpolatedMetric(small_case.fresh(), lam=0.5, rank_rtol=2.0)
+    with pytest.raises(ValueError, match="maxiter"):
+        InterpolatedMetric(small_case.fresh(), lam=0.5, maxiter=0)
+    with pytest.raises(ValueError, match="damping"):
+        DampedMetric(small_case.fresh(), EuclideanMetric(small_case.fresh()), damping=-1.0)
+    space = small_case.fresh()
+    with pytest.raises(ValueError, match="weights must be finite and non-negative"):
+        SumMetric(space, [EuclideanMetric(space)], weights=[float("nan")])
+    with pytest.raises(ValueError, match="Q >= 2"):
+        SoftmaxFisherMetric(space)
+
+
+class NotSymmetric(ParameterMetric):
+    def metric_matrix(self, base_point):
+        k = base_point.shape[-1]
+        return torch.eye(k, dtype=base_point.dtype) + torch.triu(
+            torch.ones(k, k, dtype=base_point.dtype), 1
+        )
+
+
+class Indefinite(ParameterMetric):
+    def metric_matrix(self, base_point):
+        k = base_point.shape[-1]
+        return torch.diag(torch.linspace(-1.0, 1.0, k, dtype=base_point.dtype))
+
+
+class ClaimsTooMuch(ParameterMetric):
+    """PSD with a null direction, but claims all of R^K as its distribution."""
+
+    def metric_matrix(self, base_point):
+        k = base_point.shape[-1]
+        return torch.diag(torch.linspace(0.0, 1.0, k, dtype=base_point.dtype))
+
+    def distribution(self, base_point):
+        return torch.eye(base_point.shape[-1], dtype=base_point.dtype)
+
+
+class Inconsistent(ParameterMetric):
+    def metric_matrix(self, base_point):
+        return torch.eye(base_point.shape[-1], dtype=base_point.dtype)
+
+    def inner_product(self, tangent_vec_a, tangent_vec_b, base_point):
+        return 2.0 * (tangent_vec_a * tangent_vec_b).sum(-1)
+
+
+def test_custom_metric_check_detects_problems(small_case):
+    th = small_case.theta
+    with pytest.raises(ValueError, match="not symmetric"):
+        small_case.metric(NotSymmetric).check(th)
+    with pytest.raises(ValueError, match="not positive semidefinite"):
+        small_case.metric(Indefinite).check(th)
+    with pytest.raises(ValueError, match="not positive definite on its distribution"):
+        small_case.metric(ClaimsTooMuch).check(th)
+    with pytest.raises(ValueError, match="inner_product disagrees with metric_matrix"):
+        small_case.metric(Inconsistent).check(th)
+    small_case.metric(DiagonalPlusPullback).check(th)  # a good one passes
+    small_case.metric(BundleMetric, lam=0.5).check(th)
+
+
+def test_point_of_wrong_shape(small_case):
+    m = small_case.metric(InterpolatedMetric, lam=0.5)
+    th = small_case.theta
+    with pytest.raises(ValueError, match="shape"):
+        m.gradient(th[:-1])
+    with pytest.raises(ValueError, match="shape"):
+        m.gradient(torch.cat([th, th]))
+    with pytest.raises(TypeError, match="dtype"):
+        m.gradient(th.float())
+    with pytest.raises(ValueError, match="shape"):
+        m.inner_product(th[:-1], th[:-1], th)
+    with pytest.raises(ValueError, match="shape"):
+        m.sharp(th[:-1], th)
+    with pytest.raises(ValueError, match="shape"):
+        m.metric_matrix(th[:-1])
+
+
+@pytest.mark.parametrize("lam", [0.5, 1.0])
+def test_matrix_free_not_converged_warns_with_residual(lam):
+    case = designed_case(np.logspace(0, -3, 10), k=30)
+    m = case.metric(InterpolatedMetric, lam=lam, solver="matrix_free", maxiter=2)
+    with pytest.warns(ConvergenceWarning, match=r"did not converge .* relative residual"):
+        m.gradient(case.theta)
+    assert not m.last_solve.converged and m.last_solve.residual > m.solver_rtol
+    with pytest.warns(ConvergenceWarning, match="relative residual"):
+        m.sharp(torch.ones(case.ref.K, dtype=torch.float64), case.theta)
+
+
+def test_distribution_refuses_at_large_k(small_case, monkeypatch):
+    import subriemann.metrics.base as base
+
+    monkeypatch.setattr(base, "DENSE_K_LIMIT", 5)
+    th = small_case.theta
+    for cls in (InterpolatedMetric, BundleMetric, EuclideanMetric, DiagonalPlusPullback):
+        m = small_case.metric(cls)
+        with pytest.raises(ValueError, match="operator forms"):
+            m.distribution(th)
+        if cls is not DiagonalPlusPullback:  # a user's metric_matrix is the user's code
+            with pytest.raises(ValueError, match="operator forms"):
+                m.metric_matrix(th)
+    # the operator forms still work, and check_gradient falls back to sharp directions
+    space = small_case.fresh().equip_with_metric(InterpolatedMetric, lam=1.0)
+    assert space.metric.gradient(th).shape == th.shape
+    check = sr.check_gradient(space, th)
+    assert check.passed and check.distribution_dim == -1
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_absolute_threshold_matches_relative(solver):
+    """rank_atol = rank_rtol * sigma_max gives the same rank, threshold and gradient."""
+    case = designed_case(np.r_[np.linspace(1.0, 0.2, 5), 1e-8], k=20, rtol=1e-6)
+    th = case.theta
+    rel_m = case.metric(InterpolatedMetric, lam=1.0, solver="svd")
+    tau = rel_m.rank_threshold(th)
+    abs_m = case.metric(InterpolatedMetric, lam=1.0, solver=solver, rank_atol=tau)
+    assert abs_m.rank_threshold(th) == tau and abs_m.rank(th) == rel_m.rank(th) == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        # the cut singular value (1e-8) is isolated: LSMR's condition limit catches it
+        warnings.simplefilter("ignore", RankThresholdWarning)  # (inserted first: wins)
+        g = abs_m.gradient(th)
+    # the kept spectrum has condition 5; matrix-free stops before resolving 1e-8
+    tol = 1e-6 if solver == "matrix_free" else C * EPS * 25
+    assert rel(g, rel_m.gradient(th)) <= tol
