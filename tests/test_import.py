@@ -164,6 +164,7 @@ def test_readme_flow_block_runs(tmp_path):
         blocks = re.findall(r"```python\n(.*?)```", fh.read(), re.S)
     env = {k: v for k, v in os.environ.items() if k != "GEOMSTATS_BACKEND"}
     env["PYTHONPATH"] = ROOT
+    env["OMP_NUM_THREADS"] = "1"  # small problem: threads only contend with the test workers
     res = subprocess.run(
         [sys.executable, "-c", blocks[0] + blocks[1]],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
