@@ -190,8 +190,8 @@ def numpy_reference(space, p, lam: float, s_eval):
 def test_flow_matches_solve_ivp_on_numpy_mlp(lam):
     # K = 3*5+5+5*2+2 = 32 > QN = 8, full rank: no rank events.
     space, p = mlp_space((3, 5, 2), 4, seed=3, metric=InterpolatedMetric, lam=lam)
-    s_eval = np.linspace(0.0, 1.0, 5)
-    traj = sr.gradient_flow(space, space.initial_point(), 1.0, save_at=s_eval, **CLOSE)
+    s_eval = np.linspace(0.0, 0.6, 4)
+    traj = sr.gradient_flow(space, space.initial_point(), 0.6, save_at=s_eval, **CLOSE)
     assert traj.status.code == "s_end_reached"
     np.testing.assert_array_equal(traj.s.numpy(), s_eval)
     th_ref, ref = numpy_reference(space, p, lam, s_eval)
@@ -330,21 +330,21 @@ def test_rank_drop_one_to_zero(lam, s_star, final):
 def test_two_output_rank_two_to_one(lam, s_star):
     space = custom_space(SquareAndLine(), 2, [1.0, 0.0], InterpolatedMetric, lam=lam,
                          rank_atol=0.5)
-    traj = sr.gradient_flow(space, space.initial_point(), 25.0, rtol=1e-10, atol=1e-12,
-                            stall_tol=1e-8)
+    traj = sr.gradient_flow(space, space.initial_point(), 20.0, rtol=1e-10, atol=1e-12,
+                            stall_tol=1e-6)
     assert [(e.rank_before, e.rank_after, e.index) for e in traj.events] == [(2, 1, 1)]
     assert abs(traj.events[0].s - s_star) < 1e-7
     if lam == 1.0:
         # MATH.md §5: the rank-1 flow ends at P(x - y) = 0 with C = (1/8)^2 / 2 > 0
         assert traj.status.code == "equilibrium_reached"
         a, b = traj.theta[-1].tolist()
-        # stopped at |V| <= 1e-8 |V(0)|: a = 1 - e^{-s} a(0) to 1e-8
-        assert a == pytest.approx(1.0, abs=1e-7) and b == pytest.approx(0.5, abs=1e-7)
+        # stopped at |V| = |1 - a| <= 1e-6 |V(0)|
+        assert a == pytest.approx(1.0, abs=2e-6) and b == pytest.approx(0.5, abs=1e-7)
         assert traj.final_cost == pytest.approx(0.5 / 64, rel=1e-6)
         assert int(traj.rank[-1]) == 1
     else:  # the Euclidean flow goes on to the global minimum, slowly: b^2 = 1/(1+s)
         assert traj.status.code == "s_end_reached"
-        assert float(traj.theta[-1][1]) ** 2 == pytest.approx(1 / 26, rel=1e-7)
+        assert float(traj.theta[-1][1]) ** 2 == pytest.approx(1 / 21, rel=1e-7)
 
 
 def test_stop_on_rank_change():

@@ -57,8 +57,8 @@ def adapted(request):
     widths, n, seed = request.param
     space, p = mlp(widths, n, seed)
     assert space.dim > space.output_dim  # overparametrized
-    traj = sr.gradient_flow(space, space.initial_point(), 5.0, rtol=1e-11, atol=1e-13,
-                            min_saves=26)
+    traj = sr.gradient_flow(space, space.initial_point(), 4.0, rtol=1e-11, atol=1e-13,
+                            min_saves=21)
     assert traj.status.code == "s_end_reached" and not traj.events
     assert bool((traj.rank == space.output_dim).all())
     return space, p, traj
@@ -82,8 +82,8 @@ def test_decay_and_straight_line(adapted):
     assert per.shape == (len(traj),) and float(per[0]) == 0.0
     fit = decay_rate(traj)
     assert fit.rate == pytest.approx(2.0, abs=1e-8) and fit.relative_error < 1e-8
-    assert fit.points == len(traj) and (fit.s_min, fit.s_max) == (0.0, 5.0)
-    fit = decay_rate(traj, s_min=2.0, s_max=4.0)
+    assert fit.points == len(traj) and (fit.s_min, fit.s_max) == (0.0, 4.0)
+    fit = decay_rate(traj, s_min=1.0, s_max=3.0)
     assert fit.rate == pytest.approx(2.0, abs=1e-8) and fit.points < len(traj)
 
 
@@ -113,9 +113,9 @@ def test_apriori_stopping_time(adapted):
     space, _, traj = adapted
     theta0 = space.initial_point()
     c0 = float(traj.cost[0])
-    eps = 1e-4 * c0
+    eps = 1e-3 * c0
     big_t = apriori_stopping_time(space, theta0, eps)
-    assert big_t == pytest.approx(0.5 * math.log(1e4), rel=1e-15)
+    assert big_t == pytest.approx(0.5 * math.log(1e3), rel=1e-15)
     # the actual s where C = eps, by log-linear interpolation of the saved costs
     c = traj.cost.numpy()
     i = int(np.argmax(c <= eps))
@@ -124,7 +124,7 @@ def test_apriori_stopping_time(adapted):
     assert s_eps == pytest.approx(big_t, abs=1e-8)  # log C is linear in s: exact up to 1e-11
     # and a flow with cost_tol stops at the first accepted step past T (rtol 1e-8: C is
     # e^{-2s} C(0) to ~1e-8 relative, i.e. s to ~1e-8)
-    stop = sr.gradient_flow(space, theta0, 6.0, cost_tol=eps, min_saves=2)
+    stop = sr.gradient_flow(space, theta0, 4.0, cost_tol=eps, min_saves=2)
     assert stop.status.code == "cost_tol_reached"
     assert float(stop.s[-2]) < big_t + 1e-7 and big_t <= float(stop.s[-1]) + 1e-7
     assert apriori_stopping_time(space, theta0, 2 * c0) == 0.0
