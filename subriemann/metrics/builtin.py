@@ -769,17 +769,7 @@ class BundleMetric(InterpolatedMetric):
         if self.lam == 1.0:
             return self._mf_sharp(xi, base_point)
         # matrix-free, lam < 1: g_lam maps ran D^T to itself; CG from 0 on P xi stays there
-        pxi = self._project(xi, base_point)
-        lam = self.lam
-        v, info = cg(
-            lambda z: (1.0 - lam) * z + lam * st.vjp(st.jvp(z)),
-            pxi,
-            rtol=self.solver_rtol,
-            maxiter=self.maxiter,
-            eig_lower=1.0 - lam,
-        )
-        self._solve_info(info)
-        return v
+        return self._mf_sharp(self._project(xi, base_point), base_point)
 
     def distribution(self, base_point: Tensor) -> Tensor:
         r"""Orthonormal frame of :math:`\mathcal{V} = \operatorname{ran}D^\top`, ``[K, r]``."""
