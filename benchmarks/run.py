@@ -20,7 +20,12 @@ Routes to one exact gradient of g_lam (lam = 1: D^+ r; lam = 0.5):
   or the stacked damped least squares (lam = 0.5);
 * ``jacrev+pushthrough``: D by ``vmap(jacrev)``, then Cholesky/eigh of D D^T and D^T w;
 * ``cg-matfree``: CG on (1-lam) 1 + lam D D^T with JVP/VJP products, to 1e-8;
-* ``subriemann``: ``space.metric.gradient`` (automatic solver; structured NTK engine).
+* ``subriemann``: ``space.metric.gradient`` (automatic solver; structured NTK engine);
+* ``subriemann-ntk``: the same with ``solver="ntk"`` (at S, where ``auto`` picks the SVD).
+
+Further sections: one accepted ``dopri5`` step of the lam = 1 flow at L; a sweep
+of B = 8 initial points integrated one after the other and together (lock-step
+batch); time to C <= 1e-10 C(0) against Adam, SGD and scipy's LM.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ SIZES = {
     "L": ([64, 1024, 1024, 1], 512),
 }
 ROUTES = ["plain", "jacrev+lstsq", "jacrev+pushthrough", "cg-matfree", "subriemann"]
+# extra rows: our push-through route forced where "auto" picks the dense SVD (S)
 
 
 # -- worker side -------------------------------------------------------------------
@@ -151,11 +157,12 @@ def worker(route: str, size: str, lam: float, repeat: int) -> dict:
             extra["cg_iterations"] = info.iterations
             _, fn = vjp(lambda t: f(t, x), theta)
             return fn(w)[0]
-    elif route == "subriemann":
+    elif route in ("subriemann", "subriemann-ntk"):
         import subriemann as sr
 
+        solver = "ntk" if route == "subriemann-ntk" else "auto"
         space = sr.ParameterSpace(net, x, y).equip_with_metric(
-            sr.metrics.InterpolatedMetric, lam=lam
+            sr.metrics.InterpolatedMetric, lam=lam, solver=solver
         )
         extra["solver"] = space.metric.solver
         extra["backend"] = space.backend.name
@@ -165,6 +172,21 @@ def worker(route: str, size: str, lam: float, repeat: int) -> dict:
             state["i"] += 1
             th = theta + 1e-12 * state["i"]  # a new point: nothing cached
             return space.metric.gradient(th)
+    elif route == "flow-step":
+        import subriemann as sr
+
+        space = sr.ParameterSpace(net, x, y).equip_with_metric(sr.metrics.OutputPullbackMetric)
+        sr.gradient_flow(space, theta, 1.0, max_steps=1)  # warm-up
+        t0 = time.perf_counter()
+        tr = sr.gradient_flow(space, theta, 1.0, rtol=1e-6, atol=1e-9, max_steps=4)
+        wall = time.perf_counter() - t0
+        steps = len(tr.s) - 1
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {
+            "route": route, "size": size, "lam": 1.0, "ms": 1e3 * wall / max(steps, 1),
+            "peak_rss_mb": rss, "steps": steps, "nfev": tr.counters["nfev"],
+            "status": tr.status.code, **extra,
+        }
     else:
         raise ValueError(route)
     t = _best(run, repeat)
@@ -293,6 +315,44 @@ def time_to_tolerance(budget: float) -> list[dict]:
     return rows
 
 
+# -- batched sweep ----------------------------------------------------------------------
+def batched_sweep(n_points: int = 8, s_end: float = 2.0) -> list[dict]:
+    """B initial points on the main job's problem: one after the other vs together."""
+    import torch
+
+    import subriemann as sr
+    from subriemann.cli import DEFAULTS, _resolve, build_problem
+
+    opts = _resolve(dict(DEFAULTS, progress=False), set())
+    space = build_problem(opts).space
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(n_points, space.dim, generator=gen, dtype=space.dtype)
+    points = space.initial_point() + 0.05 * noise
+    rows = []
+    for name, cls, kw in [
+        ("euclidean (lam=0)", sr.metrics.EuclideanMetric, {}),
+        ("interp (lam=0.5)", sr.metrics.InterpolatedMetric, {"lam": 0.5}),
+        ("pullback (lam=1)", sr.metrics.OutputPullbackMetric, {}),
+    ]:
+        space.equip_with_metric(cls, **kw)
+        sr.gradient_flow(space, points[:2], 0.1)  # warm-up of both paths
+        t0 = time.perf_counter()
+        seq = [sr.gradient_flow(space, p, s_end) for p in points]
+        t1 = time.perf_counter()
+        bat = sr.gradient_flow(space, points, s_end)
+        t2 = time.perf_counter()
+        diff = max(
+            float((a.theta[-1] - b.theta[-1]).norm() / a.theta[-1].norm()) for a, b in zip(seq, bat)
+        )
+        rows.append({
+            "metric": name, "B": n_points, "K": space.dim, "QN": space.output_dim,
+            "solver": getattr(space.metric, "solver", "-"),
+            "sequential_s": t1 - t0, "batched_s": t2 - t1, "max_rel_diff": diff,
+            "steps": sum(len(t.s) - 1 for t in bat),
+        })
+    return rows
+
+
 # -- driver ---------------------------------------------------------------------------
 def run_worker(route: str, size: str, lam: float, repeat: int, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--worker", route, size, str(lam), str(repeat)]
@@ -314,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="S only, short budgets")
     p.add_argument("--budget", type=float, default=30.0, help="seconds per optimizer run")
     p.add_argument("--skip-tolerance", action="store_true")
+    p.add_argument("--skip-batch", action="store_true")
     p.add_argument(
         "--worker", nargs=4, metavar=("ROUTE", "SIZE", "LAM", "REPEAT"), help=argparse.SUPPRESS
     )
@@ -332,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "routes": [],
         "tolerance": [],
+        "batch": [],
     }
     import torch
 
@@ -356,6 +418,18 @@ def main(argv: list[str] | None = None) -> int:
                 res = run_worker(route, size, lam, repeat, timeout=900)
                 print(json.dumps(res), flush=True)
                 results["routes"].append(res)
+            if size == "S":
+                res = run_worker("subriemann-ntk", size, lam, 3, timeout=900)
+                print(json.dumps(res), flush=True)
+                results["routes"].append(res)
+        if size == "L":
+            res = run_worker("flow-step", size, 1.0, 1, timeout=900)
+            print(json.dumps(res), flush=True)
+            results["flow_step"] = res
+    if not a.skip_batch:
+        results["batch"] = batched_sweep(4 if a.quick else 8, 1.0 if a.quick else 2.0)
+        for r in results["batch"]:
+            print(json.dumps(r), flush=True)
     if not a.skip_tolerance:
         results["tolerance"] = time_to_tolerance(budget)
         for r in results["tolerance"]:
@@ -408,6 +482,38 @@ def render(results: dict) -> str:
             f"| {r['size']} | {r['K']} | {r['QN']} | {r['lam']} | {r['route']} | {r['ms']:.1f} | "
             f"{ratio:.1f} | {r['peak_rss_mb']:.0f} | {'; '.join(notes)} |"
         )
+    fs = results.get("flow_step")
+    if fs and "ms" in fs:
+        lines += [
+            "",
+            "## One accepted flow step at L",
+            "",
+            f"λ = 1 (`OutputPullbackMetric`, dopri5, rtol 1e-6, rank monitored), K = {fs['K']}, "
+            f"QN = {fs['QN']}: **{fs['ms'] / 1e3:.2f} s per accepted step** "
+            f"({fs['steps']} steps, {fs['nfev']} vector-field evaluations including the "
+            f"starting step; peak RSS {fs['peak_rss_mb']:.0f} MB).",
+        ]
+    if results.get("batch"):
+        b0 = results["batch"][0]
+        lines += [
+            "",
+            f"## A sweep of B = {b0['B']} initial points: one after the other vs together",
+            "",
+            f"The main job's problem (K = {b0['K']}, QN = {b0['QN']}), s_end = 2, dopri5 at the "
+            "default tolerances. *Together* is `gradient_flow(space, points[B, K], ...)` "
+            "(lock-step rounds; vmap over the points and batched QR/SVD for the Euclidean "
+            "metric and the svd solver).",
+            "",
+            "| metric | solver | one by one (s) | together (s) | speed-up | max rel. diff of "
+            "θ(s_end) | accepted steps |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in results["batch"]:
+            lines.append(
+                f"| {r['metric']} | {r['solver']} | {r['sequential_s']:.2f} | "
+                f"{r['batched_s']:.2f} | {r['sequential_s'] / r['batched_s']:.2f}× | "
+                f"{r['max_rel_diff']:.1e} | {r['steps']} |"
+            )
     if results["tolerance"]:
         t0 = results["tolerance"][0]
         lines += [

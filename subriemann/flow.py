@@ -36,6 +36,7 @@ the new stratum.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,6 +119,50 @@ class _Row(NamedTuple):
     r: int
 
 
+_MEMBER = threading.local()
+"""``lockstep``: set in the threads of a batch of flows (see :func:`_run_batch`)."""
+
+
+def _compute(fl: _Flow, kind: str, theta: Tensor) -> Any:
+    """What a flow asks at ``theta`` (see :meth:`_Flow.evaluate`)."""
+    if kind == "field":
+        return fl.metric.gradient(theta)
+    if kind == "sv":
+        if fl.cheap_sv:
+            return fl.space.point_state(theta).singular_values("ntk")
+        return fl.metric.singular_values(theta)
+    st = fl.space.point_state(theta)
+    return st.outputs, float(st.cost)
+
+
+def _serve_round(requests: Sequence[tuple[_Flow, str, Tensor]]) -> list[tuple[bool, Any]]:
+    """One lock-step round: batched vector fields first, then every answer from the caches."""
+    from subriemann.linalg import prefill_states
+    from subriemann.metrics.builtin import BundleMetric, EuclideanMetric, InterpolatedMetric
+
+    fields = [(fl, th) for fl, kind, th in requests if kind == "field"]
+    if len(fields) > 1:
+        fl0 = fields[0][0]
+        m = fl0.metric  # the members' metrics are copies of one metric
+        need = None
+        if type(m).gradient is EuclideanMetric.gradient:
+            need = "cost_grad"
+        elif type(m).gradient is InterpolatedMetric.gradient and not isinstance(m, BundleMetric):
+            need = "cost_grad" if m.lam == 0.0 else "svd" if m.solver == "svd" else None
+        if need is not None:
+            try:
+                prefill_states(fl0.space, torch.stack([th for _, th in fields]), need)
+            except Exception:  # noqa: BLE001  (the single-point route below reports it)
+                pass
+    out: list[tuple[bool, Any]] = []
+    for fl, kind, th in requests:
+        try:
+            out.append((True, _compute(fl, kind, th)))
+        except Exception as err:  # noqa: BLE001  (raised again in the member's thread)
+            out.append((False, err))
+    return out
+
+
 class _Flow:
     """One flow's integrator and records (internal)."""
 
@@ -133,6 +178,7 @@ class _Flow:
         self.description: dict[str, Any] = metric.description()
         self.cheap_sv = False
         self.state: _State | None = None
+        self.lockstep: Any = None  # a LockStep when integrated in a batch
 
     # -- evaluation ----------------------------------------------------------------
     def field(self, theta: Tensor) -> Tensor:
@@ -141,7 +187,7 @@ class _Flow:
 
         self.nfev += 1
         try:
-            v = self.metric.gradient(theta)
+            v = self.evaluate("field", theta)
         except (NonFiniteError, torch.linalg.LinAlgError) as err:
             raise _Failure(f"{type(err).__name__}: {err}") from None
         if not bool(torch.isfinite(v).all()):
@@ -153,15 +199,18 @@ class _Flow:
         from subriemann.space import NonFiniteError
 
         try:
-            if self.cheap_sv:
-                s = self.space.point_state(theta).singular_values("ntk")
-            else:
-                s = self.metric.singular_values(theta)
+            s = self.evaluate("sv", theta)
         except (NonFiniteError, torch.linalg.LinAlgError) as err:
             raise _Failure(f"singular values of D: {type(err).__name__}: {err}") from None
         if not bool(torch.isfinite(s).all()):
             raise _Failure("the Jacobian D is NaN or inf")
         return s.detach()
+
+    def evaluate(self, kind: str, theta: Tensor) -> Any:
+        """``"field"``, ``"sv"`` or ``"point"`` at ``theta``: here, or in the lock-step round."""
+        if self.lockstep is not None:
+            return self.lockstep.request(self, kind, theta)
+        return _compute(self, kind, theta)
 
     def rank_of(self, sv: Tensor) -> int:
         return int((sv > self.tau).sum())
@@ -170,12 +219,12 @@ class _Flow:
         """A saved point (``sv=None``: computed here, when the rank is not monitored)."""
         if sv is None:
             sv = self.sv(theta)
-        st = self.space.point_state(theta)
+        x, cost = self.evaluate("point", theta)
         return _Row(
             s,
             theta.detach().clone(),
-            st.outputs.detach().clone(),
-            float(st.cost),
+            x.detach().clone(),
+            cost,
             float(f.norm()),
             sv.clone(),
             self.rank_of(sv),
@@ -472,8 +521,14 @@ def gradient_flow(
         Equipped with the metric whose gradient defines the flow (or pass ``metric``).
     initial_point : Tensor, shape=[K] or [B, K]
         :math:`\theta(0)`.  A batch ``[B, K]`` returns a list of ``B``
-        trajectories, one per initial point (integrated one after the other,
-        each identical to a single run).
+        trajectories, one per initial point, integrated together
+        (:mod:`subriemann.lockstep`): each flow keeps its own steps, events
+        and status, and every round of vector-field evaluations is one
+        vectorised computation (``vmap`` over the points, batched QR/SVD)
+        for the Euclidean metric, :math:`\lambda = 0`, and the ``"svd"``
+        solver; other metrics are evaluated point by point in the same
+        rounds.  Each trajectory agrees with the single run from its point up
+        to rounding.
     s_end : float
         Final flow time, :math:`> 0`.
     method : {"dopri5", "rk4", "euler"}
@@ -633,7 +688,7 @@ def gradient_flow(
             event_tol=event_tol, fixed_threshold=fixed_threshold, rank_method=rank_method,
             progress=progress, metric=metric,
         )
-        return [gradient_flow(space, p, s_end, **kwargs) for p in initial_point]  # type: ignore
+        return _run_batch(space, initial_point, s_end, kwargs)
     theta0 = space.check_point(initial_point).detach().clone()
 
     opts: dict[str, Any] = dict(
@@ -647,11 +702,59 @@ def gradient_flow(
         min_event_step=max(1e-10 * s_end, 1e-12),
     )
     fl = _Flow(space, metric, s_end, opts)
+    fl.lockstep = getattr(_MEMBER, "lockstep", None)
     saved_atol = metric.rank_atol
     try:
         return _run(fl, theta0, grid, save_at is None, checkpoint, resume, saved_atol)
     finally:
         metric.rank_atol = saved_atol
+
+
+def _run_batch(space, points: Tensor, s_end: float, kwargs: dict[str, Any]) -> list[Trajectory]:
+    """Integrate the flows from ``points`` ``[B, K]`` together (see :mod:`subriemann.lockstep`).
+
+    Each flow runs the single-flow engine in its own thread with its own copy
+    of the metric (its threshold is its own); every network evaluation is
+    served in this thread, in rounds, by :func:`_serve_round`.
+    """
+    import copy
+
+    from subriemann.lockstep import LockStep
+
+    points = torch.stack([space.check_point(p) for p in points])
+    metric = kwargs.pop("metric")
+    n = points.shape[0]
+    results: list[Any] = [None] * n
+    lock = LockStep(n, _serve_round, _compute)
+
+    def member(i: int) -> None:
+        try:
+            _MEMBER.lockstep = lock  # this thread's flow posts its evaluations to the rounds
+            results[i] = gradient_flow(space, points[i], s_end, metric=copy.copy(metric), **kwargs)
+        except BaseException as err:  # noqa: BLE001  (re-raised by the caller below)
+            results[i] = err
+        finally:
+            lock.finished()
+
+    saved_size = getattr(space, "_state_cache_size", 3)
+    space._state_cache_size = max(saved_size, 4 * n)
+    threads = [threading.Thread(target=member, args=(i,), daemon=True) for i in range(n)]
+    try:
+        for t in threads:
+            t.start()
+        try:
+            lock.serve()
+        except KeyboardInterrupt:
+            pass  # every member stops at its next request and keeps its trajectory
+        for t in threads:
+            t.join()
+    finally:
+        space._state_cache_size = saved_size
+        del space.__dict__.setdefault("_states", [])[saved_size:]
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
 
 
 def _use_cheap_sv(fl: _Flow) -> bool:
@@ -911,7 +1014,7 @@ def _run(fl: _Flow, theta0: Tensor, grid: list[float], save_all: bool, checkpoin
                     + FlowStatus("rank_chattering").message,
                 )
                 break
-            cost = float(fl.space.point_state(y1).cost)
+            cost = fl.evaluate("point", y1)[1]
             if o["cost_tol"] is not None and cost <= o["cost_tol"]:
                 status = FlowStatus("cost_tol_reached", f"C = {cost:.3e} at s = {s1:.9g}")
                 break

@@ -107,7 +107,9 @@ class FuncBackend:
     (one Jacobian-vector product per parameter) otherwise.  ``ntk``
     accumulates :math:`DD^\top = \sum_p D_p D_p^\top` over groups of
     parameter tensors :math:`p`, so the peak memory is that of the largest
-    block :math:`D_p`, never of :math:`D`.
+    block :math:`D_p`, never of :math:`D`; a single tensor whose block exceeds
+    ``ntk_block_entries`` is split into row blocks, each multiplied by
+    :math:`D_p` in forward mode (see ``_ntk_one_tensor``).
 
     Reverse-mode products differentiate with respect to the *dictionary* of
     parameter tensors (views of :math:`\theta`) and concatenate the
@@ -298,8 +300,57 @@ class FuncBackend:
             return d @ d.T
         gram = torch.zeros(qn, qn, dtype=theta.dtype, device=theta.device)
         for g in groups:
+            numel = self.layout.numels[self.layout.names.index(g[0])]
+            if len(g) == 1 and numel > budget:  # one tensor larger than the budget
+                gram = gram + self._ntk_one_tensor(theta, g[0])
+                continue
             dp = self._jacobian_reverse(theta, names=g)
             gram = gram + dp @ dp.T
+        return gram
+
+    def _ntk_one_tensor(self, theta: Tensor, name: str) -> Tensor:
+        r""":math:`D_pD_p^\top` for one tensor :math:`p` whose block :math:`D_p` exceeds the budget.
+
+        Rows of :math:`D_p` are formed by reverse mode for a few samples at a
+        time (at most ``ntk_block_entries`` entries); each row block
+        :math:`R` then gives the columns :math:`D_pR^\top` of the Gram matrix
+        by forward mode (one JVP per row, vectorised; the tangent lives on
+        :math:`p` only).  Peak memory: one row block plus the JVPs'
+        activations; cost: one reverse pass per row plus one forward pass per
+        row, instead of the :math:`QN\times|p|` block.
+        """
+        q = self.num_outputs
+        n_total = int(self.inputs.shape[0])
+        qn = n_total * q
+        numel = self.layout.numels[self.layout.names.index(name)]
+        per = max(1, self.ntk_block_entries // max(numel * q, 1))  # samples per row block
+        params = self.layout.unflatten(theta)
+        w = params[name]
+        rest = {n: p for n, p in params.items() if n != name}
+        gram = torch.empty(qn, qn, dtype=theta.dtype, device=theta.device)
+
+        def f_all(wp: Tensor) -> Tensor:
+            outs = [self.apply({**rest, name: wp}, c).reshape(-1) for c in self._chunks()]
+            return torch.cat(outs)
+
+        def one_row(x: Tensor) -> Callable[[Tensor], Tensor]:
+            def single(wp: Tensor) -> Tensor:
+                return self.apply({**rest, name: wp}, x.unsqueeze(0)).reshape(-1)
+
+            return single
+
+        eye = torch.eye(q, dtype=theta.dtype, device=theta.device)
+        for a in range(0, n_total, per):
+            b = min(n_total, a + per)
+
+            def rows_of(x: Tensor) -> Tensor:
+                fn = vjp(one_row(x), w)[1]
+                return vmap(fn)(eye)[0]  # [Q, *shape]
+
+            r = vmap(rows_of)(self.inputs[a:b])  # [n, Q, *shape]
+            r = r.reshape((b - a) * q, *w.shape)
+            cols = vmap(lambda v: jvp(f_all, (w,), (v,))[1])(r)  # [rows, QN]
+            gram[:, a * q : b * q] = cols.T
         return gram
 
 

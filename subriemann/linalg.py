@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PointState",
+    "prefill_states",
     "SolverInfo",
     "ConvergenceWarning",
     "RankThresholdWarning",
@@ -201,8 +202,22 @@ class PointState:
     def cost_grad(self) -> Tensor:
         r""":math:`\nabla_\theta C = D^\top\nabla_x C`."""
         if "dC" not in self._cache:
-            self._cache["dC"] = self.vjp(self.output_grad)
+            pullback = getattr(self.space.backend, "pullback", None)
+            if pullback is None or "x" in self._cache or "D" in self._cache:
+                self._cache["dC"] = self.vjp(self.output_grad)
+            else:  # one forward pass gives x[theta] and serves the VJP
+                self._cache["dC"] = pullback(self.theta, self._output_grad_of)[1]
         return self._cache["dC"]
+
+    def _output_grad_of(self, x: Tensor) -> Tensor:
+        """Record ``x`` (checked) and return :math:`\nabla_x C` (for ``pullback``)."""
+        from subriemann.space import NonFiniteError
+
+        if not torch.isfinite(x).all():
+            raise NonFiniteError("model outputs contain NaN or inf at this theta")
+        self._cache["x"] = x
+        self._cache["g"] = self.space.output_grad(x)
+        return self._cache["g"]
 
     def jvp(self, v: Tensor) -> Tensor:
         """:math:`Dv` (through the dense D when it is already formed)."""
@@ -340,6 +355,45 @@ class PointState:
         self._cache["smax"] = (value, change)
         return value
 
+    def certified_cholesky(self, tau: float | None, rtol: float) -> Tensor | None:
+        r"""Cholesky factor of :math:`DD^\top` when it certifies :math:`\sigma_{\min}(D) > \tau`.
+
+        With :math:`\mu = 2\tau_+^2 + 4\,QN\,\epsilon\,|DD^\top|_F`, where
+        :math:`\tau_+ = \tau` (absolute threshold) or
+        :math:`\tau_+ = \mathrm{rtol}\,|DD^\top|_F^{1/2} \ge \mathrm{rtol}\,\sigma_{\max}`
+        (relative threshold, ``tau=None``), a successful Cholesky
+        factorization of :math:`DD^\top - \mu 1` proves (Sylvester's law of
+        inertia, with a margin for the rounding of the factorization) that every
+        eigenvalue of :math:`DD^\top` exceeds :math:`\mu > \tau^2`: :math:`D`
+        has full row rank :math:`QN` above the threshold, so
+        :math:`(DD^\top)^+ = (DD^\top)^{-1}` and the thresholded
+        eigendecomposition is not needed.  Two Cholesky factorizations cost
+        about a tenth of one symmetric eigendecomposition.
+
+        Returns ``None`` (and caches that) when the certificate fails, when the
+        eigendecomposition is already cached (then it serves), or when
+        :math:`QN > K`.
+        """
+        if "eigh" in self._cache or self.space.output_dim > self.space.dim:
+            return None
+        key = ("chol_cert", tau, rtol)
+        if key not in self._cache:
+            a = self.ntk
+            n = a.shape[0]
+            fro = float(torch.linalg.matrix_norm(a))
+            eps = torch.finfo(a.dtype).eps
+            tau2 = tau**2 if tau is not None else rtol**2 * fro
+            mu = 2.0 * tau2 + 4.0 * n * eps * fro
+            factor = None
+            if fro > 0.0 and math.isfinite(fro):
+                eye = torch.eye(n, dtype=a.dtype, device=a.device)
+                _, info = torch.linalg.cholesky_ex(a - mu * eye)
+                if int(info) == 0:
+                    chol, info = torch.linalg.cholesky_ex(a)
+                    factor = chol if int(info) == 0 else None
+            self._cache[key] = factor
+        return self._cache[key]
+
     def cholesky(self, lam: float) -> Tensor:
         r"""Cholesky factor of :math:`(1-\lambda)1 + \lambda DD^\top` (:math:`\lambda < 1`)."""
         key = ("chol", lam)
@@ -353,6 +407,94 @@ class PointState:
                 )
             self._cache[key] = factor
         return self._cache[key]
+
+
+BATCH_ENTRIES = 8_000_000
+"""Largest number of entries of the stacked Jacobians ``[b, QN, K]`` that
+:func:`prefill_states` forms in one vectorised pass (the batch is split)."""
+
+
+def _r_svd_batched(d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Batched thin SVD ``[b, m, n]`` with the same QR-first scheme as :attr:`PointState.svd`."""
+    m, n = d.shape[-2:]
+    if n >= 2 * m and m > 0:
+        q, r = torch.linalg.qr(d.mT, mode="reduced")
+        u, s, wh = torch.linalg.svd(r.mT)
+        return u, s, q @ wh.mT
+    if m >= 2 * n and n > 0:
+        q, r = torch.linalg.qr(d, mode="reduced")
+        w, s, vh = torch.linalg.svd(r)
+        return q @ w, s, vh.mT
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    return u, s, vh.mT
+
+
+def prefill_states(space: ParameterSpace, thetas: Tensor, need: str) -> list[PointState]:
+    r"""Compute the :class:`PointState` of several points together, vectorised over the batch.
+
+    Used by the lock-step integration of a batch of flows
+    (:mod:`subriemann.lockstep`): one :func:`torch.func.vmap` over the points
+    replaces ``b`` separate network evaluations, and the factorizations are
+    batched LAPACK calls.  The states are put in the space's point cache, so
+    that ``metric.gradient`` and ``metric.singular_values`` at these points
+    are then served from them.
+
+    Parameters
+    ----------
+    space : ParameterSpace
+    thetas : Tensor, shape=[b, K]
+    need : {"cost_grad", "svd"}
+        ``"cost_grad"``: :math:`x`, :math:`\nabla_x C` and
+        :math:`\nabla_\theta C = D^\top\nabla_x C` (one fused forward and
+        backward pass, vectorised); ``"svd"``: also the dense :math:`D`
+        (``vmap`` of the reverse-mode Jacobian) and its thin SVD (batched QR
+        and SVD, the scheme of :attr:`PointState.svd`).
+
+    Returns
+    -------
+    list of PointState
+        One per point.  Entries a state already holds are not recomputed.
+
+    Raises
+    ------
+    ValueError
+        When the space's engine has no vectorisable dense route
+        (:class:`~subriemann.jacobian.FuncBackend`, directly or as the
+        structured engine's fallback).
+    """
+    from torch.func import vmap
+
+    from subriemann.jacobian import FuncBackend
+
+    if need not in ("cost_grad", "svd"):
+        raise ValueError(f"need must be 'cost_grad' or 'svd', got {need!r}")
+    fb = getattr(space.backend, "fallback", space.backend)
+    if not isinstance(fb, FuncBackend):
+        raise ValueError(f"the {type(space.backend).__name__} engine cannot be vectorised")
+    states = [space.point_state(t) for t in thetas]
+    todo = [i for i, st in enumerate(states) if ("svd" if need == "svd" else "dC") not in st._cache]
+    per = space.output_dim * space.dim if need == "svd" else space.dim
+    size = max(1, BATCH_ENTRIES // max(per, 1))
+    for a in range(0, len(todo), size):
+        idx = todo[a : a + size]
+        th = torch.stack([states[i].theta for i in idx])
+        x, dc = vmap(lambda t: fb.pullback(t, space.output_grad))(th)
+        finite = torch.isfinite(x).all(dim=-1)
+        if need == "svd":
+            d = vmap(fb.jacobian)(th)
+            ok = finite & torch.isfinite(d).flatten(1).all(dim=-1)
+            u, sig, v = _r_svd_batched(torch.where(ok[:, None, None], d, 0.0))
+        for j, i in enumerate(idx):
+            if not bool(finite[j]):
+                continue  # left to the single-point route, which raises NonFiniteError
+            cache = states[i]._cache
+            cache.setdefault("x", x[j])
+            cache.setdefault("g", space.output_grad(x[j]))
+            cache.setdefault("dC", dc[j])
+            if need == "svd" and bool(ok[j]):
+                cache.setdefault("D", d[j])
+                cache.setdefault("svd", (u[j], sig[j], v[j]))
+    return states
 
 
 # -- iterative solvers -----------------------------------------------------------

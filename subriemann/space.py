@@ -428,7 +428,7 @@ class ParameterSpace(VectorSpace):
                 return st
         st = PointState(self, theta.detach().clone())
         cache.insert(0, st)
-        del cache[3:]
+        del cache[getattr(self, '_state_cache_size', 3):]
         return st
 
     # -- back to torch ----------------------------------------------------------

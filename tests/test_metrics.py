@@ -531,6 +531,40 @@ def test_near_singular_solvers(ratio, rtol, lam):
         assert rel(g, g_svd) <= tol, (solver, rel(g, g_svd), tol)
 
 
+@pytest.mark.parametrize(
+    "ratio,rank_atol,certified",
+    [
+        (1e-2, None, True),  # sigma_min^2 = 1e8 tau^2: the Cholesky certificate holds
+        (1.2e-6, None, False),  # tau < sigma_min < sqrt(mu): certificate fails, eigh keeps it
+        (5e-7, None, False),  # sigma_min < tau: certificate fails, eigh cuts it
+        (1e-3, 1e-4, True),  # absolute threshold, sigma_min = 10 tau
+        (1e-3, 2e-3, False),  # absolute threshold above sigma_min
+    ],
+)
+def test_ntk_certified_cholesky(ratio, rank_atol, certified):
+    """lam = 1, 'ntk': the Cholesky shortcut is taken exactly when it proves full rank.
+
+    Either way the gradient is the thresholded pseudoinverse solution of the
+    dense numpy reference, to the ntk route's eps * kappa^2 on the kept spectrum.
+    """
+    sig = np.r_[np.linspace(1.0, 0.2, 7), ratio]
+    case = designed_case(sig, k=20)
+    ref, th = case.ref, case.theta
+    tau = rank_atol if rank_atol is not None else RTOL * ref.s[0]
+    m = case.metric(InterpolatedMetric, lam=1.0, solver="ntk", rank_atol=rank_atol)
+    g = m.gradient(th)
+    cert = m.state(th).certified_cholesky(rank_atol, m.rank_rtol)
+    assert (cert is not None) is certified
+    # the pseudoinverse with the same threshold (numpy, from the dense D)
+    u, s, vt = np.linalg.svd(ref.D, full_matrices=False)
+    keep = s > tau
+    expected = vt.T[:, keep] @ ((u[:, keep].T @ ref.g) / s[keep])
+    kappa = s[0] / s[keep][-1]
+    assert rel(g, expected) <= C * EPS * kappa**2, rel(g, expected)
+    if certified:
+        assert int(keep.sum()) == len(sig)  # a certificate never hides a rank loss
+
+
 @pytest.mark.parametrize("lam", [0.5, 1.0])
 def test_rank_deficient_solvers(lam):
     """Exactly rank-deficient D (x = F(B theta)): every solver, matrix-free included, agrees."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -246,6 +247,25 @@ def test_ntk_in_parameter_blocks(mlp_problem):
     th = _perturbed(ts)
     dt = reference_jacobian(tall.model, tall.inputs, th)
     torch.testing.assert_close(ts.ntk(th), dt @ dt.T, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("entries,samples_per_block", [(50, 1), (130, 3), (200, 4)])
+def test_ntk_tensor_larger_than_budget(entries, samples_per_block):
+    """A single tensor larger than the block budget: row blocks × forward mode, = D Dᵀ."""
+    p = make_problem(MLPSpec((3, 7, 2), "tanh", num_samples=5, seed=2))
+    space = _space(p, backend="func")
+    theta = _perturbed(space)
+    d = reference_jacobian(p.model, p.inputs, theta)
+    be = space.backend
+    be.ntk_block_entries = entries  # QN = 10: at most entries // 10 < 21 parameters per block
+    big = [n for n, k in zip(space.layout.names, space.layout.numels) if k > entries // 10]
+    assert "0.weight" in big  # the 7x3 first weight is split into row blocks
+    assert entries // (21 * 2) == samples_per_block
+    calls = []
+    orig = be._ntk_one_tensor
+    be._ntk_one_tensor = lambda t, n: calls.append(n) or orig(t, n)
+    torch.testing.assert_close(space.ntk(theta), d @ d.T, rtol=1e-10, atol=1e-12)
+    assert sorted(calls) == sorted(big)
 
 
 # -- cost ----------------------------------------------------------------------------
@@ -569,3 +589,32 @@ def test_specs_strategy_draws_valid_models(spec):
     assert p.inputs.shape == (spec.num_samples, spec.num_inputs)
     assert p.targets.shape == (spec.num_samples, spec.num_outputs)
     assert sum(t.numel() for t in p.model.parameters()) == spec.num_params
+
+
+def test_prefill_states_matches_single_points():
+    """The vectorised states (vmap over points, batched QR/SVD) equal the single-point ones.
+
+    References: ``space.cost_grad``/``space.outputs`` per point and numpy's SVD
+    of the per-point dense ``jacrev`` Jacobian; agreement to rounding
+    (1e-12 relative; kappa(D) is below 1e2 here).
+    """
+    from subriemann.linalg import prefill_states
+
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    space = sr.ParameterSpace(net, torch.randn(4, 3), torch.randn(4, 2))
+    thetas = space.initial_point() + 0.3 * torch.randn(5, space.dim, dtype=torch.float64)
+    space._state_cache_size = 10
+    states = prefill_states(space, thetas, "svd")
+    for th, state in zip(thetas, states):
+        assert space.point_state(th) is state  # served from the cache afterwards
+        ref_d = space.backend.jacobian(th).numpy()
+        s_ref = np.linalg.svd(ref_d, compute_uv=False)
+        u, s, v = state._cache["svd"]
+        assert np.allclose(s.numpy(), s_ref, rtol=1e-12, atol=1e-14 * s_ref[0])
+        # U diag(s) V^T reassembles D
+        assert np.allclose((u * s) @ v.T, ref_d, atol=1e-12 * s_ref[0])
+        assert torch.allclose(state._cache["x"], space.outputs(th), rtol=1e-13, atol=1e-14)
+        assert torch.allclose(state._cache["dC"], space.cost_grad(th), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="need must be"):
+        prefill_states(space, thetas, "eigh")

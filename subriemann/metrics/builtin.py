@@ -198,6 +198,10 @@ class InterpolatedMetric(ParameterMetric):
         self.solver_rtol = float(solver_rtol)
         self.last_solve = None
 
+    #: at lam = 0 the metric is the Euclidean one (not so for the bundle metric,
+    #: which also drops the directions with sigma <= tau)
+    _lam0_is_euclidean = True
+
     def description(self) -> dict[str, Any]:
         d = super().description()
         d.update(lam=self.lam, solver=self.solver)
@@ -252,6 +256,20 @@ class InterpolatedMetric(ParameterMetric):
             return (1.0 - lam) * (u @ w) + lam * (da @ db)
 
         return _batched(one, base_point, a, b)
+
+    def gradient(self, base_point: Tensor) -> Tensor:
+        r"""Riemannian gradient :math:`g_\lambda^+ D^\top\nabla_x C`, shape ``[K]``.
+
+        At :math:`\lambda = 0` it is one fused forward/backward pass; with the
+        ``ntk`` solver the NTK is formed first, so that the structured engine
+        gives :math:`x[\theta]` from the same pass.
+        """
+        st = self.state(base_point)
+        if self.lam == 0.0 and self._lam0_is_euclidean:
+            return st.cost_grad
+        if self.solver == "ntk" and self._small_is_output:
+            st.ntk  # noqa: B018  (computes x[theta] in the same network pass)
+        return self.sharp_pullback(st.output_grad, st.theta)
 
     # -- thresholds ----------------------------------------------------------------
     def _tau(self, base_point: Tensor) -> float:
@@ -352,6 +370,9 @@ class InterpolatedMetric(ParameterMetric):
             if lam < 1.0:
                 chol = st.cholesky(lam)
                 return st.vjp(torch.cholesky_solve(u.unsqueeze(1), chol).squeeze(1))
+            cert = st.certified_cholesky(self.rank_atol, self.rank_rtol)
+            if cert is not None:  # every sigma > tau: (D D^T)^+ = (D D^T)^{-1}
+                return st.vjp(torch.cholesky_solve(u.unsqueeze(1), cert).squeeze(1))
             w, s = self._gram_eigh(base_point)
             keep = s > self._ntk_tau(base_point, s)
             coef = torch.where(keep, (w.T @ u) / torch.where(keep, s**2, 1.0), 0.0)
@@ -655,6 +676,8 @@ class BundleMetric(InterpolatedMetric):
     their weight :math:`\sigma_i/((1-\lambda)+\lambda\sigma_i^2)\le\tau/(1-\lambda)`
     is negligible.
     """
+
+    _lam0_is_euclidean = False
 
     def __init__(self, space, lam: float = 1.0, **kwargs: Any) -> None:
         super().__init__(space, lam, **kwargs)
