@@ -722,3 +722,25 @@ def test_progress_bar(capsys):
     traj = sr.gradient_flow(space, space.initial_point(), 0.5, progress=True)
     assert traj.status.code == "s_end_reached"
     assert "s=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("solver", ["svd", "ntk"])
+def test_float32_adapted_flow(solver):
+    """float32 end to end: the lam = 1 flow still gives C(s) = e^{-2s} C(0) (MATH.md §3).
+
+    In float32 the solves carry errors of about eps_32 * kappa(D) (svd) or
+    eps_32 * kappa(D)^2 (ntk), with eps_32 = 1.2e-7 and kappa(D) ~ 10 here,
+    so the decay law holds to ~1e-4 relative instead of float64's 1e-8; the
+    rank threshold must sit above what float32 resolves (rank_rtol 1e-3).
+    """
+    p = make_problem(MLPSpec((2, 8, 1), "tanh", num_samples=4, seed=3))
+    space = sr.ParameterSpace(p.model, p.inputs, p.targets, dtype=torch.float32)
+    space.equip_with_metric(OutputPullbackMetric, solver=solver, rank_rtol=1e-3)
+    theta0 = space.initial_point()
+    assert theta0.dtype == torch.float32
+    traj = sr.gradient_flow(space, theta0, 2.0, rtol=1e-5, atol=1e-7)
+    assert traj.status.code == "s_end_reached"
+    assert traj.theta.dtype == torch.float32 and traj.cost.dtype == torch.float32
+    ratio = traj.cost.double() / float(traj.cost[0])
+    expected = torch.exp(-2.0 * traj.s.double())
+    assert float((ratio - expected).abs().max()) <= 1e-4
