@@ -138,17 +138,17 @@ def _compute(fl: _Flow, kind: str, theta: Tensor) -> Any:
 def _serve_round(requests: Sequence[tuple[_Flow, str, Tensor]]) -> list[tuple[bool, Any]]:
     """One lock-step round: batched vector fields first, then every answer from the caches."""
     from subriemann.linalg import prefill_states
-    from subriemann.metrics.builtin import BundleMetric, EuclideanMetric, InterpolatedMetric
+    from subriemann.metrics.builtin import EuclideanMetric, InterpolatedMetric
 
     fields = [(fl, th) for fl, kind, th in requests if kind == "field"]
     if len(fields) > 1:
         fl0 = fields[0][0]
         m = fl0.metric  # the members' metrics are copies of one metric
-        need = None
-        if type(m).gradient is EuclideanMetric.gradient:
-            need = "cost_grad"
-        elif type(m).gradient is InterpolatedMetric.gradient and not isinstance(m, BundleMetric):
-            need = "cost_grad" if m.lam == 0.0 else "svd" if m.solver == "svd" else None
+        # which cache entries the vector field reads (filling them is only a cache fill)
+        euclidean = isinstance(m, EuclideanMetric) or (
+            isinstance(m, InterpolatedMetric) and m.lam == 0.0 and m._lam0_is_euclidean
+        )
+        need = "cost_grad" if euclidean else "svd" if getattr(m, "solver", "") == "svd" else None
         if need is not None:
             try:
                 prefill_states(fl0.space, torch.stack([th for _, th in fields]), need)
@@ -736,7 +736,7 @@ def _run_batch(space, points: Tensor, s_end: float, kwargs: dict[str, Any]) -> l
         finally:
             lock.finished()
 
-    saved_size = getattr(space, "_state_cache_size", 3)
+    saved_size = space._state_cache_size
     space._state_cache_size = max(saved_size, 4 * n)
     threads = [threading.Thread(target=member, args=(i,), daemon=True) for i in range(n)]
     try:

@@ -237,11 +237,14 @@ class FuncBackend:
         assert res is not None
         return x, res
 
-    def _jacobian_reverse(self, theta: Tensor, names: Sequence[str] | None = None) -> Tensor:
+    def _jacobian_reverse(
+        self, theta: Tensor, names: Sequence[str] | None = None, inputs: Tensor | None = None
+    ) -> Tensor:
         """Rows of D (columns of the parameters ``names``) by reverse mode.
 
         Vectorised over samples (outer :func:`~torch.func.vmap`) and over the
-        Q outputs of a sample (inner ``vmap`` over the identity).
+        Q outputs of a sample (inner ``vmap`` over the identity).  ``inputs``:
+        the rows of these samples only (default: all, in chunks).
         """
         q = self.num_outputs
         wrt, rest = self._split(theta, names)
@@ -256,7 +259,7 @@ class FuncBackend:
             return self._cat(vmap(fn)(eye)[0], order, 1)  # [Q, k]
 
         blocks = []
-        for c in self._chunks():
+        for c in self._chunks() if inputs is None else [inputs]:
             j = vmap(row_block, in_dims=(None, 0))(wrt, c)  # [n, Q, k]
             blocks.append(j.reshape(-1, j.shape[-1]))
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
@@ -333,21 +336,9 @@ class FuncBackend:
             outs = [self.apply({**rest, name: wp}, c).reshape(-1) for c in self._chunks()]
             return torch.cat(outs)
 
-        def one_row(x: Tensor) -> Callable[[Tensor], Tensor]:
-            def single(wp: Tensor) -> Tensor:
-                return self.apply({**rest, name: wp}, x.unsqueeze(0)).reshape(-1)
-
-            return single
-
-        eye = torch.eye(q, dtype=theta.dtype, device=theta.device)
         for a in range(0, n_total, per):
             b = min(n_total, a + per)
-
-            def rows_of(x: Tensor) -> Tensor:
-                fn = vjp(one_row(x), w)[1]
-                return vmap(fn)(eye)[0]  # [Q, *shape]
-
-            r = vmap(rows_of)(self.inputs[a:b])  # [n, Q, *shape]
+            r = self._jacobian_reverse(theta, [name], self.inputs[a:b])  # [rows, numel]
             r = r.reshape((b - a) * q, *w.shape)
             cols = vmap(lambda v: jvp(f_all, (w,), (v,))[1])(r)  # [rows, QN]
             gram[:, a * q : b * q] = cols.T

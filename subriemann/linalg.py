@@ -211,11 +211,7 @@ class PointState:
 
     def _output_grad_of(self, x: Tensor) -> Tensor:
         """Record ``x`` (checked) and return :math:`\nabla_x C` (for ``pullback``)."""
-        from subriemann.space import NonFiniteError
-
-        if not torch.isfinite(x).all():
-            raise NonFiniteError("model outputs contain NaN or inf at this theta")
-        self._cache["x"] = x
+        self._cache["x"] = self.space._finite_outputs(x)
         self._cache["g"] = self.space.output_grad(x)
         return self._cache["g"]
 
@@ -261,20 +257,7 @@ class PointState:
         as fast as LAPACK's ``gesdd`` through :func:`torch.linalg.svd`.
         """
         if "svd" not in self._cache:
-            d = self.jacobian
-            m, n = d.shape
-            if n >= 2 * m and m > 0:  # wide: D = R^T Q^T
-                q, r = torch.linalg.qr(d.mT, mode="reduced")
-                u, s, wh = torch.linalg.svd(r.mT)
-                v = q @ wh.mT
-            elif m >= 2 * n and n > 0:  # tall: D = Q R
-                q, r = torch.linalg.qr(d, mode="reduced")
-                w, s, vh = torch.linalg.svd(r)
-                u, v = q @ w, vh.mT
-            else:
-                u, s, vh = torch.linalg.svd(d, full_matrices=False)
-                v = vh.mT
-            self._cache["svd"] = (u, s, v)
+            self._cache["svd"] = r_svd(self.jacobian)
         return self._cache["svd"]
 
     @property
@@ -414,14 +397,17 @@ BATCH_ENTRIES = 8_000_000
 :func:`prefill_states` forms in one vectorised pass (the batch is split)."""
 
 
-def _r_svd_batched(d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Batched thin SVD ``[b, m, n]`` with the same QR-first scheme as :attr:`PointState.svd`."""
+def r_svd(d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Thin SVD of ``d`` ``[..., m, n]`` as ``(U, sigma, V)``, QR first when one side is long.
+
+    The scheme of :attr:`PointState.svd` (batched over leading dimensions).
+    """
     m, n = d.shape[-2:]
-    if n >= 2 * m and m > 0:
+    if n >= 2 * m and m > 0:  # wide: D = R^T Q^T
         q, r = torch.linalg.qr(d.mT, mode="reduced")
         u, s, wh = torch.linalg.svd(r.mT)
         return u, s, q @ wh.mT
-    if m >= 2 * n and n > 0:
+    if m >= 2 * n and n > 0:  # tall: D = Q R
         q, r = torch.linalg.qr(d, mode="reduced")
         w, s, vh = torch.linalg.svd(r)
         return q @ w, s, vh.mT
@@ -446,9 +432,9 @@ def prefill_states(space: ParameterSpace, thetas: Tensor, need: str) -> list[Poi
     need : {"cost_grad", "svd"}
         ``"cost_grad"``: :math:`x`, :math:`\nabla_x C` and
         :math:`\nabla_\theta C = D^\top\nabla_x C` (one fused forward and
-        backward pass, vectorised); ``"svd"``: also the dense :math:`D`
-        (``vmap`` of the reverse-mode Jacobian) and its thin SVD (batched QR
-        and SVD, the scheme of :attr:`PointState.svd`).
+        backward pass, vectorised); ``"svd"``: :math:`x`, :math:`\nabla_x C`,
+        the dense :math:`D` (``vmap`` of the reverse-mode Jacobian) and its
+        thin SVD (batched, :func:`r_svd`).
 
     Returns
     -------
@@ -478,20 +464,25 @@ def prefill_states(space: ParameterSpace, thetas: Tensor, need: str) -> list[Poi
     for a in range(0, len(todo), size):
         idx = todo[a : a + size]
         th = torch.stack([states[i].theta for i in idx])
-        x, dc = vmap(lambda t: fb.pullback(t, space.output_grad))(th)
+        if need == "svd":  # D^T g comes from the cached D when wanted: no backward pass here
+            x = vmap(fb.outputs)(th)
+            d = vmap(fb.jacobian)(th)
+        else:
+            x, dc = vmap(lambda t: fb.pullback(t, space.output_grad))(th)
         finite = torch.isfinite(x).all(dim=-1)
         if need == "svd":
-            d = vmap(fb.jacobian)(th)
             ok = finite & torch.isfinite(d).flatten(1).all(dim=-1)
-            u, sig, v = _r_svd_batched(torch.where(ok[:, None, None], d, 0.0))
+            u, sig, v = r_svd(torch.where(ok[:, None, None], d, 0.0))
         for j, i in enumerate(idx):
             if not bool(finite[j]):
                 continue  # left to the single-point route, which raises NonFiniteError
             cache = states[i]._cache
             cache.setdefault("x", x[j])
-            cache.setdefault("g", space.output_grad(x[j]))
-            cache.setdefault("dC", dc[j])
-            if need == "svd" and bool(ok[j]):
+            if "g" not in cache:
+                cache["g"] = space.output_grad(x[j])
+            if need == "cost_grad":
+                cache.setdefault("dC", dc[j])
+            elif bool(ok[j]):
                 cache.setdefault("D", d[j])
                 cache.setdefault("svd", (u[j], sig[j], v[j]))
     return states

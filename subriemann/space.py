@@ -103,6 +103,10 @@ class ParameterSpace(VectorSpace):
     torch.Size([5, 33])
     """
 
+    #: how many :class:`~subriemann.linalg.PointState` objects :meth:`point_state`
+    #: keeps (a batch of flows raises it while it runs)
+    _state_cache_size: int = 3
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -312,7 +316,11 @@ class ParameterSpace(VectorSpace):
         NonFiniteError
             If the outputs contain NaN or inf.
         """
-        x = self.backend.outputs(self.check_point(theta))
+        return self._finite_outputs(self.backend.outputs(self.check_point(theta)))
+
+    @staticmethod
+    def _finite_outputs(x: Tensor) -> Tensor:
+        """``x``, or :class:`NonFiniteError` when it holds NaN or inf."""
         if not torch.isfinite(x).all():
             raise NonFiniteError("model outputs contain NaN or inf at this theta")
         return x
@@ -405,12 +413,7 @@ class ParameterSpace(VectorSpace):
         if pullback is None:
             return self.vjp(theta, self.output_cost_grad(theta))
 
-        def covec(x: Tensor) -> Tensor:
-            if not torch.isfinite(x).all():
-                raise NonFiniteError("model outputs contain NaN or inf at this theta")
-            return self.output_grad(x)
-
-        return pullback(theta, covec)[1]
+        return pullback(theta, lambda x: self.output_grad(self._finite_outputs(x)))[1]
 
     # -- per-point cache -------------------------------------------------------------
     def point_state(self, theta: Tensor) -> PointState:
@@ -428,7 +431,7 @@ class ParameterSpace(VectorSpace):
                 return st
         st = PointState(self, theta.detach().clone())
         cache.insert(0, st)
-        del cache[getattr(self, '_state_cache_size', 3):]
+        del cache[self._state_cache_size :]
         return st
 
     # -- back to torch ----------------------------------------------------------

@@ -615,6 +615,13 @@ def test_prefill_states_matches_single_points():
         # U diag(s) V^T reassembles D
         assert np.allclose((u * s) @ v.T, ref_d, atol=1e-12 * s_ref[0])
         assert torch.allclose(state._cache["x"], space.outputs(th), rtol=1e-13, atol=1e-14)
+        # served from the prefilled D (no network pass)
+        assert torch.allclose(state.cost_grad, space.cost_grad(th), rtol=1e-12, atol=1e-14)
+    fresh = sr.ParameterSpace(net, space.inputs, space.targets)
+    fresh._state_cache_size = 10
+    for th, state in zip(thetas, prefill_states(fresh, thetas, "cost_grad")):
+        assert "D" not in state._cache  # the fused pass only
         assert torch.allclose(state._cache["dC"], space.cost_grad(th), rtol=1e-12, atol=1e-14)
+        assert torch.allclose(state._cache["x"], space.outputs(th), rtol=1e-13, atol=1e-14)
     with pytest.raises(ValueError, match="need must be"):
         prefill_states(space, thetas, "eigh")

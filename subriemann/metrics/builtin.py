@@ -367,12 +367,15 @@ class InterpolatedMetric(ParameterMetric):
         st = self.state(base_point)
         lam = self.lam
         if self._small_is_output:
-            if lam < 1.0:
-                chol = st.cholesky(lam)
+            # lam = 1: a Cholesky factor only where it proves every sigma > tau, so that
+            # (D D^T)^+ = (D D^T)^{-1}; otherwise the thresholded eigendecomposition
+            chol = (
+                st.cholesky(lam)
+                if lam < 1.0
+                else st.certified_cholesky(self.rank_atol, self.rank_rtol)
+            )
+            if chol is not None:
                 return st.vjp(torch.cholesky_solve(u.unsqueeze(1), chol).squeeze(1))
-            cert = st.certified_cholesky(self.rank_atol, self.rank_rtol)
-            if cert is not None:  # every sigma > tau: (D D^T)^+ = (D D^T)^{-1}
-                return st.vjp(torch.cholesky_solve(u.unsqueeze(1), cert).squeeze(1))
             w, s = self._gram_eigh(base_point)
             keep = s > self._ntk_tau(base_point, s)
             coef = torch.where(keep, (w.T @ u) / torch.where(keep, s**2, 1.0), 0.0)
