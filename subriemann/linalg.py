@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PointState",
     "prefill_states",
+    "r_svd",
     "SolverInfo",
     "ConvergenceWarning",
     "RankThresholdWarning",
