@@ -27,6 +27,16 @@ from torch.func import jvp, vjp, vmap
 
 __all__ = ["JacobianBackend", "FuncBackend", "ParameterLayout", "make_backend"]
 
+#: Errors of a :func:`~torch.func.vmap` that has no batching rule for an
+#: operation, or whose rule cannot run the operation per sample (e.g. the
+#: fused RNN kernels, ``prelu`` with a per-channel weight).
+_VMAP_ERRORS = (RuntimeError, ValueError)
+
+
+def _forward_ad_missing(err: BaseException) -> bool:
+    """Whether ``err`` says that an operation has no forward-mode derivative."""
+    return isinstance(err, NotImplementedError) and "forward AD" in str(err)
+
 
 class ParameterLayout:
     r"""Flattening of a module's trainable parameters into one vector :math:`\theta`.
@@ -140,7 +150,15 @@ class FuncBackend:
         self.inputs = inputs
         self.num_outputs = num_outputs
         n = inputs.shape[0]
-        self.chunk_size = n if chunk_size is None else max(1, min(int(chunk_size), n))
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        self.chunk_size = n if chunk_size is None else min(chunk_size, n)
+        #: routes found not to work for this model (set on first failure):
+        #: ``"per_sample"`` (vmap over samples), ``"forward"`` (forward-mode AD),
+        #: ``"vmap"`` (vmap over vectors)
+        self.unavailable: set[str] = set()
 
     # -- helpers ---------------------------------------------------------------
     def _chunks(self) -> list[Tensor]:
@@ -168,20 +186,62 @@ class FuncBackend:
         lead_shape = parts[0].shape[:lead]
         return torch.cat([g.reshape(*lead_shape, -1) for g in parts], dim=lead)
 
+    def _map(self, fn: Callable[[Tensor], Tensor], batch: Tensor) -> Tensor:
+        """``stack([fn(b) for b in batch])``: one :func:`~torch.func.vmap`, or a loop
+        when the model has an operation that ``vmap`` cannot batch."""
+        if "vmap" not in self.unavailable:
+            try:
+                return vmap(fn)(batch)
+            except _VMAP_ERRORS:
+                self.unavailable.add("vmap")
+        return torch.stack([fn(b) for b in batch])
+
     # -- interface -------------------------------------------------------------
     def outputs(self, theta: Tensor) -> Tensor:
         return torch.cat([self._flat_apply(theta, c) for c in self._chunks()])
 
     def jvp(self, theta: Tensor, tangent_vec: Tensor) -> Tensor:
-        """:math:`Dv`; ``tangent_vec`` of shape ``[K]`` or ``[..., K]`` (vectorised)."""
-        if tangent_vec.ndim > 1:
-            flat = tangent_vec.reshape(-1, tangent_vec.shape[-1])
-            res = vmap(lambda v: self.jvp(theta, v))(flat)
-            return res.reshape(*tangent_vec.shape[:-1], res.shape[-1])
-        out: list[Tensor] = []
+        r""":math:`Dv`; ``tangent_vec`` of shape ``[K]`` or ``[..., K]`` (vectorised).
+
+        Forward mode; for a model with an operation that has no forward-mode
+        derivative (``MultiheadAttention``'s fused kernel, ``weight_norm``) it
+        is the reverse-mode *double VJP*: :math:`u \mapsto D^\top u` is linear,
+        and its VJP with cotangent :math:`v` is :math:`Dv`.
+        """
+        flat = tangent_vec.reshape(-1, tangent_vec.shape[-1])
+        if "forward" not in self.unavailable:
+            try:
+                res = self._jvp_forward(theta, flat)
+            except NotImplementedError as err:
+                if not _forward_ad_missing(err):
+                    raise
+                self.unavailable.add("forward")
+        if "forward" in self.unavailable:
+            res = self._jvp_reverse(theta, flat)
+        return res.reshape(*tangent_vec.shape[:-1], res.shape[-1])
+
+    def _jvp_forward(self, theta: Tensor, flat: Tensor) -> Tensor:
+        def one(v: Tensor) -> Tensor:
+            out = [
+                jvp(lambda t, c=c: self._flat_apply(t, c), (theta,), (v,))[1]
+                for c in self._chunks()
+            ]
+            return torch.cat(out)
+
+        return one(flat[0]).unsqueeze(0) if flat.shape[0] == 1 else self._map(one, flat)
+
+    def _jvp_reverse(self, theta: Tensor, flat: Tensor) -> Tensor:
+        """:math:`Dv` for the rows ``v`` of ``flat`` by two reverse passes (double VJP)."""
+        names = self.layout.names
+        wrt, _ = self._split(theta)
+        out = []
         for c in self._chunks():
-            out.append(jvp(lambda t, c=c: self._flat_apply(t, c), (theta,), (tangent_vec,))[1])
-        return torch.cat(out)
+            pull = vjp(lambda w, c=c: self.apply(w, c).reshape(-1), wrt)[1]
+            u0 = flat.new_zeros(c.shape[0] * self.num_outputs)
+            push = vjp(lambda u, pull=pull: self._cat(pull(u)[0], names, 0), u0)[1]
+            one = lambda v, push=push: push(v)[0]  # noqa: E731
+            out.append(one(flat[0]).unsqueeze(0) if flat.shape[0] == 1 else self._map(one, flat))
+        return torch.cat(out, dim=1)
 
     def vjp(self, theta: Tensor, output_covec: Tensor) -> Tensor:
         r""":math:`D^\top u`; ``output_covec`` of shape ``[QN]`` or ``[..., QN]`` (vectorised)."""
@@ -218,7 +278,7 @@ class FuncBackend:
             if u.ndim == 1:
                 return self._cat(fn(u)[0], names, 0)
             flat = u.reshape(-1, u.shape[-1])
-            g = self._cat(vmap(fn)(flat)[0], names, 1)
+            g = self._map(lambda r: self._cat(fn(r)[0], names, 0), flat)
             return g.reshape(*u.shape[:-1], g.shape[-1])
 
         if len(chunks) == 1:
@@ -243,9 +303,25 @@ class FuncBackend:
         """Rows of D (columns of the parameters ``names``) by reverse mode.
 
         Vectorised over samples (outer :func:`~torch.func.vmap`) and over the
-        Q outputs of a sample (inner ``vmap`` over the identity).  ``inputs``:
-        the rows of these samples only (default: all, in chunks).
+        Q outputs of a sample (inner ``vmap`` over the identity).  When the
+        model cannot be batched per sample (``vmap`` raises: the fused
+        ``LSTM``/``GRU`` kernels, ``PReLU``), the rows come from the whole
+        chunk instead (:meth:`_jacobian_rows_batch`).  ``inputs``: the rows of
+        these samples only (default: all, in chunks).
         """
+        chunks = self._chunks() if inputs is None else [inputs]
+        if "per_sample" not in self.unavailable:
+            try:
+                blocks = [self._jacobian_rows_per_sample(theta, names, c) for c in chunks]
+            except _VMAP_ERRORS:
+                self.unavailable.add("per_sample")
+        if "per_sample" in self.unavailable:
+            blocks = [self._jacobian_rows_batch(theta, names, c) for c in chunks]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+    def _jacobian_rows_per_sample(
+        self, theta: Tensor, names: Sequence[str] | None, inputs: Tensor
+    ) -> Tensor:
         q = self.num_outputs
         wrt, rest = self._split(theta, names)
         order = list(wrt)
@@ -258,14 +334,28 @@ class FuncBackend:
             eye = torch.eye(q, dtype=theta.dtype, device=theta.device)
             return self._cat(vmap(fn)(eye)[0], order, 1)  # [Q, k]
 
-        blocks = []
-        for c in self._chunks() if inputs is None else [inputs]:
-            j = vmap(row_block, in_dims=(None, 0))(wrt, c)  # [n, Q, k]
-            blocks.append(j.reshape(-1, j.shape[-1]))
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        j = vmap(row_block, in_dims=(None, 0))(wrt, inputs)  # [n, Q, k]
+        return j.reshape(-1, j.shape[-1])
+
+    def _jacobian_rows_batch(
+        self, theta: Tensor, names: Sequence[str] | None, inputs: Tensor
+    ) -> Tensor:
+        """Rows of D for ``inputs`` from one reverse pass over the whole batch.
+
+        One forward pass, then one VJP per output row with the basis covectors
+        (vectorised, in blocks of 256 rows).  Exact for any model that
+        :func:`torch.func.vjp` differentiates; the samples are never split.
+        """
+        wrt, rest = self._split(theta, names)
+        order = list(wrt)
+        fn = vjp(lambda w: self.apply({**rest, **w}, inputs).reshape(-1), wrt)[1]
+        rows = inputs.shape[0] * self.num_outputs
+        eye = torch.eye(rows, dtype=theta.dtype, device=theta.device)
+        one = lambda e: self._cat(fn(e)[0], order, 0)  # noqa: E731
+        return torch.cat([self._map(one, eye[a : a + 256]) for a in range(0, rows, 256)])
 
     def _jacobian_forward(self, theta: Tensor) -> Tensor:
-        """Columns of D by forward mode, 256 basis vectors per vectorised pass."""
+        """Columns of D by forward mode (:meth:`jvp`), 256 basis vectors per pass."""
         k = theta.shape[0]
         eye_chunk = 256
         cols = []
@@ -273,7 +363,7 @@ class FuncBackend:
             b = min(k, a + eye_chunk)
             basis = torch.zeros(b - a, k, dtype=theta.dtype, device=theta.device)
             basis[torch.arange(b - a), torch.arange(a, b)] = 1.0
-            cols.append(vmap(lambda v: self.jvp(theta, v))(basis).T)
+            cols.append(self.jvp(theta, basis).T)
         return torch.cat(cols, dim=1)
 
     def jacobian(self, theta: Tensor) -> Tensor:
@@ -336,11 +426,17 @@ class FuncBackend:
             outs = [self.apply({**rest, name: wp}, c).reshape(-1) for c in self._chunks()]
             return torch.cat(outs)
 
+        sl = self.layout.slices()[self.layout.names.index(name)]
         for a in range(0, n_total, per):
             b = min(n_total, a + per)
             r = self._jacobian_reverse(theta, [name], self.inputs[a:b])  # [rows, numel]
-            r = r.reshape((b - a) * q, *w.shape)
-            cols = vmap(lambda v: jvp(f_all, (w,), (v,))[1])(r)  # [rows, QN]
+            if "forward" in self.unavailable:  # through jvp's reverse-mode route
+                full = r.new_zeros(r.shape[0], theta.shape[0])
+                full[:, sl] = r
+                cols = self.jvp(theta, full)
+            else:
+                r = r.reshape((b - a) * q, *w.shape)
+                cols = self._map(lambda v: jvp(f_all, (w,), (v,))[1], r)  # [rows, QN]
             gram[:, a * q : b * q] = cols.T
         return gram
 

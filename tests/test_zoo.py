@@ -153,7 +153,10 @@ CASES = [
     Case(
         "conv1d_maxpool",
         lambda: _seq(
-            nn.Conv1d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool1d(2), nn.Flatten(),
+            nn.Conv1d(2, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool1d(2),
+            nn.Flatten(),
             nn.Linear(9, 2),
         ),
         _img(2, 6),
@@ -161,23 +164,34 @@ CASES = [
     Case(
         "conv2d_avgpool",
         lambda: _seq(
-            nn.Conv2d(1, 2, 3, stride=1), nn.Tanh(), nn.AvgPool2d(2),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2),
+            nn.Conv2d(1, 2, 3, stride=1),
+            nn.Tanh(),
+            nn.AvgPool2d(2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(2, 2),
         ),
         _img(1, 6, 6),
     ),
     Case(
         "norms",
         lambda: _seq(
-            nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), _bn_eval_with_stats(),
-            nn.Unflatten(1, (2, 2)), nn.GroupNorm(1, 2), nn.Flatten(), nn.Linear(4, 2),
+            nn.Linear(3, 4),
+            nn.LayerNorm(4),
+            nn.Tanh(),
+            _bn_eval_with_stats(),
+            nn.Unflatten(1, (2, 2)),
+            nn.GroupNorm(1, 2),
+            nn.Flatten(),
+            nn.Linear(4, 2),
         ),
         _vec(3),
     ),
     Case(
         "instancenorm",
-        lambda: _seq(nn.Conv1d(1, 2, 2), nn.InstanceNorm1d(2, affine=True), nn.Flatten(),
-                     nn.Linear(8, 2)),
+        lambda: _seq(
+            nn.Conv1d(1, 2, 2), nn.InstanceNorm1d(2, affine=True), nn.Flatten(), nn.Linear(8, 2)
+        ),
         _img(1, 5),
     ),
     Case(
@@ -207,16 +221,26 @@ CASES = [
 ]
 
 COUPLED = [
-    Case("center", lambda: _seq(nn.Linear(3, 4), Center(), nn.Tanh(), nn.Linear(4, 2)), _vec(3),
-         "Center at '1'"),
-    Case("softmax_dim0", lambda: _seq(nn.Linear(3, 2), nn.Softmax(dim=0)), _vec(3),
-         "Softmax at '1'"),
-    Case("attention_seq_first", lambda: Attention(batch_first=False), _img(3, 4),
-         "MultiheadAttention at 'att'"),
+    Case(
+        "center",
+        lambda: _seq(nn.Linear(3, 4), Center(), nn.Tanh(), nn.Linear(4, 2)),
+        _vec(3),
+        "Center at '1'",
+    ),
+    Case(
+        "softmax_dim0", lambda: _seq(nn.Linear(3, 2), nn.Softmax(dim=0)), _vec(3), "Softmax at '1'"
+    ),
+    Case(
+        "attention_seq_first",
+        lambda: Attention(batch_first=False),
+        _img(3, 4),
+        "MultiheadAttention at 'att'",
+    ),
     Case(
         "batchnorm_no_running_stats",
-        lambda: _seq(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False),
-                     nn.Linear(4, 2)),
+        lambda: _seq(
+            nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2)
+        ),
         _vec(3),
         "BatchNorm1d at '1'",
     ),
@@ -269,8 +293,9 @@ def test_zoo_routes_match_full_batch_jacrev(case, regime):
     assert (space.output_dim <= space.dim) == (regime == "wide")
     theta0 = space.initial_point()
     torch.testing.assert_close(theta0, flat_params(model), rtol=0, atol=0)
-    theta = theta0 + 0.05 * torch.randn(space.dim, generator=torch.Generator().manual_seed(5),
-                                        dtype=F64)
+    theta = theta0 + 0.05 * torch.randn(
+        space.dim, generator=torch.Generator().manual_seed(5), dtype=F64
+    )
     ref = reference_jacobian(model, X, theta)
     _close(space.outputs(theta), reference_outputs(model, X, theta), 1e-12)
     _close(space.jacobian(theta), ref, 1e-10)
