@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from subriemann._coupling import check_rows, check_sample_independence, sample_rows
 from subriemann._geomstats import import_geomstats
 from subriemann.jacobian import JacobianBackend, ParameterLayout, make_backend
 from subriemann.linalg import PointState
@@ -27,10 +28,25 @@ from geomstats.geometry.base import VectorSpace  # noqa: E402
 
 __all__ = ["ParameterSpace", "NonFiniteError"]
 
-_STOCHASTIC = (
-    torch.nn.modules.dropout._DropoutNd,
-    torch.nn.modules.batchnorm._BatchNorm,
-)
+def _train_mode_differs(m: torch.nn.Module) -> bool:
+    """Whether ``m`` (in train mode) computes something else than in eval mode.
+
+    Dropout and ``RReLU`` are random in train mode; a normalization layer
+    with running statistics (``BatchNorm``, ``InstanceNorm`` with
+    ``track_running_stats=True``, their lazy and sync variants) uses batch
+    or instance statistics in train mode and the running ones in eval mode;
+    ``MultiheadAttention`` and multi-layer RNNs apply their own dropout.
+    """
+    if not m.training:
+        return False
+    nn = torch.nn
+    if isinstance(m, nn.modules.dropout._DropoutNd | nn.RReLU):
+        return True
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        return bool(m.track_running_stats)
+    if isinstance(m, nn.MultiheadAttention | nn.RNNBase):
+        return float(m.dropout) > 0
+    return False
 
 
 class NonFiniteError(ValueError):
@@ -83,10 +99,37 @@ class ParameterSpace(VectorSpace):
     order, each flattened row-major.  Buffers and frozen parameters are held
     fixed.
 
-    **Train-mode layers.** Dropout and BatchNorm in train mode make
-    :math:`D` random or batch-dependent.  The internal copy is always put in
-    eval mode; if the user's module had such a layer in train mode a
-    :class:`UserWarning` says so.
+    **Samples must be independent.** :math:`x[\theta]` stacks per-sample
+    outputs :math:`f(x^{(0)}_j, \theta)` (docs/theory.md §1), and the engines
+    use it: :math:`D` is formed per sample, the data is cut into chunks.  A
+    model whose output for one sample depends on the others
+    (``x - x.mean(0)``, a softmax over dimension 0,
+    ``MultiheadAttention(batch_first=False)`` on ``[N, ...]`` inputs,
+    ``BatchNorm`` without running statistics) has no such :math:`f`, and its
+    outputs change with the chunking.  It is **refused**: at construction three
+    samples (first, middle, last) are evaluated together and one at a time,
+    and their rows of the engine's whole-batch outputs are compared with the
+    latter; a difference above :math:`\sqrt{\varepsilon}\,(1+\max|x|)`
+    raises a one-line :class:`ValueError` that names the first module whose
+    outputs differ (or that fails on a single sample).  Round-off between a
+    batched and a per-sample evaluation is :math:`\lesssim 10^{-13}` relative
+    in float64 (:math:`10^{-5}` in float32), far below the tolerance, while
+    a coupling changes outputs by O(1).  The check costs a few forward passes
+    on at most three samples, once.
+
+    **What the generic engine differentiates.** Anything
+    :func:`torch.func.vjp` can: when per-sample ``vmap`` fails (the fused
+    ``LSTM``/``GRU``/``RNN`` kernels, ``PReLU``) :math:`D` comes from
+    reverse mode on whole chunks; when an operation has no forward-mode
+    derivative (``MultiheadAttention``, ``weight_norm``) :math:`Dv` is a
+    double VJP (see :class:`~subriemann.jacobian.FuncBackend`).
+
+    **Train-mode layers.** Dropout, ``RReLU``, layers with running statistics
+    (``BatchNorm``, ``InstanceNorm`` with ``track_running_stats=True``) and the
+    dropout of ``MultiheadAttention`` and multi-layer RNNs behave differently
+    in train mode (random, or batch statistics).  The internal copy is always
+    put in eval mode; if the user's module had such a layer in train mode a
+    :class:`UserWarning` names it.
 
     Examples
     --------
@@ -165,12 +208,10 @@ class ParameterSpace(VectorSpace):
         self.targets = targets
 
         # -- model --------------------------------------------------------------
-        stochastic = [
-            name for name, m in model.named_modules() if isinstance(m, _STOCHASTIC) and m.training
-        ]
+        stochastic = [name for name, m in model.named_modules() if _train_mode_differs(m)]
         if stochastic:
             warnings.warn(
-                "model has Dropout/BatchNorm layers in train mode "
+                "model has layers that are random or use batch statistics in train mode "
                 f"({', '.join(stochastic)}); subriemann uses a copy in eval mode so that "
                 "the Jacobian D is deterministic. The model passed in is not changed.",
                 UserWarning,
@@ -215,6 +256,8 @@ class ParameterSpace(VectorSpace):
         self.y = targets.reshape(-1)
         self.backend_kind = backend
         self.chunk_size = chunk_size
+        params0 = self.layout.unflatten(theta0)
+        singles = check_sample_independence(module, self._apply, params0, inputs)
         self.backend: JacobianBackend = make_backend(
             backend, module, self._apply, self.layout, inputs, q, chunk_size
         )
@@ -225,6 +268,11 @@ class ParameterSpace(VectorSpace):
                 "model outputs contain NaN or inf at the model's current parameters "
                 f"({int((~torch.isfinite(x0)).sum())} of {x0.numel()} entries)"
             )
+        if singles is not None:  # the engine's (chunked) outputs against per-sample ones
+            rows = sample_rows(self._num_samples)
+            batch = x0.view(self._num_samples, q)[rows]
+            sub = inputs[rows]
+            check_rows(module, self._apply, params0, sub, batch, singles, "in the whole batch")
         super().__init__(shape=(self.layout.dim,), dim=self.layout.dim, equip=equip)
 
     # -- geomstats --------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -625,3 +626,84 @@ def test_prefill_states_matches_single_points():
         assert torch.allclose(state._cache["x"], space.outputs(th), rtol=1e-13, atol=1e-14)
     with pytest.raises(ValueError, match="need must be"):
         prefill_states(space, thetas, "eigh")
+
+
+def test_coupling_seen_only_in_the_whole_batch_is_refused():
+    """Per-sample and small-batch evaluations agree, the engine's whole batch does not."""
+
+    class CoupledWhenLarge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            y = self.lin(x)
+            return y + (x.shape[0] > 3) * y.mean(0)
+
+    X, Y = torch.randn(10, 3), torch.randn(10, 2)
+    with pytest.raises(ValueError, match="couples samples: CoupledWhenLarge .* whole batch"):
+        sr.ParameterSpace(CoupledWhenLarge(), X, Y, backend="func")
+    # chunks of 3 never see the coupling: the engine's function is the per-sample one
+    space = sr.ParameterSpace(CoupledWhenLarge(), X, Y, backend="func", chunk_size=3)
+    theta = space.initial_point()
+    ref = reference_jacobian(space.module, X[:1], theta)
+    torch.testing.assert_close(space.jacobian(theta)[:2], ref)
+
+
+@pytest.mark.parametrize(
+    "layer, inputs",
+    [
+        (nn.InstanceNorm1d(2, affine=True, track_running_stats=True), (5, 1, 4)),
+        (nn.RReLU(), (5, 1, 4)),
+        (nn.LazyBatchNorm1d(), (5, 1, 4)),
+    ],
+    ids=["instancenorm_running_stats", "rrelu", "lazy_batchnorm"],
+)
+def test_train_mode_layers_with_other_eval_behaviour_warn(layer, inputs):
+    """Every layer whose train-mode output differs from its eval-mode one is named."""
+    torch.manual_seed(0)
+    if isinstance(layer, nn.LazyBatchNorm1d):
+        layer(torch.randn(3, 2, 3))  # materialize
+        layer.reset_running_stats()
+    model = nn.Sequential(nn.Conv1d(1, 2, 2), layer, nn.Flatten(), nn.Linear(6, 2))
+    with torch.no_grad():  # running statistics differ from the batch's
+        for buf in ("running_mean", "running_var"):
+            if getattr(layer, buf, None) is not None:
+                getattr(layer, buf).fill_(0.5)
+    model.train()
+    X, Y = torch.randn(*inputs), torch.randn(5, 2)
+    with pytest.warns(UserWarning, match=r"train mode \(1\)"):
+        space = sr.ParameterSpace(model, X, Y)
+    theta = space.initial_point()
+    torch.testing.assert_close(space.outputs(theta), reference_outputs(model, X, theta))
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.MultiheadAttention(4, 2, dropout=0.3, batch_first=True)
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(self.inner(x, x, x)[0].mean(1))
+
+
+class _DeepLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.LSTM(4, 3, num_layers=2, dropout=0.3, batch_first=True)
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(self.inner(x)[0].mean(1))
+
+
+@pytest.mark.parametrize("model", [_SelfAttention, _DeepLSTM], ids=["attention", "rnn"])
+def test_train_mode_dropout_inside_attention_and_rnns_warns(model):
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"train mode \(inner\)"):
+        sr.ParameterSpace(model().train(), torch.randn(4, 2, 4), torch.randn(4, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no dropout in eval mode: no warning
+        warnings.filterwarnings("ignore", "structured NTK engine")
+        sr.ParameterSpace(model().eval(), torch.randn(4, 2, 4), torch.randn(4, 2))
