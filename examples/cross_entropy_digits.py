@@ -82,7 +82,8 @@ def mlp(hidden: int, q: int, seed: int) -> torch.nn.Module:
 
 def accuracy(space: sr.ParameterSpace, theta: torch.Tensor, x: torch.Tensor, labels) -> float:
     with torch.no_grad():
-        logits = space.to_model(theta)(x.to(space.dtype))
+        model = space.to_model(theta)  # in the dtype of the model passed to the space
+        logits = model(x.to(next(model.parameters()).dtype))
     return float((logits.argmax(dim=1) == labels).to(torch.float64).mean())
 
 

@@ -171,6 +171,9 @@ class ParameterSpace(VectorSpace):
             raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
         if not isinstance(targets, Tensor):
             raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+        for what, t in (("inputs", inputs), ("targets", targets)):
+            if t.is_complex():
+                raise TypeError(f"{what} must be real, got {t.dtype}")
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.loss = get_loss(loss)
@@ -217,6 +220,12 @@ class ParameterSpace(VectorSpace):
                 UserWarning,
                 stacklevel=2,
             )
+        # the user's floating dtypes, restored by to_model
+        self._user_dtypes = {
+            n: t.dtype
+            for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_floating_point()
+        }
         module = copy.deepcopy(model).to(dtype=dtype, device=self.device)
         module.eval()
         self.module = module
@@ -367,15 +376,23 @@ class ParameterSpace(VectorSpace):
         return self._finite_outputs(self.backend.outputs(self.check_point(theta)))
 
     @staticmethod
-    def _finite_outputs(x: Tensor) -> Tensor:
+    def _finite(x: Tensor, what: str = "model outputs") -> Tensor:
         """``x``, or :class:`NonFiniteError` when it holds NaN or inf."""
         if not torch.isfinite(x).all():
-            raise NonFiniteError("model outputs contain NaN or inf at this theta")
+            raise NonFiniteError(f"{what} contain NaN or inf at this theta")
         return x
 
+    _finite_outputs = _finite
+
     def jacobian(self, theta: Tensor) -> Tensor:
-        r""":math:`D[\theta] = \partial x / \partial\theta`, shape ``[QN, K]`` (dense)."""
-        return self.backend.jacobian(self.check_point(theta))
+        r""":math:`D[\theta] = \partial x / \partial\theta`, shape ``[QN, K]`` (dense).
+
+        Raises
+        ------
+        NonFiniteError
+            If :math:`D` contains NaN or inf (e.g. at a NaN :math:`\theta`).
+        """
+        return self._finite(self.backend.jacobian(self.check_point(theta)), "Jacobian D")
 
     def jvp(self, theta: Tensor, tangent_vec: Tensor) -> Tensor:
         r""":math:`D v`, shape ``[..., QN]``, without forming :math:`D`.
@@ -414,8 +431,14 @@ class ParameterSpace(VectorSpace):
         return out.reshape(*u.shape[:-1], self.dim)
 
     def ntk(self, theta: Tensor) -> Tensor:
-        r"""Empirical NTK :math:`DD^\top`, shape ``[QN, QN]``."""
-        return self.backend.ntk(self.check_point(theta))
+        r"""Empirical NTK :math:`DD^\top`, shape ``[QN, QN]``.
+
+        Raises
+        ------
+        NonFiniteError
+            If it contains NaN or inf (e.g. at a NaN :math:`\theta`).
+        """
+        return self._finite(self.backend.ntk(self.check_point(theta)), "NTK")
 
     # -- cost -------------------------------------------------------------------
     def _as_samples(self, x: Tensor) -> Tensor:
@@ -501,8 +524,20 @@ class ParameterSpace(VectorSpace):
         return model
 
     def to_model(self, theta: Tensor) -> torch.nn.Module:
-        r"""A new module (copy of the internal float64 one) holding :math:`\theta`."""
-        return self.load_into(copy.deepcopy(self.module), theta)
+        r"""A new module holding :math:`\theta`, in the dtypes of the model passed in.
+
+        A copy of the internal (eval-mode) module whose parameters and buffers
+        are converted back to the user's dtypes, so that ``to_model(theta)(X)``
+        works with the user's own inputs (float32 ones for a float32 model).
+        Use :meth:`load_into` on a float64 module to keep :math:`\theta` exactly.
+        """
+        model = self.load_into(copy.deepcopy(self.module), theta)
+        with torch.no_grad():
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                dtype = self._user_dtypes.get(name)
+                if dtype is not None and t.dtype != dtype:
+                    t.data = t.data.to(dtype)
+        return model
 
     def __repr__(self) -> str:
         return (

@@ -339,11 +339,11 @@ def test_to_model_and_load_into_round_trip(mlp_problem):
     p = mlp_problem
     space = _space(p)
     theta = _perturbed(space)
-    model = space.to_model(theta)
+    model = space.to_model(theta)  # in the user's float32
     assert isinstance(model, nn.Module) and not model.training
     with torch.no_grad():
-        torch.testing.assert_close(model(p.inputs.to(F64)).reshape(-1), space.outputs(theta))
-    torch.testing.assert_close(flat_params(model), theta, rtol=0, atol=0)
+        torch.testing.assert_close(model(p.inputs).reshape(-1), space.outputs(theta).float())
+    torch.testing.assert_close(flat_params(model, torch.float32), theta.float(), rtol=0, atol=0)
     # load into a float64 copy of the user's model: exact round trip
     m64 = copy.deepcopy(p.model).to(F64)
     assert space.load_into(m64, theta) is m64
@@ -707,3 +707,47 @@ def test_train_mode_dropout_inside_attention_and_rnns_warns(model):
         warnings.simplefilter("error", UserWarning)  # no dropout in eval mode: no warning
         warnings.filterwarnings("ignore", "structured NTK engine")
         sr.ParameterSpace(model().eval(), torch.randn(4, 2, 4), torch.randn(4, 2))
+
+
+# -- point 7 of issue 13: bad-input leftovers ----------------------------------------
+def test_jacobian_and_ntk_at_a_nan_theta_raise_like_outputs():
+    space = sr.ParameterSpace(_mlp(), torch.randn(5, 3), torch.randn(5, 2))
+    theta = space.initial_point()
+    theta[0] = math.nan
+    for method in ("outputs", "jacobian", "ntk"):
+        with pytest.raises(sr.NonFiniteError, match="NaN or inf"):
+            getattr(space, method)(theta)
+
+
+@pytest.mark.parametrize("which", ["targets", "inputs"])
+def test_complex_data_is_refused(which):
+    X, Y = torch.randn(5, 3), torch.randn(5, 2)
+    if which == "targets":
+        Y = Y.to(torch.complex64)
+    else:
+        X = X.to(torch.complex64)
+    with pytest.raises(TypeError, match=f"{which} must be real.*complex64"):
+        sr.ParameterSpace(_mlp(), X, Y)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -3, 2.5, True])
+def test_bad_chunk_size_is_refused(chunk_size):
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        sr.ParameterSpace(_mlp(), torch.randn(5, 3), torch.randn(5, 2), chunk_size=chunk_size)
+
+
+def test_to_model_has_the_users_dtype():
+    model = _mlp()  # float32, as users build them
+    X = torch.randn(5, 3)
+    space = sr.ParameterSpace(model, X, torch.randn(5, 2))
+    theta = _perturbed(space)
+    back = space.to_model(theta)
+    assert all(p.dtype == torch.float32 for p in back.parameters())
+    with torch.no_grad():
+        out = back(X)  # the user's float32 inputs
+    torch.testing.assert_close(out.reshape(-1), space.outputs(theta).float())
+    torch.testing.assert_close(flat_params(back, torch.float32), theta.float(), rtol=0, atol=0)
+    # a float64 model stays float64, bit-exact
+    space64 = sr.ParameterSpace(copy.deepcopy(model).double(), X, torch.randn(5, 2))
+    back64 = space64.to_model(theta)
+    torch.testing.assert_close(flat_params(back64), theta, rtol=0, atol=0)
