@@ -180,9 +180,10 @@ def _locate(
         if not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != sub.shape[0]:
             continue
         rows = [s[k][1] if k < len(s) and s[k][0] == m_id else None for s in singles]
-        if any(r is None or r.shape[1:] != out.shape[1:] or r.shape[0] != 1 for r in rows):
+        tensors = [r for r in rows if isinstance(r, Tensor) and r.shape == (1, *out.shape[1:])]
+        if len(tensors) != len(rows):  # no matching per-sample output
             return _describe(_by_id(module, m_id), names[m_id])
-        alone = torch.cat(rows)
+        alone = torch.cat(tensors)
         if float((alone - out).abs().max()) > _tolerance(out):
             return _describe(_by_id(module, m_id), names[m_id])
     return None
