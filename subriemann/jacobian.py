@@ -108,7 +108,7 @@ class FuncBackend:
     num_outputs : int
         Q.
     chunk_size : int or None
-        Samples per chunk (``None``: all at once).
+        Samples per chunk, a positive integer (``None``: all at once).
 
     Notes
     -----
@@ -120,6 +120,26 @@ class FuncBackend:
     block :math:`D_p`, never of :math:`D`; a single tensor whose block exceeds
     ``ntk_block_entries`` is split into row blocks, each multiplied by
     :math:`D_p` in forward mode (see ``_ntk_one_tensor``).
+
+    **Models torch.func cannot batch.** The routes above need a ``vmap``
+    over samples and forward-mode AD.  When one of them fails for a model,
+    the engine switches, once and for this model (recorded in
+    ``unavailable``), to a route that is exact for anything
+    :func:`torch.func.vjp` differentiates:
+
+    * per-sample ``vmap`` fails (the fused ``LSTM``/``GRU``/``RNN`` kernels,
+      ``PReLU``): the rows of :math:`D` come from one reverse pass over the
+      whole chunk, one VJP per row with the basis covectors, in blocks of 256
+      rows;
+    * no forward-mode derivative (``MultiheadAttention``'s fused kernel,
+      ``weight_norm``): :math:`Dv` is a double VJP, the VJP with cotangent
+      :math:`v` of the linear map :math:`u \mapsto D^\top u` at
+      :math:`u = 0` (three passes instead of one);
+    * ``vmap`` over a batch of vectors fails: a loop over the vectors.
+
+    These models are compared with a full-batch ``jacrev`` in the test zoo
+    (``tests/test_zoo.py``).  Models that *couple* samples are refused earlier,
+    by :class:`~subriemann.ParameterSpace`.
 
     Reverse-mode products differentiate with respect to the *dictionary* of
     parameter tensors (views of :math:`\theta`) and concatenate the

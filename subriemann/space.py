@@ -87,10 +87,20 @@ class ParameterSpace(VectorSpace):
         float64 (default) or float32.
     device : str or torch.device, optional
     chunk_size : int, optional
-        Samples per chunk when evaluating the network and its derivatives;
-        bounds memory for large N.
+        Samples per chunk when evaluating the network and its derivatives
+        (a positive integer); bounds memory for large N.
     backend : {"auto", "func", "structured"}
         Engine for :math:`D` and the NTK (see :mod:`subriemann.jacobian`).
+
+    Raises
+    ------
+    TypeError
+        A wrong type: a model that is not a module, non-tensor, complex
+        inputs or targets, a dtype other than float32/float64.
+    ValueError
+        Inconsistent shapes, NaN or inf in the data or the outputs, a
+        ``chunk_size`` that is not a positive integer, or a model that couples
+        samples (below).
 
     Notes
     -----
