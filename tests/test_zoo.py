@@ -358,3 +358,51 @@ def test_chunked_rnn_routes_match_full_batch_jacrev():
     _close(space.ntk(theta), ref @ ref.T, 1e-10)
     u = torch.randn(2, space.output_dim, dtype=F64)
     _close(space.vjp(theta, u), u @ ref, 1e-10)
+
+
+MODEL_FILE = """
+import torch
+from torch import nn
+
+
+class GRUHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(2, 4, batch_first=True)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.rnn(x.reshape(x.shape[0], -1, 2))[0][:, -1])
+
+
+def gru(in_dim, out_dim):
+    torch.manual_seed(0)
+    return GRUHead()
+
+
+def prelu(in_dim, out_dim):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(in_dim, 8), nn.PReLU(), nn.Linear(8, out_dim))
+"""
+
+
+@pytest.mark.parametrize("factory", ["gru", "prelu"])
+def test_cli_runs_prelu_and_gru_model_files(tmp_path, factory, capsys):
+    """``subriemann run --model-file`` with the models the engine used to crash on."""
+    from subriemann.cli import main
+
+    (tmp_path / "net.py").write_text(MODEL_FILE)
+    gen = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "data.npz",
+        inputs=gen.standard_normal((6, 4)),
+        targets=gen.standard_normal((6, 1)),
+    )
+    net, data = tmp_path / "net.py", tmp_path / "data.npz"
+    argv = ["run", "--model-file", f"{net}:{factory}", "--data", str(data)]
+    argv += ["--metrics", "pullback", "--s-end", "0.05", "--rtol", "1e-5", "--max-time", "60"]
+    argv += ["--no-progress", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    summary = (tmp_path / "out" / "summary.json").read_text()
+    assert '"s_end_reached"' in summary
+    assert "Traceback" not in capsys.readouterr().err
