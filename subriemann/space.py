@@ -236,7 +236,15 @@ class ParameterSpace(VectorSpace):
             for n, t in [*model.named_parameters(), *model.named_buffers()]
             if t.is_floating_point()
         }
-        module = copy.deepcopy(model).to(dtype=dtype, device=self.device)
+        try:
+            module = copy.deepcopy(model)
+        except Exception as err:  # e.g. torch.nn.utils.weight_norm's non-leaf weight
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ValueError(
+                f"model cannot be copied ({type(err).__name__}: {first}); subriemann works on "
+                "a copy (for weight normalization use torch.nn.utils.parametrizations.weight_norm)"
+            ) from None
+        module = module.to(dtype=dtype, device=self.device)
         module.eval()
         self.module = module
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]

@@ -751,3 +751,12 @@ def test_to_model_has_the_users_dtype():
     space64 = sr.ParameterSpace(copy.deepcopy(model).double(), X, torch.randn(5, 2))
     back64 = space64.to_model(theta)
     torch.testing.assert_close(flat_params(back64), theta, rtol=0, atol=0)
+
+
+def test_a_model_that_cannot_be_copied_gets_a_one_line_error():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old weight_norm is deprecated
+        model = nn.Sequential(nn.utils.weight_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="cannot be copied.*parametrizations.weight_norm") as info:
+        sr.ParameterSpace(model, torch.randn(5, 3), torch.randn(5, 2))
+    assert "\n" not in str(info.value)
