@@ -212,7 +212,9 @@ class FuncBackend:
         if "vmap" not in self.unavailable:
             try:
                 return vmap(fn)(batch)
-            except _VMAP_ERRORS:
+            except _VMAP_ERRORS as err:
+                if _forward_ad_missing(err):  # not a vmap problem (see jvp)
+                    raise
                 self.unavailable.add("vmap")
         return torch.stack([fn(b) for b in batch])
 
@@ -450,15 +452,28 @@ class FuncBackend:
         for a in range(0, n_total, per):
             b = min(n_total, a + per)
             r = self._jacobian_reverse(theta, [name], self.inputs[a:b])  # [rows, numel]
-            if "forward" in self.unavailable:  # through jvp's reverse-mode route
-                full = r.new_zeros(r.shape[0], theta.shape[0])
-                full[:, sl] = r
-                cols = self.jvp(theta, full)
-            else:
-                r = r.reshape((b - a) * q, *w.shape)
-                cols = self._map(lambda v: jvp(f_all, (w,), (v,))[1], r)  # [rows, QN]
-            gram[:, a * q : b * q] = cols.T
+            gram[:, a * q : b * q] = self._rows_times_d(theta, sl, r, w, f_all).T
         return gram
+
+    def _rows_times_d(
+        self, theta: Tensor, sl: slice, r: Tensor, w: Tensor, f_all: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        r""":math:`R D_p^\top`, shape ``[rows, QN]``: one JVP on :math:`p` per row of ``r``.
+
+        Forward mode on the tensor :math:`p` alone; without forward-mode AD,
+        :meth:`jvp` (double VJP) on tangents that vanish outside :math:`p`.
+        """
+        if "forward" not in self.unavailable:
+            try:
+                v = r.reshape(r.shape[0], *w.shape)
+                return self._map(lambda t: jvp(f_all, (w,), (t,))[1], v)
+            except NotImplementedError as err:
+                if not _forward_ad_missing(err):
+                    raise
+                self.unavailable.add("forward")
+        full = r.new_zeros(r.shape[0], theta.shape[0])
+        full[:, sl] = r
+        return self.jvp(theta, full)
 
 
 def make_backend(

@@ -220,6 +220,17 @@ CASES = [
     Case("tied", Tied, _vec(3)),
 ]
 
+#: routes of the generic engine that torch.func cannot take for these models
+FALLBACKS = {
+    "lstm": {"per_sample"},
+    "gru": {"per_sample"},
+    "rnn": {"per_sample"},
+    "prelu": {"per_sample"},
+    "prelu_channels_conv": {"per_sample"},
+    "attention": {"forward"},
+    "weight_norm": {"forward"},
+}
+
 COUPLED = [
     Case(
         "center",
@@ -309,6 +320,12 @@ def test_zoo_routes_match_full_batch_jacrev(case, regime):
     _close(space.vjp(theta, u), u @ ref, 1e-10)
     r = space.output_cost_grad(theta)
     _close(space.cost_grad(theta), ref.T @ r, 1e-10)
+    # the generic engine left its fast routes only where torch.func cannot take them
+    func = getattr(space.backend, "fallback", space.backend)
+    expected = FALLBACKS.get(case.name, set())
+    if regime == "tall":  # D by forward mode: the per-sample reverse route is not tried
+        expected = expected - {"per_sample"}
+    assert func.unavailable == expected
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -406,3 +423,15 @@ def test_cli_runs_prelu_and_gru_model_files(tmp_path, factory, capsys):
     summary = (tmp_path / "out" / "summary.json").read_text()
     assert '"s_end_reached"' in summary
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["attention", "weight_norm", "lstm", "prelu"])
+def test_ntk_in_blocks_on_models_torch_func_cannot_batch(name):
+    """The NTK by parameter groups and by row blocks of one tensor (tiny budget)."""
+    case = next(c for c in CASES if c.name == name)
+    model, X, Y = _problem(case, "wide")
+    space = sr.ParameterSpace(model, X, Y, backend="func")
+    space.backend.ntk_block_entries = 3 * space.output_dim  # 3 parameters per block
+    theta = space.initial_point()
+    ref = reference_jacobian(model, X, theta)
+    _close(space.ntk(theta), ref @ ref.T, 1e-10)
