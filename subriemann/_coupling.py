@@ -68,8 +68,9 @@ def check_sample_independence(
 ) -> Tensor | None:
     r"""Refuse a model whose outputs for one sample depend on the other samples.
 
-    Evaluates the samples of :func:`sample_rows` together and one at a time
-    (no gradients: a few forward passes) and compares the two.
+    Evaluates the samples of :func:`sample_rows` together (twice: a random
+    model is refused too) and one at a time (no gradients: a few forward
+    passes) and compares them.
 
     Parameters
     ----------
@@ -98,6 +99,12 @@ def check_sample_independence(
     sub = inputs[sample_rows(n)]
     with torch.no_grad():
         batch = apply(params, sub)
+        again = apply(params, sub)
+        if batch.shape != again.shape or float((batch - again).abs().max()) > _tolerance(batch):
+            raise ValueError(
+                "model is not deterministic: two evaluations of the same samples differ "
+                "(random layers in train mode, or randomness in forward); D would be random"
+            )
         try:
             singles = torch.cat([apply(params, sub[i : i + 1]) for i in range(sub.shape[0])])
         except Exception as err:  # e.g. batch statistics of one sample

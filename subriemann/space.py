@@ -125,7 +125,8 @@ class ParameterSpace(VectorSpace):
     batched and a per-sample evaluation is :math:`\lesssim 10^{-13}` relative
     in float64 (:math:`10^{-5}` in float32), far below the tolerance, while
     a coupling changes outputs by O(1).  The check costs a few forward passes
-    on at most three samples, once.
+    on at most three samples, once; the same samples are also evaluated twice,
+    and a model whose outputs are random is refused as well.
 
     **What the generic engine differentiates.** Anything
     :func:`torch.func.vjp` can: when per-sample ``vmap`` fails (the fused

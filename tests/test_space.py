@@ -760,3 +760,16 @@ def test_a_model_that_cannot_be_copied_gets_a_one_line_error():
     with pytest.raises(ValueError, match="cannot be copied.*parametrizations.weight_norm") as info:
         sr.ParameterSpace(model, torch.randn(5, 3), torch.randn(5, 2))
     assert "\n" not in str(info.value)
+
+
+def test_a_random_model_is_refused():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return torch.nn.functional.dropout(self.lin(x), 0.5, training=True)
+
+    with pytest.raises(ValueError, match="not deterministic"):
+        sr.ParameterSpace(Noisy(), torch.randn(5, 3), torch.randn(5, 2))
