@@ -120,6 +120,7 @@ class ParameterSpace(VectorSpace):
     samples (first, middle, last) are evaluated together and one at a time,
     and their rows of the engine's whole-batch outputs are compared with the
     latter; a difference above :math:`\sqrt{\varepsilon}\,(1+\max|x|)`
+    (:math:`\varepsilon = 2^{-10}` for float32 on a GPU that may use TF32)
     raises a one-line :class:`ValueError` that names the first module whose
     outputs differ (or that fails on a single sample).  Round-off between a
     batched and a per-sample evaluation is :math:`\lesssim 10^{-13}` relative
