@@ -4,6 +4,11 @@ Theory diagnostics, linearized flows, critical sets, rank strata and cross-entro
 """
 
 from subriemann.analysis import cross_entropy
+from subriemann.analysis.convergence import (
+    ConvergenceCertificate,
+    adapted_rate,
+    linear_convergence_certificate,
+)
 from subriemann.analysis.critical import (
     CriticalSet,
     EquilibriumReport,
@@ -30,6 +35,9 @@ from subriemann.analysis.strata import (
 
 __all__ = [
     "cross_entropy",
+    "linear_convergence_certificate",
+    "ConvergenceCertificate",
+    "adapted_rate",
     "apriori_stopping_time",
     "linear_interpolation_residual",
     "decay_rate",
