@@ -7,6 +7,7 @@ from subriemann.analysis import cross_entropy
 from subriemann.analysis.convergence import (
     ConvergenceCertificate,
     adapted_rate,
+    apriori_steps,
     linear_convergence_certificate,
 )
 from subriemann.analysis.critical import (
@@ -38,6 +39,7 @@ __all__ = [
     "linear_convergence_certificate",
     "ConvergenceCertificate",
     "adapted_rate",
+    "apriori_steps",
     "apriori_stopping_time",
     "linear_interpolation_residual",
     "decay_rate",

@@ -32,7 +32,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ConvergenceCertificate", "linear_convergence_certificate", "adapted_rate"]
+__all__ = [
+    "ConvergenceCertificate",
+    "linear_convergence_certificate",
+    "adapted_rate",
+    "apriori_steps",
+]
 
 
 def adapted_rate(
@@ -198,3 +203,37 @@ def linear_convergence_certificate(
     return ConvergenceCertificate(
         s_arr, c_arr, mu_arr, bound, worst <= 1.0 + rtol, worst, float(lam), stop, measured
     )
+
+
+def apriori_steps(cost0: float, eps: float, lr: float) -> int:
+    r"""Steps of the discrete :math:`\lambda = 1` MSE method to reach :math:`C \le \varepsilon`.
+
+    On the linearization (or a linear model with :math:`D` of full row rank)
+    one step with learning rate :math:`\eta \in (0, 2)` maps the residual
+    :math:`x - y` to :math:`(1-\eta)(x - y)`, so
+    :math:`C_k = (1-\eta)^{2k}C_0` and :math:`C_k \le \varepsilon` from
+    :math:`k^* = \lceil \log(C_0/\varepsilon) / (-2\log|1-\eta|)\rceil`
+    (the discrete counterpart of :math:`T_\varepsilon = \tfrac12\log(C_0/\varepsilon)`,
+    with :math:`k^*\eta \le T_\varepsilon` for :math:`\eta \le 1`).  At
+    :math:`\eta = 1` one step suffices.
+
+    Parameters
+    ----------
+    cost0, eps : float
+        :math:`C_0 \ge 0` and the target :math:`\varepsilon > 0`.
+    lr : float
+        :math:`\eta \in (0, 2)`.
+
+    Returns
+    -------
+    k : int
+    """
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if not 0.0 < lr < 2.0:
+        raise ValueError(f"lr must lie in (0, 2) for the residual to contract, got {lr!r}")
+    if cost0 <= eps:
+        return 0
+    if lr == 1.0:
+        return 1
+    return int(math.ceil(math.log(cost0 / eps) / (-2.0 * math.log(abs(1.0 - lr))) - 1e-12))
