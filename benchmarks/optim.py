@@ -1,7 +1,7 @@
 """AdaptedGD against tuned Adam, SGD+momentum, LBFGS (and heavyball's SOAP) in one run.
 
     python benchmarks/optim.py            # full run (about 15-20 min on 2 cores)
-    python benchmarks/optim.py --quick    # smoke run (seconds; run by tests/test_optim_benchmark.py)
+    python benchmarks/optim.py --quick    # smoke run (tests/test_optim_benchmark.py)
 
 Tasks: scikit-learn digits (all 1,797 samples, fixed stratified 80/20 split) with an MLP
 and a small CNN, cross-entropy, mini-batch 256 and full batch; the CLI's regression
@@ -107,7 +107,7 @@ def _digits(quick: bool) -> tuple[torch.Tensor, ...]:
         d.data, d.target, test_size=0.2, random_state=0, stratify=d.target
     )
     if quick:
-        xtr, ytr, xte, yte = xtr[:300], ytr[:300], xte[:100], yte[:100]
+        xtr, ytr, xte, yte = xtr[:80], ytr[:80], xte[:40], yte[:40]
     mean, std = xtr.mean(0), xtr.std(0)
     std[std == 0] = 1.0
     f = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)  # noqa: E731
@@ -165,22 +165,22 @@ def _cli_problem(quick: bool) -> Task:
         None,
         1e-8,
         True,
-        3.0 if quick else 10.0,
-        200 if quick else 20000,
+        0.3 if quick else 5.0,
+        3 if quick else 20000,
         f"the CLI's default regression problem (K = {k}, N = {space.num_samples}), full batch",
     )
 
 
 def _teacher(quick: bool) -> Task:
-    n, m = (200, 8) if quick else (2000, 8)
+    n, m = (40, 8) if quick else (2000, 8)
     g = torch.Generator().manual_seed(123)
     x = torch.randn(n, m, generator=g, dtype=torch.float64)
-    teacher = torch.nn.Sequential(torch.nn.Linear(m, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     torch.manual_seed(123)
+    teacher = torch.nn.Sequential(torch.nn.Linear(m, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     teacher = teacher.double()
     with torch.no_grad():
         y = teacher(x)
-    w1, w2 = (24, 16) if quick else (144, 128)
+    w1, w2 = (16, 8) if quick else (144, 128)
 
     def build() -> torch.nn.Module:
         return torch.nn.Sequential(
@@ -203,15 +203,15 @@ def _teacher(quick: bool) -> Task:
         None,
         1e-8,
         True,
-        3.0 if quick else 25.0,
-        100 if quick else 20000,
+        0.3 if quick else 12.0,
+        3 if quick else 20000,
         f"teacher-student regression, N = {n}, K = {k}, full batch",
     )
 
 
 def tasks(quick: bool) -> list[Task]:
     xtr, ytr, xte, yte = _digits(quick)
-    budget, epochs = (2.0, 30) if quick else (12.0, 400)
+    budget, epochs = (0.3, 2) if quick else (5.0, 400)
     out = []
     for name, build in (("digits-mlp", _mlp_digits), ("digits-cnn", _cnn_digits)):
         k = sum(p.numel() for p in build().parameters())
@@ -224,7 +224,7 @@ def tasks(quick: bool) -> list[Task]:
                 ytr,
                 xte,
                 yte,
-                256,
+                16 if quick else 256,
                 1e-3,
                 False,
                 budget,
@@ -249,7 +249,7 @@ def _mean_loss(task: Task, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class Method:
     name: str
     lrs: list[float]
-    full_batch: bool
+    batch: int | None  # None: full batch
     build: Callable[[torch.nn.Module, float], Any]
     kind: str  # "adapted", "torch", "lbfgs"
 
@@ -259,34 +259,41 @@ def methods(task: Task, quick: bool) -> list[Method]:
     loss = "cross_entropy" if ce else "mse"
     ms = []
     for lam in (0.5, 1.0):
-        lrs = ([0.25, 0.5] if lam == 0.5 else [0.5, 1.0]) if not quick else [lam]
-        for full in [False, True] if task.batch else [True]:
-            tag = "full batch" if full or not task.batch else f"batch {task.batch}"
+        if ce:  # Newton steps on the logits: damped (docs/optim.md)
+            lrs = [0.1, 0.3] if lam == 1.0 else [0.1, 0.25]
+        else:  # lr = lam is the Gauss-Newton step length for large sigma
+            lrs = [0.5, 1.0] if lam == 1.0 else [0.25, 0.5]
+        lrs = lrs[:1] if quick else lrs
+        # cross-entropy in full batch would factorize (Q-1)N = 12,933 square matrices per
+        # step: not run; batch 64 is the cheap variant (R = 576)
+        batches = [task.batch, 16 if quick else 64] if ce else [None]
+        for b in batches:
+            tag = "full batch" if b is None else f"batch {b}"
             ms.append(
                 Method(
                     f"AdaptedGD lam={lam} ({tag})",
                     lrs,
-                    full,
+                    b,
                     lambda net, lr, lam=lam: AdaptedGD(net, lam=lam, lr=lr, loss=loss),
                     "adapted",
                 )
             )
-    grid = [1e-3, 1e-2] if quick else [1e-3, 3e-3, 1e-2, 3e-2]
+    grid = [1e-3, 1e-2] if quick else [1e-3, 3e-3, 1e-2]
     ms.append(
         Method(
             "Adam",
             grid[:2] if quick else grid,
-            False,
+            task.batch,
             lambda net, lr: torch.optim.Adam(net.parameters(), lr=lr),
             "torch",
         )
     )
-    sgd = [0.1] if quick else [0.03, 0.1, 0.3]
+    sgd = [0.1] if quick else [0.03, 0.1]
     ms.append(
         Method(
             "SGD+momentum 0.9",
             sgd,
-            False,
+            task.batch,
             lambda net, lr: torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9),
             "torch",
         )
@@ -295,7 +302,7 @@ def methods(task: Task, quick: bool) -> list[Method]:
         Method(
             "LBFGS (strong Wolfe, full batch)",
             [1.0] if quick else [0.3, 1.0],
-            True,
+            None,
             lambda net, lr: torch.optim.LBFGS(
                 net.parameters(), lr=lr, max_iter=1, history_size=20, line_search_fn="strong_wolfe"
             ),
@@ -308,14 +315,11 @@ def methods(task: Task, quick: bool) -> list[Method]:
             Method(
                 "heavyball SOAP (eager)",
                 [3e-3, 1e-2],
-                False,
+                task.batch,
                 lambda net, lr: soap(net.parameters(), lr=lr),
                 "torch",
             )
         )
-    if not task.batch:  # full-batch tasks: every method sees the full batch
-        for m in ms:
-            m.full_batch = True
     return ms
 
 
@@ -334,7 +338,7 @@ def run_one(task: Task, method: Method, lr: float, seed: int) -> dict[str, Any]:
     net = task.make_model(seed)
     opt = method.build(net, lr)
     n = task.x.shape[0]
-    batch = n if (method.full_batch or task.batch is None) else task.batch
+    batch = n if method.batch is None else method.batch
     y_step = task.y
     passes = 0.0
 
@@ -354,7 +358,7 @@ def run_one(task: Task, method: Method, lr: float, seed: int) -> dict[str, Any]:
     reached = None
     gen = torch.Generator().manual_seed(1000 + seed)
     with PeakRSS() as mem:
-        for epoch in range(task.max_epochs):
+        for _epoch in range(task.max_epochs):
             order = torch.randperm(n, generator=gen) if batch < n else torch.arange(n)
             for a in range(0, n, batch):
                 idx = order[a : a + batch]
@@ -384,6 +388,8 @@ def run_one(task: Task, method: Method, lr: float, seed: int) -> dict[str, Any]:
                 clock += dt
                 step_times.append(dt)
                 steps += 1
+                if clock > task.budget:
+                    break
             loss, acc = evaluate()
             curve.append((clock, passes, loss))
             if not math.isfinite(loss):
@@ -475,12 +481,13 @@ def summarize(task: Task, method: Method, runs: list[dict], tuning: list[dict]) 
 def step_cost(quick: bool) -> list[dict]:
     """Median time of one step at batch 256: AdaptedGD (lam = 1 and 0.5) vs Adam, side by side."""
     rows = []
-    dims = (64, 128, 64) if quick else (784, 1024, 256)
+    dims = (16, 32, 16) if quick else (784, 1024, 256)
+    nb = 32 if quick else 256
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, dims[0], generator=g)
+    x = torch.randn(nb, dims[0], generator=g)
     for q, loss in ((1, "mse"), (10, "cross_entropy")):
 
-        def build():
+        def build(q=q):
             torch.manual_seed(0)
             return torch.nn.Sequential(
                 torch.nn.Linear(dims[0], dims[1]),
@@ -490,12 +497,12 @@ def step_cost(quick: bool) -> list[dict]:
                 torch.nn.Linear(dims[2], q),
             )
 
-        y = torch.randn(256, q, generator=g) if q == 1 else torch.randint(0, q, (256,), generator=g)
+        y = torch.randn(nb, q, generator=g) if q == 1 else torch.randint(0, q, (nb,), generator=g)
         k = sum(p.numel() for p in build().parameters())
         adam_net = build()
         adam = torch.optim.Adam(adam_net.parameters(), lr=1e-4)
 
-        def adam_step():
+        def adam_step(adam=adam, adam_net=adam_net, y=y, q=q):
             adam.zero_grad()
             out = adam_net(x)
             (F.cross_entropy(out, y) if q > 1 else 0.5 * ((out - y) ** 2).mean()).backward()
@@ -504,11 +511,11 @@ def step_cost(quick: bool) -> list[dict]:
         timings = {"Adam": adam_step}
         for lam in (1.0, 0.5):
             opt = AdaptedGD(build(), lam=lam, lr=1e-3, loss=loss)
-            timings[f"AdaptedGD lam={lam}"] = lambda opt=opt: opt.step(x, y)
-        reps = 3 if quick else 7
+            timings[f"AdaptedGD lam={lam}"] = lambda opt=opt, y=y: opt.step(x, y)
+        reps = 2 if quick else 5
         res: dict[str, list[float]] = {name: [] for name in timings}
         mems: dict[str, float] = {}
-        for name, fn in timings.items():
+        for fn in timings.values():
             fn()  # warm-up
         for _ in range(reps):  # interleaved, so that load changes hit every method alike
             for name, fn in timings.items():
@@ -723,7 +730,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--out", default=str(HERE), help="folder for optim.json / optim.png / RESULTS.md"
     )
-    ap.add_argument("--only", default=None, help="comma-separated task names (default: all)")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated tasks (digits-mlp, digits-cnn, cli-regression, teacher-student, "
+        "step-cost; default: all)",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -737,8 +749,10 @@ def main(argv: list[str] | None = None) -> int:
     for task in task_list:
         log(f"{task.name}: {task.description}")
         rows += benchmark_task(task, args.quick, log)
-    log("one step at batch 256")
-    cost_rows = step_cost(args.quick)
+    cost_rows: list[dict] = []
+    if not args.only or "step-cost" in args.only.split(","):
+        log("one step at batch 256")
+        cost_rows = step_cost(args.quick)
     for r in cost_rows:
         log(f"  K={r['K']} Q={r['Q']} {r['method']}: {r['ms']:.1f} ms ({r['x_adam']:.2f}x Adam)")
     hb = _heavyball() is not None

@@ -58,8 +58,12 @@ def test_discrete_lam1_matches_closed_form_and_its_error_to_the_flow_is_order_et
         exact_k = th0 - (1 - (1 - eta) ** k) * step
         # the recursion is exact up to round-off: k steps of relative error kappa^2 eps each
         kappa = np.linalg.cond(a)
-        np.testing.assert_allclose(_theta(net).numpy(), exact_k, rtol=0, atol=100 * k * kappa**2
-                                   * np.finfo(float).eps * np.abs(step).max())
+        np.testing.assert_allclose(
+            _theta(net).numpy(),
+            exact_k,
+            rtol=0,
+            atol=100 * k * kappa**2 * np.finfo(float).eps * np.abs(step).max(),
+        )
         flow = th0 - (1 - math.exp(-1.0)) * step
         errors.append(float(np.linalg.norm(_theta(net).numpy() - flow)))
     # Euler is first order: (1 - eta)^{1/eta} - e^{-1} = -e^{-1} eta / 2 + O(eta^2)
@@ -157,9 +161,7 @@ def test_certificate_from_an_adapted_training_run():
     # the rate is that of K_lam = M ((1 - lam) + lam M)^{-1}: check one value against numpy
     space = sr.ParameterSpace(net, x, y)
     sv = np.linalg.svd(space.jacobian(space.initial_point()).numpy(), compute_uv=False)
-    assert adapted_rate(sv, 0.5, 6) == pytest.approx(
-        min(sv**2 / (0.5 + 0.5 * sv**2)), rel=1e-12
-    )
+    assert adapted_rate(sv, 0.5, 6) == pytest.approx(min(sv**2 / (0.5 + 0.5 * sv**2)), rel=1e-12)
     s = 0.05 * np.arange(40)
     cert = linear_convergence_certificate(s=s, cost=costs, mu=mus, lam=0.5)
     # small steps on a smooth problem: the discrete run obeys the flow's bound

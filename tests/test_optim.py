@@ -25,9 +25,9 @@ EPS64 = float(np.finfo(np.float64).eps)
 
 def _mlp(m=3, h=16, q=2, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(m, h), torch.nn.Tanh(), torch.nn.Linear(h, q)
-    ).to(dtype)
+    return torch.nn.Sequential(torch.nn.Linear(m, h), torch.nn.Tanh(), torch.nn.Linear(h, q)).to(
+        dtype
+    )
 
 
 def _flat(model, only=None):
@@ -38,9 +38,7 @@ def _flat(model, only=None):
 def _dense_d(model, x, only=None):
     """D = dx/dtheta [QN, K] by jacrev (columns of the parameters ``only``)."""
     named = [
-        (n, p)
-        for n, p in model.named_parameters()
-        if only is None or any(p is o for o in only)
+        (n, p) for n, p in model.named_parameters() if only is None or any(p is o for o in only)
     ]
     params = {n: p.detach() for n, p in named}
 
@@ -77,8 +75,9 @@ def test_lam1_mse_step_is_minus_lr_pinv():
     cost = opt.step(x, y)
     assert cost == pytest.approx(0.5 * float(r @ r), rel=1e-14)
     tol = 100 * _kappa(d) ** 2 * EPS64
-    np.testing.assert_allclose((_flat(net) - th0).numpy(), expected, rtol=0, atol=tol * np.abs(
-        expected).max())
+    np.testing.assert_allclose(
+        (_flat(net) - th0).numpy(), expected, rtol=0, atol=tol * np.abs(expected).max()
+    )
     info = opt.last_step.groups[0]
     assert info["route"] == "certified_cholesky" and info["rank"] == 20
 
@@ -192,7 +191,8 @@ def test_param_groups_with_different_lam_are_block_diagonal():
     e2 = -0.2 * np.linalg.solve(g2, d2.T @ r)
     a1, a2 = _flat(net, first), _flat(net, last)
     opt = AdaptedGD(
-        net, params=[{"params": first, "lam": 1.0, "lr": 0.5}, {"params": last, "lam": 0.3}],
+        net,
+        params=[{"params": first, "lam": 1.0, "lr": 0.5}, {"params": last, "lam": 0.3}],
         lr=0.2,
     )
     opt.step(x, y)
@@ -205,7 +205,10 @@ def test_param_groups_with_different_lam_are_block_diagonal():
 def test_frozen_and_excluded_parameters_stay_fixed():
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
+        torch.nn.Linear(3, 8),
+        torch.nn.Tanh(),
+        torch.nn.Linear(8, 8),
+        torch.nn.Tanh(),
         torch.nn.Linear(8, 2),
     ).double()
     net[0].weight.requires_grad_(False)  # frozen
@@ -339,9 +342,9 @@ def test_research_metric_path_agrees():
     x, y = _data()
     a, b = _mlp(), _mlp()
     AdaptedGD(a, lam=1.0, lr=1.0).step(x, y)
-    AdaptedGD(
-        b, lr=1.0, metric=sr.metrics.InterpolatedMetric, metric_kwargs={"lam": 1.0}
-    ).step(x, y)
+    AdaptedGD(b, lr=1.0, metric=sr.metrics.InterpolatedMetric, metric_kwargs={"lam": 1.0}).step(
+        x, y
+    )
     d = _dense_d(_mlp(), x)
     tol = 100 * _kappa(d) ** 2 * EPS64
     torch.testing.assert_close(_flat(a), _flat(b), rtol=0, atol=tol)
