@@ -689,6 +689,8 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [t["name"] for t in res["tasks"]]
+    if not names:
+        return
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6))
     for ax, name in zip(np.atleast_1d(axes), names):
         for r in (r for r in res["rows"] if r["task"] == name):
