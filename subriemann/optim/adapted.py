@@ -170,11 +170,11 @@ def _solve(
         chol = st.cholesky(lam)
         w = _chol_solve(chol, rhs)
         return w, {"route": "cholesky", "size": size, "rank": size, "tau": float("nan")}
-    chol = st.certified_cholesky(rank_atol, rank_rtol)
-    if chol is not None:
+    cert = st.certified_cholesky(rank_atol, rank_rtol)
+    if cert is not None:
         fro = float(torch.linalg.matrix_norm(gram))
         tau = rank_atol if rank_atol is not None else rank_rtol * math.sqrt(fro)
-        w = _chol_solve(chol, rhs)
+        w = _chol_solve(cert, rhs)
         return w, {"route": "certified_cholesky", "size": size, "rank": size, "tau": tau}
     u, s = st.ntk_eigh
     smax = float(s[0]) if s.numel() else 0.0
