@@ -641,9 +641,7 @@ class AdaptedGD(torch.optim.Optimizer):
 
 def _rate(gram: Tensor, lam: float, info: dict[str, Any]) -> float:
     r"""Smallest eigenvalue of :math:`M((1-\lambda)1 + \lambda M)^{+}` (0 if a direction is cut)."""
-    evals = torch.linalg.eigvalsh(gram).clamp_min(0.0)
-    if lam == 1.0:
-        if info["rank"] < info["size"]:
-            return 0.0
-        return 1.0
+    if lam == 1.0:  # K_1 is the projector onto the kept directions
+        return 0.0 if info["rank"] < info["size"] else 1.0
+    evals = torch.linalg.eigvalsh(gram.double()).clamp_min(0.0)
     return float((evals / ((1.0 - lam) + lam * evals)).min())
