@@ -10,6 +10,7 @@ numpy's SVD and allows 100 * kappa^2 * eps (plus the reference's own kappa * eps
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import numpy as np
@@ -384,3 +385,17 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="probability"):
         ce.step(x, torch.rand(10, 2, dtype=torch.float64) + 1.0)
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_train_mode_batchnorm_running_stats_untouched():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 2)
+    ).double()
+    x, y = _data()
+    mean = net[1].running_mean.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cost = AdaptedGD(net, lam=1.0, lr=0.5).step(x, y)
+    assert math.isfinite(cost) and net[1].training
+    assert torch.equal(net[1].running_mean, mean)  # eval mode during the step, as documented

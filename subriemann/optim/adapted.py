@@ -413,7 +413,7 @@ class AdaptedGD(torch.optim.Optimizer):
         )
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise ValueError("the batch inputs contain NaN or inf")
-        with torch.no_grad():
+        with torch.no_grad(), self._geometry_mode([]):  # eval-mode BatchNorm: no stat update
             q = self._apply({}, x[:1]).shape[1]
         y = targets.to(device=ref.device)
         if isinstance(self.loss, CrossEntropyLoss) and not y.is_floating_point():
