@@ -203,7 +203,7 @@ def _teacher(quick: bool) -> Task:
         None,
         1e-8,
         True,
-        0.3 if quick else 12.0,
+        0.3 if quick else 20.0,
         3 if quick else 20000,
         f"teacher-student regression, N = {n}, K = {k}, full batch",
     )
