@@ -643,7 +643,7 @@ def _fmt(v: float | None, spec: str = ".3g") -> str:
 def render(res: dict) -> str:
     out = [BEGIN, "## Training: AdaptedGD against tuned optimizers (`benchmarks/optim.py`)", ""]
     out.append(
-        f"Measured in one run of `python benchmarks/optim.py{' --quick' if res['quick'] else ''}` "
+        f"Measured in one run of `python benchmarks/optim.py{res['args']}` "
         f"({res['platform']}, torch {res['torch']}, {res['threads']} threads, "
         f"{res['wall']:.0f} s in all). {res['note']} Learning rates tuned on the grid shown "
         "with seed 0 (best time to target, else lowest final loss), then seeds 0, 1, 2; "
@@ -768,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     hb = _heavyball() is not None
     res = {
         "quick": args.quick,
+        "args": (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else ""),
         "platform": platform.platform(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
