@@ -1,6 +1,6 @@
 """AdaptedGD against tuned Adam, SGD+momentum, LBFGS (and heavyball's SOAP) in one run.
 
-    python benchmarks/optim.py            # full run (about 15-20 min on 2 cores)
+    python benchmarks/optim.py --threads 1   # full run (about 15-20 min on 2 cores)
     python benchmarks/optim.py --quick    # smoke run (tests/test_optim_benchmark.py)
 
 Tasks: scikit-learn digits (all 1,797 samples, fixed stratified 80/20 split) with an MLP
@@ -667,7 +667,8 @@ def render(res: dict) -> str:
         "with seed 0 (best time to target, else lowest final loss), then seeds 0, 1, 2; "
         "times are medians [min–max] over the seeds that reached the target; the training "
         "clock stops during evaluations. Epochs = full passes over the training set "
-        "(LBFGS: function evaluations). Peak MB = resident memory above the start of a run."
+        "(LBFGS: function evaluations). Peak MB = growth of the resident memory during a run "
+        "(a lower bound: memory the allocator already holds is reused; 0 = no growth)."
     )
     out += ["", "### Goals", ""] + res["goals"] + ["", "### Tasks", ""]
     for t in res["tasks"]:
