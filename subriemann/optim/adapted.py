@@ -275,8 +275,8 @@ class AdaptedGD(torch.optim.Optimizer):
         For research: any :class:`~subriemann.metrics.ParameterMetric` class.
         Each step then builds a :class:`~subriemann.ParameterSpace` on the
         batch, equips it with ``metric(space, **metric_kwargs)`` and steps
-        along ``-lr * space.metric.gradient(theta)`` (one param group holding
-        every trainable parameter; much slower than the built-in route).
+        along ``-lr * space.metric.gradient(theta)`` (one param group; the
+        space's parameters are the group's; much slower than the built-in route).
     metric_kwargs : dict, optional
     backend : {"auto", "structured", "func"}
         Jacobian engine (:func:`subriemann.jacobian.make_backend`).
@@ -512,9 +512,8 @@ class AdaptedGD(torch.optim.Optimizer):
     def _research(self, params: list[Tensor], x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
         from subriemann.space import ParameterSpace
 
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if {id(p) for p in trainable} != {id(p) for p in params}:
-            raise ValueError("metric= needs the param group to hold every trainable parameter")
+        # inside _geometry_mode(params): exactly the group's parameters require grad, so the
+        # space's layout is theirs and the others are held fixed
         ref = self._reference()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the eval-mode copy (said once above)
