@@ -260,7 +260,7 @@ def methods(task: Task, quick: bool) -> list[Method]:
     ms = []
     for lam in (0.5, 1.0):
         if ce:  # Newton steps on the logits: damped (docs/optim.md)
-            lrs = [0.1, 0.3] if lam == 1.0 else [0.1, 0.25]
+            lrs = [0.03, 0.1] if lam == 1.0 else [0.1, 0.25]
         else:  # lr = lam is the Gauss-Newton step length for large sigma
             lrs = [0.5, 1.0] if lam == 1.0 else [0.25, 0.5]
         lrs = lrs[:1] if quick else lrs

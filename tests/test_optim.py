@@ -399,3 +399,17 @@ def test_train_mode_batchnorm_running_stats_untouched():
         cost = AdaptedGD(net, lam=1.0, lr=0.5).step(x, y)
     assert math.isfinite(cost) and net[1].training
     assert torch.equal(net[1].running_mean, mean)  # eval mode during the step, as documented
+
+
+def test_saturated_softmax_gives_a_finite_step():
+    # logits of size ~1e3: float32 softmax rows are one-hot, the Fisher blocks vanish to
+    # round-off; those directions are flat and dropped, the step stays finite
+    net = _mlp(q=3).float()
+    with torch.no_grad():
+        net[2].weight.mul_(1e3)
+    x, _ = _data(n=6)
+    labels = torch.tensor([0, 1, 2, 2, 1, 0])
+    opt = AdaptedGD(net, lam=1.0, lr=0.1, loss="cross_entropy")
+    for _ in range(2):
+        assert math.isfinite(opt.step(x.float(), labels))
+    assert all(torch.isfinite(p).all() for p in net.parameters())

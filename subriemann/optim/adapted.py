@@ -197,8 +197,10 @@ def _output_factor(loss: Loss, out: Tensor, targets: Tensor) -> tuple[Tensor | N
     MSE: ``T = None`` (the identity) and :math:`r = x - y`, shape ``[N*Q]``.
     Cross-entropy: ``T`` of shape ``[N, Q, Q-1]`` from the eigendecomposition
     of each softmax Fisher block (the kernel direction :math:`1` dropped;
-    eigenvalues at or below :math:`Q\epsilon\max_i e_i`, i.e. round-off, give a
-    zero column), and :math:`r` of shape ``[N*(Q-1)]``.
+    eigenvalues at or below :math:`Q\epsilon`, their absolute round-off since the
+    entries of :math:`G_j` lie in :math:`[-1/4, 1]`, give a zero column: a
+    saturated softmax has numerically flat directions), and :math:`r` of shape
+    ``[N*(Q-1)]``.
     """
     g = loss.grad(out, targets)
     if isinstance(loss, MSELoss):
@@ -210,7 +212,9 @@ def _output_factor(loss: Loss, out: Tensor, targets: Tensor) -> tuple[Tensor | N
     blocks = softmax_fisher_blocks(out.double(), q)
     evals, evecs = torch.linalg.eigh(blocks)  # ascending
     evals, evecs = evals[:, 1:], evecs[:, :, 1:]  # drop the kernel span{1}
-    tol = q * torch.finfo(out.dtype).eps * evals[:, -1:].clamp_min(0.0)
+    # G's entries lie in [-1/4, 1]: its eigenvalues carry an absolute round-off of about
+    # Q eps (eps of the logits' dtype); below that a direction is numerically flat
+    tol = q * torch.finfo(out.dtype).eps
     keep = evals > tol
     root = torch.where(keep, evals.clamp_min(0.0).sqrt(), 0.0)
     inv_root = torch.where(keep, 1.0 / torch.where(keep, root, 1.0), 0.0)
