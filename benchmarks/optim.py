@@ -559,6 +559,25 @@ def _best(rows: list[dict], task: str, prefix: tuple[str, ...]) -> dict | None:
     return min(cands, key=lambda r: (-r["reached"], r["final_loss_median"])) if cands else None
 
 
+def _apriori_lines(rows: list[dict]) -> list[str]:
+    """[Che23]: at lam = 1 the a priori step count vs the measured one."""
+    lines: list[str] = []
+    from subriemann.analysis import apriori_steps
+
+    for r in rows:
+        if r["method"].startswith("AdaptedGD lam=1.0") and r["task"] in (
+            "cli-regression",
+            "teacher-student",
+        ):
+            k = apriori_steps(1.0, 1e-8, r["lr"]) if 0 < r["lr"] < 2 else None
+            lines.append(
+                f"- **{r['task']}**, lam = 1, lr = {r['lr']:g}: a priori {k} steps to "
+                f"C <= 1e-8 C(0) (residual x (1 - lr) per step on the linearization), measured "
+                f"{_fmt(r['epochs_median'])} (median over {r['reached']} seeds that reached it)"
+            )
+    return lines
+
+
 def goals(rows: list[dict], cost_rows: list[dict]) -> list[str]:
     lines = []
     base = ("Adam", "SGD", "LBFGS")
@@ -592,19 +611,7 @@ def goals(rows: list[dict], cost_rows: list[dict]) -> list[str]:
             f"- **{task}**, time to C <= 1e-8 C(0) at most 1/10 of the best of "
             f"Adam/SGD/LBFGS: {verdict}"
         )
-    from subriemann.analysis import apriori_steps
-
-    for r in rows:  # [Che23]: the uniform rate at lam = 1, a priori vs measured
-        if r["method"].startswith("AdaptedGD lam=1.0") and r["task"] in (
-            "cli-regression",
-            "teacher-student",
-        ):
-            k = apriori_steps(1.0, 1e-8, r["lr"]) if 0 < r["lr"] < 2 else None
-            lines.append(
-                f"- **{r['task']}**, lam = 1, lr = {r['lr']:g}: a priori {k} steps to "
-                f"C <= 1e-8 C(0) (residual x (1 - lr) per step on the linearization), measured "
-                f"{_fmt(r['epochs_median'])} (median over {r['reached']} seeds that reached it)"
-            )
+    lines += _apriori_lines(rows)
     for task in ("digits-mlp", "digits-cnn"):
         if task not in tasks_run:
             continue
