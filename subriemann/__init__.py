@@ -14,7 +14,7 @@ from subriemann._geomstats import import_geomstats as _import_geomstats
 
 _import_geomstats()
 
-from subriemann import analysis, losses, metrics  # noqa: E402
+from subriemann import analysis, losses, metrics, optim  # noqa: E402
 from subriemann.check import GradientCheck, check_gradient  # noqa: E402
 from subriemann.flow import gradient_flow  # noqa: E402
 from subriemann.space import NonFiniteError, ParameterSpace  # noqa: E402
@@ -28,6 +28,7 @@ __all__ = [
     "metrics",
     "losses",
     "analysis",
+    "optim",
     "check_gradient",
     "gradient_flow",
     "Trajectory",

@@ -4,6 +4,12 @@ Theory diagnostics, linearized flows, critical sets, rank strata and cross-entro
 """
 
 from subriemann.analysis import cross_entropy
+from subriemann.analysis.convergence import (
+    ConvergenceCertificate,
+    adapted_rate,
+    apriori_steps,
+    linear_convergence_certificate,
+)
 from subriemann.analysis.critical import (
     CriticalSet,
     EquilibriumReport,
@@ -30,6 +36,10 @@ from subriemann.analysis.strata import (
 
 __all__ = [
     "cross_entropy",
+    "linear_convergence_certificate",
+    "ConvergenceCertificate",
+    "adapted_rate",
+    "apriori_steps",
     "apriori_stopping_time",
     "linear_interpolation_residual",
     "decay_rate",
