@@ -39,13 +39,12 @@ CLUSTER = pytest.mark.xdist_group("dask_cluster")
 GRID16 = {
     "grid": {"data": "teacher", "n_samples": 6, "width": [2, 4, 8, 16],
              "metric": ["interp:0.5", "pullback"], "seed": [0, 1]},
-    "flow": {"s_end": 2.0, "rtol": 1e-6, "max_time": 60.0, "checkpoint_every": 5},
+    "flow": {"s_end": 1.0, "rtol": 1e-6, "max_time": 60.0, "checkpoint_every": 5},
 }
 
 
-def _grid(**flow):
-    cfg = {"grid": dict(GRID16["grid"]), "flow": {**GRID16["flow"], **flow}}
-    return cfg
+def _grid(seed=(0, 1), **flow):
+    return {"grid": {**GRID16["grid"], "seed": list(seed)}, "flow": {**GRID16["flow"], **flow}}
 
 
 @pytest.fixture(scope="module")
@@ -151,14 +150,14 @@ def test_sweep_survives_a_killed_worker_and_matches_serial(client, tmp_path):
 # -- interrupt and resume ---------------------------------------------------------------
 @CLUSTER
 def test_interrupted_sweep_resumes_without_recomputing(client, tmp_path):
-    cfg = parse_sweep_config(_grid())
+    cfg = parse_sweep_config(_grid(seed=[0]))  # 8 cells
     out = tmp_path / "sweep"
-    th = _when(out, 4, _thread.interrupt_main)  # Ctrl-C once 4 cells are stored
+    th = _when(out, 3, _thread.interrupt_main)  # Ctrl-C once 3 cells are stored
     first = run_sweep(cfg, out, client=client, progress=False, quiet=True)
     th.join()
     assert first.interrupted
     done = {p.name: p.stat().st_mtime_ns for p in _done(out)}
-    assert 4 <= len(done) < 16
+    assert 3 <= len(done) < 8
     while any(client.processing().values()):  # the cancelled cells still drain
         time.sleep(0.05)
 
@@ -166,11 +165,11 @@ def test_interrupted_sweep_resumes_without_recomputing(client, tmp_path):
         run_sweep(cfg, out, client=client, progress=False, quiet=True)
     second = run_sweep(cfg, out, resume=True, client=client, progress=False, quiet=True)
     assert not second.interrupted and second.n_failed == 0
-    assert second.n_skipped == len(done) and second.n_run == 16 - len(done)
+    assert second.n_skipped == len(done) and second.n_run == 8 - len(done)
     assert {p.name: p.stat().st_mtime_ns for p in _done(out) if p.name in done} == done
-    assert len(read_table(out / "results.parquet")) == 16
+    assert len(read_table(out / "results.parquet")) == 8
     third = run_sweep(cfg, out, resume=True, client=client, progress=False, quiet=True)
-    assert third.n_run == 0 and third.n_skipped == 16
+    assert third.n_run == 0 and third.n_skipped == 8
 
 
 # -- bad cells, through the command line on the same cluster ----------------------------
@@ -251,11 +250,11 @@ def test_unreachable_scheduler_one_line(tmp_path, capsys):
 def test_changed_config_is_refused_naming_the_difference(tmp_path):
     a = parse_sweep_config(_grid())
     SweepStore(tmp_path, a).open(resume=False)
-    b = parse_sweep_config({**_grid(s_end=3.0), "grid": {**GRID16["grid"], "seed": [0, 1, 2]}})
+    b = parse_sweep_config(_grid(seed=[0, 1, 2], s_end=3.0))
     with pytest.raises(UsageError) as info:
         SweepStore(tmp_path, b).open(resume=True)
     msg = str(info.value)
-    assert "flow.s_end: 2.0 -> 3.0" in msg and "grid.seed: [0, 1] -> [0, 1, 2]" in msg
+    assert "flow.s_end: 1.0 -> 3.0" in msg and "grid.seed: [0, 1] -> [0, 1, 2]" in msg
     with pytest.raises(UsageError, match="already holds a sweep"):
         SweepStore(tmp_path, a).open(resume=False)
     SweepStore(tmp_path, a).open(resume=True)  # the same config resumes

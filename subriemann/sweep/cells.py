@@ -108,7 +108,7 @@ class CellOutcome:
 
 
 def column_types() -> dict[str, type]:
-    """Column name → Python type (``int``, ``float``, ``str`` or ``bool``) of :class:`CellResult`."""
+    """Column name → Python type (``int``, ``float``, ``str``, ``bool``) of :class:`CellResult`."""
     hints = typing.get_type_hints(CellResult)
     out: dict[str, type] = {}
     for f in fields(CellResult):

@@ -158,7 +158,7 @@ def _figures(results: Sequence[CellResult]) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(5, 3.4))
     pts = [(r.lam, r.final_cost) for r in ok if r.lam is not None and r.final_cost]
     if pts:
-        ax.scatter(*zip(*pts), s=18, alpha=0.7)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, alpha=0.7)
         ax.set_yscale("log")
     ax.set(xlabel="λ", ylabel="final cost C(s_final)")
     figs["cost_vs_lambda"] = _png(fig)

@@ -27,7 +27,9 @@ def require_pyarrow() -> Any:
     except ImportError:
         from subriemann.cli import UsageError
 
-        raise UsageError("subriemann sweep needs pyarrow: pip install 'subriemann[sweep]'") from None
+        raise UsageError(
+            "subriemann sweep needs pyarrow: pip install 'subriemann[sweep]'"
+        ) from None
     return pyarrow
 
 
