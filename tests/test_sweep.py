@@ -86,11 +86,16 @@ def test_sweep_survives_a_killed_worker_and_matches_serial(client, tmp_path):
     killed: dict[str, object] = {}
 
     def kill_busy_worker():
-        busy = [w for w, keys in client.processing().items() if keys]
         pids = client.run(os.getpid)
-        if busy:
-            killed["worker"], killed["keys"] = busy[0], list(client.processing()[busy[0]])
-            os.kill(pids[busy[0]], signal.SIGKILL)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 30:
+            busy = {w: list(keys) for w, keys in client.processing().items() if keys}
+            if busy:
+                addr = sorted(busy)[0]
+                killed["worker"], killed["keys"] = addr, busy[addr]
+                os.kill(pids[addr], signal.SIGKILL)
+                return
+            time.sleep(0.01)
 
     th = _when(out, 3, kill_busy_worker)
     summary = run_sweep(cfg, out, client=client, progress=False, quiet=True)
@@ -282,3 +287,30 @@ def test_example_config_parses():
     assert 8 <= len(cells) <= 16
     assert len({c.cell_id for c in cells}) == len(cells)
     assert {c.model for c in cells} >= {"mlp:1", "mlp:8"}
+
+
+def test_cell_continues_from_its_checkpoint(tmp_path):
+    """A killed attempt leaves a checkpoint; the retry continues from it, bit for bit."""
+    import torch
+
+    from subriemann.cli import build_problem, parse_metrics
+    from subriemann.flow import gradient_flow
+    from subriemann.sweep.cells import _options
+
+    cell = parse_sweep_config(_grid(seed=[1])).cells()[3]  # mlp:4, pullback
+    fresh = run_cell(cell).result
+    problem = build_problem(_options(cell))
+    ms = parse_metrics([cell.metric])[0]
+    problem.space.equip_with_metric(ms.factory, rank_rtol=cell.flow["rank_rtol"], **ms.kwargs)
+    ckpt = tmp_path / f"{cell.cell_id}.ckpt.npz"
+    f = cell.flow
+    part = gradient_flow(problem.space, problem.theta0, f["s_end"], rtol=f["rtol"],
+                         atol=f["atol"], max_steps=7, checkpoint=ckpt, checkpoint_every=5)
+    assert part.status.code == "max_steps_reached" and ckpt.is_file()
+    torch.manual_seed(123)  # the cell must not depend on the global RNG state
+    out = run_cell(cell, tmp_path)
+    assert out.result.resumed and not ckpt.exists()
+    again = asdict(out.result)
+    for key, val in asdict(fresh).items():
+        if key not in ("cell_wall_time", "flow_wall_time", "resumed"):
+            assert again[key] == val, key
