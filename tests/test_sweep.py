@@ -314,3 +314,20 @@ def test_cell_continues_from_its_checkpoint(tmp_path):
     for key, val in asdict(fresh).items():
         if key not in ("cell_wall_time", "flow_wall_time", "resumed"):
             assert again[key] == val, key
+
+
+@CLUSTER
+def test_benchmark_quick_smoke(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_sweep", REPO / "benchmarks" / "sweep.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "sweep_results.json").read_text())
+    assert [r["route"] for r in res["routes"]] == ["serial", "dask-1", "dask-2"]
+    assert all(r["cells"] == 4 and not r.get("failed") for r in res["routes"])
+    assert res["speedup_2_over_1"] > 0 and res["estimate"]["waves"] == 157
+    assert (tmp_path / "SWEEP_RESULTS.md").is_file()

@@ -140,6 +140,7 @@ def _figures(results: Sequence[CellResult]) -> dict[str, str]:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ok = _ok(results)
     figs: dict[str, str] = {}
@@ -152,6 +153,9 @@ def _figures(results: Sequence[CellResult]) -> dict[str, str]:
                 label=f"depth {depth}" if depth is not None else "model file")
     ax.set(xscale="log", xlabel="K / QN", ylabel="fraction of flows that lose rank",
            ylim=(-0.05, 1.05))
+    ticks = sorted({r["k_over_qn"] for rows in by_depth.values() for r in rows})
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xticks(ticks, [f"{v:.3g}" for v in ticks])
     if by_depth:
         ax.legend(fontsize=8)
     figs["rank_loss"] = _png(fig)
