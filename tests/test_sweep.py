@@ -1,7 +1,7 @@
 """Tests of ``subriemann sweep`` on a real Dask cluster (LocalCluster, 2 worker processes).
 
-The cluster tests share one module-scoped cluster (``xdist_group``: one pytest
-worker runs them all, so CI starts one cluster).  They check: a grid runs end
+The cluster tests share one session-scoped cluster (one per pytest-xdist worker
+that runs any of them).  They check: a grid runs end
 to end while a worker is killed (every cell completes); the table agrees with
 the same cells run serially in this process; an interrupted sweep resumes
 without recomputing finished cells (their files keep their modification time
@@ -33,7 +33,6 @@ from subriemann.sweep.store import SweepStore  # noqa: E402
 from subriemann.sweep.table import read_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CLUSTER = pytest.mark.xdist_group("dask_cluster")
 
 # 16 small tanh nets on 6 teacher samples (QN = 6, K = 13 ... 121): 1-2 s each.
 GRID16 = {
@@ -47,7 +46,7 @@ def _grid(seed=(0, 1), **flow):
     return {"grid": {**GRID16["grid"], "seed": list(seed)}, "flow": {**GRID16["flow"], **flow}}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: kept when xdist interleaves other modules
 def client():
     from distributed import Client, LocalCluster
 
@@ -79,7 +78,6 @@ def _when(out: Path, n: int, action, timeout: float = 120.0) -> threading.Thread
 
 
 # -- a grid end to end, a worker killed, the serial reference ----------------------------
-@CLUSTER
 def test_sweep_survives_a_killed_worker_and_matches_serial(client, tmp_path):
     cfg = parse_sweep_config(_grid())
     out = tmp_path / "sweep"
@@ -153,7 +151,6 @@ def test_sweep_survives_a_killed_worker_and_matches_serial(client, tmp_path):
 
 
 # -- interrupt and resume ---------------------------------------------------------------
-@CLUSTER
 def test_interrupted_sweep_resumes_without_recomputing(client, tmp_path):
     cfg = parse_sweep_config(_grid(seed=[0]))  # 8 cells
     out = tmp_path / "sweep"
@@ -178,7 +175,6 @@ def test_interrupted_sweep_resumes_without_recomputing(client, tmp_path):
 
 
 # -- bad cells, through the command line on the same cluster ----------------------------
-@CLUSTER
 def test_failing_cells_are_recorded_and_the_sweep_goes_on(client, tmp_path, capsys):
     (tmp_path / "good.py").write_text(
         "import torch\n"
@@ -253,6 +249,8 @@ def test_unreachable_scheduler_one_line(tmp_path, capsys):
 
 
 def test_changed_config_is_refused_naming_the_difference(tmp_path):
+    from subriemann.sweep.cells import failed_outcome
+
     a = parse_sweep_config(_grid())
     SweepStore(tmp_path, a).open(resume=False)
     b = parse_sweep_config(_grid(seed=[0, 1, 2], s_end=3.0))
@@ -260,7 +258,11 @@ def test_changed_config_is_refused_naming_the_difference(tmp_path):
         SweepStore(tmp_path, b).open(resume=True)
     msg = str(info.value)
     assert "flow.s_end: 1.0 -> 3.0" in msg and "grid.seed: [0, 1] -> [0, 1, 2]" in msg
-    with pytest.raises(UsageError, match="already holds a sweep"):
+    SweepStore(tmp_path, b).open(resume=False)  # no finished cell yet: taken over
+    SweepStore(tmp_path, a).open(resume=False)
+    store = SweepStore(tmp_path, a)
+    store.write(failed_outcome(a.cells()[0], RuntimeError("x")))
+    with pytest.raises(UsageError, match=r"already holds a sweep \(1 finished cells\)"):
         SweepStore(tmp_path, a).open(resume=False)
     SweepStore(tmp_path, a).open(resume=True)  # the same config resumes
     run_only = parse_sweep_config({**_grid(), "run": {"workers": 7}})  # [run] is not identity
@@ -316,7 +318,6 @@ def test_cell_continues_from_its_checkpoint(tmp_path):
             assert again[key] == val, key
 
 
-@CLUSTER
 def test_benchmark_quick_smoke(tmp_path):
     import importlib.util
     import json

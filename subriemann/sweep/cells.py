@@ -39,7 +39,7 @@ from subriemann.sweep.config import CellSpec
 if typing.TYPE_CHECKING:
     from subriemann.trajectory import Trajectory
 
-__all__ = ["CellResult", "CellOutcome", "run_cell", "column_types"]
+__all__ = ["CellResult", "CellOutcome", "run_cell", "failed_outcome", "column_types"]
 
 
 @dataclass
@@ -148,6 +148,13 @@ def _base(cell: CellSpec) -> CellResult:
     )
 
 
+def failed_outcome(cell: CellSpec, err: BaseException) -> CellOutcome:
+    """The outcome of a cell that raised ``err``: its parameters and ``failed: <error>``."""
+    res = _base(cell)
+    res.status = f"failed: {_one_line(err)}"
+    return CellOutcome(res, None)
+
+
 def _options(cell: CellSpec) -> Any:
     from subriemann.cli import DEFAULT_N_SAMPLES, DEFAULTS, Options
     from subriemann.datasets import BUILTIN
@@ -193,14 +200,13 @@ def run_cell(cell: CellSpec, checkpoint_dir: str | Path | None = None,
     try:
         if threads is not None:
             torch.set_num_threads(threads)
-        traj = _flow(cell, res, ckpt)
+        out = CellOutcome(res, _flow(cell, res, ckpt))
     except Exception as err:  # a bad cell is recorded, never fatal for the sweep
-        res.status = f"failed: {_one_line(err)}"
-        traj = None
+        out = failed_outcome(cell, err)
     finally:
         torch.set_num_threads(before)
-    res.cell_wall_time = time.perf_counter() - t0
-    return CellOutcome(res, traj)
+    out.result.cell_wall_time = time.perf_counter() - t0
+    return out
 
 
 def _flow(cell: CellSpec, res: CellResult, ckpt: Path | None) -> Trajectory:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from subriemann.cli import UsageError
-from subriemann.sweep.cells import CellOutcome, CellResult, _base, _one_line, run_cell
+from subriemann.sweep.cells import CellOutcome, CellResult, _one_line, failed_outcome, run_cell
 from subriemann.sweep.config import CellSpec, SweepConfig
 from subriemann.sweep.store import SweepStore
 
@@ -146,12 +146,6 @@ def _task(cell: CellSpec, checkpoint_dir: str | None, threads: int) -> CellOutco
     return outcome
 
 
-def _lost(cell: CellSpec, err: BaseException) -> CellOutcome:
-    res: CellResult = _base(cell)
-    res.status = f"failed: {_one_line(err)}"
-    return CellOutcome(res, None)
-
-
 def _say(msg: str, quiet: bool) -> None:
     if not quiet:
         print(msg, flush=True)
@@ -240,7 +234,7 @@ def _submit_all(client: Any, pending: list[CellSpec], store: SweepStore,
             try:
                 outcome = fut.result()
             except Exception as err:  # a lost task (KilledWorker after the retries, ...)
-                outcome = _lost(cell, err)
+                outcome = failed_outcome(cell, err)
             store.write(outcome)
             summary.n_run += 1
             bar.update(1)

@@ -78,11 +78,14 @@ class SweepStore:
     def open(self, resume: bool) -> None:
         """Create the folder, or check that it holds this sweep when resuming.
 
+        A folder whose sweep has no finished cell yet (e.g. the scheduler
+        could not be reached) is taken over without ``resume``.
+
         Raises
         ------
         UsageError
-            ``DIR`` holds a sweep and ``resume`` is false; or it holds a sweep
-            of another config (the differing keys are named).
+            ``DIR`` holds finished cells and ``resume`` is false; or ``resume``
+            and it holds a sweep of another config (the differing keys are named).
         """
         meta = self.out / "sweep.json"
         if meta.is_file():
@@ -91,15 +94,17 @@ class SweepStore:
                 old, fp = prev["config"], prev["fingerprint"]
             except (ValueError, KeyError, TypeError):
                 raise UsageError(f"{meta} is not a sweep record; use another --out") from None
-            if not resume:
-                raise UsageError(f"{self.out} already holds a sweep ({len(self._done_files())} "
-                                 "finished cells): continue it with --resume or use another --out")
-            if fp != self.config.fingerprint():
+            done = len(self._done_files())
+            if not resume and done:
+                raise UsageError(f"{self.out} already holds a sweep ({done} finished cells): "
+                                 "continue it with --resume or use another --out")
+            if resume and fp != self.config.fingerprint():
                 diff = config_diff(old, self.config.identity())
                 more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
                 raise UsageError(f"--resume: the config differs from the sweep in {self.out}: "
                                  + "; ".join(diff[:3]) + more + "; use another --out")
-            return
+            if resume:
+                return
         record = {
             "format": FORMAT,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
