@@ -34,11 +34,12 @@ from subriemann.sweep.table import read_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-# 16 small tanh nets on 6 teacher samples (QN = 6, K = 13 ... 121): 1-2 s each.
+# 16 small tanh nets on 6 teacher samples (QN = 6, K = 13 ... 121), ~15 steps each.
 GRID16 = {
     "grid": {"data": "teacher", "n_samples": 6, "width": [2, 4, 8, 16],
              "metric": ["interp:0.5", "pullback"], "seed": [0, 1]},
-    "flow": {"s_end": 1.0, "rtol": 1e-6, "max_time": 60.0, "checkpoint_every": 5},
+    "flow": {"s_end": 1.0, "rtol": 1e-6, "max_time": 60.0, "checkpoint_every": 3,
+             "min_saves": 10},
 }
 
 
@@ -307,7 +308,8 @@ def test_cell_continues_from_its_checkpoint(tmp_path):
     ckpt = tmp_path / f"{cell.cell_id}.ckpt.npz"
     f = cell.flow
     part = gradient_flow(problem.space, problem.theta0, f["s_end"], rtol=f["rtol"],
-                         atol=f["atol"], max_steps=7, checkpoint=ckpt, checkpoint_every=5)
+                         atol=f["atol"], min_saves=f["min_saves"], max_steps=5, checkpoint=ckpt,
+                         checkpoint_every=3)
     assert part.status.code == "max_steps_reached" and ckpt.is_file()
     torch.manual_seed(123)  # the cell must not depend on the global RNG state
     out = run_cell(cell, tmp_path)

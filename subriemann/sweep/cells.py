@@ -226,7 +226,8 @@ def _flow(cell: CellSpec, res: CellResult, ckpt: Path | None) -> Trajectory:
     traj = gradient_flow(
         space, problem.theta0, f["s_end"], rtol=f["rtol"], atol=f["atol"],
         max_time=f["max_time"] or None, max_steps=f["max_steps"] or None,
-        checkpoint=ckpt, checkpoint_every=f["checkpoint_every"], resume=ckpt,
+        min_saves=f["min_saves"], checkpoint=ckpt, checkpoint_every=f["checkpoint_every"],
+        resume=ckpt,
     )
     assert not isinstance(traj, list)
     _analyse(cell, res, traj, space)

@@ -21,6 +21,7 @@ A sweep config has up to four tables; every key is optional unless said::
     max_time = 60.0             # wall-time budget per cell, seconds (0: none)
     max_steps = 0               # step budget per cell (0: none)
     checkpoint_every = 20
+    min_saves = 50              # at least this many saved points (gradient_flow's min_saves)
 
     [analysis]
     classify = true             # Hessian classification where a flow stalls
@@ -77,7 +78,7 @@ GRID_DEFAULTS: dict[str, list[Any]] = {
 }
 FLOW_DEFAULTS: dict[str, Any] = {
     "s_end": 5.0, "rtol": 1e-8, "atol": None, "rank_rtol": 1e-6, "max_time": 60.0,
-    "max_steps": 0, "checkpoint_every": 20,
+    "max_steps": 0, "checkpoint_every": 20, "min_saves": 50,
 }
 """Defaults of the ``[flow]`` table (``atol`` defaults to ``rtol / 100``)."""
 
@@ -290,6 +291,7 @@ def _flow(raw: dict[str, Any]) -> dict[str, Any]:
         "max_time": _num(f["max_time"], "flow.max_time"),
         "max_steps": _int(f["max_steps"], "flow.max_steps", 0),
         "checkpoint_every": _int(f["checkpoint_every"], "flow.checkpoint_every", 1),
+        "min_saves": _int(f["min_saves"], "flow.min_saves", 2),
     }
 
 
