@@ -118,7 +118,7 @@ def estimate(mean_cell: float, overhead: float, write: float, startup: float) ->
             "(cells of one size; a grid of wider nets scales with their cell time)",
             f"per-cell overhead as measured here with 1 worker ({overhead:.3f} s)",
             f"the scheduler spends ~{SCHEDULER_S_PER_TASK * 1e3:g} ms per task (Dask's "
-            "documented order) and the client {write * 1e3:.1f} ms storing a result; both "
+            f"documented order) and the client {write * 1e3:.1f} ms storing a result; both "
             "are serial and overlap with the workers' computing",
             "64 workers of one core each, one torch thread, data and model files on every "
             "worker; no worker lost (a lost worker reruns its cell from its checkpoint)",
