@@ -51,7 +51,7 @@ import hashlib
 import itertools
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -412,7 +412,3 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             out.append(f"{key}: {json.dumps(va)} -> {json.dumps(vb)}")
     return out
 
-
-def cell_asdict(cell: CellSpec) -> dict[str, Any]:
-    """A cell as plain data (what the store records)."""
-    return asdict(cell)
