@@ -40,10 +40,10 @@ sys.path.insert(0, str(HERE.parent))
 from subriemann.sweep import connect, parse_sweep_config, run_cell, run_sweep  # noqa: E402
 from subriemann.sweep.store import SweepStore  # noqa: E402
 
-FULL = {  # 16 cells; on one idle core each takes a few seconds
-    "grid": {"data": "teacher", "n_samples": 16, "width": [16, 32], "depth": [1, 2],
+FULL = {  # 16 cells (QN = 48, K = 193 ... 4545), about 2-4 s each on one idle core
+    "grid": {"data": "teacher", "n_samples": 48, "width": [32, 64], "depth": [1, 2],
              "metric": ["interp:0.5", "pullback"], "seed": [0, 1]},
-    "flow": {"s_end": 4.0, "rtol": 1e-8, "max_time": 120.0},
+    "flow": {"s_end": 6.0, "rtol": 1e-9, "max_time": 120.0},
 }
 QUICK = {
     "grid": {"data": "teacher", "n_samples": 4, "width": [2, 4], "metric": ["pullback"],
