@@ -476,6 +476,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run in DIR: completed flows are kept, the "
                    "interrupted one and those stopped by the wall-time budget continue from "
                    "their checkpoints (give a larger --max-time to extend them)")
+    from subriemann.sweep import command as sweep_command
+
+    sweep_command.add_parser(sub)
     return top
 
 
@@ -714,6 +717,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if ns.command is None:
                 parser.print_help()
                 return 0
+            if ns.command == "sweep":
+                from subriemann.sweep import command as sweep_command
+
+                return sweep_command.main(ns)
             given = vars(ns)
             given.pop("command")
             values = dict(DEFAULTS)
