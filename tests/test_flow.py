@@ -30,7 +30,7 @@ from hypothesis import given, settings
 from torch import nn
 
 import subriemann as sr
-from subriemann import flow as flow_module
+from subriemann.flow import engine as flow_module
 from subriemann.metrics import EuclideanMetric, InterpolatedMetric, OutputPullbackMetric
 from tests.helpers import (
     MLPSpec,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import subriemann as sr
-from subriemann import flow as flow_module
+from subriemann.flow import engine as flow_module
 from subriemann.metrics import EuclideanMetric, OutputPullbackMetric
 from subriemann.trajectory import FORMAT, STATUS_CODES, FlowStatus, RankChange, Trajectory
 from tests.helpers import MLPSpec, make_problem

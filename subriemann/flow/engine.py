@@ -46,7 +46,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from subriemann.trajectory import FlowStatus, RankChange, Trajectory
+from subriemann.flow.checkpoint import (
+    check_same_problem,
+    checkpoint_path,
+    problem_fingerprint,
+    read_checkpoint,
+)
+from subriemann.trajectory import FlowStatus, RankChange, Trajectory, existing_npz
 
 __all__ = ["gradient_flow", "METHODS", "RANK_METHODS"]
 
@@ -177,6 +183,7 @@ class _Flow:
         self.wall_before = 0.0
         self.description: dict[str, Any] = metric.description()
         self.cheap_sv = False
+        self.problem: dict[str, str] = {}
         self.state: _State | None = None
         self.lockstep: Any = None  # a LockStep when integrated in a batch
 
@@ -449,6 +456,7 @@ def _trajectory(fl: _Flow, status: FlowStatus, wall: float) -> Trajectory:
             "wall_time": fl.wall_before + wall,
         },
         settings=_settings(fl),
+        problem=dict(fl.problem),
     )
 
 
@@ -690,6 +698,10 @@ def gradient_flow(
         )
         return _run_batch(space, initial_point, s_end, kwargs)
     theta0 = space.check_point(initial_point).detach().clone()
+    if checkpoint is not None:
+        checkpoint = checkpoint_path(checkpoint)  # fails now, not after the integration
+    if resume is not None:
+        resume = existing_npz(resume)
 
     opts: dict[str, Any] = dict(
         method=method, rtol=rtol, atol=atol, step_size=step_size,
@@ -702,6 +714,7 @@ def gradient_flow(
         min_event_step=max(1e-10 * s_end, 1e-12),
     )
     fl = _Flow(space, metric, s_end, opts)
+    fl.problem = problem_fingerprint(space, fl.description, theta0)
     fl.lockstep = getattr(_MEMBER, "lockstep", None)
     saved_atol = metric.rank_atol
     try:
@@ -1075,22 +1088,10 @@ def _chattering(fl: _Flow) -> bool:
 
 def _restore(fl: _Flow, path: Path) -> Trajectory | None:
     """Load a checkpoint into ``fl``; return the trajectory when that run had finished."""
-    import json
-
-    with np.load(path, allow_pickle=False) as data:
-        try:
-            meta = json.loads(str(data["meta"]))
-        except KeyError:
-            raise ValueError(f"{path} is not a subriemann checkpoint (no 'meta')") from None
-        integ = meta.get("integrator")
-        if integ is None:
-            raise ValueError(f"{path} is a trajectory without integrator state, not a checkpoint")
-        arrays = {
-            k[len("integrator_"):]: torch.from_numpy(np.array(data[k]))
-            for k in data.files
-            if k.startswith("integrator_")
-        }
-    traj = Trajectory.load(path)
+    traj, integ, arrays = read_checkpoint(path)
+    if not integ:
+        raise ValueError(f"{path} is a trajectory without integrator state, not a checkpoint")
+    check_same_problem(traj.problem, fl.problem, path)
     resumable = ("running", "interrupted", "max_steps_reached", "max_time_reached")
     if traj.status.code not in resumable:
         return traj
