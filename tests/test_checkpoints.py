@@ -245,3 +245,22 @@ def test_a_write_killed_half_way_leaves_the_previous_file(tmp_path, reference, m
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flow.npz"]  # no debris
     assert_same_arrays(Trajectory.load(path), reference, ARRAYS)
+
+
+# -- the user's metric is never written on ---------------------------------------------------
+class _Watched(sr.metrics.OutputPullbackMetric):
+    writes: list[tuple[int, str]] = []
+
+    def __setattr__(self, name, value):
+        type(self).writes.append((id(self), name))
+        super().__setattr__(name, value)
+
+
+def test_the_flow_writes_nothing_on_the_users_metric():
+    space = event_space(_Watched)
+    metric = space.metric
+    _Watched.writes.clear()
+    traj = run_event_flow(space=space)
+    assert traj.events and traj.status.code == "s_end_reached"  # sub-steps with tau' ran
+    assert [w for w in _Watched.writes if w[0] == id(metric)] == []
+    assert metric.rank_atol == 0.5

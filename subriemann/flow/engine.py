@@ -52,36 +52,16 @@ from subriemann.flow.checkpoint import (
     problem_fingerprint,
     read_checkpoint,
 )
+from subriemann.integrators import TABLEAUS, StepController, rk_step
 from subriemann.trajectory import FlowStatus, RankChange, Trajectory, existing_npz
 
 __all__ = ["gradient_flow", "METHODS", "RANK_METHODS"]
 
-METHODS = ("dopri5", "rk4", "euler")
+METHODS = tuple(TABLEAUS)
 """The integrators of :func:`gradient_flow`."""
 
 RANK_METHODS = ("auto", "metric", "ntk")
 """How the rank monitor computes singular values (see :func:`gradient_flow`)."""
-
-# Dormand–Prince 5(4) tableau.
-_A = (
-    (),
-    (1 / 5,),
-    (3 / 40, 9 / 40),
-    (44 / 45, -56 / 15, 32 / 9),
-    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
-)
-# 5th minus 4th order weights (the 7th stage is the FSAL stage f(theta_1)).
-_E = (
-    71 / 57600,
-    0.0,
-    -71 / 16695,
-    71 / 1920,
-    -17253 / 339200,
-    22 / 525,
-    -1 / 40,
-)
 
 # A singular value approaching tau moves at most max(gap / 2, _CAP_BAND * tau) per step.
 _CAP_BAND = 1e-3
@@ -94,7 +74,7 @@ _MAX_REJECTIONS = 200
 _RESUME_FREE = ("max_steps", "max_time", "checkpoint_every", "progress")
 
 
-class _Failure(Exception):
+class _Failure(ArithmeticError):
     """The vector field or the singular values could not be evaluated (NaN/inf)."""
 
 
@@ -129,10 +109,11 @@ _MEMBER = threading.local()
 """``lockstep``: set in the threads of a batch of flows (see :func:`_run_batch`)."""
 
 
-def _compute(fl: _Flow, kind: str, theta: Tensor) -> Any:
-    """What a flow asks at ``theta`` (see :meth:`_Flow.evaluate`)."""
+def _compute(fl: _Flow, kind: str, payload: tuple[Tensor, float | None]) -> Any:
+    """What a flow asks at ``theta`` (see :meth:`_Flow.evaluate`); ``payload = (theta, tau)``."""
+    theta, tau = payload
     if kind == "field":
-        return fl.metric.gradient(theta)
+        return fl.metric_at(tau).gradient(theta)
     if kind == "sv":
         if fl.cheap_sv:
             return fl.space.point_state(theta).singular_values("ntk")
@@ -141,12 +122,12 @@ def _compute(fl: _Flow, kind: str, theta: Tensor) -> Any:
     return st.outputs, float(st.cost)
 
 
-def _serve_round(requests: Sequence[tuple[_Flow, str, Tensor]]) -> list[tuple[bool, Any]]:
+def _serve_round(requests: Sequence[tuple[_Flow, str, Any]]) -> list[tuple[bool, Any]]:
     """One lock-step round: batched vector fields first, then every answer from the caches."""
     from subriemann.linalg import prefill_states
     from subriemann.metrics.builtin import EuclideanMetric, InterpolatedMetric
 
-    fields = [(fl, th) for fl, kind, th in requests if kind == "field"]
+    fields = [(fl, p[0]) for fl, kind, p in requests if kind == "field" and p[1] is None]
     if len(fields) > 1:
         fl0 = fields[0][0]
         m = fl0.metric  # the members' metrics are copies of one metric
@@ -161,9 +142,9 @@ def _serve_round(requests: Sequence[tuple[_Flow, str, Tensor]]) -> list[tuple[bo
             except Exception:  # noqa: BLE001  (the single-point route below reports it)
                 pass
     out: list[tuple[bool, Any]] = []
-    for fl, kind, th in requests:
+    for fl, kind, p in requests:
         try:
-            out.append((True, _compute(fl, kind, th)))
+            out.append((True, _compute(fl, kind, p)))
         except Exception as err:  # noqa: BLE001  (raised again in the member's thread)
             out.append((False, err))
     return out
@@ -173,7 +154,13 @@ class _Flow:
     """One flow's integrator and records (internal)."""
 
     def __init__(self, space, metric, s_end: float, opts: dict[str, Any]) -> None:
-        self.space, self.metric, self.s_end, self.o = space, metric, float(s_end), opts
+        import copy
+
+        # the flow's own copy: its threshold tau is set there, never on the user's metric
+        self.space, self.metric, self.s_end, self.o = space, copy.copy(metric), float(s_end), opts
+        self._at_tau: dict[float, Any] = {}
+        self.tableau = TABLEAUS[opts["method"]]
+        self.controller = StepController(opts["rtol"], opts["atol"], self.tableau.order - 1)
         self.nfev = 0
         self.n_rejected = 0
         self.rec: list[_Row] = []
@@ -188,13 +175,28 @@ class _Flow:
         self.lockstep: Any = None  # a LockStep when integrated in a batch
 
     # -- evaluation ----------------------------------------------------------------
-    def field(self, theta: Tensor) -> Tensor:
-        """:math:`-\\operatorname{grad}C(\\theta)`; raises :class:`_Failure` on NaN/inf."""
+    def metric_at(self, tau: float | None) -> Any:
+        """The flow's metric with rank threshold ``tau`` (None: the flow's own ``self.tau``)."""
+        if tau is None:
+            return self.metric
+        if tau not in self._at_tau:
+            import copy
+
+            m = copy.copy(self.metric)
+            m.rank_atol = tau
+            self._at_tau = {tau: m}  # one entry: the sub-steps of one event use one tau
+        return self._at_tau[tau]
+
+    def field(self, theta: Tensor, tau: float | None = None) -> Tensor:
+        """:math:`-\\operatorname{grad}C(\\theta)` with threshold ``tau`` (default the flow's).
+
+        Raises :class:`_Failure` on NaN/inf.
+        """
         from subriemann.space import NonFiniteError
 
         self.nfev += 1
         try:
-            v = self.evaluate("field", theta)
+            v = self.evaluate("field", theta, tau)
         except (NonFiniteError, torch.linalg.LinAlgError) as err:
             raise _Failure(f"{type(err).__name__}: {err}") from None
         if not bool(torch.isfinite(v).all()):
@@ -213,11 +215,11 @@ class _Flow:
             raise _Failure("the Jacobian D is NaN or inf")
         return s.detach()
 
-    def evaluate(self, kind: str, theta: Tensor) -> Any:
+    def evaluate(self, kind: str, theta: Tensor, tau: float | None = None) -> Any:
         """``"field"``, ``"sv"`` or ``"point"`` at ``theta``: here, or in the lock-step round."""
         if self.lockstep is not None:
-            return self.lockstep.request(self, kind, theta)
-        return _compute(self, kind, theta)
+            return self.lockstep.request(self, kind, (theta, tau))
+        return _compute(self, kind, (theta, tau))
 
     def rank_of(self, sv: Tensor) -> int:
         return int((sv > self.tau).sum())
@@ -238,42 +240,25 @@ class _Flow:
         )
 
     # -- one step --------------------------------------------------------------------
-    def step(self, theta: Tensor, f0: Tensor, h: float) -> tuple[Tensor, Tensor, float]:
-        """One step of size ``h`` from ``theta``: ``(theta_1, f(theta_1), error_norm)``."""
-        method = self.o["method"]
-        if method == "euler":
-            y1 = theta + h * f0
-            return y1, self.field(y1), 0.0
-        if method == "rk4":
-            k2 = self.field(theta + 0.5 * h * f0)
-            k3 = self.field(theta + 0.5 * h * k2)
-            k4 = self.field(theta + h * k3)
-            y1 = theta + (h / 6.0) * (f0 + 2 * k2 + 2 * k3 + k4)
-            return y1, self.field(y1), 0.0
-        ks = [f0]
-        y1 = theta
-        for i in range(1, 7):
-            y1 = theta + h * sum(a * k for a, k in zip(_A[i], ks) if a != 0.0)
-            ks.append(self.field(y1))
-        errv = h * sum(e * k for e, k in zip(_E, ks) if e != 0.0)
-        scale = self.o["atol"] + self.o["rtol"] * torch.maximum(theta.abs(), y1.abs())
-        err = float(torch.sqrt(torch.mean((errv / scale) ** 2)))
-        return y1, ks[6], err
+    def step(self, theta: Tensor, f0: Tensor, h: float, tau: float | None = None
+             ) -> tuple[Tensor, Tensor, float]:
+        """One step of size ``h`` from ``theta``: ``(theta_1, f(theta_1), error_norm)``.
+
+        ``tau``: the rank threshold of the vector field (default: the flow's).
+        """
+        def field(y: Tensor) -> Tensor:
+            return self.field(y, tau)
+
+        y1, f1, err = rk_step(self.tableau, field, theta, h, f0)
+        if f1 is None:
+            f1 = field(y1)
+        if err is None:
+            return y1, f1, 0.0
+        return y1, f1, self.controller.error_norm(err, theta, y1)
 
     def initial_step(self, theta: Tensor, f0: Tensor) -> float:
-        """Hairer–Wanner's starting step for an order-5 method (one extra evaluation)."""
-        sc = self.o["atol"] + self.o["rtol"] * theta.abs()
-        d0 = float(torch.sqrt(torch.mean((theta / sc) ** 2)))
-        d1 = float(torch.sqrt(torch.mean((f0 / sc) ** 2)))
-        h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-        h0 = min(h0, self.s_end)
-        try:
-            f1 = self.field(theta + h0 * f0)
-        except _Failure:
-            return h0 * 1e-3
-        d2 = float(torch.sqrt(torch.mean(((f1 - f0) / sc) ** 2))) / h0
-        h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
-        return min(100 * h0, h1, self.s_end)
+        """Hairer–Wanner's starting step (one extra evaluation)."""
+        return self.controller.initial_step(self.field, theta, f0, self.s_end)
 
     # -- events ----------------------------------------------------------------------
     def old_branch_tau(self, sv0: Tensor, k: int, falling: bool) -> float:
@@ -295,12 +280,7 @@ class _Flow:
             return y0, 0.0
         if self.o["method"] == "euler":  # the Euler path is piecewise linear
             return y0 + a * f0, 0.0
-        saved = self.metric.rank_atol
-        self.metric.rank_atol = tau_old
-        try:
-            y, _, err = self.step(y0, f0, a)
-        finally:
-            self.metric.rank_atol = saved
+        y, _, err = self.step(y0, f0, a, tau_old)
         return y, err
 
     def locate(self, s0: float, y0: Tensor, f0: Tensor, h: float, k: int, sv0: Tensor,
@@ -716,11 +696,7 @@ def gradient_flow(
     fl = _Flow(space, metric, s_end, opts)
     fl.problem = problem_fingerprint(space, fl.description, theta0)
     fl.lockstep = getattr(_MEMBER, "lockstep", None)
-    saved_atol = metric.rank_atol
-    try:
-        return _run(fl, theta0, grid, save_at is None, checkpoint, resume, saved_atol)
-    finally:
-        metric.rank_atol = saved_atol
+    return _run(fl, theta0, grid, save_at is None, checkpoint, resume, metric.rank_atol)
 
 
 def _run_batch(space, points: Tensor, s_end: float, kwargs: dict[str, Any]) -> list[Trajectory]:
@@ -831,7 +807,7 @@ def _run(fl: _Flow, theta0: Tensor, grid: list[float], save_all: bool, checkpoin
             else o["step_size"], n_rec=1, n_events=0,
         )
     if not moving_tau:
-        metric.rank_atol = fl.tau  # fixed along the flow; restored by the caller
+        metric.rank_atol = fl.tau  # fixed along the flow (the flow's own copy of the metric)
 
     bar = None
     if o["progress"]:
