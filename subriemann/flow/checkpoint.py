@@ -186,15 +186,19 @@ def _check_integrator(traj: Trajectory, integ: dict[str, Any], arrays: dict[str,
     if not (isinstance(n_events, int) and 0 <= n_events <= len(traj.events)):
         raise ValueError(f"{path}: checkpoint n_events = {n_events!r} does not fit the "
                          f"{len(traj.events)} saved events")
-    dim, m = traj.theta.shape[1], traj.singular_values.shape[1]
-    want = {"theta": (dim,), "f": (dim,), "sv": (m,), "sv_prev": (m,)}
-    for name, shape in want.items():
-        if name in arrays and tuple(arrays[name].shape) != shape:
-            raise ValueError(f"{path}: checkpoint array 'integrator_{name}' has shape "
-                             f"{tuple(arrays[name].shape)}, not {shape}")
+    _check_shapes(traj, arrays, path)
     for key in ("s", "s_prev", "v0norm"):
         v = integ[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"{path}: checkpoint metadata {key!r} = {v!r} is not a finite number")
     if not bool(torch.isfinite(arrays["theta"]).all()):
         raise ValueError(f"{path}: checkpoint array 'integrator_theta' is not finite")
+
+
+def _check_shapes(traj: Trajectory, arrays: dict[str, Tensor], path: Path) -> None:
+    dim, m = traj.theta.shape[1], traj.singular_values.shape[1]
+    want = {"theta": (dim,), "f": (dim,), "sv": (m,), "sv_prev": (m,)}
+    for name, shape in want.items():
+        if name in arrays and tuple(arrays[name].shape) != shape:
+            raise ValueError(f"{path}: checkpoint array 'integrator_{name}' has shape "
+                             f"{tuple(arrays[name].shape)}, not {shape}")
