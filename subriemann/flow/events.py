@@ -11,27 +11,56 @@ moves at most half its distance to :math:`\tau` (but at least
 ``CAP_BAND`` :math:`\tau`).  :func:`chattering` detects a rank that flips back
 and forth at the threshold.
 
-Every function takes the flow (:class:`subriemann.flow.engine.Flow`) first.
+Every function takes the flow first (anything with the attributes of :class:`Flow`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from subriemann.trajectory import RankChange
 
-if TYPE_CHECKING:
-    from subriemann.flow.engine import Flow, State
-
 __all__ = ["CAP_BAND", "old_branch_tau", "substep", "locate", "crossings", "cap_near_tau",
            "first_crossing", "chattering"]
 
 CAP_BAND = 1e-3
 """A singular value approaching tau moves at most ``max(gap / 2, CAP_BAND * tau)`` per step."""
+
+
+class Flow(Protocol):
+    """What the event functions use of a flow (:class:`subriemann.flow.engine.Flow`)."""
+
+    tau: float
+    s_end: float
+    o: Any  # FlowOptions
+    events: list[RankChange]
+
+    def step(self, theta: Tensor, f0: Tensor, h: float, tau: float | None = None
+             ) -> tuple[Tensor, Tensor, float]: ...
+
+    def sv(self, theta: Tensor) -> Tensor: ...
+
+    def rank_of(self, sv: Tensor) -> int: ...
+
+
+class State(Protocol):
+    """What :func:`cap_near_tau` and :func:`first_crossing` use of an integrator state."""
+
+    @property
+    def s(self) -> float: ...
+
+    @property
+    def s_prev(self) -> float: ...
+
+    @property
+    def sv(self) -> Tensor: ...
+
+    @property
+    def sv_prev(self) -> Tensor | None: ...
 
 
 def old_branch_tau(fl: Flow, sv0: Tensor, k: int, falling: bool) -> float:
