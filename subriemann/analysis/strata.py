@@ -685,10 +685,10 @@ _FLOW_PARAMS: set[str] | None = None
 def _check_flow_options(opts: dict[str, Any]) -> None:
     global _FLOW_PARAMS
     if _FLOW_PARAMS is None:
-        from subriemann.flow import gradient_flow
+        from subriemann.flow import FlowOptions, gradient_flow
 
-        _FLOW_PARAMS = set(inspect.signature(gradient_flow).parameters) - {
-            "space", "initial_point", "s_end",
+        _FLOW_PARAMS = (set(inspect.signature(gradient_flow).parameters) | FlowOptions.names()) - {
+            "space", "initial_point", "s_end", "options",
         }
     if "metric" in opts:
         raise ValueError(

@@ -157,9 +157,14 @@ class FlowOptions:
     min_event_step: float = field(default=0.0)
 
     @classmethod
+    def names(cls) -> set[str]:
+        """The keyword options (every field but ``s_end`` and the derived ``min_event_step``)."""
+        return {f for f in cls.__dataclass_fields__ if f not in ("s_end", "min_event_step")}
+
+    @classmethod
     def create(cls, s_end: Any, **options: Any) -> FlowOptions:
         """Validate ``s_end`` and the keyword options; unknown names raise ``TypeError``."""
-        known = {f for f in cls.__dataclass_fields__ if f not in ("s_end", "min_event_step")}
+        known = cls.names()
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"gradient_flow() got unknown option(s) {', '.join(unknown)} "
