@@ -53,7 +53,7 @@ def build(kind: str, seed: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         x = torch.randn(4, 2, generator=g, dtype=f64)
         x = torch.cat([x, x[:1]])
         y = torch.randn(5, 1, generator=g, dtype=f64)
-    elif kind == "K~QN":  # K = 9 parameters for QN = 8 outputs
+    elif kind == "K~QN":  # K = 12 parameters for QN = 8 outputs
         net = nn.Sequential(nn.Linear(1, 2), nn.Tanh(), nn.Linear(2, 2), nn.Tanh(),
                             nn.Linear(2, 1, bias=False))
         x, y = torch.randn(8, 1, generator=g, dtype=f64), torch.randn(8, 1, generator=g, dtype=f64)
