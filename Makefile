@@ -16,7 +16,7 @@ comma    := ,
 .PHONY: demo test clean
 
 demo: $(VENV)/.installed-base
-	$(PY) -m subriemann run --out subriemann-report
+	$(PY) -m subriemann run --out subriemann-report --overwrite
 
 # Every check runs even when an earlier one fails (so the test results are always
 # shown); the target fails if any of them failed.

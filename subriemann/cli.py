@@ -25,9 +25,13 @@ run several times slower.
 incompatible loss/target combination prints one line to stderr and exits with
 code 2.  **Ctrl-C** keeps the completed flows, the checkpoint of the running
 one (``DIR/flows/<name>.ckpt.npz``) and a ``summary.json`` of what completed,
-and exits with code 130.  ``--resume`` continues from there: completed flows are
-kept, the interrupted one continues from its checkpoint, and so do flows that
-ran out of their wall-time budget (give a larger ``--max-time``).
+and exits with code 130.  ``--resume --out DIR`` continues from there with the
+settings stored in ``DIR/summary.json`` (options given with it must agree with
+them; the error names those that differ): flows whose trajectory file is on
+disk are kept (even when Ctrl-C came during their post-processing), the
+interrupted one continues from its checkpoint, and so do flows that ran out of
+their wall-time budget (give a larger ``--max-time``).  A second run into a
+non-empty ``--out`` is refused unless ``--resume`` or ``--overwrite`` is given.
 """
 
 from __future__ import annotations
@@ -68,11 +72,12 @@ DEFAULTS: dict[str, Any] = {
     "threads": None,  # 1 for small problems (QN * K <= 4e6), else torch's default
     "progress": True,
     "resume": False,
+    "overwrite": False,
 }
 """Default value of every option of ``subriemann run`` (the keys of a config file)."""
 
 LOSSES = ("mse", "cross_entropy")
-_NOT_FINGERPRINTED = ("out", "threads", "progress", "resume", "max_time")
+_NOT_FINGERPRINTED = ("out", "threads", "progress", "resume", "max_time", "overwrite")
 _BUDGET = ("max_time_reached", "max_steps_reached")
 SMALL_PROBLEM = 4_000_000
 """QN·K up to which ``subriemann run`` uses one torch thread unless ``--threads`` says otherwise."""
@@ -255,6 +260,7 @@ class Options:
     threads: int | None
     progress: bool
     resume: bool
+    overwrite: bool = False
 
     def fingerprint(self) -> str:
         """Hash of the settings that define the flows (not ``out``, ``threads``, ...)."""
@@ -318,7 +324,11 @@ def _resolve(values: dict[str, Any], explicit: set[str]) -> Options:
         threads=None if v["threads"] is None else _as_int(v["threads"], "threads", 1),
         progress=_as_bool(v["progress"], "progress"),
         resume=_as_bool(v["resume"], "resume"),
+        overwrite=_as_bool(v.get("overwrite", False), "overwrite"),
     )
+    if opts.resume and opts.overwrite:
+        raise UsageError("give --resume (continue the run in --out) or --overwrite (replace "
+                         "it), not both")
     parse_metrics(opts.metrics)
     return opts
 
@@ -475,7 +485,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in DIR: completed flows are kept, the "
                    "interrupted one and those stopped by the wall-time budget continue from "
-                   "their checkpoints (give a larger --max-time to extend them)")
+                   "their checkpoints (give a larger --max-time to extend them); "
+                   "without other options it continues with the settings stored in DIR")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the previous run in a non-empty DIR (its summary, report, "
+                   "figures and flow files); without it such a DIR is refused")
     from subriemann.sweep import command as sweep_command
 
     sweep_command.add_parser(sub)
@@ -558,21 +572,67 @@ def _rel(path: Path, folder: Path) -> str:
         return str(path)
 
 
-def _previous(out: Path, opts: Options) -> dict[str, Any]:
-    """Flows of a previous run in ``out`` to keep with ``--resume`` (name → entry)."""
+def _stored_settings(out: Path) -> dict[str, Any] | None:
+    """The settings of the run stored in ``out/summary.json`` (None when there is none)."""
     path = out / "summary.json"
     if not path.is_file():
-        return {}
+        return None
     try:
         prev = json.loads(path.read_text())
-        fp = prev["settings"]["fingerprint"]
+        settings = prev["settings"]
+        settings["fingerprint"]  # noqa: B018  (checked present)
     except (ValueError, KeyError, TypeError):
         raise UsageError(f"--resume: cannot read {path}; start afresh without --resume") from None
-    if fp != opts.fingerprint():
+    if not isinstance(settings, dict):
+        raise UsageError(f"--resume: cannot read {path}; start afresh without --resume")
+    return settings
+
+
+def _with_stored(values: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """``--resume``: the stored settings of ``--out`` under the options given explicitly."""
+    stored = _stored_settings(Path(str(values["out"])))
+    if stored is None:
+        return values
+    merged = dict(DEFAULTS)
+    merged.update({k: v for k, v in stored.items() if k in DEFAULTS and k not in ("resume",)})
+    merged.update({k: values[k] for k in explicit if k in values})
+    merged["resume"] = True
+    return merged
+
+
+def _previous(out: Path, opts: Options) -> None:
+    """``--resume``: refuse a folder holding a run with other settings, naming them."""
+    stored = _stored_settings(out)
+    if stored is None or stored["fingerprint"] == opts.fingerprint():
+        return
+    now = asdict(opts)
+    diff = [
+        f"{k}: {stored.get(k)!r} there, {now[k]!r} now"
+        for k in now
+        if k not in _NOT_FINGERPRINTED and stored.get(k) != now[k]
+    ]
+    raise UsageError(
+        f"--resume: {out} holds a run with other settings ({'; '.join(diff) or 'fingerprint'}); "
+        "drop those options to continue it with its own, or use another --out"
+    )
+
+
+def _check_out(out: Path, opts: Options) -> None:
+    """Refuse a non-empty ``out`` unless resuming; with ``--overwrite`` clear the old run."""
+    if not out.is_dir() or not any(out.iterdir()) or opts.resume:
+        return
+    if not opts.overwrite:
         raise UsageError(
-            f"--resume: {out} holds a run with other settings; use another --out or drop --resume"
+            f"--out {out} is not empty (it holds a previous run or other files): give --resume "
+            "to continue that run, --overwrite to replace it, or another --out"
         )
-    return {f["name"]: f for f in prev.get("flows", []) if f.get("completed")}
+    import shutil
+
+    for name in ("summary.json", "report.html"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "figures", ignore_errors=True)
+    for f in (out / "flows").glob("*.npz") if (out / "flows").is_dir() else []:
+        f.unlink()
 
 
 def _run(opts: Options, command: str) -> int:
@@ -581,6 +641,7 @@ def _run(opts: Options, command: str) -> int:
     t_start = time.perf_counter()
     specs = parse_metrics(opts.metrics)
     threads_before = torch.get_num_threads()
+    _check_out(Path(opts.out), opts)
     try:
         problem = build_problem(opts)
         threads = opts.threads
@@ -611,8 +672,9 @@ def _run_flows(opts: Options, command: str, specs: list[MetricSpec], problem: _P
     space, theta0, info = problem.space, problem.theta0, problem.info
     out = Path(opts.out)
     flows_dir = out / "flows"
+    if opts.resume:
+        _previous(out, opts)
     flows_dir.mkdir(parents=True, exist_ok=True)
-    keep = _previous(out, opts) if opts.resume else {}
     _say(f"subriemann run: {info['description']}")
     _say(f"  model {info['model']}; QN = {info['output_dim']}, rank D(θ0) = "
          f"{info['initial_rank']}, σ_max = {info['sigma_max']:.3g}, "
@@ -630,19 +692,19 @@ def _run_flows(opts: Options, command: str, specs: list[MetricSpec], problem: _P
                              complete=complete, html_file=html_file, command=command)
 
     interrupted = False
+    saved: list[str] = []  # flows whose trajectory file is on disk
+    write_summary(out, summary(complete=False))  # the settings, for --resume --out DIR alone
     try:
         for i, ms in enumerate(specs):
             ckpt = flows_dir / f"{ms.name}.ckpt.npz"
             final = flows_dir / f"{ms.name}.npz"
-            traj: Trajectory | None = None
-            extend = (ms.name in keep and keep[ms.name]["status"]["code"] in _BUDGET
-                      and ckpt.is_file())
-            if ms.name in keep and final.is_file() and not extend:
-                traj = Trajectory.load(final)
+            space.equip_with_metric(ms.factory, rank_rtol=opts.rank_rtol, **ms.kwargs)
+            traj = _kept_flow(final, ckpt, space, theta0, opts) if opts.resume else None
+            kept = traj is not None
+            if traj is not None:
                 _say(f"[{i + 1}/{len(specs)}] {ms.label}: kept from the previous run "
                      f"({traj.status.code})")
             else:
-                space.equip_with_metric(ms.factory, rank_rtol=opts.rank_rtol, **ms.kwargs)
                 _say(f"[{i + 1}/{len(specs)}] {ms.label}")
                 if not opts.resume:
                     ckpt.unlink(missing_ok=True)
@@ -659,7 +721,9 @@ def _run_flows(opts: Options, command: str, specs: list[MetricSpec], problem: _P
                 entries.append(entry)
                 interrupted = True
                 break
-            traj.save(final)
+            if not kept:
+                traj.save(final)  # on disk before the post-processing: --resume reuses it
+            saved.append(ms.name)
             kept_ckpt = traj.status.code in _BUDGET and ckpt.is_file()
             if not kept_ckpt:  # a flow stopped by its budget can be extended with --resume
                 ckpt.unlink(missing_ok=True)
@@ -685,7 +749,7 @@ def _run_flows(opts: Options, command: str, specs: list[MetricSpec], problem: _P
         write_summary(out, summary(complete=False))
         running = [e for e in entries if not e["completed"]]
         print(
-            f"subriemann run: interrupted; {len(entries) - len(running)} completed flow(s) and "
+            f"subriemann run: interrupted; {len(saved)} completed flow(s) and "
             + (f"the checkpoint {running[0]['checkpoint']} " if running else "")
             + f"are in {out} (summary.json); continue with --resume --out {out}",
             file=sys.stderr,
@@ -695,6 +759,33 @@ def _run_flows(opts: Options, command: str, specs: list[MetricSpec], problem: _P
     _say(format_table(done))
     _say(f"\nreport: {out / 'report.html'}  ({time.perf_counter() - t_start:.0f} s in all)")
     return 0
+
+
+def _kept_flow(final: Path, ckpt: Path, space: Any, theta0: Any, opts: Options) -> Any:
+    """``--resume``: the finished flow in ``final`` when it belongs to this run, else None.
+
+    A flow stopped by its budget with a checkpoint is continued instead; a
+    damaged file, or one computed for another problem or other settings, is
+    recomputed.
+    """
+    from subriemann.flow.checkpoint import problem_fingerprint
+    from subriemann.trajectory import Trajectory
+
+    if not final.is_file():
+        return None
+    try:
+        traj = Trajectory.load(final)
+    except ValueError:
+        return None
+    if traj.status.code in _BUDGET and ckpt.is_file():
+        return None
+    same = traj.problem == problem_fingerprint(space, space.metric.description(), theta0)
+    st = traj.settings
+    if not same or (st.get("s_end"), st.get("rtol"), st.get("atol")) != (
+        opts.s_end, opts.rtol, opts.atol
+    ):
+        return None
+    return traj
 
 
 def _command_line(argv: Sequence[str]) -> str:
@@ -731,6 +822,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 values.update(cfg)
                 explicit |= set(cfg)
             values.update(given)
+            if values.get("resume"):
+                values = _with_stored(values, explicit)
             opts = _resolve(values, explicit)
             return _run(opts, _command_line(argv))
         except (UsageError, ValueError, TypeError, FileNotFoundError, OSError) as err:

@@ -13,7 +13,15 @@ File format (``Trajectory.save``): one ``.npz`` archive holding
   ``rank_rtol``, ``rank_tau`` (the absolute threshold :math:`\tau` used),
   ``num_samples``, ``num_outputs``, ``loss``, ``counters`` (``nfev``,
   ``n_steps``, ``n_rejected``, ``wall_time``), ``settings`` (the solver
-  options) and the scalar fields of the events.
+  options), ``problem`` (the fingerprint of the problem, see
+  :func:`subriemann.flow.checkpoint.problem_fingerprint`) and the scalar
+  fields of the events.
+
+A name without ``.npz`` gets it appended (``"run"`` and ``"run.npz"`` are
+the same file for :meth:`Trajectory.save`, :meth:`Trajectory.load` and the
+``checkpoint``/``resume`` arguments of :func:`~subriemann.gradient_flow`).
+Writes are atomic (temporary file, ``fsync``, ``os.replace``).  A damaged
+file raises a one-line ``ValueError`` naming the file and the problem.
 
 A *checkpoint* (``gradient_flow(..., checkpoint=path)``) is the same file with
 the integrator state added: ``meta["integrator"]`` (flow time, proposed step,
@@ -30,6 +38,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Trajectory", "RankChange", "FlowStatus", "STATUS_CODES"]
+__all__ = ["Trajectory", "RankChange", "FlowStatus", "STATUS_CODES", "npz_path"]
 
 FORMAT = "subriemann.trajectory/1"
 
@@ -161,6 +172,11 @@ class Trajectory:
         ``nfev``, ``n_steps``, ``n_rejected``, ``wall_time``.
     settings : dict
         The solver options.
+    problem : dict
+        The fingerprint of the problem the flow solved (see
+        :func:`subriemann.flow.checkpoint.problem_fingerprint`): a short hash
+        per ingredient (model, parameter layout, initial point, inputs,
+        targets, loss, metric).  Empty for a trajectory built by hand.
     """
 
     s: Tensor
@@ -181,6 +197,7 @@ class Trajectory:
     loss: str = ""
     counters: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    problem: dict[str, str] = field(default_factory=dict)
 
     # -- derived -------------------------------------------------------------------
     @property
@@ -227,6 +244,7 @@ class Trajectory:
             "loss": self.loss,
             "counters": self.counters,
             "settings": self.settings,
+            "problem": self.problem,
             "events": [
                 {
                     "s": e.s,
@@ -243,12 +261,13 @@ class Trajectory:
     def save(self, path: str | Path, *, _extra: dict[str, Any] | None = None) -> Path:
         """Write the trajectory to ``path`` (``.npz``; see the module docstring).
 
-        The file is written to a temporary name and renamed, so an
-        interruption never leaves a truncated file behind.
+        ``".npz"`` is appended to a name without it (:func:`npz_path`).  The
+        file is written to a temporary file in the same folder, flushed to
+        disk and renamed over ``path`` (``os.replace``), so a kill at any
+        moment leaves either the previous file or the new one.  Returns the
+        path written.
         """
-        path = Path(path)
-        if path.suffix != ".npz":
-            path = path.with_name(path.name + ".npz")
+        path = npz_path(path)
         arrays: dict[str, Any] = {
             k: getattr(self, k).detach().cpu().numpy() for k in self._ARRAYS
         }
@@ -263,52 +282,157 @@ class Trajectory:
                 arrays[f"integrator_{k}"] = v.detach().cpu().numpy()
         arrays["meta"] = np.array(json.dumps(meta, default=_json_default))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Trajectory:
-        """Read a trajectory written by :meth:`save`."""
-        path = Path(path)
-        if not path.exists():
+        """Read a trajectory written by :meth:`save` (``".npz"`` may be left out).
+
+        Raises
+        ------
+        FileNotFoundError
+            When there is no such file.
+        ValueError
+            When the file is not a trajectory or is damaged (empty, truncated,
+            a bare ``.npy``, a missing array or metadata key, arrays whose row
+            counts disagree); the message names the file and the problem.
+        """
+        path = existing_npz(path)
+        if not path.is_file():
             raise FileNotFoundError(f"no trajectory file at {path}")
-        with np.load(path, allow_pickle=False) as data:
-            try:
-                meta = json.loads(str(data["meta"]))
-            except KeyError:
-                raise ValueError(f"{path} is not a subriemann trajectory (no 'meta')") from None
+        with open_npz(path) as data:
+            meta = read_meta(data, path)
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path}: unknown trajectory format {meta.get('format')!r}")
-            arrs = {k: torch.from_numpy(np.array(data[k])) for k in cls._ARRAYS}
-            events = [
-                RankChange(
-                    s=ev["s"],
-                    theta=torch.from_numpy(np.array(data[f"event{i}_theta"])),
-                    rank_before=ev["rank_before"],
-                    rank_after=ev["rank_after"],
-                    singular_values_before=torch.from_numpy(np.array(data[f"event{i}_sv_before"])),
-                    singular_values_after=torch.from_numpy(np.array(data[f"event{i}_sv_after"])),
-                    index=ev["index"],
-                    tau=ev["tau"],
-                    s_bracket=ev.get("s_bracket", 0.0),
+            arrs = {k: read_array(data, k, path) for k in cls._ARRAYS}
+            try:
+                events = [
+                    RankChange(
+                        s=ev["s"],
+                        theta=read_array(data, f"event{i}_theta", path),
+                        rank_before=ev["rank_before"],
+                        rank_after=ev["rank_after"],
+                        singular_values_before=read_array(data, f"event{i}_sv_before", path),
+                        singular_values_after=read_array(data, f"event{i}_sv_after", path),
+                        index=ev["index"],
+                        tau=ev["tau"],
+                        s_bracket=ev.get("s_bracket", 0.0),
+                    )
+                    for i, ev in enumerate(meta["events"])
+                ]
+                traj = cls(
+                    **arrs,
+                    rank_rtol=meta["rank_rtol"],
+                    rank_tau=meta["rank_tau"],
+                    events=events,
+                    status=FlowStatus(meta["status"]["code"], meta["status"]["message"]),
+                    metric=meta["metric"],
+                    num_samples=meta["num_samples"],
+                    num_outputs=meta["num_outputs"],
+                    loss=meta["loss"],
+                    counters=meta["counters"],
+                    settings=meta["settings"],
+                    problem=meta.get("problem", {}),
                 )
-                for i, ev in enumerate(meta["events"])
-            ]
-        return cls(
-            **arrs,
-            rank_rtol=meta["rank_rtol"],
-            rank_tau=meta["rank_tau"],
-            events=events,
-            status=FlowStatus(meta["status"]["code"], meta["status"]["message"]),
-            metric=meta["metric"],
-            num_samples=meta["num_samples"],
-            num_outputs=meta["num_outputs"],
-            loss=meta["loss"],
-            counters=meta["counters"],
-            settings=meta["settings"],
-        )
+            except KeyError as err:
+                raise ValueError(f"{path}: metadata key {err} missing") from None
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{path}: bad metadata ({err})") from None
+        _check_rows(traj, path)
+        return traj
+
+
+def npz_path(path: str | Path) -> Path:
+    """``path`` with ``".npz"`` appended unless it ends so: ``"run"`` and ``"run.npz"`` agree.
+
+    Examples
+    --------
+    >>> npz_path("run"), npz_path("run.npz"), npz_path("x.ckpt")
+    (PosixPath('run.npz'), PosixPath('run.npz'), PosixPath('x.ckpt.npz'))
+    """
+    path = Path(path)
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+def existing_npz(path: str | Path) -> Path:
+    """:func:`npz_path`, or ``path`` itself when only it exists (a file saved by other means)."""
+    norm = npz_path(path)
+    raw = Path(path)
+    return raw if not norm.exists() and raw.is_file() else norm
+
+
+def open_npz(path: Path) -> Any:
+    """``np.load`` of an ``.npz`` archive; a ValueError naming ``path`` when it is not one."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty (not a readable .npz archive)")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        msg = " ".join(str(err).split())
+        raise ValueError(f"{path}: not a readable .npz archive ({msg})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: holds a single .npy array, not a .npz archive")
+    return data
+
+
+def read_array(data: Any, key: str, path: Path) -> Tensor:
+    """One array of an open archive as a tensor; a ValueError naming the file when absent."""
+    if key not in data.files:
+        raise ValueError(f"{path}: array {key!r} missing")
+    try:
+        return torch.from_numpy(np.array(data[key]))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, TypeError) as err:
+        msg = " ".join(str(err).split())
+        raise ValueError(f"{path}: array {key!r} is damaged ({msg})") from None
+
+
+def read_meta(data: Any, path: Path) -> dict[str, Any]:
+    """The JSON ``meta`` entry of an open archive, validated as a dict."""
+    if "meta" not in data.files:
+        raise ValueError(f"{path} is not a subriemann trajectory (no 'meta')")
+    try:
+        text = str(data["meta"])
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        msg = " ".join(str(err).split())
+        raise ValueError(f"{path}: the 'meta' entry is damaged ({msg})") from None
+    try:
+        meta = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"{path}: the 'meta' entry is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the 'meta' entry is not a JSON object")
+    return meta
+
+
+def _check_rows(traj: Trajectory, path: Path) -> None:
+    """Every per-point array has one row per saved time; shapes agree with each other."""
+    rows = {k: int(getattr(traj, k).shape[0]) if getattr(traj, k).ndim else -1
+            for k in Trajectory._ARRAYS if k != "targets"}
+    if len(set(rows.values())) != 1:
+        counts = ", ".join(f"{k}: {n}" for k, n in rows.items())
+        raise ValueError(f"{path}: inconsistent row counts ({counts})")
+    dims = {"s": 1, "theta": 2, "outputs": 2, "cost": 1, "grad_norm": 1,
+            "singular_values": 2, "rank": 1, "targets": 1}
+    bad = [k for k, d in dims.items() if getattr(traj, k).ndim != d]
+    if bad:
+        raise ValueError(f"{path}: arrays with the wrong number of dimensions: {', '.join(bad)}")
+    if traj.outputs.shape[1] != traj.targets.shape[0]:
+        raise ValueError(f"{path}: outputs have {traj.outputs.shape[1]} columns but targets "
+                         f"{traj.targets.shape[0]} entries")
+    k = traj.theta.shape[1]
+    for i, e in enumerate(traj.events):
+        if e.theta.shape != (k,):
+            raise ValueError(f"{path}: event{i}_theta has shape {tuple(e.theta.shape)}, not ({k},)")
 
 
 def _json_default(obj: Any) -> Any:

@@ -30,7 +30,8 @@ from hypothesis import given, settings
 from torch import nn
 
 import subriemann as sr
-from subriemann import flow as flow_module
+from subriemann.flow import batch as batch_module
+from subriemann.flow import events as events_module
 from subriemann.metrics import EuclideanMetric, InterpolatedMetric, OutputPullbackMetric
 from tests.helpers import (
     MLPSpec,
@@ -390,7 +391,7 @@ def test_steps_are_capped_so_a_dip_below_tau_is_seen(lam, monkeypatch):
     for ev, s in zip(traj.events, expected):
         assert abs(ev.s - s) < 1e-7
     # control: the same flow without the cap steps over the dip and sees no event
-    monkeypatch.setattr(flow_module._Flow, "cap_near_tau", lambda self, h, st: h)
+    monkeypatch.setattr(events_module, "cap_near_tau", lambda fl, h, st: h)
     assert run().events == []
 
 
@@ -629,19 +630,19 @@ def test_batch_integrated_together_equals_individual_runs(monkeypatch, metric, k
     theta0 = space.initial_point()
     batch = torch.stack([theta0, 0.9 * theta0, 1.1 * theta0])
     widths: list[int] = []
-    serve = flow_module._serve_round
+    serve = batch_module.serve_round
 
     def counting(requests):
         widths.append(len(requests))
         return serve(requests)
 
-    monkeypatch.setattr(flow_module, "_serve_round", counting)
+    monkeypatch.setattr(batch_module, "serve_round", counting)
     trajs = sr.gradient_flow(space, batch, 0.5, rtol=1e-6, min_saves=5)
     assert isinstance(trajs, list) and len(trajs) == 3
     # together: far fewer rounds than evaluations, most rounds serve all three flows
     n_requests = sum(widths)
     assert len(widths) < 0.5 * n_requests and max(widths) == 3
-    monkeypatch.setattr(flow_module, "_serve_round", serve)
+    monkeypatch.setattr(batch_module, "serve_round", serve)
     for p, traj in zip(batch, trajs):
         single = sr.gradient_flow(space, p, 0.5, rtol=1e-6, min_saves=5)
         assert traj.status.code == single.status.code == "s_end_reached"
@@ -662,7 +663,7 @@ def test_batch_interrupt_keeps_every_trajectory(monkeypatch):
     space, _ = mlp_space((2, 4, 1), 3, seed=7)
     theta0 = space.initial_point()
     batch = torch.stack([theta0, 0.9 * theta0])
-    serve = flow_module._serve_round
+    serve = batch_module.serve_round
     calls = {"n": 0}
 
     def interrupting(requests):
@@ -671,7 +672,7 @@ def test_batch_interrupt_keeps_every_trajectory(monkeypatch):
             raise KeyboardInterrupt
         return serve(requests)
 
-    monkeypatch.setattr(flow_module, "_serve_round", interrupting)
+    monkeypatch.setattr(batch_module, "serve_round", interrupting)
     trajs = sr.gradient_flow(space, batch, 5.0, rtol=1e-6)
     for traj in trajs:
         assert traj.status.code == "interrupted"

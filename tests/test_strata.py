@@ -10,8 +10,13 @@ rank 5 -> 4 -> 3, and every flow ends on the non-global critical set
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
+import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import matplotlib
 import networkx as nx
@@ -282,3 +287,52 @@ def test_sample_strata_bad_input():
         sample_strata(space, torch.zeros(1, 3, dtype=F64), 1.0)
     with pytest.raises(TypeError, match="ParameterSpace"):
         sample_strata("space", _starts(1), 1.0)
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process (Linux /proc)."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        out[int(stat.parent.name)] = int(text.rpartition(")")[2].split()[1])
+    return out
+
+
+def _kill_a_worker_after(delay: float, killed: list[int], stop: threading.Event) -> None:
+    """Kill one pool worker (a grandchild: the pool forks its workers from a forkserver)."""
+    me = os.getpid()
+    while not stop.is_set():
+        parents = _parents()
+        children = {p for p, pp in parents.items() if pp == me}
+        workers = sorted(p for p, pp in parents.items() if pp in children)
+        if workers:
+            time.sleep(delay)  # let the sweep get going
+            try:
+                os.kill(workers[0], signal.SIGKILL)
+                killed.append(workers[0])
+            except ProcessLookupError:
+                continue
+            return
+        time.sleep(0.02)
+
+
+def test_a_killed_worker_loses_no_run():
+    """SIGKILL of one worker mid-sweep: its run and those the broken pool lost are resubmitted."""
+    space = _odd_space()
+    n = 4
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_a_worker_after, args=(0.3, killed, stop), daemon=True)
+    killer.start()
+    try:
+        g, trajs = sample_strata(space, _starts(n), S_END, **FLOW)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no worker was killed: the test did not test anything"
+    assert g.graph["resubmitted"] >= 1  # the kill came mid-sweep and lost runs
+    # every run is there, and ends where the closed form says (as in the other sweeps)
+    _check_odd_sweep(g, trajs, n)

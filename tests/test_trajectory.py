@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 import subriemann as sr
-from subriemann import flow as flow_module
+from subriemann.flow import engine as flow_module
+from subriemann.flow import events as events_module
 from subriemann.metrics import EuclideanMetric, OutputPullbackMetric
 from subriemann.trajectory import FORMAT, STATUS_CODES, FlowStatus, RankChange, Trajectory
 from tests.helpers import MLPSpec, make_problem
@@ -226,13 +227,13 @@ def test_keyboard_interrupt_returns_and_resumes(tmp_path, monkeypatch, event_tra
 
 def test_interrupt_while_locating_an_event(tmp_path, monkeypatch, event_traj):
     ckpt = tmp_path / "ckpt.npz"
-    original = flow_module._Flow.locate
+    original = events_module.locate
 
-    def locate(self, *args, **kwargs):
-        original(self, *args, **kwargs)  # the work is done, then the user presses Ctrl-C
+    def locate(fl, *args, **kwargs):
+        original(fl, *args, **kwargs)  # the work is done, then the user presses Ctrl-C
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(flow_module._Flow, "locate", locate)
+    monkeypatch.setattr(events_module, "locate", locate)
     part = run_event_flow(checkpoint=ckpt)
     assert part.status.code == "interrupted" and part.events == []
     assert float(part.s[-1]) < event_traj.events[0].s

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from subriemann.integrators import TABLEAUS, rk_step
 from subriemann.metrics.builtin import check_lam
 
 __all__ = ["OutputFlow", "output_flow", "kernel_eigh"]
@@ -112,11 +113,7 @@ def output_flow(
         for target in s_t[order].tolist():
             while cur < target:
                 h = min(h_max, target - cur)
-                k1 = field(x)
-                k2 = field(x + 0.5 * h * k1)
-                k3 = field(x + 0.5 * h * k2)
-                k4 = field(x + h * k3)
-                x = x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
+                x = rk_step(TABLEAUS["rk4"], field, x, h)[0]
                 cur += h
             xs_sorted.append(x.clone())
         xs = torch.empty(len(xs_sorted), x0.shape[0], dtype=x0.dtype)

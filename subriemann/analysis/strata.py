@@ -596,6 +596,63 @@ def _default_executor(max_workers: int) -> Any:
     return ProcessPoolExecutor(max_workers=max_workers, mp_context=ctx)
 
 
+MAX_ATTEMPTS = 3
+"""Times :func:`sample_strata` submits a run whose worker was lost before it gives up."""
+
+
+def _lost(err: BaseException) -> bool:
+    """The executor lost the run (a killed worker, a broken pool), not the run's own error."""
+    from concurrent.futures import BrokenExecutor, CancelledError
+
+    return isinstance(err, (BrokenExecutor, CancelledError)) or type(err).__name__ == "KilledWorker"
+
+
+def _run_all(ex: Any, args: tuple[Any, float, dict[str, Any]], points: list[Tensor],
+             own_workers: int | None) -> tuple[list[dict[str, Any]], int]:
+    """Every run's result; runs lost with a worker are submitted again (``MAX_ATTEMPTS``).
+
+    ``own_workers``: the executor is ours, with that many workers; a broken one is shut
+    down and replaced by a fresh pool (a user's executor is used as it is, and shut down
+    by nobody here).  Returns the results and the number of resubmissions.
+    """
+    payload, s_end, options = args
+    results: list[dict[str, Any]] = [{} for _ in points]
+    attempts = [0] * len(points)
+    todo = list(range(len(points)))
+    resubmitted = 0
+    try:
+        while todo:
+            futures: dict[int, Any] = {}
+            for i in todo:
+                attempts[i] += 1
+                try:
+                    futures[i] = ex.submit(run_flow_task, payload, points[i], s_end, options)
+                except Exception as err:  # e.g. a broken pool  # noqa: BLE001
+                    futures[i] = err
+            lost: list[int] = []
+            for i, fut in futures.items():
+                try:
+                    if isinstance(fut, Exception):
+                        raise fut
+                    results[i] = fut.result()
+                except Exception as err:  # noqa: BLE001  (recorded as the run's failure)
+                    if _lost(err) and attempts[i] < MAX_ATTEMPTS:
+                        lost.append(i)
+                        continue
+                    where = "submit failed: " if isinstance(fut, Exception) else ""
+                    results[i] = {"error": f"{where}{type(err).__name__}: {err} (attempt "
+                                           f"{attempts[i]} of {MAX_ATTEMPTS})"}
+            todo = lost
+            resubmitted += len(lost)
+            if todo and own_workers is not None:
+                ex.shutdown(wait=True, cancel_futures=True)
+                ex = _default_executor(own_workers)
+    finally:
+        if own_workers is not None:
+            ex.shutdown(wait=True)
+    return results, resubmitted
+
+
 def default_init(space: ParameterSpace, index: int, seed: int = 0) -> Tensor:
     r"""The model's own initialization, reproducibly: run ``index`` uses seed ``seed + index``.
 
@@ -628,10 +685,10 @@ _FLOW_PARAMS: set[str] | None = None
 def _check_flow_options(opts: dict[str, Any]) -> None:
     global _FLOW_PARAMS
     if _FLOW_PARAMS is None:
-        from subriemann.flow import gradient_flow
+        from subriemann.flow import FlowOptions, gradient_flow
 
-        _FLOW_PARAMS = set(inspect.signature(gradient_flow).parameters) - {
-            "space", "initial_point", "s_end",
+        _FLOW_PARAMS = (set(inspect.signature(gradient_flow).parameters) | FlowOptions.names()) - {
+            "space", "initial_point", "s_end", "options",
         }
     if "metric" in opts:
         raise ValueError(
@@ -715,6 +772,10 @@ def sample_strata(
         See :func:`strata_graph`; ``graph.graph`` also has ``failures``
         (a list of ``{"index", "error"}``: runs that raised, with the
         traceback; they do not stop the sweep), ``n_failed``,
+        ``resubmitted`` (how many runs were submitted again because the
+        executor lost them: a killed worker or a broken pool, whose runs
+        are all resubmitted, on a fresh pool when the pool is the default
+        one, up to :data:`MAX_ATTEMPTS` times each),
         ``run_indices`` (the run index of each returned trajectory) and
         ``details`` (the classification of each).
     trajectories : list of Trajectory
@@ -795,26 +856,8 @@ def sample_strata(
     ex = _default_executor(max_workers) if own else executor
     if not callable(getattr(ex, "submit", None)):
         raise TypeError(f"executor must have a submit method, got {type(ex).__name__}")
-    results: list[dict[str, Any]] = []
-    try:
-        futures = []
-        for p in points:
-            try:
-                futures.append(ex.submit(run_flow_task, payload, p, float(s_end), options))
-            except Exception as err:  # e.g. a broken pool
-                futures.append(err)
-        for fut in futures:
-            if isinstance(fut, Exception):
-                results.append({"error": f"submit failed: {fut!r}"})
-                continue
-            try:
-                res = fut.result()
-            except Exception as err:  # worker died, cancelled, ...
-                res = {"error": f"{type(err).__name__}: {err}"}
-            results.append(res)
-    finally:
-        if own:
-            ex.shutdown(wait=True)
+    args = (payload, float(s_end), options)
+    results, resubmitted = _run_all(ex, args, points, max_workers if own else None)
 
     trajs: list[Trajectory] = []
     labels: list[str] = []
@@ -845,6 +888,7 @@ def sample_strata(
         details=details,
         s_end=float(s_end),
         flow_options=dict(flow_options),
+        resubmitted=resubmitted,
     )
     return graph, trajs
 

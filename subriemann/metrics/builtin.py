@@ -24,6 +24,7 @@ from torch import Tensor
 
 from subriemann._geomstats import default_dtype, import_geomstats
 from subriemann._warnings import warn_once
+from subriemann.integrators import TABLEAUS, fixed_steps
 from subriemann.linalg import (
     cg,
     check_converged,
@@ -873,7 +874,7 @@ class BundleMetric(InterpolatedMetric):
         :math:`\dot\theta(0) = \sharp p_0 = \bar P v`); Hamilton's equations
         :math:`\dot\theta = \partial H/\partial p`,
         :math:`\dot p = -\partial H/\partial\theta` are integrated with
-        ``exp_steps`` RK4 steps on :math:`[0, 1]`.  The rank of the
+        ``exp_steps`` RK4 steps on :math:`[0, 1]` (:mod:`subriemann.integrators`).  The rank of the
         distribution is held at its value at ``base_point``.
         """
         self._require_small_k("exp")
@@ -883,15 +884,14 @@ class BundleMetric(InterpolatedMetric):
             q = self._space.check_point(q.detach())
             rank = self.rank(q)
             p = self.metric_vec(vel, q)
-            h = 1.0 / self.exp_steps
-            for _ in range(self.exp_steps):
-                k1 = self._hamilton_rhs(q, p, rank)
-                k2 = self._hamilton_rhs(q + 0.5 * h * k1[0], p + 0.5 * h * k1[1], rank)
-                k3 = self._hamilton_rhs(q + 0.5 * h * k2[0], p + 0.5 * h * k2[1], rank)
-                k4 = self._hamilton_rhs(q + h * k3[0], p + h * k3[1], rank)
-                q = q + h / 6.0 * (k1[0] + 2 * k2[0] + 2 * k3[0] + k4[0])
-                p = p + h / 6.0 * (k1[1] + 2 * k2[1] + 2 * k3[1] + k4[1])
-            return q
+            k = q.shape[0]
+
+            def hamilton(qp: Tensor) -> Tensor:  # (q, p) stacked
+                dq, dp = self._hamilton_rhs(qp[:k], qp[k:], rank)
+                return torch.cat([dq, dp])
+
+            qp = fixed_steps(TABLEAUS["rk4"], hamilton, torch.cat([q, p]), 1.0, self.exp_steps)
+            return qp[:k]
 
         return _batched(one, base_point, v)
 

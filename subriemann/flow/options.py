@@ -1,0 +1,236 @@
+r"""The options of a flow, validated once: :class:`FlowOptions`.
+
+:func:`subriemann.gradient_flow` builds a :class:`FlowOptions` from its
+keyword arguments with :meth:`FlowOptions.create` (every value checked, with a
+one-line ``TypeError``/``ValueError`` naming the option), and the engine only
+reads its typed attributes.  :meth:`FlowOptions.settings` is what a
+trajectory records (``Trajectory.settings``) and what ``resume`` compares.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from subriemann.integrators import TABLEAUS
+
+__all__ = ["FlowOptions", "METHODS", "RANK_METHODS", "RESUME_FREE"]
+
+METHODS = tuple(TABLEAUS)
+"""The integrators of :func:`~subriemann.gradient_flow` (the tableaus' names)."""
+
+RANK_METHODS = ("auto", "metric", "ntk")
+"""How the rank monitor computes singular values (see :func:`~subriemann.gradient_flow`)."""
+
+RESUME_FREE = ("max_steps", "max_time", "checkpoint_every", "progress")
+"""Options that may differ between a run and its resumption (budgets and presentation)."""
+
+
+def _number(name: str, val: Any, *, positive: bool = False, allow_inf: bool = False) -> float:
+    if isinstance(val, bool) or not isinstance(val, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a number, got {type(val).__name__}")
+    val = float(val)
+    ok = (val > 0 if positive else val >= 0) and (math.isfinite(val) or (allow_inf and val > 0))
+    if not ok:
+        kind = "positive" if positive else "non-negative"
+        fin = "" if allow_inf else "finite "
+        raise ValueError(f"{name} must be a {kind} {fin}number, got {val}")
+    return val
+
+
+def _integer(name: str, val: Any, minimum: int) -> int:
+    if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {val!r}")
+    return int(val)
+
+
+def _flag(name: str, val: Any) -> bool:
+    if not isinstance(val, (bool, np.bool_)) and not (isinstance(val, int) and val in (0, 1)):
+        raise TypeError(f"{name} must be True or False, got {val!r}")
+    return bool(val)
+
+
+def _save_grid(save_at: Any, s_end: float) -> list[float]:
+    try:
+        grid = sorted({float(v) for v in save_at})
+    except (TypeError, ValueError):
+        raise TypeError("save_at must be a sequence of numbers") from None
+    bad = [v for v in grid if not (math.isfinite(v) and 0.0 <= v <= s_end)]
+    if not grid or bad:
+        raise ValueError(
+            f"save_at must be a non-empty list of times in [0, s_end={s_end}]; "
+            f"got {bad[:3] if bad else 'an empty list'}"
+        )
+    return grid
+
+
+@dataclass
+class FlowOptions:
+    r"""Every option of a flow, validated once (build it with :meth:`create`).
+
+    After validation ``save_at`` is the sorted list of requested save times
+    (None: the default saves) and ``min_event_step`` the shortest step the
+    cap near :math:`\tau` may impose.
+
+    Parameters
+    ----------
+    s_end : float
+        Final flow time, :math:`> 0`.
+    method : {"dopri5", "rk4", "euler"}
+        Integrator: a tableau of :data:`subriemann.integrators.TABLEAUS`.
+    rtol, atol : float
+        Error control of ``"dopri5"`` on :math:`\theta`.
+    step_size : float, optional
+        Step of ``"rk4"`` / ``"euler"`` (default ``s_end / 200``).
+    first_step, max_step : float, optional
+        Initial and largest step of ``"dopri5"``.
+    save_at : sequence of float, optional
+        Save exactly at these times in :math:`[0, s_{\rm end}]` (steps are
+        shortened to land on them).  :math:`s = 0` is always saved (the
+        diagnostics need :math:`x(0)`), and so is the last good state when the
+        flow stops before ``s_end``.  Default: every accepted step, plus (for
+        ``"dopri5"``) at least ``min_saves`` evenly spaced times, so at least
+        ``min_saves`` points when the flow reaches ``s_end``.  The fixed-step
+        methods are not shortened to land on these times: they save their
+        ``ceil(s_end / step_size) + 1`` points (201 by default).
+    min_saves : int
+        See ``save_at``.
+    cost_tol : float, optional
+        Stop ("cost_tol_reached") once :math:`C \le` ``cost_tol``.
+    stall_tol : float
+        Stop ("equilibrium_reached") once :math:`|V| \le` ``stall_tol`` :math:`|V(0)|`.
+    max_steps : int, optional
+        Budget of accepted steps ("max_steps_reached"; resumable).
+    max_time : float, optional
+        Budget of wall time in seconds ("max_time_reached"; resumable).
+    monitor_rank : bool
+        Watch the numerical rank of :math:`D` at every accepted step, cap the
+        steps near :math:`\tau` and record rank changes (``events``).
+    stop_on_rank_change : bool
+        Stop at the first rank change (status ``"rank_change"``), at the point
+        just after the crossing.
+    event_tol : float
+        Width in :math:`s` of the final bracket of a rank event.
+    fixed_threshold : bool
+        Keep the rank threshold fixed at
+        :math:`\tau = \mathrm{rank\_rtol}\,\sigma_{\max}(\theta(0))` (or the
+        metric's ``rank_atol``).  A threshold that moves makes the vector
+        field discontinuous; ``False`` recomputes it at every step.
+    rank_method : {"auto", "metric", "ntk"}
+        How the monitor computes singular values: ``"metric"`` uses
+        ``metric.singular_values`` (the factorization the vector field uses);
+        ``"ntk"`` the eigenvalues of :math:`DD^\top` (cheap, resolves
+        :math:`\sigma \gtrsim 10^{-7}\sigma_{\max}`); ``"auto"`` is
+        ``"metric"`` except for :math:`\lambda = 0` metrics (whose vector field
+        needs no factorization) with :math:`QN \le K` and a threshold the NTK
+        resolves.
+    checkpoint_every : int
+        Accepted steps between two checkpoints (with ``checkpoint`` of
+        :func:`~subriemann.gradient_flow`).
+    progress : bool
+        Show a progress bar (tqdm).
+    """
+
+    s_end: float
+    method: str = "dopri5"
+    rtol: float = 1e-8
+    atol: float = 1e-10
+    step_size: float | None = None
+    first_step: float | None = None
+    max_step: float = math.inf
+    save_at: list[float] | None = None
+    min_saves: int = 50
+    cost_tol: float | None = None
+    stall_tol: float = 1e-12
+    max_steps: int | None = None
+    max_time: float | None = None
+    monitor_rank: bool = True
+    stop_on_rank_change: bool = False
+    event_tol: float = 1e-9
+    fixed_threshold: bool = True
+    rank_method: str = "auto"
+    checkpoint_every: int = 50
+    progress: bool = False
+    min_event_step: float = field(default=0.0)
+
+    @classmethod
+    def names(cls) -> set[str]:
+        """The keyword options (every field but ``s_end`` and the derived ``min_event_step``)."""
+        return {f for f in cls.__dataclass_fields__ if f not in ("s_end", "min_event_step")}
+
+    @classmethod
+    def create(cls, s_end: Any, **options: Any) -> FlowOptions:
+        """Validate ``s_end`` and the keyword options; unknown names raise ``TypeError``."""
+        known = cls.names()
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"gradient_flow() got unknown option(s) {', '.join(unknown)} "
+                            f"(known: {', '.join(sorted(known))})")
+        o = cls(s_end=_number("s_end", s_end, positive=True), **options)
+        o._validate()
+        return o
+
+    def _validate(self) -> None:
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.rank_method, str) or self.rank_method not in RANK_METHODS:
+            raise ValueError(f"rank_method must be one of {RANK_METHODS}, got {self.rank_method!r}")
+        self._validate_steps()
+        for name in ("first_step", "cost_tol", "max_time"):
+            val = getattr(self, name)
+            if val is not None:
+                setattr(self, name, _number(name, val, positive=name == "first_step"))
+        if self.max_steps is not None:
+            self.max_steps = _integer("max_steps", self.max_steps, 0)
+        self.min_saves = max(_integer("min_saves", self.min_saves, 0), 2)
+        self.checkpoint_every = _integer("checkpoint_every", self.checkpoint_every, 1)
+        for name in ("monitor_rank", "stop_on_rank_change", "fixed_threshold", "progress"):
+            setattr(self, name, _flag(name, getattr(self, name)))
+        if self.save_at is not None:
+            self.save_at = _save_grid(self.save_at, self.s_end)
+        self.min_event_step = max(1e-10 * self.s_end, 1e-12)
+
+    def _validate_steps(self) -> None:
+        self.rtol, self.atol = _number("rtol", self.rtol), _number("atol", self.atol)
+        self.stall_tol = _number("stall_tol", self.stall_tol)
+        self.event_tol = _number("event_tol", self.event_tol, positive=True)
+        self.max_step = _number("max_step", self.max_step, positive=True, allow_inf=True)
+        adaptive = TABLEAUS[self.method].adaptive
+        if adaptive and self.rtol == 0 and self.atol == 0:
+            raise ValueError("rtol and atol cannot both be 0")
+        if not adaptive:
+            self.step_size = self.s_end / 200 if self.step_size is None else _number(
+                "step_size", self.step_size, positive=True)
+        elif self.step_size is not None:
+            raise ValueError(f"step_size is for fixed-step methods; {self.method} adapts its step")
+
+    @property
+    def adaptive(self) -> bool:
+        """The method controls its step size (an embedded error estimate)."""
+        return TABLEAUS[self.method].adaptive
+
+    def grid(self) -> list[float]:
+        """The times the flow lands on: ``save_at``, else (adaptive methods) ``min_saves``
+        evenly spaced times; fixed steps are not shortened (every step is saved)."""
+        if self.save_at is not None:
+            return list(self.save_at)
+        if self.adaptive:
+            return [self.s_end * i / (self.min_saves - 1) for i in range(self.min_saves)]
+        return []
+
+    def batch_options(self) -> dict[str, Any]:
+        """The keyword options again (for the members of a batch)."""
+        d = asdict(self)
+        del d["s_end"], d["min_event_step"]
+        if self.adaptive:
+            d["step_size"] = None
+        return d
+
+    def settings(self) -> dict[str, Any]:
+        """The options as recorded in a trajectory (``Trajectory.settings``)."""
+        d = asdict(self)
+        s_end = d.pop("s_end")
+        return d | {"s_end": s_end, "save_at": None if self.save_at is None else list(self.save_at)}
