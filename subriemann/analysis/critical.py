@@ -1564,7 +1564,7 @@ def _step_defect(
 
 
 def _reference_frame(kernel_basis: Tensor, m: int) -> Tensor:
-    r"""``m`` orthonormal directions in the span of ``kernel_basis`` that do not depend on its basis.
+    r"""``m`` orthonormal directions spanning ``kernel_basis``, independent of that basis.
 
     An eigensolver returns an arbitrary orthonormal basis of a repeated eigenvalue's
     eigenspace (the Hessian kernel of a critical set of dimension > 1), and which one
