@@ -391,7 +391,10 @@ class InterpolatedMetric(ParameterMetric):
             return torch.cholesky_solve(st.vjp(u).unsqueeze(1), pchol).squeeze(1)
         if self._small_is_output:
             # a certified Cholesky factor only where it proves every sigma > tau, so that
-            # (D D^T)^+ = (D D^T)^{-1}; otherwise the thresholded eigendecomposition
+            # (D D^T)^+ = (D D^T)^{-1}; otherwise the thresholded eigendecomposition.
+            # The accuracy certificate first: it usually implies the rank certificate
+            # (eta / accuracy >= 2 tau^2), which then costs no second factorization.
+            st.gram_exceeds(self._accuracy_shift(base_point))
             chol = st.certified_cholesky(self.rank_atol, self.rank_rtol)
             if chol is not None:
                 return self._cholesky_pseudoinverse(u, base_point, chol)
@@ -407,7 +410,7 @@ class InterpolatedMetric(ParameterMetric):
         (:func:`~subriemann.linalg.refine_push_through`), and if that does not reach
         the accuracy, the SVD (:meth:`_accuracy_fallback`).
         """
-        from subriemann.linalg import gram_rounding, refine_push_through
+        from subriemann.linalg import refine_push_through
 
         st = self.state(base_point)
 
@@ -415,11 +418,10 @@ class InterpolatedMetric(ParameterMetric):
             return torch.cholesky_solve(z.unsqueeze(1), chol).squeeze(1)
 
         v = st.vjp(solve(u))
-        eta = gram_rounding(st.ntk)
-        bound = eta / self.accuracy
+        bound = self._accuracy_shift(base_point)
         if st.gram_exceeds(bound):
             self.last_solve = SolverInfo(
-                "ntk", 0, eta / bound, True, self.accuracy,
+                "ntk", 0, self.accuracy, True, self.accuracy,
                 reason="accuracy certified a priori (lambda_min(D D^T) > eta / accuracy)",
             )
             return v
@@ -430,6 +432,17 @@ class InterpolatedMetric(ParameterMetric):
             self.last_solve = info
             return v
         return self._accuracy_fallback(u, base_point, v, info.residual, "iterative refinement")
+
+    def _accuracy_shift(self, base_point: Tensor) -> float:
+        r""":math:`\eta/\mathrm{accuracy}`: above it, :math:`\lambda_{\min}(DD^\top)` makes
+        the push-through solution accurate without refinement."""
+        from subriemann.linalg import gram_rounding
+
+        st = self.state(base_point)
+        key = ("accuracy_shift", self.accuracy)
+        if key not in st._cache:
+            st._cache[key] = gram_rounding(st.ntk) / self.accuracy
+        return st._cache[key]
 
     def _eigh_pseudoinverse(self, u: Tensor, base_point: Tensor) -> Tensor:
         r"""Thresholded :math:`(G)^+` of the smaller Gram matrix, with :data:`accuracy` checked.
