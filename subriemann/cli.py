@@ -401,6 +401,10 @@ def load_config(path: str | Path) -> dict[str, Any]:
         if k == "data" and isinstance(val, str) and val.endswith(".npz"):
             val = _relative_to(base, val, k)
         out[k] = val
+    try:  # every value of the file on its own (over the defaults): errors name the file
+        _resolve({**DEFAULTS, **out}, set(out))
+    except (UsageError, ValueError) as err:
+        raise UsageError(f"{p}: {err}") from None
     return out
 
 
@@ -513,17 +517,20 @@ def build_problem(opts: Options) -> _Problem:
     import torch
 
     import subriemann as sr
-    from subriemann.datasets import load_dataset, smooth_labels
+    from subriemann.datasets import labels_to_one_hot, load_dataset, smooth_labels
     from subriemann.models import count_parameters, load_model_file, mlp
 
     ds = load_dataset(opts.data, opts.n_samples, opts.seed)
+    if opts.loss == "cross_entropy" and ds.task != "classification" and ds.labels is not None:
+        ds = labels_to_one_hot(ds)  # integer class indices 0..C-1
     targets = ds.targets
     if opts.loss == "cross_entropy":
         if ds.task != "classification":
             raise UsageError(
-                f"--loss cross_entropy needs class-probability targets (rows on the simplex, "
-                f"Q >= 2), but data {opts.data!r} has real-valued targets: use --loss mse or "
-                "a classification dataset (digits, iris)"
+                f"--loss cross_entropy needs class targets: one-hot (probability) rows with "
+                f"Q >= 2, or integer labels 0..C-1 in an .npz, but data {opts.data!r} has "
+                "real-valued targets: use --loss mse, a classification dataset (digits, iris), "
+                "or one-hot encode the labels (np.eye(C)[labels])"
             )
         if opts.label_smoothing > 0:
             targets = smooth_labels(targets, opts.label_smoothing)

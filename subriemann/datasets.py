@@ -45,6 +45,7 @@ __all__ = [
     "default_dataset",
     "load_dataset",
     "load_npz",
+    "labels_to_one_hot",
     "one_hot",
     "smooth_labels",
 ]
@@ -78,6 +79,9 @@ class Dataset:
     targets: Tensor
     task: str
     description: str
+    labels: Tensor | None = None
+    """Integer class indices ``[N]`` (int64) when an ``.npz`` file gave its targets as
+    integer labels (``targets`` then holds them as one real column); else None."""
 
     @property
     def num_samples(self) -> int:
@@ -117,9 +121,16 @@ def _standardize(a: np.ndarray) -> np.ndarray:
     return (a - mu) / sd
 
 
-def _subset(n_total: int, n_samples: int | None, seed: int) -> np.ndarray:
-    """A seeded subset of ``range(n_total)`` of size ``n_samples`` (all when None)."""
-    if n_samples is None or n_samples >= n_total:
+def _subset(n_total: int, n_samples: int | None, seed: int, what: str) -> np.ndarray:
+    """A seeded subset of ``range(n_total)`` of size ``n_samples`` (all when None).
+
+    Raises ``ValueError`` when ``n_samples > n_total`` (never a silent cap).
+    """
+    if n_samples is not None and n_samples > n_total:
+        raise ValueError(
+            f"n_samples = {n_samples} is larger than the {n_total} samples of {what}"
+        )
+    if n_samples is None or n_samples == n_total:
         return np.arange(n_total)
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n_total, size=n_samples, replace=False))
@@ -167,7 +178,7 @@ def _sklearn(name: str, n_samples: int | None, seed: int) -> Dataset:
         ) from None
     if name == "diabetes":
         x, y = skd.load_diabetes(return_X_y=True)
-        idx = _subset(len(x), n_samples, seed)
+        idx = _subset(len(x), n_samples, seed, name)
         inputs = _standardize(x[idx])
         targets = _standardize(y[idx].reshape(-1, 1))
         desc = (f"diabetes regression (scikit-learn), {len(idx)} of {len(x)} patients, "
@@ -175,7 +186,7 @@ def _sklearn(name: str, n_samples: int | None, seed: int) -> Dataset:
         task = "regression"
     else:
         x, y = (skd.load_digits if name == "digits" else skd.load_iris)(return_X_y=True)
-        idx = _subset(len(x), n_samples, seed)
+        idx = _subset(len(x), n_samples, seed, name)
         inputs = _standardize(x[idx])
         k = int(y.max()) + 1
         targets = one_hot(y[idx], k)
@@ -224,18 +235,21 @@ def load_npz(path: str | Path, n_samples: int | None = None, seed: int = 0) -> D
         raise ValueError(f"cannot read {p}: not an .npz archive (save one with numpy.savez)")
     try:
         with np.load(p, allow_pickle=False) as data:
-            missing = [k for k in ("inputs", "targets") if k not in data.files]
-            if missing:
-                raise ValueError(
-                    f"{p} has no array named {' or '.join(repr(k) for k in missing)} "
-                    f"(found: {', '.join(data.files) or 'none'})"
-                )
-            inputs = np.asarray(data["inputs"])
-            targets = np.asarray(data["targets"])
-    except ValueError:
-        raise
-    except Exception as err:  # zipfile.BadZipFile, pickle refusals, truncated files
-        raise ValueError(f"cannot read {p} as an .npz archive: {err}") from None
+            files = list(data.files)
+            missing = [k for k in ("inputs", "targets") if k not in files]
+            if not missing:
+                inputs = np.asarray(data["inputs"])
+                targets = np.asarray(data["targets"])
+    except Exception as err:  # zipfile.BadZipFile, object arrays (pickle refused), truncation
+        hint = ""
+        if "Object arrays" in str(err):
+            hint = " (an array has dtype=object; save real numeric arrays)"
+        raise ValueError(f"cannot read {p} as an .npz archive: {err}{hint}") from None
+    if missing:
+        raise ValueError(
+            f"{p} has no array named {' or '.join(repr(k) for k in missing)} "
+            f"(found: {', '.join(files) or 'none'})"
+        )
     for what, a in (("inputs", inputs), ("targets", targets)):
         if a.dtype.kind not in "biuf":
             raise ValueError(f"{p}: {what} must be a real numeric array, got dtype {a.dtype}")
@@ -251,15 +265,43 @@ def load_npz(path: str | Path, n_samples: int | None = None, seed: int = 0) -> D
         raise ValueError(
             f"{p}: inputs have {inputs.shape[0]} samples but targets have {targets.shape[0]}"
         )
-    idx = _subset(inputs.shape[0], n_samples, seed)
+    idx = _subset(inputs.shape[0], n_samples, seed, str(p))
     x = torch.from_numpy(inputs[idx].astype(np.float64))
     y = torch.from_numpy(targets[idx].astype(np.float64))
+    labels = None
+    if targets.dtype.kind in "iu" and targets.shape[1] == 1:
+        labels = torch.from_numpy(targets[idx, 0].astype(np.int64))
     sums = y.sum(dim=1)
     simplex = bool(
         y.shape[1] >= 2 and (y >= 0).all() and torch.allclose(sums, torch.ones_like(sums))
     )
     desc = f"{p.name}: {len(idx)} samples, inputs {tuple(inputs.shape[1:])}, Q = {y.shape[1]}"
-    return Dataset(str(p), x, y, "classification" if simplex else "regression", desc)
+    return Dataset(str(p), x, y, "classification" if simplex else "regression", desc, labels)
+
+
+def labels_to_one_hot(ds: Dataset) -> Dataset:
+    r"""The dataset with its integer class labels (``ds.labels``) as one-hot target rows.
+
+    Labels :math:`0, \dots, C-1` become rows of :math:`\mathbb{R}^C`, :math:`C` = the
+    largest label + 1.
+
+    Raises
+    ------
+    ValueError
+        Without integer labels, with a negative label, or with fewer than 2 classes.
+    """
+    if ds.labels is None:
+        raise ValueError(f"{ds.name} has no integer class labels")
+    lab = ds.labels.numpy()
+    k = int(lab.max()) + 1
+    if int(lab.min()) < 0 or k < 2:
+        raise ValueError(
+            f"{ds.name}: integer targets are not class labels 0..C-1 with C >= 2 (found "
+            f"{int(lab.min())}..{int(lab.max())}); give one-hot rows (probabilities) instead"
+        )
+    targets = torch.from_numpy(one_hot(lab, k))
+    desc = f"{ds.description}; integer labels one-hot encoded ({k} classes)"
+    return Dataset(ds.name, ds.inputs, targets, "classification", desc, ds.labels)
 
 
 def load_dataset(name: str, n_samples: int | None = None, seed: int = 0) -> Dataset:

@@ -60,6 +60,11 @@ __all__ = [
     "SolverInfo",
     "ConvergenceWarning",
     "RankThresholdWarning",
+    "AccuracyWarning",
+    "ACCURACY",
+    "SVD_FALLBACK_LIMIT",
+    "gram_rounding",
+    "refine_push_through",
     "SOLVERS",
     "choose_solver",
     "interp_weights",
@@ -69,15 +74,32 @@ __all__ = [
 ]
 
 SOLVERS = ("auto", "svd", "ntk", "lstsq", "matrix_free")
+SMALL_DENSE_LIMIT = 200_000
+"""Largest :math:`QN\\cdot K` for which ``solver="auto"`` always takes the dense SVD."""
+
 DENSE_LIMIT = 2_000_000
-"""Largest :math:`QN\\cdot K` for which ``solver="auto"`` forms :math:`D` and takes its SVD."""
+"""Largest :math:`QN\\cdot K` (with :math:`K < QN`) for which ``solver="auto"`` forms
+:math:`D` and takes its SVD; also the size up to which analyses form :math:`D`."""
 
 NTK_LIMIT = 20_000
 """Largest :math:`\\min(QN, K)` for which ``solver="auto"`` takes the ``"ntk"`` route."""
 
+ACCURACY = 1e-8
+r"""Relative accuracy of the :math:`\lambda = 1` direction :math:`D^+u` that every solver
+meets against the SVD route, or announces with an :class:`AccuracyWarning`."""
+
+SVD_FALLBACK_LIMIT = 50_000_000
+r"""Largest :math:`QN\cdot K` for which the ``"ntk"`` route, when it cannot certify
+:data:`ACCURACY`, falls back to the dense SVD (otherwise it warns)."""
+
 
 class ConvergenceWarning(UserWarning):
     """An iterative solver stopped before reaching its tolerance."""
+
+
+class AccuracyWarning(UserWarning):
+    r"""A :math:`\lambda = 1` solve could not certify :data:`ACCURACY`; the message gives
+    the estimated relative error."""
 
 
 class RankThresholdWarning(ConvergenceWarning):
@@ -123,11 +145,21 @@ class SolverInfo:
 
 
 def choose_solver(space: ParameterSpace, solver: str = "auto") -> str:
-    """Pick the solver for ``space``.
+    r"""Pick the solver for ``space``: the fastest route that meets :data:`ACCURACY`.
 
-    ``"auto"``: the dense ``"svd"`` when :math:`QN\\cdot K \\le` ``DENSE_LIMIT``;
-    otherwise the push-through ``"ntk"`` route when
-    :math:`\\min(QN, K) \\le` ``NTK_LIMIT``; else ``"matrix_free"``.
+    ``"auto"`` takes the first of these rows that applies (:math:`D` is :math:`QN\times K`):
+
+    1. :math:`QN\cdot K \le` ``SMALL_DENSE_LIMIT``: ``"svd"`` (cheap at this size; the
+       reference);
+    2. :math:`QN \le K` and :math:`QN \le` ``NTK_LIMIT``: ``"ntk"`` (push-through in
+       :math:`\mathbb{R}^{QN}`; at :math:`\lambda = 1` its accuracy is certified a
+       priori, reached by iterative refinement, or it falls back to the SVD);
+    3. :math:`K < QN` and :math:`QN\cdot K \le` ``DENSE_LIMIT``: ``"svd"`` (:math:`D`
+       is formed anyway);
+    4. :math:`K < QN` and :math:`K \le` ``NTK_LIMIT``: ``"ntk"`` (:math:`D^\top D`);
+    5. otherwise ``"matrix_free"`` (memory :math:`O(K + QN)`).
+
+    A new route enters as a row of :func:`_auto_route`.
     """
     if not isinstance(solver, str):
         raise TypeError(f"solver must be a string, one of {SOLVERS}, got {type(solver).__name__}")
@@ -135,12 +167,18 @@ def choose_solver(space: ParameterSpace, solver: str = "auto") -> str:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if solver != "auto":
         return solver
-    qn, k = space.output_dim, space.dim
-    if qn * k <= DENSE_LIMIT:
-        return "svd"
-    if min(qn, k) <= NTK_LIMIT:
-        return "ntk"
-    return "matrix_free"
+    return _auto_route(space.output_dim, space.dim)
+
+
+def _auto_route(qn: int, k: int) -> str:
+    """The table of :func:`choose_solver` (first matching row)."""
+    rows: list[tuple[bool, str]] = [
+        (qn * k <= SMALL_DENSE_LIMIT, "svd"),
+        (qn <= k and qn <= NTK_LIMIT, "ntk"),
+        (k < qn and qn * k <= DENSE_LIMIT, "svd"),
+        (k < qn and k <= NTK_LIMIT, "ntk"),
+    ]
+    return next((route for applies, route in rows if applies), "matrix_free")
 
 
 def interp_weights(sigma: Tensor, lam: float, tau: float) -> Tensor:
@@ -155,6 +193,69 @@ def interp_weights(sigma: Tensor, lam: float, tau: float) -> Tensor:
         keep = sigma > tau
         return torch.where(keep, sigma / torch.where(keep, denom, torch.ones_like(denom)), 0.0)
     return sigma / denom
+
+
+def gram_rounding(gram: Tensor) -> float:
+    r"""The rounding model :math:`\eta = 4n\epsilon\,|A|_F` of a computed Gram matrix ``[n, n]``.
+
+    The backward error of forming :math:`A = DD^\top` (or :math:`D^\top D`) and
+    factorizing it (Cholesky, symmetric eigendecomposition) is taken as a
+    perturbation :math:`E` with :math:`|E|_2 \le \eta`; it is also the margin of
+    :meth:`PointState.certified_cholesky`.  An eigenvalue :math:`\sigma_i^2` then
+    carries an absolute error :math:`\le\eta`, and the push-through direction
+    :math:`D^\top A^{-1}u` a relative error :math:`\le \eta/\lambda_{\min}(A)`
+    (:math:`\epsilon\,\kappa(D)^2`).
+    """
+    return _rounding(gram.shape[-1], float(torch.linalg.matrix_norm(gram)), gram.dtype)
+
+
+def _rounding(n: int, fro: float, dtype: torch.dtype) -> float:
+    """:func:`gram_rounding` from the size ``n`` and the Frobenius norm ``fro``."""
+    return 4.0 * n * torch.finfo(dtype).eps * fro
+
+
+def refine_push_through(
+    jvp: Any, vjp: Any, solve: Any, u: Tensor, v: Tensor, accuracy: float, max_steps: int = 4
+) -> tuple[Tensor, SolverInfo]:
+    r"""Iterative refinement of the minimum-norm solution :math:`v = D^+u` of :math:`Dv = u`.
+
+    Given :math:`v_0 = D^\top \hat A^{-1}u` (``solve`` applies :math:`\hat A^{-1}`, a
+    factorization of the computed :math:`A = DD^\top`), each step computes the residual
+    :math:`\rho = u - Dv` (one JVP) and adds :math:`\delta v = D^\top\hat A^{-1}\rho`
+    (one VJP).  The corrections stay in :math:`\operatorname{ran}D^\top`, so the limit
+    is the minimum-norm solution; the error contracts by
+    :math:`\approx\eta/\lambda_{\min}(A)` per step (:math:`\epsilon\kappa(D)^2`) down
+    to the accuracy of the residual, :math:`\approx\epsilon\kappa(D)`, that of a
+    backward stable solver.  The error after a step is at most its correction
+    :math:`|\delta v|`, the a-posteriori estimate used to stop (``<= accuracy |v|``)
+    or to give up (a correction that did not halve: stagnation).
+
+    Returns
+    -------
+    v : Tensor, shape=[K]
+    info : SolverInfo
+        ``solver="refinement"``, ``residual`` the estimated relative error
+        :math:`|\delta v|/|v|` of the last step, ``converged`` when it met ``accuracy``.
+    """
+    prev = math.inf
+    est = math.inf
+    reason = "iteration limit"
+    steps = 0
+    while steps < max_steps:
+        steps += 1
+        dv = vjp(solve(u - jvp(v)))
+        v = v + dv
+        step, vnorm = float(dv.norm()), float(v.norm())
+        est = step / vnorm if vnorm > 0 else (0.0 if step == 0 else math.inf)
+        if est <= accuracy:
+            reason = "converged"
+            break
+        if not step < 0.5 * prev:
+            reason = "stagnated"
+            break
+        prev = step
+    converged = est <= accuracy
+    return v, SolverInfo("refinement", steps, est, converged, accuracy, max_steps, reason=reason)
 
 
 class PointState:
@@ -363,20 +464,35 @@ class PointState:
         key = ("chol_cert", tau, rtol)
         if key not in self._cache:
             a = self.ntk
-            n = a.shape[0]
             fro = float(torch.linalg.matrix_norm(a))
-            eps = torch.finfo(a.dtype).eps
             tau2 = tau**2 if tau is not None else rtol**2 * fro
-            mu = 2.0 * tau2 + 4.0 * n * eps * fro
             factor = None
-            if fro > 0.0 and math.isfinite(fro):
-                eye = torch.eye(n, dtype=a.dtype, device=a.device)
-                _, info = torch.linalg.cholesky_ex(a - mu * eye)
-                if int(info) == 0:
-                    chol, info = torch.linalg.cholesky_ex(a)
-                    factor = chol if int(info) == 0 else None
+            if fro > 0.0 and math.isfinite(fro) and self.gram_exceeds(2.0 * tau2):
+                chol, info = torch.linalg.cholesky_ex(a)
+                factor = chol if int(info) == 0 else None
             self._cache[key] = factor
         return self._cache[key]
+
+    def gram_exceeds(self, mu: float) -> bool:
+        r"""Whether :math:`\lambda_{\min}(DD^\top) > \mu` is certified (:math:`QN \le K`).
+
+        True when the Cholesky factorization of :math:`DD^\top - (\mu + \eta)1`
+        succeeds, :math:`\eta` = :func:`gram_rounding` (Sylvester's law of inertia, with
+        the margin :math:`\eta` for the rounding of the Gram matrix and of the
+        factorization).  A success for some :math:`\mu' \ge \mu` is reused.
+        """
+        proven = self._cache.setdefault("gram_exceeds", {})
+        if any(ok and m >= mu for m, ok in proven.items()):
+            return True
+        if mu not in proven:
+            a = self.ntk
+            eta = gram_rounding(a)
+            ok = False
+            if math.isfinite(eta) and eta > 0.0:
+                eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+                ok = int(torch.linalg.cholesky_ex(a - (mu + eta) * eye)[1]) == 0
+            proven[mu] = ok
+        return proven[mu]
 
     def cholesky(self, lam: float) -> Tensor:
         r"""Cholesky factor of :math:`(1-\lambda)1 + \lambda DD^\top` (:math:`\lambda < 1`)."""

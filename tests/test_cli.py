@@ -19,6 +19,7 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
+import torch
 
 import subriemann as sr
 from subriemann.cli import main
@@ -173,9 +174,15 @@ def _files(tmp: Path) -> dict[str, str]:
     (tmp / "unknown.toml").write_text("s_end = 1.0\nlearning_rate = 0.1\n")
     (tmp / "badtype.toml").write_text('s_end = "long"\n')
     (tmp / "afile").write_text("x")
+    np.savez(tmp / "objects.npz", inputs=np.array([[1.0], [2.0]], dtype=object),
+             targets=np.zeros((2, 1)))
+    np.savez(tmp / "ten.npz", inputs=np.zeros((10, 2)), targets=np.zeros((10, 1)))
+    np.savez(tmp / "onelabel.npz", inputs=np.zeros((4, 2)), targets=np.zeros(4, dtype=np.int64))
+    (tmp / "badvalue.toml").write_text('data = "teacher"\nrtol = "tight"\n')
     return {k.replace(".", "_"): str(tmp / k) for k in (
         "text.npz", "nokey.npz", "mismatch.npz", "nan.npz", "syntax.py", "raises.py",
         "notmodule.py", "wrongq.py", "bad.toml", "unknown.toml", "badtype.toml", "afile",
+        "objects.npz", "ten.npz", "onelabel.npz", "badvalue.toml",
     )}
 
 
@@ -225,6 +232,14 @@ BAD = [
     (["run", "--config", "{bad_toml}"], "cannot parse"),
     (["run", "--config", "{unknown_toml}"], "learning_rate"),
     (["run", "--config", "{badtype_toml}"], "s_end"),
+    # the errors name the file they come from
+    (["run", "--config", "{badtype_toml}"], "badtype.toml: s_end"),
+    (["run", "--config", "{badvalue_toml}", "--s-end", "1"], "badvalue.toml: rtol"),
+    (["run", "--data", "{objects_npz}"], "objects.npz"),
+    # more samples than the data has: an error, not a silent cap
+    (["run", "--data", "{ten_npz}", "--n-samples", "50"], "larger than the 10 samples"),
+    # integer labels with one class cannot be one-hot class targets
+    (["run", "--data", "{onelabel_npz}", "--loss", "cross_entropy"], "one-hot"),
     (["run", *TINY, "--out", "{afile}/sub"], ""),
 ]
 
@@ -346,3 +361,21 @@ def test_resume_refuses_other_settings(flags_run, capsys):
     out, _ = flags_run
     assert main(["run", *TINY, "--seed", "1", "--resume", "--out", str(out)]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_integer_labels_with_cross_entropy_are_one_hot(tmp_path):
+    """Integer class indices in an .npz are one-hot encoded for --loss cross_entropy (and
+    kept as one real column for --loss mse)."""
+    from subriemann.cli import DEFAULTS, _resolve, build_problem
+
+    labels = np.array([0, 2, 1, 2, 0, 1])
+    np.savez(tmp_path / "lab.npz", inputs=np.arange(12.0).reshape(6, 2), targets=labels)
+    values = {**DEFAULTS, "data": str(tmp_path / "lab.npz"), "model": "mlp:3",
+              "loss": "cross_entropy"}
+    prob = build_problem(_resolve(values, set(values)))
+    y = prob.space.y.reshape(6, 3)  # the space keeps y flat, [QN]
+    assert torch.equal(y, torch.eye(3, dtype=y.dtype)[torch.from_numpy(labels)])
+    assert prob.info["task"] == "classification" and "one-hot" in prob.info["description"]
+    values["loss"] = "mse"
+    prob = build_problem(_resolve(values, set(values)))
+    assert prob.space.output_dim == 6  # Q = 1

@@ -1030,7 +1030,8 @@ class CriticalSet:
         ``theta`` (Tensor ``[K]``), ``cost``, ``rank``, ``dimension``,
         ``grad_norm``, ``dimension_gap``, ``index``, ``seed`` (index of the
         start point whose exploration found it) and ``depth``; edges are
-        continuation steps with attributes ``length`` and ``step``.
+        continuation steps with attributes ``length`` and ``step`` (the
+        string ``"link"`` for the joins of :func:`track_critical_set`'s step 6).
     components : list of set of int
         Connected components (node sets), the start point's first.
     component_info : list of ComponentInfo
@@ -1169,9 +1170,12 @@ def track_critical_set(
        tangent space of the critical set.
     2. **Predictor.** :math:`\theta' = \theta_i + h\,u`, :math:`u \in T_i`
        a unit vector: the projections onto :math:`T_i` of a fixed set of
-       reference directions (:math:`\pm` the first ``max_directions // 2``
-       kernel vectors at the start point, so that the exploration keeps
-       consistent directions, like a grid in a chart of the set).
+       reference directions (:math:`\pm` ``max_directions // 2`` orthonormal
+       directions of the kernel at the start point, so that the exploration
+       keeps consistent directions, like a grid in a chart of the set).  They
+       are a fixed Gaussian matrix projected onto the kernel and
+       orthonormalized, so they depend on the kernel only, not on the basis
+       the eigensolver returns for it (which changes with rounding).
     3. **Corrector.** Newton on :math:`F(\theta) = D^\top\nabla_xC` with
        Jacobian :math:`H`: pseudo-inverse steps that leave out the
        :math:`\dim T_i` smallest eigen-directions of :math:`H` (minimum-norm,
@@ -1189,6 +1193,18 @@ def track_critical_set(
        :math:`\theta_i`, unless it lies within ``merge_rtol`` :math:`h` of an
        existing node, which is then joined instead (so branches that meet
        close loops and seeds on one component end up connected).
+    6. **Links.** After the walk, two nodes of different components that lie
+       within :math:`h` of each other are joined (edge ``step="link"``) when
+       the chord between them lies on the set: their costs agree within
+       ``cost_tol``, and the chord's midpoint, corrected onto the set, moved
+       at most ``max_correction / 4`` times the chord (a chord of length
+       :math:`l` is off a set of curvature radius :math:`R` by
+       :math:`l^2/8R`, a quarter of a tangent predictor's :math:`l^2/2R`)
+       and passes the acceptance tests of step 4 against both nodes.  Two
+       separate sets :math:`l` apart would need a correction of :math:`l/2`.
+       So whether two explorations are one component is decided by
+       distances compared with fractions of :math:`h`, not by whether two
+       walks happen to land on each other.
 
     Nodes are expanded breadth-first until ``n_points`` nodes exist or every
     branch ended.  Components are the connected components of the graph.
@@ -1334,7 +1350,7 @@ def track_critical_set(
         nid = add_node(res.theta, rep, si, 0)
         seed_nodes.append(nid)
         if ref_dirs is None and rep.dimension > 0:
-            ref_dirs = rep.kernel_basis[:, : max_directions // 2].clone()
+            ref_dirs = _reference_frame(rep.kernel_basis, max_directions // 2)
         frontier.append(nid)
     if start_report is None:
         reasons = "; ".join(t["reason"] for t in terminations)
@@ -1345,7 +1361,7 @@ def track_critical_set(
         if kb.shape[1] == 0:
             return []
         dirs: list[Tensor] = []
-        refs = ref_dirs if ref_dirs is not None else kb[:, : max_directions // 2]
+        refs = ref_dirs if ref_dirs is not None else _reference_frame(kb, max_directions // 2)
         for j in range(refs.shape[1]):
             p = kb @ (kb.T @ refs[:, j])
             if float(p.norm()) < 0.3:  # the kernel turned away from this reference direction
@@ -1353,8 +1369,9 @@ def track_critical_set(
             p = p / p.norm()
             dirs += [p, -p]
         if not dirs:
-            for j in range(min(kb.shape[1], max_directions // 2)):
-                dirs += [kb[:, j], -kb[:, j]]
+            own = _reference_frame(kb, max_directions // 2)
+            for j in range(own.shape[1]):
+                dirs += [own[:, j], -own[:, j]]
         return dirs
 
     def component_of(n: int) -> set[int]:
@@ -1403,38 +1420,10 @@ def track_critical_set(
                     h *= 0.5
                     continue
                 rep = analyze(res.theta)
-                if rep.rank != node["rank"]:
-                    last_reason = (
-                        "rank_change",
-                        f"rank changed at node {nid}: rank {node['rank']} -> {rep.rank} "
-                        f"within {h:.3g}",
-                    )
-                    h *= 0.5
-                    continue
-                s_par, u_par, v_par = sigmas[nid]
-                if s_par.numel():
-                    # signed singular values u_k^T D(new) v_k (frames of the parent): a
-                    # singular value that shrinks or passes through 0 within the step
-                    # (its vectors flip sign) shows as a small or negative value
-                    dv = space.jvp(res.theta, v_par.T)  # [r, QN]
-                    signed = (dv * u_par.T).sum(-1)
-                    ratio = signed / s_par
-                    if bool((ratio < sigma_drop).any()):
-                        kmin = int(torch.argmin(ratio))
-                        last_reason = (
-                            "rank_change",
-                            f"rank changed at node {nid}: sigma_{kmin + 1} = "
-                            f"{float(s_par[kmin]):.3g} goes to {float(signed[kmin]):.3g} "
-                            f"(signed) within {h:.3g}: a rank change ahead",
-                        )
-                        h *= 0.5
-                        continue
-                if rep.dimension != node["dimension"]:
-                    last_reason = (
-                        "dimension_change",
-                        f"dimension changed at node {nid}: {node['dimension']} -> "
-                        f"{rep.dimension} within {h:.3g}",
-                    )
+                defect = _step_defect(space, nid, node, sigmas[nid], rep, res.theta, h,
+                                      sigma_drop)
+                if defect is not None:
+                    last_reason = defect
                     h *= 0.5
                     continue
                 # accepted
@@ -1466,6 +1455,34 @@ def track_critical_set(
     else:
         cost_tol = _check_pos("cost_tol", cost_tol, allow_zero=True)
 
+    def verify_link(a: int, b: int) -> bool:
+        # the chord's midpoint, corrected onto the set, must stay within a quarter of the
+        # step allowance: a chord of length l is off a set of curvature radius R by
+        # l^2 / (8 R), a quarter of what a tangent predictor of length l is (l^2 / (2 R)).
+        # Two separate sets l apart need a correction of l / 2 and are refused.
+        na, nb = graph.nodes[a], graph.nodes[b]
+        if abs(na["cost"] - nb["cost"]) > cost_tol:
+            return False
+        length = float((nb["theta"] - na["theta"]).norm())
+        mid = 0.5 * (na["theta"] + nb["theta"])
+        allowed = 0.25 * max_correction * length
+        res = correct(mid, allowed, na["dimension"])
+        if not res.converged or float((res.theta - mid).norm()) > allowed:
+            return False
+        rep = analyze(res.theta)
+        half = 0.5 * length
+        return all(
+            _step_defect(space, n, graph.nodes[n], sigmas[n], rep, res.theta, half, sigma_drop)
+            is None
+            for n in (a, b)
+        )
+
+    # explorations that came within one step of each other (one may stop before the
+    # other's nodes are within merge_rtol * h of a predictor): join them if the chord
+    # between the two nodes lies on the set.  Every decision compares a distance with
+    # a fraction of the step, never a round-off-level quantity.
+    _link_explorations(graph, step, verify_link)
+
     comps = [set(c) for c in nx.connected_components(graph)]
     seed_of = {n: i for i, n in enumerate(seed_nodes) if n is not None}
 
@@ -1485,7 +1502,7 @@ def track_critical_set(
     tolerances.update(
         grad_tol=grad_tol, rank_atol=tau, step=step, sigma_drop=sigma_drop,
         max_correction=max_correction, merge_rtol=merge_rtol, max_halvings=max_halvings,
-        cost_tol=cost_tol, corrector_iters=corrector_iters,
+        cost_tol=cost_tol, corrector_iters=corrector_iters, link_radius=step,
     )
     graph.graph.update(status=status, tolerances=tolerances)
     return CriticalSet(
@@ -1499,6 +1516,102 @@ def track_critical_set(
         start_report=start_report,
         tolerances=tolerances,
     )
+
+
+def _step_defect(
+    space: ParameterSpace,
+    nid: int,
+    node: dict[str, Any],
+    frames: tuple[Tensor, Tensor, Tensor],
+    rep: EquilibriumReport,
+    theta: Tensor,
+    h: float,
+    sigma_drop: float,
+) -> tuple[str, str] | None:
+    """Why a corrected point ``theta`` (report ``rep``) may not join node ``nid``, or None.
+
+    The rank of D and the dimension of the Hessian kernel must be those of the node, and
+    no singular value counted in the rank may fall below ``sigma_drop`` times its value at
+    the node.  Returns ``(code, reason)`` for the termination record.
+    """
+    if rep.rank != node["rank"]:
+        return (
+            "rank_change",
+            f"rank changed at node {nid}: rank {node['rank']} -> {rep.rank} within {h:.3g}",
+        )
+    s_par, u_par, v_par = frames
+    if s_par.numel():
+        # signed singular values u_k^T D(new) v_k (frames of the parent): a
+        # singular value that shrinks or passes through 0 within the step
+        # (its vectors flip sign) shows as a small or negative value
+        dv = space.jvp(theta, v_par.T)  # [r, QN]
+        signed = (dv * u_par.T).sum(-1)
+        ratio = signed / s_par
+        if bool((ratio < sigma_drop).any()):
+            kmin = int(torch.argmin(ratio))
+            return (
+                "rank_change",
+                f"rank changed at node {nid}: sigma_{kmin + 1} = {float(s_par[kmin]):.3g} "
+                f"goes to {float(signed[kmin]):.3g} (signed) within {h:.3g}: a rank change ahead",
+            )
+    if rep.dimension != node["dimension"]:
+        return (
+            "dimension_change",
+            f"dimension changed at node {nid}: {node['dimension']} -> {rep.dimension} "
+            f"within {h:.3g}",
+        )
+    return None
+
+
+def _reference_frame(kernel_basis: Tensor, m: int) -> Tensor:
+    r"""``m`` orthonormal directions spanning ``kernel_basis``, independent of that basis.
+
+    An eigensolver returns an arbitrary orthonormal basis of a repeated eigenvalue's
+    eigenspace (the Hessian kernel of a critical set of dimension > 1), and which one
+    depends on rounding (the BLAS path).  Only the span, i.e. the projector
+    :math:`P = BB^\top`, is geometry.  The frame is :math:`PG` for a fixed Gaussian
+    :math:`G \in \mathbb{R}^{K\times m}` (seed 0), orthonormalized by the QR
+    factorization with a positive diagonal, a continuous function of :math:`P`.
+    """
+    kdim, d = kernel_basis.shape
+    m = min(m, d)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.randn(kdim, m, generator=gen, dtype=kernel_basis.dtype).to(kernel_basis.device)
+    q, r = torch.linalg.qr(kernel_basis @ (kernel_basis.T @ g))
+    sign = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
+    return q * sign
+
+
+def _link_explorations(
+    graph: nx.Graph,
+    radius: float,
+    verify: Any,
+) -> None:
+    r"""Join the components of ``graph`` that have nodes within ``radius`` of each other.
+
+    Candidate pairs :math:`(p, q)` in different components with
+    :math:`|p - q| \le` ``radius`` are tried nearest first; ``verify(p, q)`` (the ids)
+    decides whether the chord between them lies on the set.  A verified pair gets an
+    edge with ``step="link"``.  Pairs already in one component are skipped.
+    """
+    nodes = sorted(graph.nodes)
+    if len(nodes) < 2:
+        return
+    th = torch.stack([graph.nodes[n]["theta"] for n in nodes])
+    dist = torch.cdist(th, th)
+    pairs = [
+        (float(dist[i, j]), nodes[i], nodes[j])
+        for i in range(len(nodes))
+        for j in range(i + 1, len(nodes))
+        if float(dist[i, j]) <= radius
+    ]
+    comp = {n: i for i, c in enumerate(nx.connected_components(graph)) for n in c}
+    for length, a, b in sorted(pairs):
+        if comp[a] == comp[b] or not verify(a, b):
+            continue
+        graph.add_edge(a, b, length=length, step="link")
+        old, new = comp[b], comp[a]
+        comp = {n: (new if c == old else c) for n, c in comp.items()}
 
 
 def _component_info(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any
 
 import torch
@@ -26,6 +27,11 @@ from subriemann._geomstats import default_dtype, import_geomstats
 from subriemann._warnings import warn_once
 from subriemann.integrators import TABLEAUS, fixed_steps
 from subriemann.linalg import (
+    ACCURACY,
+    SVD_FALLBACK_LIMIT,
+    AccuracyWarning,
+    SolverInfo,
+    _rounding,
     cg,
     check_converged,
     choose_solver,
@@ -147,6 +153,14 @@ class InterpolatedMetric(ParameterMetric):
         :func:`subriemann.linalg.lsmr`).
     solver_rtol : float
         Tolerance of the matrix-free solvers.
+    accuracy : float
+        Relative accuracy of the :math:`\lambda = 1` direction :math:`D^+u` against
+        the SVD route (default :data:`~subriemann.linalg.ACCURACY`, :math:`10^{-8}`).
+        The ``"ntk"`` route certifies it a priori, reaches it by iterative
+        refinement, or falls back to the SVD; ``"matrix_free"`` estimates its
+        error; where it cannot be met, an
+        :class:`~subriemann.linalg.AccuracyWarning` gives the estimated error.
+        ``metric.last_solve`` records what was done.
 
     Notes
     -----
@@ -184,8 +198,12 @@ class InterpolatedMetric(ParameterMetric):
         exp_steps: int = 50,
         maxiter: int | None = None,
         solver_rtol: float = 1e-12,
+        accuracy: float = ACCURACY,
     ) -> None:
         super().__init__(space, rank_rtol=rank_rtol, rank_atol=rank_atol, exp_steps=exp_steps)
+        if not (isinstance(accuracy, (int, float)) and 0.0 < accuracy < 1.0):
+            raise ValueError(f"accuracy must be a number in (0, 1), got {accuracy!r}")
+        self.accuracy = float(accuracy)
         self.lam = check_lam(lam)
         self.solver_name = solver
         self.solver = choose_solver(space, solver)
@@ -197,7 +215,7 @@ class InterpolatedMetric(ParameterMetric):
             raise ValueError(f"solver_rtol must be a number in (0, 1), got {solver_rtol!r}")
         self.maxiter = maxiter
         self.solver_rtol = float(solver_rtol)
-        self.last_solve = None
+        self.last_solve: SolverInfo | None = None
 
     #: at lam = 0 the metric is the Euclidean one (not so for the bundle metric,
     #: which also drops the directions with sigma <= tau)
@@ -367,29 +385,125 @@ class InterpolatedMetric(ParameterMetric):
     def _ntk_pullback(self, u: Tensor, base_point: Tensor) -> Tensor:
         st = self.state(base_point)
         lam = self.lam
+        if lam < 1.0:  # SPD with kappa <= 1 + lam sigma_max^2 / (1 - lam): Cholesky
+            if self._small_is_output:
+                return st.vjp(torch.cholesky_solve(u.unsqueeze(1), st.cholesky(lam)).squeeze(1))
+            pchol = self._param_cholesky(base_point)
+            return torch.cholesky_solve(st.vjp(u).unsqueeze(1), pchol).squeeze(1)
         if self._small_is_output:
-            # lam = 1: a Cholesky factor only where it proves every sigma > tau, so that
-            # (D D^T)^+ = (D D^T)^{-1}; otherwise the thresholded eigendecomposition
-            chol = (
-                st.cholesky(lam)
-                if lam < 1.0
-                else st.certified_cholesky(self.rank_atol, self.rank_rtol)
-            )
+            # a certified Cholesky factor only where it proves every sigma > tau, so that
+            # (D D^T)^+ = (D D^T)^{-1}; otherwise the thresholded eigendecomposition.
+            # The accuracy certificate first: it usually implies the rank certificate
+            # (eta / accuracy >= 2 tau^2), which then costs no second factorization.
+            st.gram_exceeds(self._accuracy_shift(base_point))
+            chol = st.certified_cholesky(self.rank_atol, self.rank_rtol)
             if chol is not None:
-                return st.vjp(torch.cholesky_solve(u.unsqueeze(1), chol).squeeze(1))
-            w, s = self._gram_eigh(base_point)
-            keep = s > self._ntk_tau(base_point, s)
-            coef = torch.where(keep, (w.T @ u) / torch.where(keep, s**2, 1.0), 0.0)
-            return st.vjp(w @ coef)
-        rhs = st.vjp(u)
-        if lam < 1.0:
-            return torch.cholesky_solve(rhs.unsqueeze(1), self._param_cholesky(base_point)).squeeze(
-                1
+                return self._cholesky_pseudoinverse(u, base_point, chol)
+        return self._eigh_pseudoinverse(u, base_point)
+
+    def _cholesky_pseudoinverse(self, u: Tensor, base_point: Tensor, chol: Tensor) -> Tensor:
+        r""":math:`D^+u = D^\top(DD^\top)^{-1}u` with :data:`accuracy` met or announced.
+
+        The relative error of the push-through solution is at most
+        :math:`\eta/\lambda_{\min}(DD^\top)` (:func:`~subriemann.linalg.gram_rounding`).
+        If :math:`\lambda_{\min} > \eta/\mathrm{accuracy}` is certified (one shifted
+        Cholesky factorization), that is all; otherwise iterative refinement
+        (:func:`~subriemann.linalg.refine_push_through`), and if that does not reach
+        the accuracy, the SVD (:meth:`_accuracy_fallback`).
+        """
+        from subriemann.linalg import refine_push_through
+
+        st = self.state(base_point)
+
+        def solve(z: Tensor) -> Tensor:
+            return torch.cholesky_solve(z.unsqueeze(1), chol).squeeze(1)
+
+        v = st.vjp(solve(u))
+        bound = self._accuracy_shift(base_point)
+        if st.gram_exceeds(bound):
+            self.last_solve = SolverInfo(
+                "ntk", 0, self.accuracy, True, self.accuracy,
+                reason="accuracy certified a priori (lambda_min(D D^T) > eta / accuracy)",
             )
+            return v
+        v, info = refine_push_through(st.jvp, st.vjp, solve, u, v, self.accuracy)
+        info.solver = "ntk"
+        if info.converged:
+            info.reason = f"iterative refinement, {info.iterations} step(s)"
+            self.last_solve = info
+            return v
+        return self._accuracy_fallback(u, base_point, v, info.residual, "iterative refinement")
+
+    def _accuracy_shift(self, base_point: Tensor) -> float:
+        r""":math:`\eta/\mathrm{accuracy}`: above it, :math:`\lambda_{\min}(DD^\top)` makes
+        the push-through solution accurate without refinement."""
+        from subriemann.linalg import gram_rounding
+
+        st = self.state(base_point)
+        key = ("accuracy_shift", self.accuracy)
+        if key not in st._cache:
+            st._cache[key] = gram_rounding(st.ntk) / self.accuracy
+        return st._cache[key]
+
+    def _eigh_pseudoinverse(self, u: Tensor, base_point: Tensor) -> Tensor:
+        r"""Thresholded :math:`(G)^+` of the smaller Gram matrix, with :data:`accuracy` checked.
+
+        The eigenvalues :math:`\sigma_i^2` carry an absolute error :math:`\eta`
+        (:func:`~subriemann.linalg.gram_rounding`), so a kept weight :math:`1/\sigma_i^2`
+        is off by up to :math:`\eta/\sigma_r^2` (smallest kept :math:`\sigma_r`) and the
+        kept eigenspace turns by up to :math:`\eta/(\sigma_r^2 - \sigma_{r+1}^2)`.  The
+        larger of the two is the error estimate; above :data:`accuracy` the SVD
+        takes over (:meth:`_accuracy_fallback`).
+        """
+        st = self.state(base_point)
         w, s = self._gram_eigh(base_point)
         keep = s > self._ntk_tau(base_point, s)
+        rhs = u if self._small_is_output else st.vjp(u)
         coef = torch.where(keep, (w.T @ rhs) / torch.where(keep, s**2, 1.0), 0.0)
-        return w @ coef
+        v = st.vjp(w @ coef) if self._small_is_output else w @ coef
+        est = self._eigh_error(s, keep)
+        if est <= self.accuracy:
+            self.last_solve = SolverInfo(
+                "ntk", 0, est, True, self.accuracy, reason="thresholded eigendecomposition"
+            )
+            return v
+        return self._accuracy_fallback(u, base_point, v, est, "thresholded eigendecomposition")
+
+    @staticmethod
+    def _eigh_error(s: Tensor, keep: Tensor) -> float:
+        """Estimated relative error of the thresholded Gram pseudoinverse (see above)."""
+        r = int(keep.sum())
+        if r == 0:
+            return 0.0
+        eta = _rounding(s.shape[0], float((s**4).sum().sqrt()), s.dtype)
+        low = float(s[r - 1]) ** 2
+        gap = low - (float(s[r]) ** 2 if r < s.shape[0] else 0.0)
+        denom = min(low, gap)
+        return eta / denom if denom > 0 else math.inf
+
+    def _accuracy_fallback(
+        self, u: Tensor, base_point: Tensor, v: Tensor, est: float, how: str
+    ) -> Tensor:
+        r"""The SVD route if :math:`QN\cdot K \le` ``SVD_FALLBACK_LIMIT``, else ``v``, warned."""
+        sp = self._space
+        decade = f"1e{math.ceil(math.log10(est))}" if 0 < est < math.inf else f"{est}"
+        note = f"{how}: estimated relative error up to {decade} > accuracy {self.accuracy:.2g}"
+        if sp.output_dim * sp.dim <= SVD_FALLBACK_LIMIT:
+            uu, s, vv = self.state(base_point).svd
+            self.last_solve = SolverInfo(
+                "svd", 0, 0.0, True, self.accuracy, reason=f"fallback to the SVD ({note})"
+            )
+            return vv @ (interp_weights(s, 1.0, self._tau(base_point)) * (uu.T @ u))
+        self.last_solve = SolverInfo("ntk", 0, est, False, self.accuracy, reason=note)
+        warnings.warn(
+            f"the 'ntk' route cannot certify the accuracy {self.accuracy:.2g} of the lam = 1 "
+            f"direction here ({note}; D is too large for the SVD fallback, QN*K = "
+            f"{sp.output_dim * sp.dim} > {SVD_FALLBACK_LIMIT}): raise rank_rtol, or use "
+            "solver='matrix_free'",
+            AccuracyWarning,
+            stacklevel=4,
+        )
+        return v
 
     def _lstsq_pullback(self, u: Tensor, base_point: Tensor) -> Tensor:
         sp = self._space
@@ -437,6 +551,7 @@ class InterpolatedMetric(ParameterMetric):
                 maxiter=self.maxiter,
                 conlim=self._conlim(base_point),
             )
+            self._lsmr_accuracy(info)
         elif self._small_is_output:
             w, info = cg(
                 lambda z: (1.0 - lam) * z + lam * st.jvp(st.vjp(z)),
@@ -456,6 +571,26 @@ class InterpolatedMetric(ParameterMetric):
             )
         self._solve_info(info)
         return v
+
+    def _lsmr_accuracy(self, info: SolverInfo) -> None:
+        r"""Announce an LSMR solution of :math:`Dv = u` that may miss :data:`accuracy`.
+
+        LSMR stops at a relative residual :math:`\rho` (``info.residual``); the error of
+        :math:`v` is then at most about :math:`2\hat\kappa\rho` (compatible system,
+        :math:`|\delta v| \le |r|/\sigma_{\min}`), :math:`\hat\kappa` LSMR's estimate
+        of :math:`\kappa(D)`.  Solves that did not converge warn elsewhere.
+        """
+        if not info.converged or info.reason == "condition limit":
+            return
+        est = 2.0 * info.cond * info.residual
+        if est > self.accuracy:
+            warnings.warn(
+                f"matrix-free lam = 1 solve: estimated relative error up to "
+                f"1e{math.ceil(math.log10(est))} (2 cond(D) x residual) > accuracy "
+                f"{self.accuracy:.2g}; lower solver_rtol or use solver='ntk' or 'svd'",
+                AccuracyWarning,
+                stacklevel=4,
+            )
 
     def _svd_sharp(self, xi: Tensor, base_point: Tensor, restrict: bool) -> Tensor:
         st = self.state(base_point)
