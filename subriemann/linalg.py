@@ -34,6 +34,10 @@ Solvers (``solver=`` of :class:`~subriemann.metrics.InterpolatedMetric`)
     :math:`\lambda<1`.  Iteration limits scale with the (estimated)
     condition number; a solve that stops short warns with its residual
     (:class:`ConvergenceWarning`).
+``"nystrom"``
+    Like ``"matrix_free"``, with CG preconditioned by a randomized Nyström
+    approximation of the Gram matrix built from batched JVP/VJP sketches
+    (:mod:`subriemann.nystrom`) for :math:`\lambda<1`; LSMR at :math:`\lambda=1`.
 
 The rank threshold :math:`\tau` is always explicit: singular values
 :math:`\sigma_i \le \tau` are treated as zero (MATH.md §7).
@@ -68,7 +72,7 @@ __all__ = [
     "check_converged",
 ]
 
-SOLVERS = ("auto", "svd", "ntk", "lstsq", "matrix_free")
+SOLVERS = ("auto", "svd", "ntk", "lstsq", "matrix_free", "nystrom")
 DENSE_LIMIT = 2_000_000
 """Largest :math:`QN\\cdot K` for which ``solver="auto"`` forms :math:`D` and takes its SVD."""
 

@@ -136,7 +136,7 @@ class InterpolatedMetric(ParameterMetric):
     space : ParameterSpace
     lam : float
         :math:`\lambda \in [0, 1]`.
-    solver : {"auto", "svd", "ntk", "lstsq", "matrix_free"}
+    solver : {"auto", "svd", "ntk", "lstsq", "matrix_free", "nystrom"}
         How ``sharp`` solves (see :mod:`subriemann.linalg` and ``docs/metrics.md``).
     rank_rtol, rank_atol, exp_steps
         See :class:`~subriemann.metrics.ParameterMetric`.
@@ -361,7 +361,24 @@ class InterpolatedMetric(ParameterMetric):
             return self._ntk_pullback(u, base_point)
         if self.solver == "lstsq":
             return self._lstsq_pullback(u, base_point)
+        if self.solver == "nystrom" and lam < 1.0:
+            return self._nystrom_pullback(u, base_point)
         return self._mf_pullback(u, base_point)
+
+    def _nystrom_pullback(self, u: Tensor, base_point: Tensor) -> Tensor:
+        r"""Nyström-PCG on :math:`\lambda(G + \mu 1)`, :math:`\mu = (1-\lambda)/\lambda`."""
+        from subriemann.nystrom import NystromSolver, gram_rows
+
+        st, lam, small = self.state(base_point), self.lam, self._small_is_output
+        if getattr(self, "_nystrom", None) is None:
+            self._nystrom = NystromSolver()
+        rhs = (u if small else st.vjp(u)) / lam
+        z, info = self._nystrom.solve(
+            gram_rows(st, small), rhs, (1.0 - lam) / lam, rtol=self.solver_rtol,
+            maxiter=self.maxiter,
+        )
+        self._solve_info(info)
+        return st.vjp(z) if small else z
 
     def _ntk_pullback(self, u: Tensor, base_point: Tensor) -> Tensor:
         st = self.state(base_point)
