@@ -177,6 +177,7 @@ class _Flow:
         self.wall_before = 0.0
         self.description: dict[str, Any] = metric.description()
         self.cheap_sv = False
+        self.field_jumps = True
         self.state: _State | None = None
         self.lockstep: Any = None  # a LockStep when integrated in a batch
 
@@ -765,12 +766,23 @@ def _use_cheap_sv(fl: _Flow) -> bool:
         return False
     if rm == "ntk":
         return True
-    sp = fl.space
-    return (
-        getattr(fl.metric, "lam", None) == 0.0
-        and not isinstance(fl.metric, BundleMetric)
-        and sp.output_dim <= sp.dim
-    )
+    return getattr(fl.metric, "lam", None) == 0.0 and not isinstance(fl.metric, BundleMetric)
+
+
+def _field_jumps(fl: _Flow) -> bool:
+    """Whether the vector field may jump where the rank changes (it depends on tau).
+
+    Not for :math:`g_\lambda`, :math:`\lambda < 1` (every direction is kept), nor
+    for the Euclidean metric; conservatively yes for any other metric.
+    """
+    from subriemann.metrics.builtin import BundleMetric, EuclideanMetric, InterpolatedMetric
+
+    m = fl.metric
+    if isinstance(m, EuclideanMetric):
+        return False
+    if isinstance(m, InterpolatedMetric) and not isinstance(m, BundleMetric):
+        return m.lam == 1.0
+    return True
 
 
 def _run(fl: _Flow, theta0: Tensor, grid: list[float], save_all: bool, checkpoint,
@@ -786,6 +798,7 @@ def _run(fl: _Flow, theta0: Tensor, grid: list[float], save_all: bool, checkpoin
         return metric.rank_rtol * float(sv[0]) if sv.numel() else 0.0
 
     # -- start or resume ------------------------------------------------------------
+    fl.field_jumps = _field_jumps(fl)
     resumed = resume is not None and Path(resume).exists()
     if resumed:
         done = _restore(fl, Path(resume))
@@ -885,7 +898,10 @@ def _run(fl: _Flow, theta0: Tensor, grid: list[float], save_all: bool, checkpoin
             event_jump: tuple[RankChange, Tensor, Tensor] | None = None
             try:
                 y1, f1, err = fl.step(st.theta, st.f, h)
-                sv1: Tensor | None = fl.sv(y1) if o["monitor_rank"] else None
+                # rank monitor at accepted steps; at a rejected one only where the vector
+                # field may jump at a rank change (a rejection may then be an event)
+                watch = o["monitor_rank"] and (err <= 1.0 or fl.field_jumps)
+                sv1: Tensor | None = fl.sv(y1) if watch else None
             except _Failure as failure:
                 if o["method"] != "dopri5":
                     status = FlowStatus("nonfinite", f"at s = {st.s:.9g}: {failure}")

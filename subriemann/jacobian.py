@@ -126,6 +126,9 @@ class FuncBackend:
     #: Largest block :math:`D_p` (in entries) that ``ntk`` forms at once:
     #: :math:`2^{27}` float64 entries are 1 GiB.
     ntk_block_entries: int = 1 << 27
+    #: Bytes that one vectorised pass of ``jacobian``, ``jvp`` or ``vjp`` may
+    #: allocate; samples (and batched rows) are processed in chunks below it.
+    memory_budget: int = 1 << 30
 
     def __init__(
         self,
@@ -141,10 +144,50 @@ class FuncBackend:
         self.num_outputs = num_outputs
         n = inputs.shape[0]
         self.chunk_size = n if chunk_size is None else max(1, min(int(chunk_size), n))
+        self._act: int | None = None
 
     # -- helpers ---------------------------------------------------------------
-    def _chunks(self) -> list[Tensor]:
-        return list(torch.split(self.inputs, self.chunk_size))
+    def _chunks(self, per_sample: int = 0) -> list[Tensor]:
+        """Sample chunks: ``chunk_size``, smaller when ``per_sample`` bytes each exceed the budget."""
+        size = self.chunk_size
+        if per_sample > 0:
+            size = max(1, min(size, self.memory_budget // per_sample))
+        return list(torch.split(self.inputs, size))
+
+    def activation_entries(self, theta: Tensor) -> int:
+        """Entries of all tensors one sample's forward pass creates (measured once).
+
+        Counted by a dispatch mode over one forward pass of the first sample:
+        an upper bound of the per-sample memory of a JVP or a VJP, in entries.
+        """
+        if self._act is None:
+            from torch.utils._python_dispatch import TorchDispatchMode
+
+            total = [0]
+
+            class _Count(TorchDispatchMode):
+                def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                    out = func(*args, **(kwargs or {}))
+                    for t in out if isinstance(out, (tuple, list)) else [out]:
+                        if isinstance(t, Tensor):
+                            total[0] += t.numel()
+                    return out
+
+            # sizes do not depend on values: a plain zero point (theta may be traced)
+            zero = torch.zeros(theta.shape, dtype=theta.dtype, device=theta.device)
+            try:
+                with torch.no_grad(), _Count():
+                    self._flat_apply(zero, self.inputs[:1])
+            except Exception:  # noqa: BLE001  (a model that needs real values: no estimate)
+                total[0] = 0
+            self._act = max(total[0], self.num_outputs)
+        return self._act
+
+    def rows_per_pass(self, theta: Tensor) -> int:
+        """How many batched JVP/VJP rows over all samples fit in ``memory_budget``."""
+        item = theta.element_size()
+        per_row = 3 * item * self.activation_entries(theta) * int(self.inputs.shape[0])
+        return max(1, self.memory_budget // max(per_row, 1))
 
     def _flat_apply(self, theta: Tensor, inputs: Tensor) -> Tensor:
         return self.apply(self.layout.unflatten(theta), inputs).reshape(-1)
@@ -259,7 +302,10 @@ class FuncBackend:
             return self._cat(vmap(fn)(eye)[0], order, 1)  # [Q, k]
 
         blocks = []
-        for c in self._chunks() if inputs is None else [inputs]:
+        # per sample: its Q rows (and their gradients) and Q backward passes' activations
+        k = sum(p.numel() for p in wrt.values())
+        per = 3 * theta.element_size() * q * (k + self.activation_entries(theta))
+        for c in self._chunks(per) if inputs is None else [inputs]:
             j = vmap(row_block, in_dims=(None, 0))(wrt, c)  # [n, Q, k]
             blocks.append(j.reshape(-1, j.shape[-1]))
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
@@ -267,7 +313,8 @@ class FuncBackend:
     def _jacobian_forward(self, theta: Tensor) -> Tensor:
         """Columns of D by forward mode, 256 basis vectors per vectorised pass."""
         k = theta.shape[0]
-        eye_chunk = 256
+        qn = int(self.inputs.shape[0]) * self.num_outputs
+        eye_chunk = max(1, min(256, self.rows_per_pass(theta), self.memory_budget // (3 * qn * 8)))
         cols = []
         for a in range(0, k, eye_chunk):
             b = min(k, a + eye_chunk)
@@ -277,15 +324,20 @@ class FuncBackend:
         return torch.cat(cols, dim=1)
 
     def jacobian(self, theta: Tensor) -> Tensor:
-        qn = self.inputs.shape[0] * self.num_outputs
-        if qn <= theta.shape[0]:
+        r"""Dense :math:`D`, ``[QN, K]``: reverse mode per sample when :math:`Q \le K`.
+
+        Per sample, reverse mode costs :math:`Q` backward passes and forward
+        mode :math:`K` tangents, whatever :math:`N`; samples are processed in
+        chunks within ``memory_budget``.
+        """
+        if self.num_outputs <= theta.shape[0]:
             return self._jacobian_reverse(theta)
         return self._jacobian_forward(theta)
 
     def ntk(self, theta: Tensor) -> Tensor:
         qn = self.inputs.shape[0] * self.num_outputs
         if qn > theta.shape[0]:
-            d = self._jacobian_forward(theta)
+            d = self.jacobian(theta)
             return d @ d.T
         # Group parameter tensors into blocks of bounded size.
         budget = max(1, self.ntk_block_entries // max(qn, 1))  # parameters per block

@@ -315,9 +315,9 @@ class InterpolatedMetric(ParameterMetric):
         st = self.state(base_point)
         key = ("param_chol", self.lam)
         if key not in st._cache:
-            d = st.jacobian
-            a = self.lam * (d.T @ d) + (1.0 - self.lam) * torch.eye(
-                d.shape[1], dtype=d.dtype, device=d.device
+            gram = st.param_gram
+            a = self.lam * gram + (1.0 - self.lam) * torch.eye(
+                gram.shape[1], dtype=gram.dtype, device=gram.device
             )
             st._cache[key] = torch.linalg.cholesky(a)
         return st._cache[key]
@@ -372,6 +372,9 @@ class InterpolatedMetric(ParameterMetric):
         st, lam, small = self.state(base_point), self.lam, self._small_is_output
         if getattr(self, "_nystrom", None) is None:
             self._nystrom = NystromSolver()
+        engine = getattr(st.space.backend, "fallback", st.space.backend)
+        if hasattr(engine, "rows_per_pass"):  # batched sketch rows within the memory budget
+            self._nystrom.block = min(32, engine.rows_per_pass(st.theta))
         rhs = (u if small else st.vjp(u)) / lam
         z, info = self._nystrom.solve(
             gram_rows(st, small), rhs, (1.0 - lam) / lam, rtol=self.solver_rtol,
