@@ -770,7 +770,7 @@ def _use_cheap_sv(fl: _Flow) -> bool:
 
 
 def _field_jumps(fl: _Flow) -> bool:
-    """Whether the vector field may jump where the rank changes (it depends on tau).
+    r"""Whether the vector field may jump where the rank changes (it depends on tau).
 
     Not for :math:`g_\lambda`, :math:`\lambda < 1` (every direction is kept), nor
     for the Euclidean metric; conservatively yes for any other metric.

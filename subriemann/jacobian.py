@@ -148,7 +148,7 @@ class FuncBackend:
 
     # -- helpers ---------------------------------------------------------------
     def _chunks(self, per_sample: int = 0) -> list[Tensor]:
-        """Sample chunks: ``chunk_size``, smaller when ``per_sample`` bytes each exceed the budget."""
+        """Sample chunks of ``chunk_size``, smaller if ``per_sample`` bytes exceed the budget."""
         size = self.chunk_size
         if per_sample > 0:
             size = max(1, min(size, self.memory_budget // per_sample))

@@ -276,7 +276,7 @@ class PointState:
 
     @property
     def param_gram(self) -> Tensor:
-        r""":math:`D^\top D`, ``[K, K]``, formed once per point (the solve and the rank monitor share it)."""
+        r""":math:`D^\top D`, ``[K, K]``, formed once per point (the solve and the rank monitor)."""
         if "param_gram" not in self._cache:
             d = self.jacobian
             self._cache["param_gram"] = d.T @ d

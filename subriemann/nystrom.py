@@ -52,7 +52,7 @@ __all__ = ["NystromPreconditioner", "nystrom_sketch", "pcg", "NystromSolver", "g
 
 @dataclass
 class NystromPreconditioner:
-    r"""The preconditioner :math:`P^{-1}` of :math:`G + \mu 1` from :math:`\hat G = U\hat\Lambda U^\top`.
+    r"""The preconditioner :math:`P^{-1}` of :math:`G + \mu 1`, from :math:`U\hat\Lambda U^\top`.
 
     Attributes
     ----------
@@ -310,7 +310,7 @@ class NystromSolver:
         rtol: float = 1e-12,
         maxiter: int | None = None,
     ) -> tuple[Tensor, SolverInfo]:
-        r""":math:`(G + \mu 1)^{-1} b` by Nyström-PCG; ``info.cond`` is that of :math:`P^{-1}(G+\mu 1)`.
+        r""":math:`(G + \mu 1)^{-1} b` by Nyström-PCG (``info.cond``: that of :math:`P^{-1}A`).
 
         The preconditioner of the previous call is reused (for the same ``n``,
         ``mu`` and dtype); once a solve with a reused one takes more than
