@@ -575,11 +575,14 @@ def gradient_flow(
     rank_method : {"auto", "metric", "ntk"}
         How the monitor computes singular values: ``"metric"`` uses
         ``metric.singular_values`` (the factorization the vector field uses);
-        ``"ntk"`` the eigenvalues of :math:`DD^\top` (cheap, resolves
+        ``"ntk"`` the eigenvalues of the smaller Gram matrix :math:`DD^\top`
+        or :math:`D^\top D` (cheap, resolves
         :math:`\sigma \gtrsim 10^{-7}\sigma_{\max}`); ``"auto"`` is
         ``"metric"`` except for :math:`\lambda = 0` metrics (whose vector field
-        needs no factorization) with :math:`QN \le K` and a threshold the NTK
-        resolves.
+        needs no factorization) with a threshold the Gram matrix resolves.
+        The singular values are computed at accepted steps, and at rejected
+        ones only where the vector field may jump at a rank change
+        (:math:`\lambda = 1`, bundle and custom metrics).
     checkpoint : path, optional
         Write the trajectory so far and the integrator state there every
         ``checkpoint_every`` accepted steps, on interruption and at the end.
