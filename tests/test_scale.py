@@ -130,3 +130,28 @@ def test_gram_singular_values_match_svd(n: int, width: int) -> None:
     big = ref > 1e-4 * ref[0]
     assert torch.allclose(got[big], ref[big], rtol=1e-8, atol=0)
     assert bool((got[~big] < 1e-4 * ref[0]).all())
+
+
+@pytest.mark.parametrize("lam, at_rejections", [(0.5, False), (1.0, True)])
+def test_rank_monitor_skips_rejected_steps_where_the_field_is_continuous(
+    monkeypatch: pytest.MonkeyPatch, lam: float, at_rejections: bool
+) -> None:
+    # A first step far too long forces rejections.  For lam < 1 the field is continuous
+    # across rank changes: singular values only at s = 0, at accepted steps and saved rows.
+    from subriemann import flow as flow_mod
+
+    sp = _space(6, 8)
+    sp.equip_with_metric(InterpolatedMetric, lam=lam, solver="svd")
+    calls = []
+    real = flow_mod._Flow.sv
+
+    def counting(self, theta):
+        calls.append(1)
+        return real(self, theta)
+
+    monkeypatch.setattr(flow_mod._Flow, "sv", counting)
+    traj = flow_mod.gradient_flow(sp, sp.initial_point(), 0.5, first_step=50.0, min_saves=0)
+    n_steps, n_rej = traj.counters["n_steps"], traj.counters["n_rejected"]
+    assert n_rej > 0 and not traj.events
+    expected = 1 + n_steps + (n_rej if at_rejections else 0)
+    assert len(calls) == expected
