@@ -222,6 +222,7 @@ def render(res: dict) -> str:
 
 
 def write_results(res: dict, folder: Path = HERE) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "RESULTS.md"
     text = path.read_text() if path.exists() else "# subriemann benchmarks\n"
     block = render(res)
