@@ -113,8 +113,11 @@ class FuncBackend:
     Notes
     -----
     ``jacobian`` picks reverse mode (one vector-Jacobian product per output
-    row, vectorised over samples) when :math:`QN \le K` and forward mode
-    (one Jacobian-vector product per parameter) otherwise.  ``ntk``
+    row, vectorised over samples) when :math:`Q \le K` and forward mode
+    (one Jacobian-vector product per parameter) otherwise.  Samples are
+    processed in chunks, and batched rows or tangents in blocks, small enough
+    that one vectorised pass stays within ``memory_budget`` bytes (estimated
+    from the entries of one sample's forward pass, :meth:`activation_entries`).  ``ntk``
     accumulates :math:`DD^\top = \sum_p D_p D_p^\top` over groups of
     parameter tensors :math:`p`, so the peak memory is that of the largest
     block :math:`D_p`, never of :math:`D`; a single tensor whose block exceeds
@@ -156,6 +159,9 @@ class FuncBackend:
     #: Largest block :math:`D_p` (in entries) that ``ntk`` forms at once:
     #: :math:`2^{27}` float64 entries are 1 GiB.
     ntk_block_entries: int = 1 << 27
+    #: Bytes that one vectorised pass of ``jacobian``, ``jvp`` or ``vjp`` may
+    #: allocate; samples (and batched rows) are processed in chunks below it.
+    memory_budget: int = 1 << 30
 
     def __init__(
         self,
@@ -179,10 +185,50 @@ class FuncBackend:
         #: ``"per_sample"`` (vmap over samples), ``"forward"`` (forward-mode AD),
         #: ``"vmap"`` (vmap over vectors)
         self.unavailable: set[str] = set()
+        self._act: int | None = None
 
     # -- helpers ---------------------------------------------------------------
-    def _chunks(self) -> list[Tensor]:
-        return list(torch.split(self.inputs, self.chunk_size))
+    def _chunks(self, per_sample: int = 0) -> list[Tensor]:
+        """Sample chunks of ``chunk_size``, smaller if ``per_sample`` bytes exceed the budget."""
+        size = self.chunk_size
+        if per_sample > 0:
+            size = max(1, min(size, self.memory_budget // per_sample))
+        return list(torch.split(self.inputs, size))
+
+    def activation_entries(self, theta: Tensor) -> int:
+        """Entries of all tensors one sample's forward pass creates (measured once).
+
+        Counted by a dispatch mode over one forward pass of the first sample:
+        an upper bound of the per-sample memory of a JVP or a VJP, in entries.
+        """
+        if self._act is None:
+            from torch.utils._python_dispatch import TorchDispatchMode
+
+            total = [0]
+
+            class _Count(TorchDispatchMode):
+                def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                    out = func(*args, **(kwargs or {}))
+                    for t in out if isinstance(out, (tuple, list)) else [out]:
+                        if isinstance(t, Tensor):
+                            total[0] += t.numel()
+                    return out
+
+            # sizes do not depend on values: a plain zero point (theta may be traced)
+            zero = torch.zeros(theta.shape, dtype=theta.dtype, device=theta.device)
+            try:
+                with torch.no_grad(), _Count():
+                    self._flat_apply(zero, self.inputs[:1])
+            except Exception:  # noqa: BLE001  (a model that needs real values: no estimate)
+                total[0] = 0
+            self._act = max(total[0], self.num_outputs)
+        return self._act
+
+    def rows_per_pass(self, theta: Tensor) -> int:
+        """How many batched JVP/VJP rows over all samples fit in ``memory_budget``."""
+        item = theta.element_size()
+        per_row = 3 * item * self.activation_entries(theta) * int(self.inputs.shape[0])
+        return max(1, self.memory_budget // max(per_row, 1))
 
     def _flat_apply(self, theta: Tensor, inputs: Tensor) -> Tensor:
         return self.apply(self.layout.unflatten(theta), inputs).reshape(-1)
@@ -329,9 +375,17 @@ class FuncBackend:
         model cannot be batched per sample (``vmap`` raises: the fused
         ``LSTM``/``GRU`` kernels, ``PReLU``), the rows come from the whole
         chunk instead (:meth:`_jacobian_rows_batch`).  ``inputs``: the rows of
-        these samples only (default: all, in chunks).
+        these samples only (default: all, in chunks of ``chunk_size`` samples,
+        fewer where a chunk's rows would exceed ``memory_budget``).
         """
-        chunks = self._chunks() if inputs is None else [inputs]
+        if inputs is None:
+            # per sample: its Q rows (and their gradients) and Q backward passes' activations
+            keep = self.layout.names if names is None else set(names)
+            k = sum(m for n, m in zip(self.layout.names, self.layout.numels) if n in keep)
+            per = 3 * theta.element_size() * self.num_outputs * (k + self.activation_entries(theta))
+            chunks = self._chunks(per)
+        else:
+            chunks = [inputs]
         if "per_sample" not in self.unavailable:
             try:
                 blocks = [self._jacobian_rows_per_sample(theta, names, c) for c in chunks]
@@ -365,21 +419,28 @@ class FuncBackend:
         """Rows of D for ``inputs`` from one reverse pass over the whole batch.
 
         One forward pass, then one VJP per output row with the basis covectors
-        (vectorised, in blocks of 256 rows).  Exact for any model that
-        :func:`torch.func.vjp` differentiates; the samples are never split.
+        (vectorised, in blocks of at most 256 rows, fewer where one block's
+        gradients and backward activations would exceed ``memory_budget``).
+        Exact for any model that :func:`torch.func.vjp` differentiates; the
+        samples are never split.
         """
         wrt, rest = self._split(theta, names)
         order = list(wrt)
         fn = vjp(lambda w: self.apply({**rest, **w}, inputs).reshape(-1), wrt)[1]
         rows = inputs.shape[0] * self.num_outputs
+        k = sum(p.numel() for p in wrt.values())
+        per_row = 3 * theta.element_size() * (k + inputs.shape[0] * self.activation_entries(theta))
+        block = max(1, min(256, self.memory_budget // per_row))
         eye = torch.eye(rows, dtype=theta.dtype, device=theta.device)
         one = lambda e: self._cat(fn(e)[0], order, 0)  # noqa: E731
-        return torch.cat([self._map(one, eye[a : a + 256]) for a in range(0, rows, 256)])
+        return torch.cat([self._map(one, eye[a : a + block]) for a in range(0, rows, block)])
 
     def _jacobian_forward(self, theta: Tensor) -> Tensor:
         """Columns of D by forward mode (:meth:`jvp`), 256 basis vectors per pass."""
         k = theta.shape[0]
-        eye_chunk = 256
+        qn = int(self.inputs.shape[0]) * self.num_outputs
+        col_bytes = 3 * qn * theta.element_size()  # one tangent's outputs and their copies
+        eye_chunk = max(1, min(256, self.rows_per_pass(theta), self.memory_budget // col_bytes))
         cols = []
         for a in range(0, k, eye_chunk):
             b = min(k, a + eye_chunk)
@@ -389,15 +450,25 @@ class FuncBackend:
         return torch.cat(cols, dim=1)
 
     def jacobian(self, theta: Tensor) -> Tensor:
-        qn = self.inputs.shape[0] * self.num_outputs
-        if qn <= theta.shape[0]:
+        r"""Dense :math:`D`, ``[QN, K]``: reverse mode per sample when :math:`Q \le K`.
+
+        Per sample, reverse mode costs :math:`Q` backward passes and forward
+        mode :math:`K` tangents, whatever :math:`N`; samples are processed in
+        chunks within ``memory_budget``.  For a model that cannot be batched
+        per sample (``"per_sample"`` in ``unavailable``) reverse mode costs
+        :math:`QN` passes over the batch, so it is chosen when :math:`QN \le K`.
+        """
+        # without per-sample vmap the reverse rows cost QN passes over the batch
+        qn = int(self.inputs.shape[0]) * self.num_outputs
+        rows = qn if "per_sample" in self.unavailable else self.num_outputs
+        if rows <= theta.shape[0]:
             return self._jacobian_reverse(theta)
         return self._jacobian_forward(theta)
 
     def ntk(self, theta: Tensor) -> Tensor:
         qn = self.inputs.shape[0] * self.num_outputs
         if qn > theta.shape[0]:
-            d = self._jacobian_forward(theta)
+            d = self.jacobian(theta)
             return d @ d.T
         # Group parameter tensors into blocks of bounded size.
         budget = max(1, self.ntk_block_entries // max(qn, 1))  # parameters per block

@@ -34,6 +34,10 @@ Solvers (``solver=`` of :class:`~subriemann.metrics.InterpolatedMetric`)
     :math:`\lambda<1`.  Iteration limits scale with the (estimated)
     condition number; a solve that stops short warns with its residual
     (:class:`ConvergenceWarning`).
+``"nystrom"``
+    Like ``"matrix_free"``, with CG preconditioned by a randomized Nyström
+    approximation of the Gram matrix built from batched JVP/VJP sketches
+    (:mod:`subriemann.nystrom`) for :math:`\lambda<1`; LSMR at :math:`\lambda=1`.
 
 The rank threshold :math:`\tau` is always explicit: singular values
 :math:`\sigma_i \le \tau` are treated as zero (MATH.md §7).
@@ -73,7 +77,7 @@ __all__ = [
     "check_converged",
 ]
 
-SOLVERS = ("auto", "svd", "ntk", "lstsq", "matrix_free")
+SOLVERS = ("auto", "svd", "ntk", "lstsq", "matrix_free", "nystrom")
 SMALL_DENSE_LIMIT = 200_000
 """Largest :math:`QN\\cdot K` for which ``solver="auto"`` always takes the dense SVD."""
 
@@ -159,7 +163,13 @@ def choose_solver(space: ParameterSpace, solver: str = "auto") -> str:
     4. :math:`K < QN` and :math:`K \le` ``NTK_LIMIT``: ``"ntk"`` (:math:`D^\top D`);
     5. otherwise ``"matrix_free"`` (memory :math:`O(K + QN)`).
 
-    A new route enters as a row of :func:`_auto_route`.
+    A new route enters as a row of :func:`_auto_route`.  ``"nystrom"`` is not a
+    row: it is taken only when asked for.  Its preconditioner costs one JVP and
+    one VJP per sketch column, and on the measured problems (``docs/scale.md``)
+    its first solve at a new point was slower than the dense routes of rows
+    1--4 and than unpreconditioned CG; it pays only when the preconditioner is
+    reused over many nearby solves (a flow at :math:`\lambda < 1`), which the
+    route table, a function of :math:`(QN, K)` alone, cannot know.
     """
     if not isinstance(solver, str):
         raise TypeError(f"solver must be a string, one of {SOLVERS}, got {type(solver).__name__}")
@@ -372,14 +382,21 @@ class PointState:
         return self._cache["eigh"]
 
     @property
+    def param_gram(self) -> Tensor:
+        r""":math:`D^\top D`, ``[K, K]``, formed once per point (the solve and the rank monitor)."""
+        if "param_gram" not in self._cache:
+            d = self.jacobian
+            self._cache["param_gram"] = d.T @ d
+        return self._cache["param_gram"]
+
+    @property
     def param_eigh(self) -> tuple[Tensor, Tensor]:
         r"""``(V, sigma)`` with :math:`D^\top D = V\operatorname{diag}(\sigma^2)V^\top`, descending.
 
         The Gram matrix in parameter space, the smaller one when :math:`K < QN`.
         """
         if "param_eigh" not in self._cache:
-            d = self.jacobian
-            evals, evecs = torch.linalg.eigh(d.T @ d)
+            evals, evecs = torch.linalg.eigh(self.param_gram)
             self._cache["param_eigh"] = (evecs.flip(1), evals.flip(0).clamp_min(0.0).sqrt())
         return self._cache["param_eigh"]
 
@@ -393,11 +410,30 @@ class PointState:
         """
         if "svd" in self._cache or method in ("svd", "lstsq"):
             s = self.svd[1]
-        elif self.space.output_dim <= self.space.dim or "eigh" in self._cache:
+        elif "eigh" in self._cache:
             s = self.ntk_eigh[1]
-        else:
+        elif "param_eigh" in self._cache:
             s = self.param_eigh[1]
+        else:
+            s = self.gram_singular_values
         return s[: min(self.space.output_dim, self.space.dim)]
+
+    @property
+    def gram_singular_values(self) -> Tensor:
+        r"""Singular values from the eigenvalues of the smaller Gram matrix, descending.
+
+        :math:`\sigma_i = \mu_i^{1/2}` for the eigenvalues :math:`\mu_i` of
+        :math:`DD^\top` (:math:`QN\le K`) or :math:`D^\top D`, values only
+        (``eigvalsh``: no eigenvectors, several times cheaper than ``eigh``),
+        from the Gram matrix the solve already formed at this point (shared
+        cache).  Same accuracy as the eigenvalues of :attr:`ntk_eigh`: an
+        absolute error of about :math:`\epsilon\sigma_{\max}^2` in :math:`\sigma^2`.
+        """
+        if "gram_sv" not in self._cache:
+            gram = self.ntk if self.space.output_dim <= self.space.dim else self.param_gram
+            evals = torch.linalg.eigvalsh(gram).flip(0)
+            self._cache["gram_sv"] = evals.clamp_min(0.0).sqrt()
+        return self._cache["gram_sv"]
 
     def rank(self, tau: float, method: str = "svd") -> int:
         r"""Numerical rank: the number of :math:`\sigma_i > \tau`."""
@@ -413,9 +449,9 @@ class PointState:
         steps.  The estimate is a lower bound; it sets the scale of a
         threshold (``rcond`` of ``gelsd``, ``conlim`` of LSMR).
         """
-        for key in ("svd", "eigh", "param_eigh"):
+        for key in ("svd", "eigh", "param_eigh", "gram_sv"):
             if key in self._cache:
-                s = self._cache[key][1]
+                s = self._cache[key] if key == "gram_sv" else self._cache[key][1]
                 return float(s.max()) if s.numel() else 0.0
         cached = self._cache.get("smax")
         if cached is not None and cached[1] <= rtol:

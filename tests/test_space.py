@@ -175,8 +175,9 @@ def test_func_backend_reverse_and_forward_modes(mlp_problem, tall_problem, chunk
         torch.testing.assert_close(rev, ref, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(fwd, ref, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(space.jacobian(theta), ref, rtol=1e-10, atol=1e-12)
-        # The dense Jacobian picks the cheaper mode: reverse iff QN <= K.
-        picked = rev if space.output_dim <= space.dim else fwd
+        # The dense Jacobian picks the cheaper mode per sample: Q backward passes (reverse)
+        # against K tangents (forward), so reverse iff Q <= K.
+        picked = rev if space.num_outputs <= space.dim else fwd
         torch.testing.assert_close(space.jacobian(theta), picked, rtol=0, atol=0)
     assert mlp_problem.spec.num_params > 10 and tall_problem.spec.num_params < 40
 

@@ -136,6 +136,8 @@ class Flow:
         self.wall_before = 0.0
         self.description: dict[str, Any] = metric.description()
         self.cheap_sv = False
+        # may the field jump at a rank change? then a rejected step may be an event
+        self.field_jumps = bool(getattr(metric, "field_may_jump", True))
         self.problem: dict[str, str] = {}
         self.state: State | None = None
         self.lockstep: Any = None  # a LockStep when integrated in a batch
@@ -391,12 +393,7 @@ def _use_cheap_sv(fl: Flow) -> bool:
         return False
     if rm == "ntk":
         return True
-    sp = fl.space
-    return (
-        getattr(fl.metric, "lam", None) == 0.0
-        and not isinstance(fl.metric, BundleMetric)
-        and sp.output_dim <= sp.dim
-    )
+    return getattr(fl.metric, "lam", None) == 0.0 and not isinstance(fl.metric, BundleMetric)
 
 
 class _Run:
@@ -593,7 +590,10 @@ class _Run:
         h = plan.h
         try:
             y1, f1, err = fl.step(st.theta, st.f, h)
-            sv1 = fl.sv(y1) if o.monitor_rank else None
+            # rank monitor at accepted steps; at a rejected one only where the vector
+            # field may jump at a rank change (a rejection may then be an event)
+            watch = o.monitor_rank and (not o.adaptive or err <= 1.0 or fl.field_jumps)
+            sv1 = fl.sv(y1) if watch else None
         except _Failure as failure:
             if not o.adaptive:
                 return FlowStatus("nonfinite", f"at s = {st.s:.9g}: {failure}")

@@ -122,11 +122,15 @@ class FlowOptions:
     rank_method : {"auto", "metric", "ntk"}
         How the monitor computes singular values: ``"metric"`` uses
         ``metric.singular_values`` (the factorization the vector field uses);
-        ``"ntk"`` the eigenvalues of :math:`DD^\top` (cheap, resolves
+        ``"ntk"`` the eigenvalues of the smaller Gram matrix :math:`DD^\top`
+        or :math:`D^\top D` (cheap, resolves
         :math:`\sigma \gtrsim 10^{-7}\sigma_{\max}`); ``"auto"`` is
         ``"metric"`` except for :math:`\lambda = 0` metrics (whose vector field
-        needs no factorization) with :math:`QN \le K` and a threshold the NTK
-        resolves.
+        needs no factorization) with a threshold the Gram matrix resolves.
+        The singular values are computed at accepted steps, and at rejected
+        ones only where the vector field may jump at a rank change
+        (``metric.field_may_jump``: :math:`\lambda = 1`, bundle and custom
+        metrics).
     checkpoint_every : int
         Accepted steps between two checkpoints (with ``checkpoint`` of
         :func:`~subriemann.gradient_flow`).

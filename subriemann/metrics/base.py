@@ -164,6 +164,18 @@ class ParameterMetric(RiemannianMetric):
         s = self.singular_values(base_point)
         return int((s > self.rank_threshold(base_point)).sum())
 
+    @property
+    def field_may_jump(self) -> bool:
+        r"""Whether the gradient may jump where a singular value of :math:`D` crosses :math:`\tau`.
+
+        A flow computes the singular values at a rejected step only where this
+        is true (a rejection may then be a rank event, located on the old
+        branch); elsewhere at accepted steps only.  ``True``, the safe answer,
+        unless the metric knows its gradient is continuous across rank changes
+        (the Euclidean metric, :math:`g_\lambda` with :math:`\lambda < 1`).
+        """
+        return True
+
     # -- the tensor ----------------------------------------------------------------
     def metric_matrix(self, base_point: Tensor) -> Tensor:
         r"""The metric tensor :math:`g_{ij}(\theta)`, shape ``[..., K, K]`` (dense, small K)."""

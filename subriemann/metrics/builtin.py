@@ -90,6 +90,11 @@ class EuclideanMetric(ParameterMetric):
 
     lam = 0.0
 
+    @property
+    def field_may_jump(self) -> bool:
+        """``False``: the gradient :math:`D^\\top\\nabla_x C` does not depend on :math:`\\tau`."""
+        return False
+
     def metric_matrix(self, base_point: Tensor) -> Tensor:
         self._require_small_k("metric_matrix")
         eye = torch.eye(self._space.dim, dtype=base_point.dtype, device=base_point.device)
@@ -143,7 +148,7 @@ class InterpolatedMetric(ParameterMetric):
     space : ParameterSpace
     lam : float
         :math:`\lambda \in [0, 1]`.
-    solver : {"auto", "svd", "ntk", "lstsq", "matrix_free"}
+    solver : {"auto", "svd", "ntk", "lstsq", "matrix_free", "nystrom"}
         How ``sharp`` solves (see :mod:`subriemann.linalg` and ``docs/metrics.md``).
     rank_rtol, rank_atol, exp_steps
         See :class:`~subriemann.metrics.ParameterMetric`.
@@ -157,7 +162,8 @@ class InterpolatedMetric(ParameterMetric):
         Relative accuracy of the :math:`\lambda = 1` direction :math:`D^+u` against
         the SVD route (default :data:`~subriemann.linalg.ACCURACY`, :math:`10^{-8}`).
         The ``"ntk"`` route certifies it a priori, reaches it by iterative
-        refinement, or falls back to the SVD; ``"matrix_free"`` estimates its
+        refinement, or falls back to the SVD; ``"matrix_free"`` (and
+        ``"nystrom"``, whose :math:`\lambda = 1` route is the same LSMR) estimates its
         error; where it cannot be met, an
         :class:`~subriemann.linalg.AccuracyWarning` gives the estimated error.
         ``metric.last_solve`` records what was done.
@@ -228,6 +234,12 @@ class InterpolatedMetric(ParameterMetric):
 
     def _factorization(self) -> str:
         return "svd" if self.solver in ("svd", "lstsq") else "ntk"
+
+    @property
+    def field_may_jump(self) -> bool:
+        r"""Only at :math:`\lambda = 1`: for :math:`\lambda < 1` every direction is kept
+        (weights :math:`\sigma_i/((1-\lambda)+\lambda\sigma_i^2)`, continuous in :math:`D`)."""
+        return self.lam == 1.0
 
     @property
     def _small_is_output(self) -> bool:
@@ -334,9 +346,9 @@ class InterpolatedMetric(ParameterMetric):
         st = self.state(base_point)
         key = ("param_chol", self.lam)
         if key not in st._cache:
-            d = st.jacobian
-            a = self.lam * (d.T @ d) + (1.0 - self.lam) * torch.eye(
-                d.shape[1], dtype=d.dtype, device=d.device
+            gram = st.param_gram
+            a = self.lam * gram + (1.0 - self.lam) * torch.eye(
+                gram.shape[1], dtype=gram.dtype, device=gram.device
             )
             st._cache[key] = torch.linalg.cholesky(a)
         return st._cache[key]
@@ -365,7 +377,13 @@ class InterpolatedMetric(ParameterMetric):
           :math:`\varepsilon=(1-\lambda)/\lambda` (:math:`K<QN`);
         * ``matrix_free``: LSMR at :math:`\lambda=1` (condition limit
           :math:`\sigma_{\max}/\tau`), CG on the SPD operator in the smaller
-          space for :math:`\lambda<1`.
+          space for :math:`\lambda<1`;
+        * ``nystrom``: for :math:`\lambda<1` CG on the same operator with a
+          randomized Nyström preconditioner (:mod:`subriemann.nystrom`), stopped
+          on the true residual at ``solver_rtol`` or warned
+          (:class:`~subriemann.linalg.ConvergenceWarning`); at :math:`\lambda=1`
+          the ``matrix_free`` LSMR with its accuracy estimate.  ``last_solve``
+          records the iterations and the residual.
         """
         sp = self._space
         u = sp._check_vec(output_covec, sp.output_dim, "output_covec")
@@ -380,7 +398,27 @@ class InterpolatedMetric(ParameterMetric):
             return self._ntk_pullback(u, base_point)
         if self.solver == "lstsq":
             return self._lstsq_pullback(u, base_point)
+        if self.solver == "nystrom" and lam < 1.0:
+            return self._nystrom_pullback(u, base_point)
         return self._mf_pullback(u, base_point)
+
+    def _nystrom_pullback(self, u: Tensor, base_point: Tensor) -> Tensor:
+        r"""Nyström-PCG on :math:`\lambda(G + \mu 1)`, :math:`\mu = (1-\lambda)/\lambda`."""
+        from subriemann.nystrom import NystromSolver, gram_rows
+
+        st, lam, small = self.state(base_point), self.lam, self._small_is_output
+        if getattr(self, "_nystrom", None) is None:
+            self._nystrom = NystromSolver()
+        engine = getattr(st.space.backend, "fallback", st.space.backend)
+        if hasattr(engine, "rows_per_pass"):  # batched sketch rows within the memory budget
+            self._nystrom.block = min(32, engine.rows_per_pass(st.theta))
+        rhs = (u if small else st.vjp(u)) / lam
+        z, info = self._nystrom.solve(
+            gram_rows(st, small), rhs, (1.0 - lam) / lam, rtol=self.solver_rtol,
+            maxiter=self.maxiter,
+        )
+        self._solve_info(info)
+        return st.vjp(z) if small else z
 
     def _ntk_pullback(self, u: Tensor, base_point: Tensor) -> Tensor:
         st = self.state(base_point)
@@ -817,6 +855,12 @@ class BundleMetric(InterpolatedMetric):
     """
 
     _lam0_is_euclidean = False
+
+    @property
+    def field_may_jump(self) -> bool:
+        """Always: the directions with :math:`\\sigma_i \\le \\tau` are dropped at every
+        :math:`\\lambda`."""
+        return True
 
     def __init__(self, space, lam: float = 1.0, **kwargs: Any) -> None:
         super().__init__(space, lam, **kwargs)
