@@ -378,21 +378,36 @@ class FuncBackend:
         these samples only (default: all, in chunks of ``chunk_size`` samples,
         fewer where a chunk's rows would exceed ``memory_budget``).
         """
-        if inputs is None:
-            # per sample: its Q rows (and their gradients) and Q backward passes' activations
-            keep = self.layout.names if names is None else set(names)
-            k = sum(m for n, m in zip(self.layout.names, self.layout.numels) if n in keep)
-            per = 3 * theta.element_size() * self.num_outputs * (k + self.activation_entries(theta))
-            chunks = self._chunks(per)
-        else:
-            chunks = [inputs]
-        if "per_sample" not in self.unavailable:
-            try:
-                blocks = [self._jacobian_rows_per_sample(theta, names, c) for c in chunks]
-            except _VMAP_ERRORS:
-                self.unavailable.add("per_sample")
+        chunks = self._reverse_chunks(theta, names, inputs)
+        rows = self._rows_per_sample(theta, names, chunks)
+        if rows is not None:
+            return rows
+        blocks = [self._jacobian_rows_batch(theta, names, c) for c in chunks]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+    def _reverse_chunks(
+        self, theta: Tensor, names: Sequence[str] | None, inputs: Tensor | None
+    ) -> list[Tensor]:
+        """``[inputs]``, or all samples in chunks whose per-sample rows fit ``memory_budget``."""
+        if inputs is not None:
+            return [inputs]
+        # per sample: its Q rows (and their gradients) and Q backward passes' activations
+        keep = self.layout.names if names is None else set(names)
+        k = sum(m for n, m in zip(self.layout.names, self.layout.numels) if n in keep)
+        per = 3 * theta.element_size() * self.num_outputs * (k + self.activation_entries(theta))
+        return self._chunks(per)
+
+    def _rows_per_sample(
+        self, theta: Tensor, names: Sequence[str] | None, chunks: list[Tensor]
+    ) -> Tensor | None:
+        """Rows of D by per-sample ``vmap`` over ``chunks``; None where ``vmap`` cannot batch."""
         if "per_sample" in self.unavailable:
-            blocks = [self._jacobian_rows_batch(theta, names, c) for c in chunks]
+            return None
+        try:
+            blocks = [self._jacobian_rows_per_sample(theta, names, c) for c in chunks]
+        except _VMAP_ERRORS:
+            self.unavailable.add("per_sample")
+            return None
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     def _jacobian_rows_per_sample(
@@ -458,12 +473,14 @@ class FuncBackend:
         per sample (``"per_sample"`` in ``unavailable``) reverse mode costs
         :math:`QN` passes over the batch, so it is chosen when :math:`QN \le K`.
         """
-        # without per-sample vmap the reverse rows cost QN passes over the batch
+        k = theta.shape[0]
+        if self.num_outputs <= k:
+            rows = self._rows_per_sample(theta, None, self._reverse_chunks(theta, None, None))
+            if rows is not None:
+                return rows
+        # no per-sample vmap: reverse rows cost QN passes over the batch, forward K
         qn = int(self.inputs.shape[0]) * self.num_outputs
-        rows = qn if "per_sample" in self.unavailable else self.num_outputs
-        if rows <= theta.shape[0]:
-            return self._jacobian_reverse(theta)
-        return self._jacobian_forward(theta)
+        return self._jacobian_reverse(theta) if qn <= k else self._jacobian_forward(theta)
 
     def ntk(self, theta: Tensor) -> Tensor:
         qn = self.inputs.shape[0] * self.num_outputs
