@@ -663,8 +663,9 @@ def cg(
     rtol: float = 1e-12,
     maxiter: int | None = None,
     eig_lower: float | None = None,
+    precond: Any = None,
 ) -> tuple[Tensor, SolverInfo]:
-    r"""Conjugate gradients for an SPD operator, :math:`A z = b`, started at 0.
+    r"""(Preconditioned) conjugate gradients for an SPD operator, :math:`A z = b`, started at 0.
 
     Parameters
     ----------
@@ -684,47 +685,58 @@ def cg(
     eig_lower : float, optional
         A known lower bound of the spectrum of :math:`A` (e.g.
         :math:`1-\lambda` for :math:`(1-\lambda)1+\lambda DD^\top`); otherwise
-        the smallest Ritz value is used.
+        the smallest Ritz value is used.  Not with ``precond`` (the Ritz
+        values are then those of :math:`P^{-1}A`).
+    precond : callable, optional
+        :math:`r \mapsto P^{-1}r` for an SPD preconditioner :math:`P`
+        (e.g. :class:`subriemann.nystrom.NystromPreconditioner`); the stopping
+        test stays on the unpreconditioned residual :math:`|b - Az|`, so
+        ``rtol`` means the same with or without it.
 
     Returns
     -------
     z : Tensor, shape=[n]
     info : SolverInfo
-        ``residual`` is the *true* relative residual :math:`|b - Az|/|b|`,
-        recomputed at the end.
+        ``solver`` is ``"cg"`` (``"pcg"`` with ``precond``); ``residual`` is the
+        *true* relative residual :math:`|b - Az|/|b|`, recomputed at the end.
     """
+    if precond is not None and eig_lower is not None:
+        raise ValueError("eig_lower bounds the spectrum of A, not of P^-1 A: omit it with precond")
+    name = "cg" if precond is None else "pcg"
+    pre = precond if precond is not None else (lambda v: v)
     n = rhs.shape[0]
     z = torch.zeros_like(rhs)
     bnorm = float(rhs.norm())
     if bnorm == 0.0:
-        return z, SolverInfo("cg", 0, 0.0, True, rtol, 0, 1.0, "zero right-hand side")
+        return z, SolverInfo(name, 0, 0.0, True, rtol, 0, 1.0, "zero right-hand side")
     hard_cap = 20 * n + 100
     limit = maxiter if maxiter is not None else min(_cg_budget(1.0, rtol), hard_cap)
     r = rhs.clone()
-    p = r.clone()
-    rs = float(r @ r)
+    p = pre(r).clone()
+    rs = float(r @ p)  # r^T P^-1 r
     alphas: list[float] = []
     betas: list[float] = []
     kappa = 1.0
     it = 0
     reason = "iteration limit"
     while True:
-        if math.sqrt(rs) <= rtol * bnorm:
+        if float(r.norm()) <= rtol * bnorm:
             reason = "converged"
             break
         if it >= limit:
             break
         ap = matvec(p)
         pap = float(p @ ap)
-        if not pap > 0.0:
-            reason = "operator is not positive definite (p^T A p <= 0)"
+        if not pap > 0.0 or not rs > 0.0:
+            reason = "operator (or preconditioner) is not positive definite (p^T A p <= 0)"
             break
         alpha = rs / pap
         z = z + alpha * p
         r = r - alpha * ap
-        rs_new = float(r @ r)
+        s = pre(r)
+        rs_new = float(r @ s)
         beta = rs_new / rs
-        p = r + beta * p
+        p = s + beta * p
         rs = rs_new
         alphas.append(alpha)
         betas.append(beta)
@@ -739,7 +751,7 @@ def cg(
     converged = res <= 10.0 * rtol
     if reason == "converged" and not converged:
         reason = "recursive residual met rtol but the true residual did not"
-    return z, SolverInfo("cg", it, res, converged, rtol, limit, kappa, reason)
+    return z, SolverInfo(name, it, res, converged, rtol, limit, kappa, reason)
 
 
 def _ritz_kappa(alphas: list[float], betas: list[float], eig_lower: float | None) -> float:

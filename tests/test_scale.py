@@ -32,6 +32,16 @@ def _space(n: int, width: int, *, dead: int = 0, seed: int = 0) -> sr.ParameterS
     return sr.ParameterSpace(net, x, y, backend="func")
 
 
+def _full_batch_jacrev(sp: sr.ParameterSpace, net: torch.nn.Module, th: torch.Tensor):
+    """The independent reference: :func:`torch.func.jacrev` of the whole batch at ``th``."""
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        params = sp.backend.layout.unflatten(t)
+        return torch.func.functional_call(net, params, (sp.inputs,)).reshape(-1)
+
+    return torch.func.jacrev(f)(th)
+
+
 def test_sketch_is_exact_for_low_rank() -> None:
     # Nystrom with a sketch of rank >= rank(G) reproduces G (range(G Omega) = range(G));
     # the only error is the stabilising shift nu ~ sqrt(n) eps |G|, so 1e-10 relative.
@@ -103,12 +113,7 @@ def test_jacobian_chunks_within_a_tiny_budget(monkeypatch: pytest.MonkeyPatch) -
     ).double()
     sp = sr.ParameterSpace(net, torch.randn(7, 16), torch.randn(7, 3), backend="func")
     th = sp.initial_point()
-
-    def f(t: torch.Tensor) -> torch.Tensor:
-        params = sp.backend.layout.unflatten(t)
-        return torch.func.functional_call(net, params, (sp.inputs,)).reshape(-1)
-
-    ref = torch.func.jacrev(f)(th)
+    ref = _full_batch_jacrev(sp, net, th)
     be = sp.backend
     assert isinstance(be, FuncBackend)
     monkeypatch.setattr(FuncBackend, "memory_budget", 4096)
@@ -171,12 +176,7 @@ def test_jacobian_without_per_sample_vmap_within_a_tiny_budget(
     ).double()
     sp = sr.ParameterSpace(net, torch.randn(n, 4), torch.randn(n, 3), backend="func")
     th = sp.initial_point()
-
-    def f(t: torch.Tensor) -> torch.Tensor:
-        params = sp.backend.layout.unflatten(t)
-        return torch.func.functional_call(net, params, (sp.inputs,)).reshape(-1)
-
-    ref = torch.func.jacrev(f)(th)
+    ref = _full_batch_jacrev(sp, net, th)
     be = sp.backend
     assert isinstance(be, FuncBackend)
     monkeypatch.setattr(FuncBackend, "memory_budget", 4096)
