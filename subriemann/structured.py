@@ -1198,17 +1198,20 @@ class StructuredBackend:
                 gram[rb[0] * q : rb[1] * q, ra[0] * q : ra[1] * q] = out.T
                 return
             d = (ra[1] - ra[0]) * q
-            diag = out[:, :d]  # exactly symmetric (A A^T need not be, bit for bit)
-            diag.copy_(torch.triu(diag) + torch.triu(diag, 1).T)
+            diag = out[:, :d]  # made exactly symmetric (A A^T need not be, bit for bit)
+            diag.triu_()
+            diag.add_(diag.triu(1).mT)
             if rb[1] > ra[1]:
                 gram[ra[1] * q : rb[1] * q, ra[0] * q : ra[1] * q] = out[:, d:].T
 
         for i, (a0, a1) in enumerate(self.bounds):
             fa = feats[i] if feats is not None else self._features(theta, a0, a1)[0]
             fa = [f for f, layer in zip(fa, self.layers) if layer.trainable]
-            # diagonal block: one strip per row tile, from the diagonal to the right
             n_a = a1 - a0
-            for s0, s1 in _tiles(n_a, q):
+            # the diagonal block in one piece (a few large products, fewest passes) when its
+            # temporaries fit the budget, else one strip per row tile, diagonal to the right
+            whole = (n_a * q) ** 2 * gram.element_size() <= _FEATURE_BUDGET
+            for s0, s1 in [(0, n_a)] if whole else _tiles(n_a, q):
                 ft = [layer.take(f, s0, s1) for layer, f in zip(layers, fa)]
                 fr = [layer.take(f, s0, n_a) for layer, f in zip(layers, fa)]
                 block(ft, fr, (a0 + s0, a0 + s1), (a0 + s0, a1))
