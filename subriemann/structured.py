@@ -1198,9 +1198,7 @@ class StructuredBackend:
                 gram[rb[0] * q : rb[1] * q, ra[0] * q : ra[1] * q] = out.T
                 return
             d = (ra[1] - ra[0]) * q
-            diag = out[:, :d]  # made exactly symmetric (A A^T need not be, bit for bit)
-            diag.triu_()
-            diag.add_(diag.triu(1).mT)
+            _mirror_upper(out[:, :d])  # exactly symmetric (A A^T need not be, bit for bit)
             if rb[1] > ra[1]:
                 gram[ra[1] * q : rb[1] * q, ra[0] * q : ra[1] * q] = out[:, d:].T
 
@@ -1245,3 +1243,18 @@ def _tiles(n: int, q: int) -> list[tuple[int, int]]:
     count = max(1, min(4, (n * q) // 64))
     size = -(-n // count)
     return [(a, min(n, a + size)) for a in range(0, n, size)]
+
+
+def _mirror_upper(m: Tensor, tile: int = 256) -> None:
+    """Copy the upper triangle of the square ``m`` onto its lower triangle, in place.
+
+    Strip by strip (``tile`` rows), so that the transposed reads stay in cache.
+    """
+    n = m.shape[0]
+    for i in range(0, n, tile):
+        i1 = min(n, i + tile)
+        blk = m[i:i1, i:i1]
+        blk.copy_(torch.triu(blk) + torch.triu(blk, 1).mT)
+        if i1 < n:
+            m[i1:, i:i1].copy_(m[i:i1, i1:].mT)
+
