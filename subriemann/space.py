@@ -591,4 +591,3 @@ def _same_values(a: Tensor, b: Tensor) -> bool:
     """``torch.equal`` of two points ``[K]``, after a cheap look at 64 spread entries."""
     step = max(1, a.numel() // 64)
     return bool(torch.equal(a[::step], b[::step])) and bool(torch.equal(a, b))
-

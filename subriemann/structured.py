@@ -56,10 +56,13 @@ at once.  No parameter gradient is computed.
 
 **Chunking.**  Samples are processed in chunks (``chunk_size``, or chosen
 from a memory budget); block :math:`(a, b)` of :math:`DD^\top` is
-assembled from the factors of chunks :math:`a` and :math:`b`.  Diagonal
-blocks are assembled in strips from the diagonal to the right (up to four
-row tiles) and mirrored, which saves up to 3/8 of the products and makes
-the result exactly symmetric.  When the factors of all chunks fit in the budget they are
+assembled from the factors of chunks :math:`a` and :math:`b`.  A diagonal
+block is assembled in one piece (one product per factor and layer, the
+fewest passes over memory) when its temporaries fit the budget, and
+otherwise in strips from the diagonal to the right (up to four row tiles,
+which also saves up to 3/8 of the products); its upper triangle is then
+mirrored onto the lower one, strip by strip, so that the result is exactly
+symmetric.  When the factors of all chunks fit in the budget they are
 kept (and reused by :meth:`StructuredBackend.vjp` /
 :meth:`StructuredBackend.jvp` at the same :math:`\theta`); otherwise they
 are recomputed per block.
@@ -1166,9 +1169,11 @@ class StructuredBackend:
     def ntk(self, theta: Tensor) -> Tensor:
         r"""Empirical NTK :math:`DD^\top = \sum_l (A_lA_l^\top)\circ(G_lG_l^\top)`, ``[QN, QN]``.
 
-        Blocks on the diagonal are assembled in strips from the diagonal to
-        the right (the Gram matrices are symmetric), which saves up to 3/8 of
-        the matrix products; the lower part is filled by transposition.
+        A block on the diagonal is assembled in one piece when its
+        temporaries (``(n Q)^2`` entries for ``n`` samples) fit the factor
+        budget, otherwise in strips from the diagonal to the right (which
+        saves up to 3/8 of the matrix products); the lower part is filled
+        by transposition, so that the result is exactly symmetric.
         """
         q = self.num_outputs
         qn = int(self.inputs.shape[0]) * q
@@ -1257,4 +1262,3 @@ def _mirror_upper(m: Tensor, tile: int = 256) -> None:
         blk.copy_(torch.triu(blk) + torch.triu(blk, 1).mT)
         if i1 < n:
             m[i1:, i:i1].copy_(m[i:i1, i1:].mT)
-
