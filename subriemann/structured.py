@@ -1250,7 +1250,7 @@ def _tiles(n: int, q: int) -> list[tuple[int, int]]:
     return [(a, min(n, a + size)) for a in range(0, n, size)]
 
 
-def _mirror_upper(m: Tensor, tile: int = 256) -> None:
+def _mirror_upper(m: Tensor, tile: int = 128) -> None:
     """Copy the upper triangle of the square ``m`` onto its lower triangle, in place.
 
     Strip by strip (``tile`` rows), so that the transposed reads stay in cache.

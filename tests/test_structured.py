@@ -287,7 +287,7 @@ def test_structured_sub_blocks(monkeypatch):
 @pytest.mark.parametrize("whole", [True, False], ids=["whole-diagonal", "row-tiles"])
 @pytest.mark.parametrize("chunk", [None, 70])
 def test_diagonal_block_in_one_piece_or_in_tiles(monkeypatch, whole, chunk):
-    """QN = 300 > one mirroring strip; the diagonal blocks whole, or in row tiles when the
+    """QN = 300 > two mirroring strips; the diagonal blocks whole, or in row tiles when the
     budget is small; one chunk or several (off-diagonal blocks)."""
     import subriemann.structured as mod
 
