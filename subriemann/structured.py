@@ -56,13 +56,12 @@ at once.  No parameter gradient is computed.
 
 **Chunking.**  Samples are processed in chunks (``chunk_size``, or chosen
 from a memory budget); block :math:`(a, b)` of :math:`DD^\top` is
-assembled from the factors of chunks :math:`a` and :math:`b`.  A diagonal
-block is assembled in one piece (one product per factor and layer, the
-fewest passes over memory) when its temporaries fit the budget, and
-otherwise in strips from the diagonal to the right (up to four row tiles,
-which also saves up to 3/8 of the products); its upper triangle is then
-mirrored onto the lower one, strip by strip, so that the result is exactly
-symmetric.  When the factors of all chunks fit in the budget they are
+assembled from the factors of chunks :math:`a` and :math:`b`.  The upper
+triangle of a diagonal block is assembled in strips from the diagonal to
+the right (up to four row tiles of at least 256 rows, which saves up to 3/8
+of the products) and then mirrored onto the lower one, strip by strip
+(cache-friendly), so that the result is exactly symmetric.  When the
+factors of all chunks fit in the budget they are
 kept (and reused by :meth:`StructuredBackend.vjp` /
 :meth:`StructuredBackend.jvp` at the same :math:`\theta`); otherwise they
 are recomputed per block.
@@ -1169,11 +1168,10 @@ class StructuredBackend:
     def ntk(self, theta: Tensor) -> Tensor:
         r"""Empirical NTK :math:`DD^\top = \sum_l (A_lA_l^\top)\circ(G_lG_l^\top)`, ``[QN, QN]``.
 
-        A block on the diagonal is assembled in one piece when its
-        temporaries (``(n Q)^2`` entries for ``n`` samples) fit the factor
-        budget, otherwise in strips from the diagonal to the right (which
-        saves up to 3/8 of the matrix products); the lower part is filled
-        by transposition, so that the result is exactly symmetric.
+        The upper triangle of a block on the diagonal is assembled in strips
+        from the diagonal to the right (which saves up to 3/8 of the matrix
+        products); the lower part is then filled by transposition, so that
+        the result is exactly symmetric.
         """
         q = self.num_outputs
         qn = int(self.inputs.shape[0]) * q
@@ -1201,23 +1199,18 @@ class StructuredBackend:
                 layer.gram_into(out4, fa[k], fb[k], first=k == 0)
             if rb[0] != ra[0]:
                 gram[rb[0] * q : rb[1] * q, ra[0] * q : ra[1] * q] = out.T
-                return
-            d = (ra[1] - ra[0]) * q
-            _mirror_upper(out[:, :d])  # exactly symmetric (A A^T need not be, bit for bit)
-            if rb[1] > ra[1]:
-                gram[ra[1] * q : rb[1] * q, ra[0] * q : ra[1] * q] = out[:, d:].T
 
         for i, (a0, a1) in enumerate(self.bounds):
             fa = feats[i] if feats is not None else self._features(theta, a0, a1)[0]
             fa = [f for f, layer in zip(fa, self.layers) if layer.trainable]
             n_a = a1 - a0
-            # the diagonal block in one piece (a few large products, fewest passes) when its
-            # temporaries fit the budget, else one strip per row tile, diagonal to the right
-            whole = (n_a * q) ** 2 * gram.element_size() <= _FEATURE_BUDGET
-            for s0, s1 in [(0, n_a)] if whole else _tiles(n_a, q):
+            # the diagonal block: its upper triangle in strips from the diagonal to the
+            # right (one per row tile), then mirrored (exactly symmetric; A A^T need not be)
+            for s0, s1 in _tiles(n_a, q):
                 ft = [layer.take(f, s0, s1) for layer, f in zip(layers, fa)]
                 fr = [layer.take(f, s0, n_a) for layer, f in zip(layers, fa)]
                 block(ft, fr, (a0 + s0, a0 + s1), (a0 + s0, a1))
+            _mirror_upper(gram[a0 * q : a1 * q, a0 * q : a1 * q])
             for j in range(i + 1, len(self.bounds)):
                 b0, b1 = self.bounds[j]
                 fb = feats[j] if feats is not None else self._features(theta, b0, b1)[0]
@@ -1244,8 +1237,12 @@ def _rowwise(backend: Any, method: str, theta: Tensor, vec: Tensor) -> Tensor:
 
 
 def _tiles(n: int, q: int) -> list[tuple[int, int]]:
-    """Split ``n`` samples into up to 4 tiles of at least 64 rows (``Q`` rows per sample)."""
-    count = max(1, min(4, (n * q) // 64))
+    """Split ``n`` samples into up to 4 tiles of at least 256 rows (``Q`` rows per sample).
+
+    Fewer, larger strips where the rows are few: the products of a strip run efficiently
+    from about 256 rows on, and every strip is one more pass per layer.
+    """
+    count = max(1, min(4, (n * q) // 256))
     size = -(-n // count)
     return [(a, min(n, a + size)) for a in range(0, n, size)]
 

@@ -284,18 +284,13 @@ def test_structured_sub_blocks(monkeypatch):
     check_all(space, perturbed(space))
 
 
-@pytest.mark.parametrize("whole", [True, False], ids=["whole-diagonal", "row-tiles"])
 @pytest.mark.parametrize("chunk", [None, 70])
-def test_diagonal_block_in_one_piece_or_in_tiles(monkeypatch, whole, chunk):
-    """QN = 300 > two mirroring strips; the diagonal blocks whole, or in row tiles when the
-    budget is small; one chunk or several (off-diagonal blocks)."""
-    import subriemann.structured as mod
-
+def test_diagonal_block_in_strips(chunk):
+    """QN = 600: the diagonal block in two strips and mirrored over several 128-row strips;
+    one chunk or several (off-diagonal blocks)."""
     torch.manual_seed(3)
     model = _mlp([3, 5, 4, 2]).to(DT)
-    space = structured_space(model, torch.randn(150, 3, dtype=DT), 2, chunk_size=chunk)
-    if not whole:
-        monkeypatch.setattr(mod, "_FEATURE_BUDGET", 1)
+    space = structured_space(model, torch.randn(300, 3, dtype=DT), 2, chunk_size=chunk)
     check_all(space, perturbed(space))
 
 
