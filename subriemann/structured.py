@@ -58,7 +58,7 @@ at once.  No parameter gradient is computed.
 from a memory budget); block :math:`(a, b)` of :math:`DD^\top` is
 assembled from the factors of chunks :math:`a` and :math:`b`.  The upper
 triangle of a diagonal block is assembled in strips from the diagonal to
-the right (up to four row tiles of at least 256 rows, which saves up to 3/8
+the right (up to four row tiles of at least 64 rows, which saves up to 3/8
 of the products) and then mirrored onto the lower one, strip by strip
 (cache-friendly), so that the result is exactly symmetric.  When the
 factors of all chunks fit in the budget they are
@@ -1237,12 +1237,8 @@ def _rowwise(backend: Any, method: str, theta: Tensor, vec: Tensor) -> Tensor:
 
 
 def _tiles(n: int, q: int) -> list[tuple[int, int]]:
-    """Split ``n`` samples into up to 4 tiles of at least 256 rows (``Q`` rows per sample).
-
-    Fewer, larger strips where the rows are few: the products of a strip run efficiently
-    from about 256 rows on, and every strip is one more pass per layer.
-    """
-    count = max(1, min(4, (n * q) // 256))
+    """Split ``n`` samples into up to 4 tiles of at least 64 rows (``Q`` rows per sample)."""
+    count = max(1, min(4, (n * q) // 64))
     size = -(-n // count)
     return [(a, min(n, a + size)) for a in range(0, n, size)]
 

@@ -286,7 +286,7 @@ def test_structured_sub_blocks(monkeypatch):
 
 @pytest.mark.parametrize("chunk", [None, 70])
 def test_diagonal_block_in_strips(chunk):
-    """QN = 600: the diagonal block in two strips and mirrored over several 128-row strips;
+    """QN = 600: the diagonal block in four strips and mirrored over several 128-row strips;
     one chunk or several (off-diagonal blocks)."""
     torch.manual_seed(3)
     model = _mlp([3, 5, 4, 2]).to(DT)
