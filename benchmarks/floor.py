@@ -106,7 +106,7 @@ def measure(size: str, repeat: int) -> dict:
     }
 
 
-def table(rows: list[dict], repeat: int) -> str:
+def table(rows: list[dict], repeat: int, note: str = "") -> str:
     lines = [
         SECTION,
         "",
@@ -114,7 +114,8 @@ def table(rows: list[dict], repeat: int) -> str:
         f"{torch.__version__}, {torch.get_num_threads()} threads, float64; best of {repeat} "
         "interleaved calls after a warm-up, one process).  The floor (per-layer structured "
         "NTK + Cholesky + one VJP, no checks) is a lower bound for an exact route; `auto` "
-        "certifies the rank and the accuracy (10⁻⁸ against the SVD) on top.",
+        "certifies the rank and the accuracy (10⁻⁸ against the SVD) on top."
+        + (f"  {note}" if note else ""),
         "",
         "| size | K | QN | auto solver | auto (ms) | floor (ms) | auto ÷ floor | goal | "
         "rel. diff. | how auto met the accuracy |",
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="S only, 2 repeats, no file")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--note", default="", help="a sentence added to the section (the load)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if row["rel_diff"] > 1e-6:
             raise SystemExit(f"the floor and auto disagree at {size}: {row['rel_diff']:.2e}")
         rows.append(row)
-    text = table(rows, repeat)
+    text = table(rows, repeat, args.note)
     if args.quick:
         print(text)
     else:

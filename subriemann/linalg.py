@@ -525,8 +525,9 @@ class PointState:
             eta = gram_rounding(a)
             ok = False
             if math.isfinite(eta) and eta > 0.0:
-                eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-                ok = int(torch.linalg.cholesky_ex(a - (mu + eta) * eye)[1]) == 0
+                shifted = a.clone()  # a - (mu + eta) 1, without forming the identity
+                shifted.diagonal().sub_(mu + eta)
+                ok = int(torch.linalg.cholesky_ex(shifted)[1]) == 0
             proven[mu] = ok
         return proven[mu]
 

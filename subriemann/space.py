@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -512,17 +513,29 @@ class ParameterSpace(VectorSpace):
 
         The metric, the rank monitor and the flow's events share it, so that
         :math:`D` (or the NTK) and its factorization are computed once per point.
+        A state is found by the values of ``theta``; the tensor it was last
+        found with is remembered, and serves again without a comparison while
+        it is unchanged (same storage, same version counter: any in-place
+        operation moves the counter).
         """
         theta = self.check_point(theta)
         if theta.requires_grad:
             return PointState(self, theta)
         cache = self.__dict__.setdefault("_states", [])
+        seen = self.__dict__.setdefault("_state_seen", weakref.WeakKeyDictionary())
+        tag = _tensor_tag(theta)
         for st in cache:
-            if st.theta is theta or torch.equal(st.theta, theta):
-                return st
-        st = PointState(self, theta.detach().clone())
-        cache.insert(0, st)
-        del cache[self._state_cache_size :]
+            old = seen.get(st)
+            if tag is not None and old is not None and old[0]() is theta and old[1:] == tag[1:]:
+                return st  # the very tensor this state was found with, not modified since
+            if st.theta is theta or _same_values(st.theta, theta):
+                break
+        else:
+            st = PointState(self, theta.detach().clone())
+            cache.insert(0, st)
+            del cache[self._state_cache_size :]
+        if tag is not None:
+            seen[st] = tag
         return st
 
     # -- back to torch ----------------------------------------------------------
@@ -564,3 +577,17 @@ class ParameterSpace(VectorSpace):
             f"ParameterSpace(K={self.dim}, N={self.num_samples}, Q={self.num_outputs}, "
             f"loss={self.loss!r}, backend={self.backend.name!r}, dtype={self.dtype})"
         )
+
+
+def _tensor_tag(t: Tensor) -> tuple[Any, int, int] | None:
+    """``(weakref, data_ptr, version)`` of a tensor: the same while it is not modified in place."""
+    try:
+        return weakref.ref(t), t.data_ptr(), t._version
+    except (RuntimeError, TypeError):  # inference tensors have no version counter
+        return None
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """``torch.equal`` of two points ``[K]``, after a cheap look at 64 spread entries."""
+    step = max(1, a.numel() // 64)
+    return bool(torch.equal(a[::step], b[::step])) and bool(torch.equal(a, b))

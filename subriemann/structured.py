@@ -56,10 +56,12 @@ at once.  No parameter gradient is computed.
 
 **Chunking.**  Samples are processed in chunks (``chunk_size``, or chosen
 from a memory budget); block :math:`(a, b)` of :math:`DD^\top` is
-assembled from the factors of chunks :math:`a` and :math:`b`.  Diagonal
-blocks are assembled in strips from the diagonal to the right (up to four
-row tiles) and mirrored, which saves up to 3/8 of the products and makes
-the result exactly symmetric.  When the factors of all chunks fit in the budget they are
+assembled from the factors of chunks :math:`a` and :math:`b`.  The upper
+triangle of a diagonal block is assembled in strips from the diagonal to
+the right (up to four row tiles of at least 64 rows, which saves up to 3/8
+of the products) and then mirrored onto the lower one, strip by strip
+(cache-friendly), so that the result is exactly symmetric.  When the
+factors of all chunks fit in the budget they are
 kept (and reused by :meth:`StructuredBackend.vjp` /
 :meth:`StructuredBackend.jvp` at the same :math:`\theta`); otherwise they
 are recomputed per block.
@@ -1166,9 +1168,10 @@ class StructuredBackend:
     def ntk(self, theta: Tensor) -> Tensor:
         r"""Empirical NTK :math:`DD^\top = \sum_l (A_lA_l^\top)\circ(G_lG_l^\top)`, ``[QN, QN]``.
 
-        Blocks on the diagonal are assembled in strips from the diagonal to
-        the right (the Gram matrices are symmetric), which saves up to 3/8 of
-        the matrix products; the lower part is filled by transposition.
+        The upper triangle of a block on the diagonal is assembled in strips
+        from the diagonal to the right (which saves up to 3/8 of the matrix
+        products); the lower part is then filled by transposition, so that
+        the result is exactly symmetric.
         """
         q = self.num_outputs
         qn = int(self.inputs.shape[0]) * q
@@ -1196,22 +1199,18 @@ class StructuredBackend:
                 layer.gram_into(out4, fa[k], fb[k], first=k == 0)
             if rb[0] != ra[0]:
                 gram[rb[0] * q : rb[1] * q, ra[0] * q : ra[1] * q] = out.T
-                return
-            d = (ra[1] - ra[0]) * q
-            diag = out[:, :d]  # exactly symmetric (A A^T need not be, bit for bit)
-            diag.copy_(torch.triu(diag) + torch.triu(diag, 1).T)
-            if rb[1] > ra[1]:
-                gram[ra[1] * q : rb[1] * q, ra[0] * q : ra[1] * q] = out[:, d:].T
 
         for i, (a0, a1) in enumerate(self.bounds):
             fa = feats[i] if feats is not None else self._features(theta, a0, a1)[0]
             fa = [f for f, layer in zip(fa, self.layers) if layer.trainable]
-            # diagonal block: one strip per row tile, from the diagonal to the right
             n_a = a1 - a0
+            # the diagonal block: its upper triangle in strips from the diagonal to the
+            # right (one per row tile), then mirrored (exactly symmetric; A A^T need not be)
             for s0, s1 in _tiles(n_a, q):
                 ft = [layer.take(f, s0, s1) for layer, f in zip(layers, fa)]
                 fr = [layer.take(f, s0, n_a) for layer, f in zip(layers, fa)]
                 block(ft, fr, (a0 + s0, a0 + s1), (a0 + s0, a1))
+            _mirror_upper(gram[a0 * q : a1 * q, a0 * q : a1 * q])
             for j in range(i + 1, len(self.bounds)):
                 b0, b1 = self.bounds[j]
                 fb = feats[j] if feats is not None else self._features(theta, b0, b1)[0]
@@ -1242,3 +1241,17 @@ def _tiles(n: int, q: int) -> list[tuple[int, int]]:
     count = max(1, min(4, (n * q) // 64))
     size = -(-n // count)
     return [(a, min(n, a + size)) for a in range(0, n, size)]
+
+
+def _mirror_upper(m: Tensor, tile: int = 128) -> None:
+    """Copy the upper triangle of the square ``m`` onto its lower triangle, in place.
+
+    Strip by strip (``tile`` rows), so that the transposed reads stay in cache.
+    """
+    n = m.shape[0]
+    for i in range(0, n, tile):
+        i1 = min(n, i + tile)
+        blk = m[i:i1, i:i1]
+        blk.copy_(torch.triu(blk) + torch.triu(blk, 1).mT)
+        if i1 < n:
+            m[i1:, i:i1].copy_(m[i:i1, i1:].mT)

@@ -774,3 +774,24 @@ def test_a_random_model_is_refused():
 
     with pytest.raises(ValueError, match="not deterministic"):
         sr.ParameterSpace(Noisy(), torch.randn(5, 3), torch.randn(5, 2))
+
+
+def test_point_state_follows_values_and_in_place_changes():
+    """The point cache is keyed on the values of theta: a copy finds the state, an in-place
+    change (the tensor that found it before) gets a new state at the new values, and the
+    cost gradient served from it matches a fresh space's (the reference)."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    space = sr.ParameterSpace(net, x, y)
+    th = space.initial_point()
+    state = space.point_state(th)
+    assert space.point_state(th) is state and space.point_state(th.clone()) is state
+    th[0] += 0.25  # in place: the same tensor now names another point
+    moved = space.point_state(th)
+    assert moved is not state and torch.equal(moved.theta, th)
+    ref = sr.ParameterSpace(net, x, y).cost_grad(th.clone())
+    assert torch.equal(moved.cost_grad, ref)
+    th[0] -= 0.25
+    back = space.point_state(th)
+    assert torch.equal(back.theta, th) and torch.equal(state.theta, space.initial_point())

@@ -284,6 +284,26 @@ def test_structured_sub_blocks(monkeypatch):
     check_all(space, perturbed(space))
 
 
+@pytest.mark.parametrize("chunk", [None, 70])
+def test_diagonal_block_in_strips(chunk):
+    """QN = 600: the diagonal block in four strips and mirrored over several 128-row strips;
+    one chunk or several (off-diagonal blocks)."""
+    torch.manual_seed(3)
+    model = _mlp([3, 5, 4, 2]).to(DT)
+    space = structured_space(model, torch.randn(300, 3, dtype=DT), 2, chunk_size=chunk)
+    check_all(space, perturbed(space))
+
+
+def test_mirror_upper():
+    """Lower triangle := upper triangle transposed, strip by strip, against ``triu``."""
+    from subriemann.structured import _mirror_upper
+
+    m = torch.randn(11, 11, dtype=DT)
+    expected = torch.triu(m) + torch.triu(m, 1).T
+    _mirror_upper(m, tile=4)
+    assert torch.equal(m, expected)
+
+
 @pytest.mark.parametrize("act", ELEMENTWISE, ids=lambda c: c.__name__)
 def test_every_elementwise_activation(act):
     model = nn.Sequential(nn.Linear(3, 5), act(), nn.Linear(5, 2)).to(DT)
