@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from subriemann.flow import batch, events
+from subriemann.flow import batch, continuation, events
 from subriemann.flow.checkpoint import (
     check_same_problem,
     checkpoint_path,
@@ -139,24 +139,46 @@ class Flow:
         self.problem: dict[str, str] = {}
         self.state: State | None = None
         self.lockstep: Any = None  # a LockStep when integrated in a batch
+        self.book = continuation.SegmentBook()
+        self.last_filter: tuple[Tensor, float] | None = None  # (theta, deviation)
 
     # -- evaluation ----------------------------------------------------------------
     def metric_at(self, tau: float | None) -> Any:
         """The flow's metric with rank threshold ``tau`` (None: the flow's own ``self.tau``)."""
-        if tau is None:
+        if tau is None or tau == self.metric.rank_atol:
             return self.metric
         if tau not in self._at_tau:
             import copy
 
             m = copy.copy(self.metric)
             m.rank_atol = tau
-            self._at_tau = {tau: m}  # one entry: the sub-steps of one event use one tau
+            if len(self._at_tau) >= 8:  # the thresholds of one band, or of one event
+                self._at_tau.clear()
+            self._at_tau[tau] = m
         return self._at_tau[tau]
+
+    def band_field(self, theta: Tensor) -> Tensor:
+        """The metric's gradient with the band filter (:mod:`~subriemann.flow.continuation`)."""
+        sv = self.metric.singular_values(theta)
+        top = continuation.band_top(self.tau, sv, self.o.rank_band)
+        g, _, dev = continuation.filtered_gradient(
+            lambda t: self.metric_at(t).gradient(theta), sv, self.tau, top)
+        self.last_filter = (theta, dev)
+        return g
+
+    def deviation_at(self, theta: Tensor) -> float:
+        """The band filter's relative deviation from the exact field at ``theta``."""
+        if self.last_filter is None or not torch.equal(self.last_filter[0], theta):
+            self.evaluate("field", theta)
+        assert self.last_filter is not None
+        return self.last_filter[1]
 
     def compute(self, kind: str, payload: tuple[Tensor, float | None]) -> Any:
         """What the flow asks at ``theta`` (``payload = (theta, tau)``), computed here."""
         theta, tau = payload
         if kind == "field":
+            if self.o.rank_band > 0.0 and self.tau > 0.0:
+                return self.band_field(theta)  # continuous: one branch on both sides of tau
             return self.metric_at(tau).gradient(theta)
         if kind == "sv":
             if self.cheap_sv:
@@ -241,7 +263,8 @@ class Flow:
         meta = {k: getattr(st, k) for k in ("s", "h", "rank", "n_steps", "grid_index", "s_prev",
                                             "n_rec", "n_events")}
         meta |= {"v0norm": self.v0norm, "nfev": self.nfev, "n_rejected": self.n_rejected,
-                 "cheap_sv": self.cheap_sv, "description": self.description}
+                 "cheap_sv": self.cheap_sv, "description": self.description,
+                 "segments": self.book.to_meta()}
         return {"meta": meta, "arrays": arrays}
 
     def trajectory(self, status: FlowStatus, wall: float) -> Trajectory:
@@ -274,7 +297,15 @@ class Flow:
                       "n_rejected": self.n_rejected, "wall_time": self.wall_before + wall},
             settings=self.o.settings(),
             problem=dict(self.problem),
+            segments=self.book.segments(),
         )
+
+    def record_modes(self, s: float, theta: Tensor, sv: Tensor) -> None:
+        """Update the segments at an accepted state (filtered / dropped directions)."""
+        top = continuation.band_top(self.tau, sv, self.o.rank_band)
+        in_band = bool(((sv > self.tau) & (sv < top)).any())
+        dev = self.deviation_at(theta) if in_band else 0.0
+        self.book.update(s, sv, self.tau, top, dev)
 
 
 def gradient_flow(
@@ -440,6 +471,8 @@ class _Run:
             raise ValueError(f"the flow cannot start at initial_point: {failure}") from None
         fl.v0norm = float(f.norm())
         fl.rec.append(fl.row(0.0, theta0, f, sv))
+        if o.monitor_rank:
+            fl.record_modes(0.0, theta0, sv)
         gi = 0
         while gi < len(self.grid) and self.grid[gi] <= 0.0:
             gi += 1
@@ -715,6 +748,8 @@ class _Run:
             else st.grid_index, s_prev=st.s, sv_prev=st.sv, h=step.new_h, n_rec=len(fl.rec),
             n_events=len(fl.events),
         )
+        if o.monitor_rank:
+            fl.record_modes(s1, step.y1, sv1)
         if self.bar is not None:
             self.bar.update(s1 - st.s)
         return stop_here if stop_here is not None else self.after_commit()
@@ -757,6 +792,7 @@ def _restore(fl: Flow, path: Path) -> Trajectory | None:
     dev = fl.space.device
     fl.tau = traj.rank_tau
     fl.cheap_sv = bool(integ.get("cheap_sv", False))
+    fl.book = continuation.SegmentBook.from_meta(integ.get("segments"))
     fl.v0norm = integ["v0norm"]
     fl.nfev, fl.n_rejected = integ["nfev"], integ["n_rejected"]
     fl.wall_before = float(traj.counters.get("wall_time", 0.0))
