@@ -12,7 +12,8 @@ the band :math:`\tau<\sigma\le b`,
         \frac{u_i^\top r}{\sigma_i}\,v_i,\qquad
     w(t) = 3t^2-2t^3 \ (0\le t\le 1),\quad w = 0 \text{ below},\ 1 \text{ above},
 
-with :math:`b = \max(\beta\,\sigma_{\max}, 10\,\tau)` (``rank_band`` :math:`=\beta`):
+with :math:`b = \beta\,\sigma_{\max}` (``rank_band`` :math:`=\beta`; no band, i.e. the
+hard threshold, when :math:`b \le \tau`, e.g. for a large absolute ``rank_atol``):
 exact for :math:`\sigma_i \ge b`, continuous (:math:`C^1` in :math:`\sigma`) at both
 ends of the band, and :math:`|F| \le \tfrac{3}{2}|r|/b`.  It is built from the
 metric's own thresholded gradients only, so every metric goes through the
@@ -41,11 +42,7 @@ from torch import Tensor
 
 from subriemann.trajectory import Segment
 
-__all__ = ["BAND_FLOOR", "band_top", "smoothstep", "filtered_gradient", "SegmentBook"]
-
-BAND_FLOOR = 10.0
-r"""The band is at least :math:`[\tau, 10\tau]`."""
-
+__all__ = ["band_top", "smoothstep", "filtered_gradient", "SegmentBook"]
 
 def smoothstep(t: float) -> float:
     """:math:`w(t) = 3t^2 - 2t^3` on :math:`[0, 1]`, 0 below and 1 above (:math:`C^1`)."""
@@ -57,11 +54,10 @@ def smoothstep(t: float) -> float:
 
 
 def band_top(tau: float, sv: Tensor, rank_band: float) -> float:
-    r"""The top :math:`b = \max(\beta\sigma_{\max}, 10\tau)` of the band (0: no band)."""
-    if rank_band <= 0.0 or tau <= 0.0:
-        return 0.0
+    r"""The top :math:`b = \beta\sigma_{\max}` of the band (0: no band, also when :math:`b\le\tau`)."""
     smax = float(sv[0]) if sv.numel() else 0.0
-    return max(rank_band * smax, BAND_FLOOR * tau)
+    top = rank_band * smax
+    return top if top > tau > 0.0 else 0.0
 
 
 def band_indices(sv: Tensor, tau: float, top: float) -> list[int]:

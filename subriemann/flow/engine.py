@@ -140,6 +140,8 @@ class Flow:
         self.state: State | None = None
         self.lockstep: Any = None  # a LockStep when integrated in a batch
         self.book = continuation.SegmentBook()
+        # the band filter, where the vector field depends on tau at all (not lambda = 0)
+        self.banded = opts.rank_band > 0.0 and _tau_dependent(metric)
         self.last_filter: tuple[Tensor, float] | None = None  # (theta, deviation)
 
     # -- evaluation ----------------------------------------------------------------
@@ -177,7 +179,7 @@ class Flow:
         """What the flow asks at ``theta`` (``payload = (theta, tau)``), computed here."""
         theta, tau = payload
         if kind == "field":
-            if self.o.rank_band > 0.0 and self.tau > 0.0:
+            if self.banded and self.tau > 0.0:
                 return self.band_field(theta)  # continuous: one branch on both sides of tau
             return self.metric_at(tau).gradient(theta)
         if kind == "sv":
@@ -302,7 +304,7 @@ class Flow:
 
     def record_modes(self, s: float, theta: Tensor, sv: Tensor) -> None:
         """Update the segments at an accepted state (filtered / dropped directions)."""
-        top = continuation.band_top(self.tau, sv, self.o.rank_band)
+        top = continuation.band_top(self.tau, sv, self.o.rank_band) if self.banded else 0.0
         in_band = bool(((sv > self.tau) & (sv < top)).any())
         dev = self.deviation_at(theta) if in_band else 0.0
         self.book.update(s, sv, self.tau, top, dev)
@@ -412,6 +414,15 @@ def gradient_flow(
     fl.problem = problem_fingerprint(space, fl.description, theta0)
     fl.lockstep = getattr(batch.MEMBER, "lockstep", None)
     return _Run(fl, checkpoint, metric.rank_atol).run(theta0, resume)
+
+
+def _tau_dependent(metric: Any) -> bool:
+    """Whether the metric's gradient depends on the rank threshold (not at lambda = 0)."""
+    from subriemann.metrics.builtin import EuclideanMetric
+
+    if isinstance(metric, EuclideanMetric):
+        return False
+    return not (getattr(metric, "lam", None) == 0.0 and getattr(metric, "_lam0_is_euclidean", False))
 
 
 def _use_cheap_sv(fl: Flow) -> bool:
@@ -761,10 +772,17 @@ class _Run:
         assert st is not None
         if events.chattering(fl):
             last = fl.events[-1]
+            top = continuation.band_top(fl.tau, st.sv, o.rank_band) if fl.banded else 0.0
+            tried = (f"the continuation band [tau, {top:.3g}] (rank_band = {o.rank_band:g}) "
+                     "made the field continuous, yet sigma keeps crossing tau"
+                     if top > 0.0 else
+                     "hard threshold: no continuation band (rank_band = 0 or "
+                     "rank_band * sigma_max <= tau); a rank_band above tau / sigma_max "
+                     "smooths the field")
             return FlowStatus(
                 "rank_chattering",
                 f"rank flips {last.rank_before} <-> {last.rank_after} at s = {st.s:.6g} "
-                f"(sigma_{last.index + 1} stays at tau = {fl.tau:.3g}); "
+                f"(sigma_{last.index + 1} stays at tau = {fl.tau:.3g}); tried: {tried}; "
                 + FlowStatus("rank_chattering").message,
             )
         cost = fl.evaluate("point", st.theta)[1]
