@@ -41,9 +41,9 @@ import math
 import os
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -139,7 +139,8 @@ class RankChange:
         return -math.expm1(-self.s)
 
 
-class Segment(NamedTuple):
+@dataclass(frozen=True)
+class Segment:
     r"""A stretch of a flow on which direction ``index`` is filtered or dropped.
 
     ``kind`` is ``"filtered"`` (:math:`\tau < \sigma_k < b`: the smooth
@@ -287,7 +288,7 @@ class Trajectory:
                 }
                 for e in self.events
             ],
-            "segments": [list(g) for g in self.segments],
+            "segments": [list(astuple(g)) for g in self.segments],
         }
 
     def save(self, path: str | Path, *, _extra: dict[str, Any] | None = None) -> Path:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import astuple, replace
 
 from torch import Tensor
 
@@ -54,7 +55,7 @@ def smoothstep(t: float) -> float:
 
 
 def band_top(tau: float, sv: Tensor, rank_band: float) -> float:
-    r"""The top :math:`b = \beta\sigma_{\max}` of the band (0: no band, also when :math:`b\le\tau`)."""
+    r"""The top :math:`b = \beta\sigma_{\max}` of the band (0: none, also when :math:`b\le\tau`)."""
     smax = float(sv[0]) if sv.numel() else 0.0
     top = rank_band * smax
     return top if top > tau > 0.0 else 0.0
@@ -115,7 +116,7 @@ class SegmentBook:
             mode = "dropped" if sk <= tau else "filtered" if sk < top else None
             seg = self.open.get(k)
             if seg is not None and seg.kind != mode:
-                self.closed.append(seg._replace(s_end=s))
+                self.closed.append(replace(seg, s_end=s))
                 del self.open[k]
                 seg = None
             if mode is None:
@@ -124,15 +125,15 @@ class SegmentBook:
             if seg is None:
                 self.open[k] = Segment(k, mode, s, s, dev, tau, top)
             else:
-                self.open[k] = seg._replace(s_end=s, max_deviation=max(seg.max_deviation, dev))
+                self.open[k] = replace(seg, s_end=s, max_deviation=max(seg.max_deviation, dev))
 
     def segments(self) -> list[Segment]:
         """Every segment, closed ones first, by start."""
         return sorted(self.closed + list(self.open.values()), key=lambda g: (g.s_start, g.index))
 
     def to_meta(self) -> dict[str, list[list]]:
-        return {"closed": [list(g) for g in self.closed],
-                "open": [list(g) for g in self.open.values()]}
+        return {"closed": [list(astuple(g)) for g in self.closed],
+                "open": [list(astuple(g)) for g in self.open.values()]}
 
     @classmethod
     def from_meta(cls, meta: dict[str, list[list]] | None) -> SegmentBook:

@@ -422,7 +422,8 @@ def _tau_dependent(metric: Any) -> bool:
 
     if isinstance(metric, EuclideanMetric):
         return False
-    return not (getattr(metric, "lam", None) == 0.0 and getattr(metric, "_lam0_is_euclidean", False))
+    lam0 = getattr(metric, "lam", None) == 0.0
+    return not (lam0 and getattr(metric, "_lam0_is_euclidean", False))
 
 
 def _use_cheap_sv(fl: Flow) -> bool:
