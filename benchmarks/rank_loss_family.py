@@ -18,6 +18,11 @@ a Markdown table ``rank_loss_family.md`` next to this file::
 
     python benchmarks/rank_loss_family.py            # the 20 flows (minutes)
     python benchmarks/rank_loss_family.py --quick    # 2 flows, s_end = 0.2, 3 s each (smoke)
+    python benchmarks/rank_loss_family.py --rank-band 0   # the hard threshold (no continuation)
+
+Events are checked against an independent SVD of the dense Jacobian at the
+point just after each crossing; a flow that stops at an equilibrium gets the
+kind of its ``EquilibriumReport`` (``classify_equilibrium``) in the JSON.
 """
 
 from __future__ import annotations

@@ -25,6 +25,12 @@ At :math:`\lambda = 1` the vector field jumps at a rank change; a step across
 the jump that fails error control is cut at the crossing and the flow
 continues on the new stratum.
 
+**Continuation through rank loss** (:mod:`subriemann.flow.continuation`): with
+``rank_band`` :math:`\beta > 0` the field weighs the directions with
+:math:`\tau < \sigma < \beta\sigma_{\max}` by a smooth step, so it no longer jumps
+at :math:`\tau` and stays bounded by :math:`\tfrac32|r|/(\beta\sigma_{\max})`; the
+stretches where a direction is filtered or dropped are the trajectory's ``segments``.
+
 The loop (:class:`_Run`) is one attempt per iteration: budgets, the step to
 try (:meth:`_Run.plan`), the attempt and its error control
 (:meth:`_Run.attempt`), the events of an accepted step, the commit of the new
