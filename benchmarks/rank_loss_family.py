@@ -18,6 +18,11 @@ a Markdown table ``rank_loss_family.md`` next to this file::
 
     python benchmarks/rank_loss_family.py            # the 20 flows (minutes)
     python benchmarks/rank_loss_family.py --quick    # 2 flows, s_end = 0.2, 3 s each (smoke)
+    python benchmarks/rank_loss_family.py --rank-band 0   # the hard threshold (no continuation)
+
+Events are checked against an independent SVD of the dense Jacobian at the
+point just after each crossing; a flow that stops at an equilibrium gets the
+kind of its ``EquilibriumReport`` (``classify_equilibrium``) in the JSON.
 """
 
 from __future__ import annotations
@@ -64,14 +69,37 @@ def build(kind: str, seed: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return net, x, y
 
 
-def one_flow(kind: str, seed: int, s_end: float, max_time: float) -> dict:
+def check_events(space, traj) -> int:
+    """How many events an independent SVD confirms: sigma_k of the dense Jacobian at the
+    point just after the crossing is on the new side of tau (or within 1e-9 sigma_max)."""
+    ok = 0
+    for ev in traj.events:
+        s = np.linalg.svd(space.jacobian(ev.theta).detach().numpy(), compute_uv=False)
+        gap = float(s[ev.index]) - ev.tau
+        after_above = ev.rank_after > ev.rank_before
+        ok += (gap > 0) == after_above or abs(gap) <= 1e-9 * float(s[0])
+    return ok
+
+
+def equilibrium_kind(space, traj) -> str:
+    """The EquilibriumReport's kind where a flow stopped at an equilibrium, else ''."""
+    if traj.status.code != "equilibrium_reached":
+        return ""
+    from subriemann.analysis.critical import classify_equilibrium
+
+    return classify_equilibrium(space, traj.theta[-1], rank_atol=traj.rank_tau).kind
+
+
+def one_flow(kind: str, seed: int, s_end: float, max_time: float,
+             rank_band: float | None = None) -> dict:
     net, x, y = build(kind, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         space = sr.ParameterSpace(net, x, y).equip_with_metric(sr.metrics.OutputPullbackMetric)
     theta0 = space.initial_point()
     t0 = time.perf_counter()
-    traj = sr.gradient_flow(space, theta0, s_end, max_time=max_time)
+    opts = {} if rank_band is None else {"rank_band": rank_band}
+    traj = sr.gradient_flow(space, theta0, s_end, max_time=max_time, **opts)
     wall = time.perf_counter() - t0
     assert isinstance(traj, sr.Trajectory)
     theta = traj.theta[-1]
@@ -87,7 +115,10 @@ def one_flow(kind: str, seed: int, s_end: float, max_time: float) -> dict:
         "cost_end": float(traj.cost[-1]),
         "max_cost_rise": float(torch.clamp(traj.cost[1:] - traj.cost[:-1], min=0).max())
         if len(traj) > 1 else 0.0,
-        "events": len(traj.events), "stationarity": stationarity,
+        "events": len(traj.events), "events_checked": check_events(space, traj),
+        "segments": [str(g) for g in traj.segments],
+        "max_deviation": max((g.max_deviation for g in traj.segments), default=0.0),
+        "equilibrium": equilibrium_kind(space, traj), "stationarity": stationarity,
         "rank_end": int(traj.rank[-1]),
         "rank_end_numpy": int(np.linalg.matrix_rank(d, tol=traj.rank_tau)),
         "wall_s": wall,
@@ -98,25 +129,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 flows to s = 0.2 (smoke test)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("rank_loss_family")))
+    ap.add_argument("--rank-band", type=float, default=None,
+                    help="rank_band of the flows (default: the option's default; 0: hard "
+                         "threshold, the engine before the continuation)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cases = [(k, s) for k in KINDS for s in range(4)]
     s_end, max_time = 10.0, 30.0
     if args.quick:
         cases, s_end, max_time = cases[::10], 0.2, 3.0
-    rows = [one_flow(k, s, s_end, max_time) for k, s in cases]
-    reached = sum(r["status"] in ("s_end_reached", "equilibrium_reached") for r in rows)
-    summary = {"s_end": s_end, "max_time": max_time, "n": len(rows), "reached": reached,
+    rows = [one_flow(k, s, s_end, max_time, args.rank_band) for k, s in cases]
+    reached = sum(r["status"] == "s_end_reached" or bool(r["equilibrium"]) for r in rows)
+    summary = {"s_end": s_end, "max_time": max_time, "rank_band": args.rank_band,
+               "n": len(rows), "reached": reached,
                "rows": rows}
     Path(args.out + ".json").write_text(json.dumps(summary, indent=1))
     lines = [f"{reached} of {len(rows)} flows reach s_end = {s_end:g} or an equilibrium.", "",
              "| net | seed | K | QN | status | s final | C(0) | C(end) | max rise | events "
-             "| stationarity | rank (numpy) | wall s |", "|" + "---|" * 13]
+             "(SVD-checked) | segments | max field deviation | stationarity | rank (numpy) "
+             "| wall s |", "|" + "---|" * 15]
     for r in rows:
         lines.append(
             f"| {r['kind']} | {r['seed']} | {r['K']} | {r['QN']} | `{r['status']}` | "
             f"{r['s_final']:.3g} | {r['cost0']:.3g} | {r['cost_end']:.3g} | "
-            f"{r['max_cost_rise']:.1e} | {r['events']} | {r['stationarity']:.1e} | "
+            f"{r['max_cost_rise']:.1e} | {r['events']} ({r['events_checked']}) | "
+            f"{len(r['segments'])} | {r['max_deviation']:.2g} | {r['stationarity']:.1e} | "
             f"{r['rank_end']} ({r['rank_end_numpy']}) | {r['wall_s']:.1f} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

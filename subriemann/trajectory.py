@@ -41,7 +41,7 @@ import math
 import os
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Trajectory", "RankChange", "FlowStatus", "STATUS_CODES", "npz_path"]
+__all__ = ["Trajectory", "RankChange", "Segment", "FlowStatus", "STATUS_CODES", "npz_path"]
 
 FORMAT = "subriemann.trajectory/1"
 
@@ -139,6 +139,34 @@ class RankChange:
         return -math.expm1(-self.s)
 
 
+@dataclass(frozen=True)
+class Segment:
+    r"""A stretch of a flow on which direction ``index`` is filtered or dropped.
+
+    ``kind`` is ``"filtered"`` (:math:`\tau < \sigma_k < b`: the smooth
+    spectral filter of :mod:`subriemann.flow.continuation` weighs its term
+    by :math:`w < 1`) or ``"dropped"`` (:math:`\sigma_k \le \tau`: the
+    term is left out, as by the pseudo-inverse).  ``s_start``/``s_end`` are
+    the first and last accepted states of the stretch, ``max_deviation`` the
+    largest relative deviation :math:`|F - F_\tau|/|F_\tau|` of the vector
+    field from the exact thresholded one seen there, ``tau`` and ``band_top``
+    the band :math:`[\tau, b]` at the start.
+    """
+
+    index: int
+    kind: str
+    s_start: float
+    s_end: float
+    max_deviation: float
+    tau: float
+    band_top: float
+
+    def __str__(self) -> str:
+        dev = f" (field deviation <= {self.max_deviation:.2g})" if self.kind == "filtered" else ""
+        return (f"direction {self.index + 1} {self.kind} from s = {self.s_start:.6g} "
+                f"to {self.s_end:.6g}{dev}")
+
+
 @dataclass
 class Trajectory:
     r"""A gradient flow sampled at saved times.
@@ -177,6 +205,9 @@ class Trajectory:
         :func:`subriemann.flow.checkpoint.problem_fingerprint`): a short hash
         per ingredient (model, parameter layout, initial point, inputs,
         targets, loss, metric).  Empty for a trajectory built by hand.
+    segments : list of Segment
+        The continuation through rank loss: the stretches on which a
+        direction was filtered or dropped (:mod:`subriemann.flow.continuation`).
     """
 
     s: Tensor
@@ -198,6 +229,7 @@ class Trajectory:
     counters: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     problem: dict[str, str] = field(default_factory=dict)
+    segments: list[Segment] = field(default_factory=list)
 
     # -- derived -------------------------------------------------------------------
     @property
@@ -256,6 +288,7 @@ class Trajectory:
                 }
                 for e in self.events
             ],
+            "segments": [list(astuple(g)) for g in self.segments],
         }
 
     def save(self, path: str | Path, *, _extra: dict[str, Any] | None = None) -> Path:
@@ -343,6 +376,7 @@ class Trajectory:
                     counters=meta["counters"],
                     settings=meta["settings"],
                     problem=meta.get("problem", {}),
+                    segments=[Segment(*g) for g in meta.get("segments", [])],
                 )
             except KeyError as err:
                 raise ValueError(f"{path}: metadata key {err} missing") from None

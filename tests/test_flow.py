@@ -415,8 +415,9 @@ class Slide(nn.Module):
 
 
 def test_sliding_on_a_rank_boundary_reports_chattering():
+    # the hard threshold (rank_band=0): the last resort of the continuation
     space = custom_space(Slide(), 2, [1.0, -1.0], OutputPullbackMetric, rank_rtol=1e-4)
-    traj = sr.gradient_flow(space, space.initial_point(), 2.0, min_saves=2)
+    traj = sr.gradient_flow(space, space.initial_point(), 2.0, min_saves=2, rank_band=0.0)
     assert traj.status.code == "rank_chattering", traj.status
     assert not traj.status.successful
     ranks = [(e.rank_before, e.rank_after) for e in traj.events]
@@ -427,6 +428,7 @@ def test_sliding_on_a_rank_boundary_reports_chattering():
     sig = np.linalg.svd(np.array([[1.0, 0.0], [b, b * b + a]]), compute_uv=False)
     assert abs(sig[1] - traj.rank_tau) < 0.5 * traj.rank_tau
     assert bool(torch.isfinite(traj.theta).all())
+    assert "tried: hard threshold" in traj.status.message
 
 
 # -- failures and stops -------------------------------------------------------------------

@@ -25,6 +25,12 @@ At :math:`\lambda = 1` the vector field jumps at a rank change; a step across
 the jump that fails error control is cut at the crossing and the flow
 continues on the new stratum.
 
+**Continuation through rank loss** (:mod:`subriemann.flow.continuation`): with
+``rank_band`` :math:`\beta > 0` the field weighs the directions with
+:math:`\tau < \sigma < \beta\sigma_{\max}` by a smooth step, so it no longer jumps
+at :math:`\tau` and stays bounded by :math:`\tfrac32|r|/(\beta\sigma_{\max})`; the
+stretches where a direction is filtered or dropped are the trajectory's ``segments``.
+
 The loop (:class:`_Run`) is one attempt per iteration: budgets, the step to
 try (:meth:`_Run.plan`), the attempt and its error control
 (:meth:`_Run.attempt`), the events of an accepted step, the commit of the new
@@ -42,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from subriemann.flow import batch, events
+from subriemann.flow import batch, continuation, events
 from subriemann.flow.checkpoint import (
     check_same_problem,
     checkpoint_path,
@@ -141,24 +147,48 @@ class Flow:
         self.problem: dict[str, str] = {}
         self.state: State | None = None
         self.lockstep: Any = None  # a LockStep when integrated in a batch
+        self.book = continuation.SegmentBook()
+        # the band filter, where the vector field depends on tau at all (not lambda = 0)
+        self.banded = opts.rank_band > 0.0 and _tau_dependent(metric)
+        self.last_filter: tuple[Tensor, float] | None = None  # (theta, deviation)
 
     # -- evaluation ----------------------------------------------------------------
     def metric_at(self, tau: float | None) -> Any:
         """The flow's metric with rank threshold ``tau`` (None: the flow's own ``self.tau``)."""
-        if tau is None:
+        if tau is None or tau == self.metric.rank_atol:
             return self.metric
         if tau not in self._at_tau:
             import copy
 
             m = copy.copy(self.metric)
             m.rank_atol = tau
-            self._at_tau = {tau: m}  # one entry: the sub-steps of one event use one tau
+            if len(self._at_tau) >= 8:  # the thresholds of one band, or of one event
+                self._at_tau.clear()
+            self._at_tau[tau] = m
         return self._at_tau[tau]
+
+    def band_field(self, theta: Tensor) -> Tensor:
+        """The metric's gradient with the band filter (:mod:`~subriemann.flow.continuation`)."""
+        sv = self.metric.singular_values(theta)
+        top = continuation.band_top(self.tau, sv, self.o.rank_band)
+        g, _, dev = continuation.filtered_gradient(
+            lambda t: self.metric_at(t).gradient(theta), sv, self.tau, top)
+        self.last_filter = (theta, dev)
+        return g
+
+    def deviation_at(self, theta: Tensor) -> float:
+        """The band filter's relative deviation from the exact field at ``theta``."""
+        if self.last_filter is None or not torch.equal(self.last_filter[0], theta):
+            self.evaluate("field", theta)
+        assert self.last_filter is not None
+        return self.last_filter[1]
 
     def compute(self, kind: str, payload: tuple[Tensor, float | None]) -> Any:
         """What the flow asks at ``theta`` (``payload = (theta, tau)``), computed here."""
         theta, tau = payload
         if kind == "field":
+            if self.banded and self.tau > 0.0:
+                return self.band_field(theta)  # continuous: one branch on both sides of tau
             return self.metric_at(tau).gradient(theta)
         if kind == "sv":
             if self.cheap_sv:
@@ -243,7 +273,8 @@ class Flow:
         meta = {k: getattr(st, k) for k in ("s", "h", "rank", "n_steps", "grid_index", "s_prev",
                                             "n_rec", "n_events")}
         meta |= {"v0norm": self.v0norm, "nfev": self.nfev, "n_rejected": self.n_rejected,
-                 "cheap_sv": self.cheap_sv, "description": self.description}
+                 "cheap_sv": self.cheap_sv, "description": self.description,
+                 "segments": self.book.to_meta()}
         return {"meta": meta, "arrays": arrays}
 
     def trajectory(self, status: FlowStatus, wall: float) -> Trajectory:
@@ -276,7 +307,15 @@ class Flow:
                       "n_rejected": self.n_rejected, "wall_time": self.wall_before + wall},
             settings=self.o.settings(),
             problem=dict(self.problem),
+            segments=self.book.segments(),
         )
+
+    def record_modes(self, s: float, theta: Tensor, sv: Tensor) -> None:
+        """Update the segments at an accepted state (filtered / dropped directions)."""
+        top = continuation.band_top(self.tau, sv, self.o.rank_band) if self.banded else 0.0
+        in_band = bool(((sv > self.tau) & (sv < top)).any())
+        dev = self.deviation_at(theta) if in_band else 0.0
+        self.book.update(s, sv, self.tau, top, dev)
 
 
 def gradient_flow(
@@ -385,6 +424,16 @@ def gradient_flow(
     return _Run(fl, checkpoint, metric.rank_atol).run(theta0, resume)
 
 
+def _tau_dependent(metric: Any) -> bool:
+    """Whether the metric's gradient depends on the rank threshold (not at lambda = 0)."""
+    from subriemann.metrics.builtin import EuclideanMetric
+
+    if isinstance(metric, EuclideanMetric):
+        return False
+    lam0 = getattr(metric, "lam", None) == 0.0
+    return not (lam0 and getattr(metric, "_lam0_is_euclidean", False))
+
+
 def _use_cheap_sv(fl: Flow) -> bool:
     from subriemann.metrics.builtin import BundleMetric
 
@@ -437,6 +486,8 @@ class _Run:
             raise ValueError(f"the flow cannot start at initial_point: {failure}") from None
         fl.v0norm = float(f.norm())
         fl.rec.append(fl.row(0.0, theta0, f, sv))
+        if o.monitor_rank:
+            fl.record_modes(0.0, theta0, sv)
         gi = 0
         while gi < len(self.grid) and self.grid[gi] <= 0.0:
             gi += 1
@@ -715,6 +766,8 @@ class _Run:
             else st.grid_index, s_prev=st.s, sv_prev=st.sv, h=step.new_h, n_rec=len(fl.rec),
             n_events=len(fl.events),
         )
+        if o.monitor_rank:
+            fl.record_modes(s1, step.y1, sv1)
         if self.bar is not None:
             self.bar.update(s1 - st.s)
         return stop_here if stop_here is not None else self.after_commit()
@@ -726,10 +779,17 @@ class _Run:
         assert st is not None
         if events.chattering(fl):
             last = fl.events[-1]
+            top = continuation.band_top(fl.tau, st.sv, o.rank_band) if fl.banded else 0.0
+            tried = (f"the continuation band [tau, {top:.3g}] (rank_band = {o.rank_band:g}) "
+                     "made the field continuous, yet sigma keeps crossing tau"
+                     if top > 0.0 else
+                     "hard threshold: no continuation band (rank_band = 0 or "
+                     "rank_band * sigma_max <= tau); a rank_band above tau / sigma_max "
+                     "smooths the field")
             return FlowStatus(
                 "rank_chattering",
                 f"rank flips {last.rank_before} <-> {last.rank_after} at s = {st.s:.6g} "
-                f"(sigma_{last.index + 1} stays at tau = {fl.tau:.3g}); "
+                f"(sigma_{last.index + 1} stays at tau = {fl.tau:.3g}); tried: {tried}; "
                 + FlowStatus("rank_chattering").message,
             )
         cost = fl.evaluate("point", st.theta)[1]
@@ -757,6 +817,7 @@ def _restore(fl: Flow, path: Path) -> Trajectory | None:
     dev = fl.space.device
     fl.tau = traj.rank_tau
     fl.cheap_sv = bool(integ.get("cheap_sv", False))
+    fl.book = continuation.SegmentBook.from_meta(integ.get("segments"))
     fl.v0norm = integ["v0norm"]
     fl.nfev, fl.n_rejected = integ["nfev"], integ["n_rejected"]
     fl.wall_before = float(traj.counters.get("wall_time", 0.0))

@@ -136,6 +136,13 @@ class FlowOptions:
         :func:`~subriemann.gradient_flow`).
     progress : bool
         Show a progress bar (tqdm).
+    rank_band : float
+        :math:`\beta` of the continuation through rank loss
+        (:mod:`subriemann.flow.continuation`): directions with
+        :math:`\tau < \sigma < b = \max(\beta\sigma_{\max}, 10\tau)` are
+        weighed by a smooth step, so the vector field is continuous where a
+        singular value crosses :math:`\tau` and :math:`|V| \lesssim |r|/b`.
+        0 restores the hard threshold (a field that jumps at :math:`\tau`).
     """
 
     s_end: float
@@ -158,6 +165,7 @@ class FlowOptions:
     rank_method: str = "auto"
     checkpoint_every: int = 50
     progress: bool = False
+    rank_band: float = 1e-3
     min_event_step: float = field(default=0.0)
 
     @classmethod
@@ -195,6 +203,9 @@ class FlowOptions:
             setattr(self, name, _flag(name, getattr(self, name)))
         if self.save_at is not None:
             self.save_at = _save_grid(self.save_at, self.s_end)
+        self.rank_band = _number("rank_band", self.rank_band)
+        if self.rank_band >= 1.0:
+            raise ValueError(f"rank_band must be in [0, 1), got {self.rank_band}")
         self.min_event_step = max(1e-10 * self.s_end, 1e-12)
 
     def _validate_steps(self) -> None:

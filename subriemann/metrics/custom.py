@@ -141,10 +141,12 @@ class OutputMetric(ParameterMetric):
     def _reduced(self, base_point: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``(V_r, sigma_r, U_r, W, evals)`` pieces of the reduced form, cached per point."""
         st = self.state(base_point)
-        key = ("output_metric", self._token)
+        tau = self.rank_threshold(base_point)
+        # keyed by tau too: copies of the metric with other thresholds share the point's cache
+        key = ("output_metric", self._token, tau)
         if key not in st._cache:
             u, s, v = st.svd
-            keep = s > self.rank_threshold(base_point)
+            keep = s > tau
             u, s, v = u[:, keep], s[keep], v[:, keep]
             gu = (
                 torch.stack([self.output_metric_vec(st.outputs, c) for c in u.T], dim=1)
