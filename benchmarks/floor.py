@@ -38,6 +38,7 @@ from run import SIZES, _problem  # noqa: E402  (the same sizes and models)
 
 GOALS = {"S": 2.0, "M": 1.15, "L": 1.0}
 SECTION = "## The λ = 1 direction: `auto` against a hand-written floor"
+BEGIN, END = "<!-- floor:begin -->", "<!-- floor:end -->"
 
 
 def floor_direction(net: torch.nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -132,13 +133,23 @@ def table(rows: list[dict], repeat: int, note: str = "") -> str:
 
 
 def write_section(text: str, path: Path) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, atomically."""
+    """Replace (or append) this benchmark's section of RESULTS.md in place, atomically.
+
+    The section is the text between ``BEGIN`` and ``END``; a file without them (or an
+    older file where the section started at ``SECTION``) gets the section appended.
+    """
     old = path.read_text() if path.exists() else "# subriemann benchmarks\n"
-    start = old.find(SECTION)
-    if start >= 0:
-        end = old.find("\n## ", start + len(SECTION))
-        old = old[:start] + (old[end + 1 :] if end >= 0 else "")
-    new = old.rstrip("\n") + "\n\n" + text
+    block = f"{BEGIN}\n{text.rstrip()}\n{END}\n"
+    start, end = old.find(BEGIN), old.find(END)
+    if start >= 0 and end > start:
+        new = old[:start] + block + old[end + len(END) + 1 :]
+    else:
+        legacy = old.find(SECTION)
+        if legacy >= 0:  # an unmarked section: cut it up to the next heading or marker
+            stops = [i for i in (old.find("\n## ", legacy + 1), old.find("\n<!--", legacy))
+                     if i >= 0]
+            old = old[:legacy] + (old[min(stops) + 1 :] if stops else "")
+        new = old.rstrip("\n") + "\n\n" + block
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(new)
     tmp.replace(path)

@@ -58,6 +58,24 @@ class _ModelOutputError(ValueError):
     """The model ran but did not return a ``[n, Q]`` tensor for ``n`` inputs."""
 
 
+def output_matrix(out: Any, num_inputs: int) -> Tensor:
+    """A model's output on a batch as the matrix of its rows, ``shape=[num_inputs, Q]``.
+
+    A vector output (``shape=[num_inputs]``) is one output per sample (Q = 1).  Anything
+    else, or a non-tensor, raises a ``ValueError`` that names the shape it got.
+    """
+    if not isinstance(out, Tensor):
+        raise _ModelOutputError(f"model must return a Tensor, got {type(out).__name__}")
+    if out.ndim == 1:
+        out = out.unsqueeze(1)
+    if out.ndim != 2 or out.shape[0] != num_inputs:
+        raise _ModelOutputError(
+            f"model output must have shape (n, Q) for inputs of shape (n, ...); got "
+            f"{tuple(out.shape)} for {num_inputs} inputs"
+        )
+    return out
+
+
 class ParameterSpace(VectorSpace):
     r"""Parameter space :math:`\mathbb{R}^K` of ``model`` on a training set.
 
@@ -346,16 +364,7 @@ class ParameterSpace(VectorSpace):
     # -- evaluation -------------------------------------------------------------
     def _apply(self, params: dict[str, Tensor], inputs: Tensor) -> Tensor:
         out = functional_call(self.module, {**self._fixed, **params}, (inputs,))
-        if not isinstance(out, Tensor):
-            raise _ModelOutputError(f"model must return a Tensor, got {type(out).__name__}")
-        if out.ndim == 1:
-            out = out.unsqueeze(1)
-        if out.ndim != 2 or out.shape[0] != inputs.shape[0]:
-            raise _ModelOutputError(
-                f"model output must have shape (n, Q) for inputs of shape (n, ...); got "
-                f"{tuple(out.shape)} for {inputs.shape[0]} inputs"
-            )
-        return out
+        return output_matrix(out, inputs.shape[0])
 
     def check_point(self, theta: Any) -> Tensor:
         r"""Validate a point :math:`\theta` (shape ``[K]``, the space's dtype) and return it."""

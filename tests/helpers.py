@@ -79,6 +79,26 @@ class Problem:
     spec: MLPSpec | None = None
 
 
+
+class SquareAndLine(nn.Module):
+    r"""Two parameters, two outputs: :math:`x = (a, \tfrac12 b^2)`, :math:`D = \mathrm{diag}(1, b)`.
+
+    The singular value :math:`\sigma_2 = |b|`.  With :math:`y = (y_1, 0)`, :math:`b(0) = 1`
+    it falls through :math:`\tau = 1/2` at :math:`s = 3` (:math:`\lambda = 0`,
+    :math:`b^2 = 1/(1+s)`) or :math:`s = 2\ln 2` (:math:`\lambda = 1`): rank 2 → 1.  At
+    :math:`\lambda = 1` with a hard threshold the flow then freezes :math:`b = 1/2` and ends at
+    :math:`P(x - y) = 0` with :math:`C = \tfrac12(1/8)^2 > 0`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        self.b = nn.Parameter(torch.ones(1, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.stack([self.a, 0.5 * self.b**2], dim=1) * x
+
+
 def make_mlp(
     widths: tuple[int, ...] | list[int],
     activation: str = "tanh",

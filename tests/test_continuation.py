@@ -17,25 +17,14 @@ import numpy as np
 import pytest
 import torch
 from scipy.integrate import solve_ivp
-from torch import nn
 
 import subriemann as sr
 from subriemann.flow import continuation
 from subriemann.metrics import InterpolatedMetric, OutputMetric, OutputPullbackMetric
+from tests.helpers import SquareAndLine
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-class SquareAndLine(nn.Module):
-    r""":math:`x = (a, \tfrac12 b^2)`, :math:`D = \mathrm{diag}(1, b)`: :math:`\sigma_2 = |b|`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Parameter(torch.zeros(1, dtype=torch.float64))
-        self.b = nn.Parameter(torch.ones(1, dtype=torch.float64))
-
-    def forward(self, x):
-        return torch.stack([self.a, 0.5 * self.b**2], dim=1) * x
 
 
 def square_and_line(metric, **kw) -> sr.ParameterSpace:

@@ -35,6 +35,7 @@ from subriemann.flow import events as events_module
 from subriemann.metrics import EuclideanMetric, InterpolatedMetric, OutputPullbackMetric
 from tests.helpers import (
     MLPSpec,
+    SquareAndLine,
     flat_params,
     make_problem,
     mlp_problems,
@@ -67,24 +68,6 @@ class HalfSquare(nn.Module):
             out = out * float("nan")
         return out
 
-
-class SquareAndLine(nn.Module):
-    r"""Two parameters, two outputs: :math:`x = (a, \tfrac12 b^2)`, :math:`D = \mathrm{diag}(1, b)`.
-
-    With :math:`y = (y_1, 0)`, :math:`b(0) = 1`: the singular value :math:`|b|`
-    falls through :math:`\tau = 1/2` at :math:`s = 3` (:math:`\lambda = 0`) or
-    :math:`s = 2\ln 2` (:math:`\lambda = 1`): rank 2 → 1.  At :math:`\lambda = 1`
-    the flow then freezes :math:`b = 1/2` and ends at :math:`P(x - y) = 0` with
-    :math:`C = \tfrac12(1/8)^2 > 0`.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Parameter(torch.zeros(1, dtype=torch.float64))
-        self.b = nn.Parameter(torch.ones(1, dtype=torch.float64))
-
-    def forward(self, x):
-        return torch.stack([self.a, 0.5 * self.b**2], dim=1) * x
 
 
 class Dip(nn.Module):

@@ -18,29 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import subriemann as sr
 from subriemann.flow import engine as flow_module
 from subriemann.flow import events as events_module
 from subriemann.metrics import EuclideanMetric, OutputPullbackMetric
 from subriemann.trajectory import FORMAT, STATUS_CODES, FlowStatus, RankChange, Trajectory
-from tests.helpers import MLPSpec, make_problem
+from tests.helpers import MLPSpec, SquareAndLine, make_problem
 
 ARRAYS = ("s", "theta", "outputs", "cost", "grad_norm", "singular_values", "rank", "targets")
 
-
-class SquareAndLine(nn.Module):
-    r""":math:`x = (a, b^2/2)`: with :math:`\tau = 1/2` the rank falls 2 → 1 at :math:`s = 3`
-    (:math:`\lambda = 0`, :math:`b^2 = 1/(1+s)`)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Parameter(torch.zeros(1, dtype=torch.float64))
-        self.b = nn.Parameter(torch.ones(1, dtype=torch.float64))
-
-    def forward(self, x):
-        return torch.stack([self.a, 0.5 * self.b**2], dim=1) * x
 
 
 def event_space(metric=EuclideanMetric) -> sr.ParameterSpace:

@@ -68,7 +68,7 @@ from subriemann.jacobian import ParameterLayout, make_backend
 from subriemann.linalg import PointState
 from subriemann.losses import CrossEntropyLoss, Loss, MSELoss, get_loss
 from subriemann.metrics.builtin import check_lam
-from subriemann.space import NonFiniteError
+from subriemann.space import NonFiniteError, output_matrix
 
 __all__ = ["AdaptedGD", "StepInfo"]
 
@@ -378,17 +378,7 @@ class AdaptedGD(torch.optim.Optimizer):
 
     # -- batches ----------------------------------------------------------------------
     def _apply(self, params: dict[str, Tensor], inputs: Tensor) -> Tensor:
-        out = functional_call(self.model, params, (inputs,))
-        if not isinstance(out, Tensor):
-            raise TypeError(f"model must return a Tensor, got {type(out).__name__}")
-        if out.ndim == 1:
-            out = out.unsqueeze(1)
-        if out.ndim != 2 or out.shape[0] != inputs.shape[0]:
-            raise ValueError(
-                f"model output must have shape (n, Q) for inputs of shape (n, ...); got "
-                f"{tuple(out.shape)} for {inputs.shape[0]} inputs"
-            )
-        return out
+        return output_matrix(functional_call(self.model, params, (inputs,)), inputs.shape[0])
 
     def _reference(self) -> Tensor:
         for p in self.model.parameters():
