@@ -292,6 +292,33 @@ def test_example_config_parses():
     assert {c.model for c in cells} >= {"mlp:1", "mlp:8"}
 
 
+def test_example_grid_runs_and_answers_the_rank_loss_question(tmp_path, client, capsys):
+    """``examples/sweep.toml`` itself, on the cluster: the answer docs/sweep.md states.
+
+    Every flow reaches s_end (the continuation carries the two that lose rank); rank
+    is lost only by lambda = 1 flows on the narrowest nets (K/QN < 2, where the first
+    rank-deficient stratum has codimension K - QN + 1 <= 4), never with K/QN >= 8 or
+    lambda = 0.5; the full-rank lambda = 1 flows on the wide nets decay at the closed-form
+    rate 2 (C(s) = e^{-2s} C(0)), to 1e-3 (the fit over s in [0, 6] at rtol 1e-7).
+    """
+    out = tmp_path / "example"
+    assert main(["sweep", str(REPO / "examples" / "sweep.toml"), "--out", str(out),
+                 "--scheduler", client.scheduler.address, "--no-progress"]) == 0
+    rows = read_table(out / "results.parquet")
+    assert len(rows) == 16
+    assert {r["status"] for r in rows} == {"s_end_reached"}
+    lost = [r for r in rows if r["lost_rank"]]
+    assert lost, "the narrow lambda = 1 flows of this grid lose rank"
+    assert all(r["lam"] == 1.0 and r["k_over_qn"] < 2 for r in lost)
+    wide = [r for r in rows if r["k_over_qn"] >= 8]
+    assert not any(r["lost_rank"] for r in wide)
+    assert not any(r["lost_rank"] for r in rows if r["lam"] == 0.5)
+    for r in wide:
+        if r["lam"] == 1.0:
+            assert abs(r["decay_rate"] - 2.0) < 1e-3
+    assert (out / "sweep_report.html").is_file() and (out / "strata.graphml").is_file()
+
+
 def test_cell_continues_from_its_checkpoint(tmp_path):
     """A killed attempt leaves a checkpoint; the retry continues from it, bit for bit."""
     import torch
