@@ -39,6 +39,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from subriemann.datasets import digits_split  # noqa: E402
 from subriemann.optim import AdaptedGD  # noqa: E402
 
 BEGIN, END = "<!-- optim:begin -->", "<!-- optim:end -->"
@@ -99,19 +100,7 @@ class Task:
 
 
 def _digits(quick: bool) -> tuple[torch.Tensor, ...]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    xtr, xte, ytr, yte = train_test_split(
-        d.data, d.target, test_size=0.2, random_state=0, stratify=d.target
-    )
-    if quick:
-        xtr, ytr, xte, yte = xtr[:80], ytr[:80], xte[:40], yte[:40]
-    mean, std = xtr.mean(0), xtr.std(0)
-    std[std == 0] = 1.0
-    f = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)  # noqa: E731
-    return f(xtr), torch.tensor(ytr), f(xte), torch.tensor(yte)
+    return digits_split(80, 40) if quick else digits_split()
 
 
 def _seeded(build: Callable[[], torch.nn.Module], dtype: torch.dtype) -> Callable[[int], Any]:

@@ -26,27 +26,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from subriemann.datasets import digits_split
 from subriemann.optim import AdaptedGD
 
 
 def load(fast: bool) -> tuple[torch.Tensor, ...]:
     """All 1,797 digits, a fixed stratified 80/20 split, pixels standardized on the train set."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    xtr, xte, ytr, yte = train_test_split(
-        d.data, d.target, test_size=0.2, random_state=0, stratify=d.target
-    )
-    if fast:
-        xtr, ytr, xte, yte = xtr[:128], ytr[:128], xte[:64], yte[:64]
-    mean, std = xtr.mean(0), xtr.std(0)
-    std[std == 0] = 1.0
-
-    def t(a):
-        return torch.tensor((a - mean) / std, dtype=torch.float32)
-
-    return t(xtr), torch.tensor(ytr), t(xte), torch.tensor(yte)
+    return digits_split(128, 64) if fast else digits_split()
 
 
 def cnn() -> torch.nn.Module:

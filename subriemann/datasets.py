@@ -43,6 +43,7 @@ __all__ = [
     "CLASSIFICATION",
     "has_sklearn",
     "default_dataset",
+    "digits_split",
     "load_dataset",
     "load_npz",
     "labels_to_one_hot",
@@ -134,6 +135,46 @@ def _subset(n_total: int, n_samples: int | None, seed: int, what: str) -> np.nda
         return np.arange(n_total)
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n_total, size=n_samples, replace=False))
+
+
+def digits_split(
+    n_train: int | None = None, n_test: int | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's 1,797 digits in a fixed stratified 80/20 train/test split.
+
+    The split is ``train_test_split(test_size=0.2, random_state=0, stratify=labels)``,
+    so it is the same on every machine; ``n_train`` / ``n_test`` keep only the first
+    rows of each part (smoke runs).  Pixels are standardized with the mean and the
+    standard deviation of the kept training rows (constant pixels are only centred).
+
+    Returns
+    -------
+    x_train, y_train, x_test, y_test
+        Inputs ``shape=[n, 64]`` in ``dtype`` and integer class labels ``shape=[n]``.
+
+    Examples
+    --------
+    >>> x, y, xt, yt = digits_split(n_train=80, n_test=40)  # doctest: +SKIP
+    >>> x.shape, yt.shape  # doctest: +SKIP
+    (torch.Size([80, 64]), torch.Size([40]))
+    """
+    if not has_sklearn():
+        raise ImportError("digits_split needs scikit-learn: pip install 'subriemann[data]'")
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    xtr, xte, ytr, yte = train_test_split(
+        d.data, d.target, test_size=0.2, random_state=0, stratify=d.target
+    )
+    xtr, ytr, xte, yte = xtr[:n_train], ytr[:n_train], xte[:n_test], yte[:n_test]
+    mean, std = xtr.mean(0), xtr.std(0)
+    std[std == 0] = 1.0
+
+    def as_tensor(a: np.ndarray) -> Tensor:
+        return torch.tensor((a - mean) / std, dtype=dtype)
+
+    return as_tensor(xtr), torch.tensor(ytr), as_tensor(xte), torch.tensor(yte)
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:

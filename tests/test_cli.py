@@ -379,3 +379,28 @@ def test_integer_labels_with_cross_entropy_are_one_hot(tmp_path):
     values["loss"] = "mse"
     prob = build_problem(_resolve(values, set(values)))
     assert prob.space.output_dim == 6  # Q = 1
+
+
+def test_digits_split_is_the_fixed_stratified_split_standardized_on_train():
+    """Against sklearn's split written out here: same rows, same labels, train z-scores."""
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from subriemann.datasets import digits_split
+
+    d = load_digits()
+    xtr, xte, ytr, yte = train_test_split(
+        d.data, d.target, test_size=0.2, random_state=0, stratify=d.target
+    )
+    x, y, xt, yt = digits_split()
+    assert x.shape == (1437, 64) and xt.shape == (360, 64) and x.dtype == torch.float32
+    assert np.array_equal(y.numpy(), ytr) and np.array_equal(yt.numpy(), yte)
+    sd = np.where(xtr.std(0) > 0, xtr.std(0), 1.0)
+    # float32 rounding of O(10) z-scores: 4 ulp at 16 is < 1e-5
+    np.testing.assert_allclose(x.numpy(), (xtr - xtr.mean(0)) / sd, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(xt.numpy(), (xte - xtr.mean(0)) / sd, rtol=0, atol=1e-5)
+    x8, y8, xt4, _ = digits_split(8, 4, dtype=torch.float64)
+    assert x8.dtype == torch.float64 and np.array_equal(y8.numpy(), ytr[:8])
+    np.testing.assert_allclose(x8.numpy().mean(0), 0.0, atol=1e-12)
+    assert xt4.shape == (4, 64)
