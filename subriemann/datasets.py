@@ -154,8 +154,8 @@ def digits_split(
 
     Examples
     --------
-    >>> x, y, xt, yt = digits_split(n_train=80, n_test=40)  # doctest: +SKIP
-    >>> x.shape, yt.shape  # doctest: +SKIP
+    >>> x, y, xt, yt = digits_split(n_train=80, n_test=40)
+    >>> x.shape, yt.shape
     (torch.Size([80, 64]), torch.Size([40]))
     """
     if not has_sklearn():
