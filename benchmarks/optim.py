@@ -39,7 +39,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from subriemann.datasets import digits_split  # noqa: E402
+from subriemann.app.datasets import digits_split  # noqa: E402
 from subriemann.optim import AdaptedGD  # noqa: E402
 
 BEGIN, END = "<!-- optim:begin -->", "<!-- optim:end -->"
@@ -128,9 +128,10 @@ def _cnn_digits() -> torch.nn.Module:
 
 
 def _cli_problem(quick: bool) -> Task:
-    from subriemann.cli import DEFAULTS, _resolve, build_problem
+    from subriemann.app.config import DEFAULTS, resolve_options
+    from subriemann.app.problem import build_problem
 
-    space = build_problem(_resolve(dict(DEFAULTS, progress=False), set())).space
+    space = build_problem(resolve_options(dict(DEFAULTS, progress=False), set())).space
     arch = space.to_model(space.initial_point())
 
     def make(seed: int) -> torch.nn.Module:

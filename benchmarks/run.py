@@ -201,9 +201,11 @@ def time_to_tolerance(budget: float) -> list[dict]:
     import torch
 
     import subriemann as sr
-    from subriemann.cli import DEFAULTS, _resolve, build_problem
+    from subriemann.app.config import DEFAULTS, resolve_options
+    from subriemann.app.problem import build_problem
 
-    opts = _resolve(dict(DEFAULTS, progress=False), set())  # the problem `subriemann run` uses
+    # the problem `subriemann run` uses
+    opts = resolve_options(dict(DEFAULTS, progress=False), set())
     space = build_problem(opts).space
     theta0 = space.initial_point()
     c0 = float(space.cost(theta0))
@@ -332,9 +334,10 @@ def batched_sweep(n_points: int = 8, s_end: float = 2.0) -> list[dict]:
     import torch
 
     import subriemann as sr
-    from subriemann.cli import DEFAULTS, _resolve, build_problem
+    from subriemann.app.config import DEFAULTS, resolve_options
+    from subriemann.app.problem import build_problem
 
-    opts = _resolve(dict(DEFAULTS, progress=False), set())
+    opts = resolve_options(dict(DEFAULTS, progress=False), set())
     space = build_problem(opts).space
     gen = torch.Generator().manual_seed(1)
     noise = torch.randn(n_points, space.dim, generator=gen, dtype=space.dtype)

@@ -41,8 +41,8 @@ def _space(problem: str):
     import subriemann as sr
 
     if problem.startswith("digits"):
-        from subriemann.datasets import load_dataset
-        from subriemann.models import mlp
+        from subriemann.app.datasets import load_dataset
+        from subriemann.app.models import mlp
 
         n = 200 if problem.endswith("-small") else 1797
         ds = load_dataset("digits", n, 0)

@@ -37,8 +37,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from subriemann.sweep import connect, parse_sweep_config, run_cell, run_sweep  # noqa: E402
-from subriemann.sweep.store import SweepStore  # noqa: E402
+from subriemann.app.sweep import connect, parse_sweep_config, run_cell, run_sweep  # noqa: E402
+from subriemann.app.sweep.store import SweepStore  # noqa: E402
 
 FULL = {  # 16 cells (QN = 48, K = 193 ... 4545), about 2-4 s each on one idle core
     "grid": {"data": "teacher", "n_samples": 48, "width": [32, 64], "depth": [1, 2],
@@ -65,7 +65,7 @@ def serial(cfg) -> dict:
 
 
 def _measure(cfg, client, workers: int, startup: float) -> dict:
-    from subriemann.sweep.cells import CellOutcome
+    from subriemann.app.sweep.cells import CellOutcome
 
     with tempfile.TemporaryDirectory() as tmp:
         s = run_sweep(cfg, tmp, client=client, progress=False, report=False, quiet=True)
@@ -94,7 +94,7 @@ def on_dask(cfg) -> list[dict]:
                 t0 = time.perf_counter()
                 cluster.scale(workers)
                 client.wait_for_workers(workers)
-            client.run(lambda: __import__("subriemann.sweep.cells"))  # import torch
+            client.run(lambda: __import__("subriemann.app.sweep.cells"))  # import torch
             rows.append(_measure(cfg, client, workers, time.perf_counter() - t0))
     finally:
         client.close()

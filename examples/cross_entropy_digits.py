@@ -1,6 +1,6 @@
 """Cross-entropy geometry on real data: an MLP classifier on scikit-learn's digits.
 
-MATH.md §6 / [CM24] §2.3.  Under the adapted flow (lambda = 1) with rank D = QN
+docs/theory.md §6 / [CM24] §2.3.  Under the adapted flow (lambda = 1) with rank D = QN
 every sample's logits stay on the hyperplane <1, x_j> = c_j and converge to
 
     x_j* = log y_j + (c_j - <1, log y_j>)/Q * 1        (sigma(x_j*) = y_j)

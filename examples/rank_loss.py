@@ -1,6 +1,6 @@
 """Rank loss along gradient flows: a rank-deficient model and constructed rank drops.
 
-MATH.md §4–§5 / [CM24] Prop 2.5.  Four small experiments, each against a
+docs/theory.md §4–§5 / [CM24] Prop 2.5.  Four small experiments, each against a
 closed form:
 
 1. A model rank-deficient by construction, x = tanh(A B theta + c) with

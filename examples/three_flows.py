@@ -1,6 +1,6 @@
 """Three gradient flows from one initialization: lambda = 0, 0.5 and 1.
 
-MATH.md §2–§3 / [CM24].  A tanh MLP [8, 64, 64, 1] (K = 4801) regresses N = 32
+docs/theory.md §2–§3 / [CM24].  A tanh MLP [8, 64, 64, 1] (K = 4801) regresses N = 32
 points of a smooth teacher (QN = 32, overparametrized).  From the same seeded
 initialization it integrates the flows of
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from subriemann.datasets import digits_split
+from subriemann.app.datasets import digits_split
 from subriemann.optim import AdaptedGD
 
 

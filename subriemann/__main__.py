@@ -1,8 +1,8 @@
-"""``python -m subriemann``: the ``subriemann`` command-line program (see :mod:`subriemann.cli`)."""
+"""``python -m subriemann``: the ``subriemann`` program (see :mod:`subriemann.app.cli`)."""
 
 import sys
 
-from subriemann.cli import main
+from subriemann.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -93,7 +93,7 @@ class Loss:
 
 
 class MSELoss(Loss):
-    r"""Summed squared error, :math:`C = \tfrac12 |x - y|^2` (MATH.md (2.47)).
+    r"""Summed squared error, :math:`C = \tfrac12 |x - y|^2` ([CM24] (2.47)).
 
     This is a **sum, not a mean**: with a :math:`1/N` factor every flow time
     :math:`s` would become :math:`N s`.
@@ -116,10 +116,10 @@ class MSELoss(Loss):
 class CrossEntropyLoss(Loss):
     r"""Cross-entropy on logits, :math:`C = \sum_j -\langle y_j, \log\sigma(x_j)\rangle`.
 
-    MATH.md (2.66).  Each target row :math:`y_j` must lie in the probability
+    [CM24] (2.66).  Each target row :math:`y_j` must lie in the probability
     simplex (non-negative, summing to one to within ``simplex_atol``).
 
-    Closed forms (MATH.md §6): :math:`\nabla_{x_j} C = \sigma(x_j) - y_j`
+    Closed forms (docs/theory.md §6): :math:`\nabla_{x_j} C = \sigma(x_j) - y_j`
     and the Hessian is block diagonal with blocks
     :math:`H_j = \operatorname{diag}\sigma_j - \sigma_j\sigma_j^\top`
     (this uses :math:`\sum_i y_{j,i} = 1`).  Everything is evaluated stably,
@@ -138,7 +138,7 @@ class CrossEntropyLoss(Loss):
     :meth:`prepare_targets` clips the entries at zero and renormalizes the
     rows to sum to one in the working precision, so that the closed-form
     gradient :math:`\sigma(x_j) - y_j` is exactly that of :meth:`value`
-    and :math:`\langle 1, \nabla_{x_j} C\rangle = 0` (MATH.md §6).
+    and :math:`\langle 1, \nabla_{x_j} C\rangle = 0` (docs/theory.md §6).
     """
 
     name = "cross_entropy"

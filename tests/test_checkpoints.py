@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import subriemann as sr
+from subriemann.flow.trajectory import Trajectory
 from subriemann.metrics import EuclideanMetric
-from subriemann.trajectory import Trajectory
 from tests.test_trajectory import (
     ARRAYS,
     assert_same_arrays,
@@ -229,7 +229,7 @@ def test_damaged_files_raise_one_value_error_naming_file_and_problem(tmp_path, p
 def test_a_write_killed_half_way_leaves_the_previous_file(tmp_path, reference, monkeypatch):
     path = reference.save(tmp_path / "flow")
     before = path.read_bytes()
-    import subriemann.trajectory as trajectory_module
+    import subriemann.flow.trajectory as trajectory_module
 
     def half_then_die(file, **arrays):
         if hasattr(file, "write"):

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import subriemann as sr
-from subriemann.cli import main
-from subriemann.report import SUMMARY_SCHEMA, SchemaError, validate_summary
+from subriemann.app.cli import main
+from subriemann.app.report import SUMMARY_SCHEMA, SchemaError, validate_summary
 
 TINY = [
     "--data", "teacher", "--model", "mlp:6", "--n-samples", "5", "--s-end", "0.5",
@@ -107,7 +107,7 @@ def test_run_with_flags(flags_run):
     summary = check_report(out)
     pull = summary["flows"][1]
     assert pull["lam"] == 1.0 and pull["status"]["code"] == "s_end_reached"
-    # MATH.md §3: the adapted flow is a straight line in output space and decays at rate 2
+    # docs/theory.md §3: the adapted flow is a straight line in output space and decays at rate 2
     assert pull["interpolation_residual"] < 1e-6
     assert pull["decay_rate"]["rate"] == pytest.approx(2.0, rel=1e-5)
     assert pull["rank"]["min"] == pull["rank"]["full"] == 5
@@ -271,7 +271,7 @@ def test_bad_input_subprocess(tmp_path):
 
 
 def test_schema_validator_rejects():
-    good = {"format": "subriemann.report/1"}
+    good = {"format": "subriemann.app.report/1"}
     with pytest.raises(SchemaError, match="missing key"):
         validate_summary(good)
     with pytest.raises(SchemaError, match="expected"):
@@ -325,12 +325,12 @@ def test_ctrl_c_keeps_completed_flow_and_checkpoint_then_resume(tmp_path, monkey
 
 
 def test_ctrl_c_while_plotting(tmp_path, monkeypatch):
-    import subriemann.plots
+    import subriemann.app.plots
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(subriemann.plots, "all_figures", boom)
+    monkeypatch.setattr(subriemann.app.plots, "all_figures", boom)
     out = tmp_path / "r"
     assert main(["run", *TINY, "--metrics", "pullback", "--s-end", "0.2", "--out", str(out)]) == 130
     summary = json.loads((out / "summary.json").read_text())
@@ -366,18 +366,19 @@ def test_resume_refuses_other_settings(flags_run, capsys):
 def test_integer_labels_with_cross_entropy_are_one_hot(tmp_path):
     """Integer class indices in an .npz are one-hot encoded for --loss cross_entropy (and
     kept as one real column for --loss mse)."""
-    from subriemann.cli import DEFAULTS, _resolve, build_problem
+    from subriemann.app.config import DEFAULTS, resolve_options
+    from subriemann.app.problem import build_problem
 
     labels = np.array([0, 2, 1, 2, 0, 1])
     np.savez(tmp_path / "lab.npz", inputs=np.arange(12.0).reshape(6, 2), targets=labels)
     values = {**DEFAULTS, "data": str(tmp_path / "lab.npz"), "model": "mlp:3",
               "loss": "cross_entropy"}
-    prob = build_problem(_resolve(values, set(values)))
+    prob = build_problem(resolve_options(values, set(values)))
     y = prob.space.y.reshape(6, 3)  # the space keeps y flat, [QN]
     assert torch.equal(y, torch.eye(3, dtype=y.dtype)[torch.from_numpy(labels)])
     assert prob.info["task"] == "classification" and "one-hot" in prob.info["description"]
     values["loss"] = "mse"
-    prob = build_problem(_resolve(values, set(values)))
+    prob = build_problem(resolve_options(values, set(values)))
     assert prob.space.output_dim == 6  # Q = 1
 
 
@@ -387,7 +388,7 @@ def test_digits_split_is_the_fixed_stratified_split_standardized_on_train():
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from subriemann.datasets import digits_split
+    from subriemann.app.datasets import digits_split
 
     d = load_digits()
     xtr, xte, ytr, yte = train_test_split(

@@ -15,7 +15,7 @@ import json
 import pytest
 
 import subriemann as sr
-from subriemann.cli import main
+from subriemann.app.cli import main
 from tests.test_cli import TINY, _interrupt_after, check_report
 
 
@@ -54,8 +54,8 @@ def test_resume_names_the_options_that_differ(tmp_path, monkeypatch, capsys):
 
 
 def test_ctrl_c_while_analysing_a_finished_flow_keeps_it(tmp_path, monkeypatch, capsys):
+    import subriemann.app.report
     import subriemann.flow as flow_pkg
-    import subriemann.report
 
     out = tmp_path / "r"
     argv = ["run", *TINY, "--metrics", "pullback", "--out", str(out)]
@@ -63,7 +63,7 @@ def test_ctrl_c_while_analysing_a_finished_flow_keeps_it(tmp_path, monkeypatch, 
         def boom(*args, **kwargs):
             raise KeyboardInterrupt  # Ctrl-C during the post-processing of the flow
 
-        mp.setattr(subriemann.report, "analyse_flow", boom)
+        mp.setattr(subriemann.app.report, "analyse_flow", boom)
         assert main(argv) == 130
     err = capsys.readouterr().err
     assert "0 completed" not in err and "1 completed flow" in err

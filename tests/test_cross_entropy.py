@@ -1,4 +1,4 @@
-"""Cross-entropy geometry (issue 6; MATH.md §6 and §8 item 7).
+"""Cross-entropy geometry (issue 6; docs/theory.md §6 and §8 item 7).
 
 The flows run on random small MLP classifiers with smoothed labels, in float64,
 overparametrized (K ≥ QN) and of full rank QN along the orbit.  Every reference

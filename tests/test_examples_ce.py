@@ -1,4 +1,4 @@
-"""``examples/cross_entropy_digits.py --fast`` runs and shows what MATH.md §6 predicts."""
+"""``examples/cross_entropy_digits.py --fast`` runs and shows what docs/theory.md §6 predicts."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``examples/three_flows.py --fast`` and ``examples/rank_loss.py --fast`` run and show
-what MATH.md §3–§5 predict."""
+what docs/theory.md §3–§5 predict."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_three_flows_fast(tmp_path: Path):
         assert row["rank_min"] == row["rank_max"] == res["QN"] and row["events"] == 0
         assert row["nfev"] > 0
     adapted = flows["1"]
-    # MATH.md §3 at the fast mode's rtol 1e-6: the uniform rate 2 and the straight line
+    # docs/theory.md §3 at the fast mode's rtol 1e-6: the uniform rate 2 and the straight line
     assert abs(adapted["decay_rate"] - 2.0) < 1e-5
     assert adapted["line_residual"] < 1e-5
     assert adapted["cost_final"] == pytest.approx(adapted["cost_0"] * math.exp(-4.0), rel=1e-5)

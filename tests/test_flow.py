@@ -3,7 +3,7 @@
 Every check compares :func:`subriemann.gradient_flow` with something computed
 independently of the library:
 
-* closed forms of MATH.md (the linear model :math:`x(s) = y + \\exp(-s\\mathcal K_\\lambda)(x_0-y)`,
+* closed forms of [CM24] (the linear model :math:`x(s) = y + \\exp(-s\\mathcal K_\\lambda)(x_0-y)`,
   exact solutions of constructed one- and two-parameter models);
 * :func:`scipy.integrate.solve_ivp` (DOP853, rtol 1e-12) on a dense numpy
   re-implementation of a one-hidden-layer tanh MLP, its Jacobian and
@@ -187,7 +187,7 @@ def test_flow_matches_solve_ivp_on_numpy_mlp(lam):
     np.testing.assert_allclose(traj.singular_values.numpy(), sv_ref, atol=1e-8, rtol=0)
 
 
-# -- MATH.md §8 item 8: C is non-increasing along every flow of the family --------------------
+# -- docs/theory.md §8 item 8: C is non-increasing along every flow of the family
 @settings(max_examples=3, deadline=None)
 @given(problem=mlp_problems(max_depth=2, max_width=4, max_samples=4, max_outputs=2))
 def test_cost_non_increasing(problem):
@@ -207,7 +207,7 @@ def test_cost_non_increasing(problem):
             assert abs(float(mse_by_hand(x, space.y)) - c[i]) <= 1e-12 * max(1.0, c[0])
 
 
-# -- MATH.md §8 item 5: a fixed linear model flows by exp(-s K_lambda) -----------------------
+# -- docs/theory.md §8 item 5: a fixed linear model flows by exp(-s K_lambda)
 def linear_closed_form(x_in: np.ndarray, q: int, x0, y, lam: float, s_eval) -> np.ndarray:
     """``nn.Linear(M, Q)``: D[(j,o), (o',m)] = δ X_jm, D[(j,o), b_o'] = δ; K_λ by pinv, expm."""
     n, m = x_in.shape
@@ -241,7 +241,7 @@ def test_linear_model_closed_form(lam, n):
 
 # -- Euler = discrete damped Gauss-Newton / LM; RK4 order ---------------------------------------
 def test_euler_step_is_damped_gauss_newton_on_linear_model():
-    # MATH.md §3: full rank QN (N = 3 <= M + 1), lambda = 1: x_{n+1} - y = (1 - eta)(x_n - y).
+    # theory §3: full rank QN (N = 3 <= M + 1), lambda = 1: x_{n+1} - y = (1 - eta)(x_n - y).
     gen = torch.Generator().manual_seed(1)
     space = sr.ParameterSpace(nn.Linear(3, 2), torch.randn(3, 3, generator=gen),
                               torch.randn(3, 2, generator=gen))
@@ -319,7 +319,7 @@ def test_two_output_rank_two_to_one(lam, s_star):
     assert [(e.rank_before, e.rank_after, e.index) for e in traj.events] == [(2, 1, 1)]
     assert abs(traj.events[0].s - s_star) < 1e-7
     if lam == 1.0:
-        # MATH.md §5: the rank-1 flow ends at P(x - y) = 0 with C = (1/8)^2 / 2 > 0
+        # docs/theory.md §5: the rank-1 flow ends at P(x - y) = 0 with C = (1/8)^2 / 2 > 0
         assert traj.status.code == "equilibrium_reached"
         a, b = traj.theta[-1].tolist()
         # stopped at |V| = |1 - a| <= 1e-6 |V(0)|
@@ -712,7 +712,7 @@ def test_progress_bar(capsys):
 
 @pytest.mark.parametrize("solver", ["svd", "ntk"])
 def test_float32_adapted_flow(solver):
-    """float32 end to end: the lam = 1 flow still gives C(s) = e^{-2s} C(0) (MATH.md §3).
+    """float32 end to end: the lam = 1 flow still gives C(s) = e^{-2s} C(0) (docs/theory.md §3).
 
     In float32 the solves carry errors of about eps_32 * kappa(D) (svd) or
     eps_32 * kappa(D)^2 (ntk), with eps_32 = 1.2e-7 and kappa(D) ~ 10 here,

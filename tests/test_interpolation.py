@@ -1,4 +1,4 @@
-"""Theory diagnostics of flows (issue 4; MATH.md §3, §4, §8 items 2, 5, 6).
+"""Theory diagnostics of flows (issue 4; docs/theory.md §3, §4, §8 items 2, 5, 6).
 
 * §8 item 2: for MSE and λ = 1 with full rank, |x(s) − y| = e^{−s}|x(0) − y| and
   x(s(t)) = t·y + (1 − t)·x(0) on overparametrized tanh MLPs, to 1e-8 at
@@ -275,7 +275,7 @@ def test_constant_projector_gives_an_exact_straight_deviation():
     p = d @ np.linalg.pinv(d)
     x0, y = traj.outputs[0].numpy(), space.y.numpy()
     t = traj.t.numpy()
-    z_exact = t[:, None] * ((np.eye(5) - p) @ (x0 - y))[None, :]  # MATH.md §4
+    z_exact = t[:, None] * ((np.eye(5) - p) @ (x0 - y))[None, :]  # docs/theory.md §4
     dev = interpolation_deviation(traj, space)
     scale = np.linalg.norm(x0 - y)
     assert np.abs(dev.z.numpy() - z_exact).max() < 1e-9 * scale

@@ -1,4 +1,4 @@
-"""Losses on output space against autodiff of independent formulas (issue 2, MATH.md §1, §6)."""
+"""Losses on output space against autodiff of independent formulas (docs/theory.md §1, §6)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_cross_entropy_against_torch_functional():
 
 @given(outputs_and_targets(simplex=True, scale=20.0), st.data())
 def test_cross_entropy_shift_invariance(xyv, data):
-    """C(x_j + c_j 1) = C(x_j) (MATH.md §6), and so is the gradient; H 1 = 0."""
+    """C(x_j + c_j 1) = C(x_j) (docs/theory.md §6), and so is the gradient; H 1 = 0."""
     x, y, _ = xyv
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
     c = 50.0 * torch.randn(x.shape[0], 1, generator=gen, dtype=F64)

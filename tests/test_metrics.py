@@ -132,7 +132,7 @@ class Ref:
             i += k
         return functional_call(self.model, params, (self.inputs,)).reshape(-1)
 
-    # closed forms of MATH.md §2 -----------------------------------------------------------
+    # closed forms of docs/theory.md §2 -----------------------------------------------------------
     def g_lam(self, lam: float) -> np.ndarray:
         return (1 - lam) * np.eye(self.K) + lam * self.D.T @ self.D
 
@@ -242,7 +242,7 @@ def grad_np(metric, theta) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------
-# MATH.md §2: every metric's gradient against its closed form
+# docs/theory.md §2: every metric's gradient against its closed form
 # ----------------------------------------------------------------------------------------
 @HYP
 @given(case=cases(), lam=st.sampled_from([0.0, 0.3, 0.5, 0.9, 1.0]))
@@ -268,7 +268,7 @@ def test_gradients_match_closed_forms(case, lam):
 
 
 # ----------------------------------------------------------------------------------------
-# MATH.md §8 item 1, horizontality, item 4
+# docs/theory.md §8 item 1, horizontality, item 4
 # ----------------------------------------------------------------------------------------
 @HYP
 @given(case=cases())
@@ -324,7 +324,7 @@ def test_characterization_item4(case, lam):
 
 
 # ----------------------------------------------------------------------------------------
-# MATH.md §8 item 3: equal zeros for every lam, on a rank-deficient model x = F(B theta)
+# docs/theory.md §8 item 3: equal zeros for every lam, on a rank-deficient model x = F(B theta)
 # ----------------------------------------------------------------------------------------
 class Reparametrized(nn.Module):
     """x = F(B theta): an MLP F whose r parameters are B theta (rank D <= r everywhere)."""
@@ -1098,7 +1098,7 @@ def test_matrix_free_lam1_announces_its_error():
     ],
 )
 def test_auto_route_table(qn, k, route):
-    from subriemann.linalg import _auto_route
+    from subriemann.linalg.dense import _auto_route
 
     assert _auto_route(qn, k) == route
 

@@ -22,7 +22,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from subriemann.cli import main
+from subriemann.app.cli import main
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 FLAGS = (

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import subriemann as sr
-from subriemann.jacobian import FuncBackend
+from subriemann.engines.func import FuncBackend
 from subriemann.linalg import ConvergenceWarning
+from subriemann.linalg.nystrom import NystromSolver, nystrom_sketch, pcg
 from subriemann.metrics import InterpolatedMetric
-from subriemann.nystrom import NystromSolver, nystrom_sketch, pcg
 
 
 def _space(n: int, width: int, *, dead: int = 0, seed: int = 0) -> sr.ParameterSpace:

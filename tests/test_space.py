@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import subriemann as sr
-from subriemann.jacobian import FuncBackend
+from subriemann.engines.func import FuncBackend
 from tests.helpers import (
     MLPSpec,
     ce_by_hand,

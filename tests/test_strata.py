@@ -34,7 +34,7 @@ from subriemann.analysis.strata import (
     run_flow_task,
     stratum_times,
 )
-from subriemann.trajectory import FlowStatus, RankChange, Trajectory
+from subriemann.flow.trajectory import FlowStatus, RankChange, Trajectory
 
 matplotlib.use("Agg")
 F64 = torch.float64

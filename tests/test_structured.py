@@ -1,4 +1,4 @@
-"""The structured NTK engine (:mod:`subriemann.structured`) against dense torch.func references.
+"""The structured NTK engine (:mod:`subriemann.engines.structured`) against dense references.
 
 Every route (dense ``Linear``, the ``"jacobian"`` and ``"structured"`` routes of
 layers with positions, normalization layers, residual blocks, chunked and
@@ -6,7 +6,7 @@ tiled assembly, the cached ``vjp``/``jvp``) is compared in float64 with
 :math:`DD^\\top`, :math:`D^\\top u` and :math:`Dv` where :math:`D` is computed
 by ``torch.func.jacrev`` of the whole batch, flattening the parameters
 directly from ``model.named_parameters()`` (independently of
-:class:`~subriemann.jacobian.ParameterLayout`).
+:class:`~subriemann.engines.func.ParameterLayout`).
 
 Tolerance: ``1e-12`` relative to ``max |reference|``.  Both sides are
 float64 sums of at most a few thousand products of O(1) numbers computed by
@@ -31,13 +31,13 @@ from torch.func import functional_call, jacrev
 
 import subriemann as sr
 from subriemann import _warnings
-from subriemann.jacobian import FuncBackend, make_backend
-from subriemann.structured import (
+from subriemann.engines import FuncBackend, make_backend
+from subriemann.engines.structured import (
     ELEMENTWISE,
-    Residual,
     StructuredBackend,
     UnsupportedModuleError,
 )
+from subriemann.nn import Residual
 
 RTOL = 1e-12
 DT = torch.float64
@@ -265,7 +265,7 @@ def test_both_position_routes(name, route):
 
 def test_structured_sub_blocks(monkeypatch):
     """The ``"structured"`` route split into sub-blocks of a bounded temporary."""
-    import subriemann.structured as mod
+    import subriemann.engines.structured as mod
 
     monkeypatch.setattr(mod, "_BLOCK_ENTRIES", 64)
     build, shape, q, _ = CASES["conv1d"]
@@ -296,7 +296,7 @@ def test_diagonal_block_in_strips(chunk):
 
 def test_mirror_upper():
     """Lower triangle := upper triangle transposed, strip by strip, against ``triu``."""
-    from subriemann.structured import _mirror_upper
+    from subriemann.engines.structured import _mirror_upper
 
     m = torch.randn(11, 11, dtype=DT)
     expected = torch.triu(m) + torch.triu(m, 1).T
@@ -521,7 +521,7 @@ def test_warning_is_issued_once(monkeypatch):
 )
 def test_sample_mixing_layers_are_refused_by_the_engine(model, module_name):
     """Direct construction: modules that are not per-sample maps are refused."""
-    from subriemann.jacobian import ParameterLayout
+    from subriemann.engines import ParameterLayout
 
     model = model.to(DT)
     named = _trainable(model)

@@ -25,12 +25,12 @@ import pytest
 pytest.importorskip("distributed", reason="the sweep extra (dask[distributed]) is not installed")
 pytest.importorskip("pyarrow", reason="the sweep extra (pyarrow) is not installed")
 
-from subriemann.cli import UsageError, main  # noqa: E402
-from subriemann.sweep import parse_sweep_config, run_cell, run_sweep  # noqa: E402
-from subriemann.sweep.cells import column_types  # noqa: E402
-from subriemann.sweep.config import load_sweep_config  # noqa: E402
-from subriemann.sweep.store import SweepStore  # noqa: E402
-from subriemann.sweep.table import read_table  # noqa: E402
+from subriemann.app.cli import UsageError, main  # noqa: E402
+from subriemann.app.sweep import parse_sweep_config, run_cell, run_sweep  # noqa: E402
+from subriemann.app.sweep.cells import column_types  # noqa: E402
+from subriemann.app.sweep.config import load_sweep_config  # noqa: E402
+from subriemann.app.sweep.store import SweepStore  # noqa: E402
+from subriemann.app.sweep.table import read_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def client():
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                            dashboard_address=None, env={"OMP_NUM_THREADS": "1"})
     cl = Client(cluster, set_as_default=False)
-    cl.run(lambda: __import__("subriemann.sweep.cells"))  # import torch once per worker
+    cl.run(lambda: __import__("subriemann.app.sweep.cells"))  # import torch once per worker
     yield cl
     cl.close()
     cluster.close()
@@ -250,7 +250,7 @@ def test_unreachable_scheduler_one_line(tmp_path, capsys):
 
 
 def test_changed_config_is_refused_naming_the_difference(tmp_path):
-    from subriemann.sweep.cells import failed_outcome
+    from subriemann.app.sweep.cells import failed_outcome
 
     a = parse_sweep_config(_grid())
     SweepStore(tmp_path, a).open(resume=False)
@@ -273,8 +273,8 @@ def test_changed_config_is_refused_naming_the_difference(tmp_path):
 def test_missing_extra_names_it(monkeypatch):
     import sys
 
-    from subriemann.sweep.runner import require_distributed
-    from subriemann.sweep.table import require_pyarrow
+    from subriemann.app.sweep.runner import require_distributed
+    from subriemann.app.sweep.table import require_pyarrow
 
     monkeypatch.setitem(sys.modules, "distributed", None)
     monkeypatch.setitem(sys.modules, "pyarrow", None)
@@ -323,9 +323,10 @@ def test_cell_continues_from_its_checkpoint(tmp_path):
     """A killed attempt leaves a checkpoint; the retry continues from it, bit for bit."""
     import torch
 
-    from subriemann.cli import build_problem, parse_metrics
+    from subriemann.app.config import parse_metrics
+    from subriemann.app.problem import build_problem
+    from subriemann.app.sweep.cells import _options
     from subriemann.flow import gradient_flow
-    from subriemann.sweep.cells import _options
 
     cell = parse_sweep_config(_grid(seed=[1])).cells()[3]  # mlp:4, pullback
     fresh = run_cell(cell).result

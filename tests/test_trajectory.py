@@ -22,8 +22,8 @@ import torch
 import subriemann as sr
 from subriemann.flow import engine as flow_module
 from subriemann.flow import events as events_module
+from subriemann.flow.trajectory import FORMAT, STATUS_CODES, FlowStatus, RankChange, Trajectory
 from subriemann.metrics import EuclideanMetric, OutputPullbackMetric
-from subriemann.trajectory import FORMAT, STATUS_CODES, FlowStatus, RankChange, Trajectory
 from tests.helpers import MLPSpec, SquareAndLine, make_problem
 
 ARRAYS = ("s", "theta", "outputs", "cost", "grad_norm", "singular_values", "rank", "targets")

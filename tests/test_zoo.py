@@ -25,7 +25,7 @@ hundred roundings of O(1) terms, below ``1e-13`` relative (observed: below
 ``1e-14``), while a wrong route (a missing sample coupling, a dropped
 parameter) errs by O(1).  Gradients: ``1e-9`` plus
 ``1e-13 * kappa(D)^2`` (the normal-equation routes square the condition
-number: MATH.md §7; the zoo's :math:`\\kappa(D)` is below ``1e3``).
+number: docs/theory.md §7; the zoo's :math:`\\kappa(D)` is below ``1e3``).
 
 Sample-coupled models (``x - x.mean(0)``, softmax over the batch,
 ``MultiheadAttention(batch_first=False)`` on ``[N, ...]`` inputs, BatchNorm
@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 import subriemann as sr
-from subriemann.structured import Residual
+from subriemann.nn import Residual
 from tests.helpers import flat_params, reference_jacobian, reference_outputs
 
 F64 = torch.float64
@@ -406,7 +406,7 @@ def prelu(in_dim, out_dim):
 @pytest.mark.parametrize("factory", ["gru", "prelu"])
 def test_cli_runs_prelu_and_gru_model_files(tmp_path, factory, capsys):
     """``subriemann run --model-file`` with the models the engine used to crash on."""
-    from subriemann.cli import main
+    from subriemann.app.cli import main
 
     (tmp_path / "net.py").write_text(MODEL_FILE)
     gen = np.random.default_rng(0)

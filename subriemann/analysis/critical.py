@@ -1,6 +1,6 @@
 r"""Critical points of :math:`C`, their local dimension, and continuation along critical sets.
 
-MATH.md §5: every flow of the family stops exactly where
+docs/theory.md §5: every flow of the family stops exactly where
 :math:`F(\theta) := \nabla_\theta C = D^\top\nabla_x C = 0`.  With full rank
 :math:`QN` this forces :math:`\nabla_x C = 0` (a global minimum for MSE), so
 a *non-global* equilibrium needs rank loss; such equilibria are generically
@@ -577,7 +577,7 @@ class EquilibriumReport:
 
 def _singular_state(space: ParameterSpace, theta: Tensor) -> tuple[Tensor, Tensor]:
     """(left singular vectors U [QN, m], singular values [m]) of D, descending."""
-    from subriemann.linalg import DENSE_LIMIT
+    from subriemann.linalg.dense import DENSE_LIMIT
 
     st = space.point_state(theta)
     if space.output_dim * space.dim <= DENSE_LIMIT:

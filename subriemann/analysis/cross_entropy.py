@@ -1,4 +1,4 @@
-r"""Cross-entropy geometry (MATH.md §6, [CM24] §2.3): hyperplanes, limit, rate.
+r"""Cross-entropy geometry (docs/theory.md §6, [CM24] §2.3): hyperplanes, limit, rate.
 
 For the cross-entropy :math:`C = \sum_j -\langle y_j, \log\sigma(x_j)\rangle` on
 logits :math:`x_j \in \mathbb{R}^Q` (labels :math:`y_j` in the simplex),
@@ -78,8 +78,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from subriemann.flow.trajectory import Trajectory
 from subriemann.losses import CrossEntropyLoss
-from subriemann.trajectory import Trajectory
 
 __all__ = [
     "HyperplaneSums",
@@ -155,7 +155,7 @@ def _check_ce_trajectory(traj: Trajectory, what: str) -> tuple[int, int]:
         raise TypeError(f"{what} needs a subriemann.Trajectory, got {type(traj).__name__}")
     if traj.loss not in ("cross_entropy", "ce"):
         raise ValueError(
-            f"{what} is a statement about the cross-entropy cost (MATH.md §6); the "
+            f"{what} is a statement about the cross-entropy cost (docs/theory.md §6); the "
             f"trajectory's loss is {traj.loss!r}"
         )
     if len(traj) == 0:
@@ -226,7 +226,7 @@ def hyperplane_sums(traj: Trajectory) -> HyperplaneSums:
     Under the adapted flow with :math:`\operatorname{rank}D = QN`,
     :math:`\partial_s x_j = -(\sigma(x_j) - y_j)` and
     :math:`\langle 1, \sigma(x_j) - y_j\rangle = 1 - 1 = 0`, so every sum is constant
-    (MATH.md §6).  Other flows (:math:`\lambda < 1`, natural gradient) move the sums;
+    (docs/theory.md §6).  Other flows (:math:`\lambda < 1`, natural gradient) move the sums;
     with rank loss and a last-layer bias only the total is kept.
 
     Parameters

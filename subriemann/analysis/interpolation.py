@@ -1,6 +1,6 @@
 r"""Theory diagnostics of MSE flows: decay, straight lines, deviation from rank loss.
 
-MATH.md §3–§4.  For the adapted flow (:math:`\lambda = 1`) with
+docs/theory.md §3–§4.  For the adapted flow (:math:`\lambda = 1`) with
 :math:`\operatorname{rank}D = QN` along the orbit,
 
 * :math:`|x(s) - y| = e^{-s}|x(0) - y|` and :math:`C(s) = e^{-2s}C(0)`;
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from subriemann.trajectory import Trajectory
+from subriemann.flow.trajectory import Trajectory
 
 __all__ = [
     "apriori_stopping_time",
@@ -36,14 +36,14 @@ __all__ = [
 def _check_mse(loss_name: str, what: str) -> None:
     if loss_name != "mse":
         raise ValueError(
-            f"{what} is a statement about the MSE cost (MATH.md §3); loss is {loss_name!r}"
+            f"{what} is a statement about the MSE cost (docs/theory.md §3); loss is {loss_name!r}"
         )
 
 
 def apriori_stopping_time(space, initial_point: Tensor, eps: float) -> float:
-    r"""A priori stopping time :math:`T_\varepsilon = \tfrac12\log(C(0)/\varepsilon)` (MATH.md §3).
+    r"""A priori stopping time :math:`T_\varepsilon = \tfrac12\log(C(0)/\varepsilon)`.
 
-    Along the adapted flow (:math:`\lambda = 1`) with MSE cost,
+    (docs/theory.md §3.) Along the adapted flow (:math:`\lambda = 1`) with MSE cost,
     :math:`C(s) = e^{-2s}C(0)`, so :math:`C(s) \le \varepsilon` for all
     :math:`s \ge T_\varepsilon`, whatever the architecture, data or
     initialization ([Che23]).

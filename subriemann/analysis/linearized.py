@@ -8,7 +8,7 @@ output space,
 
 with eigenvalues :math:`\kappa_i = \sigma_i^2/((1-\lambda)+\lambda\sigma_i^2)`
 (at :math:`\lambda = 1`: 1 on :math:`\operatorname{ran}D`, 0 elsewhere).  For
-MSE the solution is closed form (MATH.md §8 item 5):
+MSE the solution is closed form (docs/theory.md §8 item 5):
 
 .. math:: x(s) = y + \exp(-s\mathcal K_\lambda)(x(0) - y).
 

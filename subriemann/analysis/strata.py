@@ -1,6 +1,6 @@
 r"""Rank strata visited by many flows, as a graph.
 
-MATH.md §5: the rank strata :math:`S_r = \{\theta : \operatorname{rank}D[\theta] = r\}`
+docs/theory.md §5: the rank strata :math:`S_r = \{\theta : \operatorname{rank}D[\theta] = r\}`
 partition parameter space.  In the overparametrized case the rank-deficient
 strata have high codimension, so a flow crosses into one only rarely, and a
 rank change is an *event* (recorded by :func:`~subriemann.gradient_flow` as a
@@ -58,8 +58,8 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from subriemann.flow.trajectory import Trajectory
     from subriemann.space import ParameterSpace
-    from subriemann.trajectory import Trajectory
 
 __all__ = [
     "GLOBAL_MINIMUM",
@@ -258,8 +258,8 @@ def strata_graph(
         status codes → count).  ``graph.graph`` holds ``n_runs``,
         ``classification`` and the tolerances.
     """
+    from subriemann.flow.trajectory import Trajectory
     from subriemann.space import ParameterSpace
-    from subriemann.trajectory import Trajectory
 
     if isinstance(trajectories, Trajectory):
         trajectories = [trajectories]
@@ -536,7 +536,7 @@ def run_flow_task(
         if threads is not None and multiprocessing.parent_process() is not None:
             torch.set_num_threads(int(threads))
         from subriemann.flow import gradient_flow
-        from subriemann.trajectory import Trajectory
+        from subriemann.flow.trajectory import Trajectory
 
         sp = _materialize(space)
         # torch's forward-mode AD (torch.func.jvp) keeps its dual levels in process-global

@@ -4,7 +4,7 @@ r"""Batches of initial points: ``B`` flows integrated together in lock-step roun
 :func:`run_batch`: each flow runs the single-flow engine in its own thread
 (its :class:`~subriemann.flow.engine.Flow` holds its own copy of the metric,
 so its threshold is its own), and posts every evaluation to a
-:class:`~subriemann.lockstep.LockStep`; the calling thread serves them in
+:class:`~subriemann.flow.lockstep.LockStep`; the calling thread serves them in
 rounds with :func:`serve_round` (batched vector fields first, through
 :func:`subriemann.linalg.prefill_states`, then every answer from the caches).
 """
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from subriemann.lockstep import LockStep
+from subriemann.flow.lockstep import LockStep
 
 __all__ = ["MEMBER", "serve_round", "run_batch"]
 

@@ -1,11 +1,11 @@
 r"""Checkpoints of a flow: their path, the problem's fingerprint, and a validated read.
 
 A checkpoint is a trajectory file (:meth:`~subriemann.Trajectory.save`) with
-the integrator state added (see :mod:`subriemann.trajectory`).  Three rules
+the integrator state added (see :mod:`subriemann.flow.trajectory`).  Three rules
 keep the work it holds from being lost or mixed with another problem's:
 
 * **one name**: ``"run"`` and ``"run.npz"`` are the same file for writing
-  and resuming (:func:`~subriemann.trajectory.npz_path`);
+  and resuming (:func:`~subriemann.flow.trajectory.npz_path`);
 * **checked before integrating**: :func:`checkpoint_path` creates the folder
   and writes a probe file there before the first step, so an unwritable path
   fails at once, not after the whole integration;
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from subriemann.trajectory import (
+from subriemann.flow.trajectory import (
     Trajectory,
     existing_npz,
     npz_path,

@@ -27,7 +27,7 @@ where :math:`t_0 = b` and :math:`t_j` separates the :math:`j`-th direction of
 the band from the next (:math:`t_m = \tau`), so that :math:`G(t_j) - G(t_{j-1})`
 is that direction's term.  The exact field is :math:`-G(\tau)`; the relative
 deviation :math:`|F + G(\tau)|/|G(\tau)|` is reported per segment
-(:class:`~subriemann.trajectory.Segment`).
+(:class:`~subriemann.flow.trajectory.Segment`).
 
 A direction whose :math:`\sigma_k \le \tau` is dropped exactly as before (the
 rank events are located and recorded unchanged).
@@ -41,7 +41,7 @@ from dataclasses import astuple, replace
 
 from torch import Tensor
 
-from subriemann.trajectory import Segment
+from subriemann.flow.trajectory import Segment
 
 __all__ = ["band_top", "smoothstep", "filtered_gradient", "SegmentBook"]
 

@@ -56,8 +56,8 @@ from subriemann.flow.checkpoint import (
     read_checkpoint,
 )
 from subriemann.flow.options import METHODS, RANK_METHODS, RESUME_FREE, FlowOptions
+from subriemann.flow.trajectory import FlowStatus, RankChange, Trajectory, existing_npz
 from subriemann.integrators import TABLEAUS, StepController, rk_step
-from subriemann.trajectory import FlowStatus, RankChange, Trajectory, existing_npz
 
 __all__ = ["gradient_flow", "METHODS", "RANK_METHODS", "Flow", "State"]
 
@@ -374,7 +374,7 @@ def gradient_flow(
     -------
     Trajectory or list of Trajectory
         With ``status`` saying why the flow stopped
-        (:data:`subriemann.trajectory.STATUS_CODES`); on failure or
+        (:data:`subriemann.flow.trajectory.STATUS_CODES`); on failure or
         ``KeyboardInterrupt`` the trajectory up to the last good state.
 
     Raises

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from subriemann.trajectory import RankChange
+from subriemann.flow.trajectory import RankChange
 
 __all__ = ["CAP_BAND", "old_branch_tau", "substep", "locate", "crossings", "cap_near_tau",
            "first_crossing", "chattering"]

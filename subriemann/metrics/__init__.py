@@ -1,6 +1,6 @@
-r"""Metrics on parameter space (MATH.md §2).
+r"""Metrics on parameter space (docs/theory.md §2).
 
-Each row of the table of MATH.md §2 is a class (see ``docs/metrics.md``):
+Each row of the table of docs/theory.md §2 is a class (see ``docs/metrics.md``):
 
 * Euclidean, :math:`1_K`: :class:`EuclideanMetric`;
 * output pullback, :math:`D^\top D`: :class:`OutputPullbackMetric`;
@@ -17,14 +17,14 @@ Custom metrics:
 * anything with a ``metric_matrix``: subclass :class:`ParameterMetric`.
 """
 
-from subriemann.metrics.base import ParameterMetric
+from subriemann.metrics.base import ParameterMetric, SumMetric
 from subriemann.metrics.builtin import (
     BundleMetric,
     EuclideanMetric,
     InterpolatedMetric,
     OutputPullbackMetric,
 )
-from subriemann.metrics.custom import DampedMetric, OutputMetric, SumMetric
+from subriemann.metrics.custom import DampedMetric, OutputMetric
 from subriemann.metrics.fisher import SoftmaxFisherMetric
 
 __all__ = [

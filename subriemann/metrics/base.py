@@ -6,7 +6,7 @@ vector :math:`v` in the metric's distribution :math:`\mathcal{V}` with
 
 .. math:: g(v, w) = dC(w) \quad \text{for all } w \in \mathcal{V},
 
-and the gradient flow is :math:`\partial_s\theta = -v` (MATH.md §2).  A flow
+and the gradient flow is :math:`\partial_s\theta = -v` (docs/theory.md §2).  A flow
 is never hand-coded per metric: :meth:`ParameterMetric.gradient` is
 ``sharp(dC)``.
 
@@ -19,6 +19,9 @@ matrix-free or push-through forms.
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,6 +29,7 @@ from torch import Tensor
 
 from subriemann._geomstats import default_dtype, import_geomstats
 from subriemann.linalg import PointState, cg, check_converged
+from subriemann.vectorization import map_points
 
 import_geomstats()
 from geomstats.geometry.riemannian_metric import RiemannianMetric  # noqa: E402
@@ -35,24 +39,12 @@ from geomstats.numerics.ivp import GSIVPIntegrator  # noqa: E402
 if TYPE_CHECKING:
     from subriemann.space import ParameterSpace
 
-__all__ = ["ParameterMetric", "DENSE_K_LIMIT"]
+__all__ = ["ParameterMetric", "SumMetric", "DENSE_K_LIMIT"]
 
 _TOKENS = itertools.count()
 
 DENSE_K_LIMIT = 8000
 """Largest K for which K × K matrices (``metric_matrix``, ``distribution``) are formed."""
-
-
-def _batched(fn: Any, base_point: Tensor, *vecs: Tensor) -> Tensor:
-    """Apply ``fn(point, *vecs)`` over leading batch dimensions ``[..., K]``."""
-    if base_point.ndim == 1 and all(v.ndim <= 1 for v in vecs):
-        return fn(base_point, *vecs)
-    shape = torch.broadcast_shapes(base_point.shape[:-1], *[v.shape[:-1] for v in vecs])
-    bp = base_point.expand(*shape, base_point.shape[-1]).reshape(-1, base_point.shape[-1])
-    vs = [v.expand(*shape, v.shape[-1]).reshape(-1, v.shape[-1]) for v in vecs]
-    outs = [fn(bp[i], *[v[i] for v in vs]) for i in range(bp.shape[0])]
-    out = torch.stack(outs)
-    return out.reshape(*shape, *out.shape[1:])
 
 
 class ParameterMetric(RiemannianMetric):
@@ -91,9 +83,7 @@ class ParameterMetric(RiemannianMetric):
         rank_atol: float | None = None,
         exp_steps: int = 50,
     ) -> None:
-        from subriemann.space import ParameterSpace
-
-        if not isinstance(space, ParameterSpace):
+        if not callable(getattr(space, "point_state", None)) or not hasattr(space, "layout"):
             raise TypeError(
                 f"{type(self).__name__} needs a subriemann.ParameterSpace, "
                 f"got {type(space).__name__}"
@@ -187,7 +177,7 @@ class ParameterMetric(RiemannianMetric):
     def metric_vec(self, tangent_vec: Tensor, base_point: Tensor) -> Tensor:
         r""":math:`g(\theta)\,v` (the flat map of a tangent vector), shape ``[..., K]``."""
         v = self._check_tangent(tangent_vec)
-        return _batched(lambda p, a: self.metric_matrix(p) @ a, base_point, v)
+        return map_points(lambda p, a: self.metric_matrix(p) @ a, base_point, v)
 
     def inner_product(
         self, tangent_vec_a: Tensor, tangent_vec_b: Tensor, base_point: Tensor
@@ -384,7 +374,7 @@ class ParameterMetric(RiemannianMetric):
             return -(self.cometric_matrix(pos) @ rhs)
 
         pos, vel = state[..., 0, :], state[..., 1, :]
-        acc = _batched(one, pos, vel)
+        acc = map_points(one, pos, vel)
         return torch.stack([vel, acc], dim=-2)
 
     def christoffels(self, base_point: Tensor) -> Tensor:
@@ -399,17 +389,98 @@ class ParameterMetric(RiemannianMetric):
 
     # -- combination ---------------------------------------------------------------
     def __add__(self, other: ParameterMetric) -> ParameterMetric:
-        from subriemann.metrics.custom import SumMetric
-
         if not isinstance(other, ParameterMetric):
             return NotImplemented
         return SumMetric(self._space, [self, other])
 
     def __mul__(self, scalar: float) -> ParameterMetric:  # type: ignore[override]
-        from subriemann.metrics.custom import SumMetric
-
         if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
             return NotImplemented
         return SumMetric(self._space, [self], weights=[float(scalar)])
+
+    __rmul__ = __mul__  # type: ignore[assignment]
+
+
+class SumMetric(ParameterMetric):
+    r"""A weighted sum :math:`g = \sum_i c_i\, g_i` of metrics on the same space.
+
+    ``a + b`` and ``c * a`` on metrics build one.  ``sharp`` is dense
+    (eigendecomposition of the summed ``metric_matrix``) for
+    :math:`K \le` ``DENSE_K_LIMIT`` and conjugate gradients on
+    ``metric_vec`` beyond.
+
+    Parameters
+    ----------
+    space : ParameterSpace
+    metrics : sequence of ParameterMetric
+        Instances on ``space``.
+    weights : sequence of float, optional
+        Non-negative :math:`c_i` (default all 1).
+    """
+
+    def __init__(
+        self,
+        space,
+        metrics: Sequence[ParameterMetric],
+        weights: Sequence[float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(space, **kwargs)
+        metrics = list(metrics)
+        if not metrics:
+            raise ValueError("SumMetric needs at least one metric")
+        for m in metrics:
+            if not isinstance(m, ParameterMetric):
+                raise TypeError(
+                    f"SumMetric combines ParameterMetric instances, got {type(m).__name__}"
+                )
+            if m._space is not space:
+                raise ValueError("all metrics of a SumMetric must live on the same space")
+        if weights is not None:
+            for w in weights:
+                if isinstance(w, bool) or not isinstance(w, numbers.Real):
+                    raise TypeError(f"weights must be real numbers, got {type(w).__name__}")
+        weights = [1.0] * len(metrics) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(metrics):
+            raise ValueError(f"got {len(metrics)} metrics but {len(weights)} weights")
+        if any(not math.isfinite(w) or w < 0 for w in weights):
+            raise ValueError(f"weights must be finite and non-negative, got {weights}")
+        self.metrics, self.weights = metrics, weights
+
+    def description(self) -> dict[str, Any]:
+        d = super().description()
+        d["terms"] = [dict(weight=w, **m.description()) for m, w in zip(self.metrics, self.weights)]
+        return d
+
+    def metric_matrix(self, base_point: Tensor) -> Tensor:
+        r""":math:`\sum_i c_i g_i(\theta)`, shape ``[..., K, K]``."""
+        terms = [w * m.metric_matrix(base_point) for m, w in zip(self.metrics, self.weights)]
+        return torch.stack(terms).sum(0)
+
+    def metric_vec(self, tangent_vec: Tensor, base_point: Tensor) -> Tensor:
+        r""":math:`\sum_i c_i g_i v` (each term's own operator form)."""
+        pairs = zip(self.metrics, self.weights)
+        terms = [w * m.metric_vec(tangent_vec, base_point) for m, w in pairs]
+        return torch.stack(terms).sum(0)
+
+    def inner_product(self, tangent_vec_a, tangent_vec_b, base_point):
+        return sum(
+            w * m.inner_product(tangent_vec_a, tangent_vec_b, base_point)
+            for m, w in zip(self.metrics, self.weights)
+        )
+
+    def __add__(self, other: ParameterMetric) -> ParameterMetric:
+        if isinstance(other, SumMetric) and other._space is self._space:
+            return SumMetric(
+                self._space, self.metrics + other.metrics, self.weights + other.weights
+            )
+        if isinstance(other, ParameterMetric):
+            return SumMetric(self._space, [*self.metrics, other], [*self.weights, 1.0])
+        return NotImplemented
+
+    def __mul__(self, scalar: float) -> ParameterMetric:  # type: ignore[override]
+        if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
+            return NotImplemented
+        return SumMetric(self._space, self.metrics, [scalar * w for w in self.weights])
 
     __rmul__ = __mul__  # type: ignore[assignment]

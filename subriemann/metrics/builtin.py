@@ -1,4 +1,4 @@
-r"""The built-in metrics of MATH.md §2.
+r"""The built-in metrics of docs/theory.md §2.
 
 * Euclidean, :math:`1_K`: :class:`EuclideanMetric`;
 * output pullback, :math:`D^\top D`: :class:`OutputPullbackMetric`;
@@ -26,7 +26,7 @@ from torch import Tensor
 from subriemann._geomstats import default_dtype, import_geomstats
 from subriemann._warnings import warn_once
 from subriemann.integrators import TABLEAUS, fixed_steps
-from subriemann.linalg import (
+from subriemann.linalg.dense import (
     ACCURACY,
     SVD_FALLBACK_LIMIT,
     AccuracyWarning,
@@ -38,7 +38,8 @@ from subriemann.linalg import (
     interp_weights,
     lsmr,
 )
-from subriemann.metrics.base import ParameterMetric, _batched
+from subriemann.metrics.base import ParameterMetric
+from subriemann.vectorization import map_points
 
 __all__ = ["EuclideanMetric", "InterpolatedMetric", "OutputPullbackMetric", "BundleMetric"]
 
@@ -83,7 +84,7 @@ class EuclideanMetric(ParameterMetric):
     r"""The Euclidean metric :math:`1_K`: ordinary gradient flow.
 
     :math:`\operatorname{grad} C = D^\top\nabla_x C`; its output-space velocity
-    is :math:`-DD^\top\nabla_x C` (the NTK, MATH.md (2.17)).  This is
+    is :math:`-DD^\top\nabla_x C` (the NTK, [CM24] (2.17)).  This is
     :class:`InterpolatedMetric` at :math:`\lambda = 0`, implemented without
     any solve.  Geodesics are straight lines.
     """
@@ -256,7 +257,7 @@ class InterpolatedMetric(ParameterMetric):
             eye = torch.eye(d.shape[1], dtype=d.dtype, device=d.device)
             return (1.0 - lam) * eye + lam * d.T @ d
 
-        return _batched(one, base_point)
+        return map_points(one, base_point)
 
     def metric_vec(self, tangent_vec: Tensor, base_point: Tensor) -> Tensor:
         r""":math:`(1-\lambda)v + \lambda D^\top D v` (one JVP and one VJP)."""
@@ -266,7 +267,7 @@ class InterpolatedMetric(ParameterMetric):
             st = self.state(p)
             return (1.0 - self.lam) * a + self.lam * st.vjp(st.jvp(a))
 
-        return _batched(one, base_point, v)
+        return map_points(one, base_point, v)
 
     def inner_product(
         self, tangent_vec_a: Tensor, tangent_vec_b: Tensor, base_point: Tensor
@@ -286,7 +287,7 @@ class InterpolatedMetric(ParameterMetric):
                 da, db = st.jvp(u), st.jvp(w)
             return (1.0 - lam) * (u @ w) + lam * (da @ db)
 
-        return _batched(one, base_point, a, b)
+        return map_points(one, base_point, a, b)
 
     def gradient(self, base_point: Tensor) -> Tensor:
         r"""Riemannian gradient :math:`g_\lambda^+ D^\top\nabla_x C`, shape ``[K]``.
@@ -379,7 +380,7 @@ class InterpolatedMetric(ParameterMetric):
           :math:`\sigma_{\max}/\tau`), CG on the SPD operator in the smaller
           space for :math:`\lambda<1`;
         * ``nystrom``: for :math:`\lambda<1` CG on the same operator with a
-          randomized Nyström preconditioner (:mod:`subriemann.nystrom`), stopped
+          randomized Nyström preconditioner (:mod:`subriemann.linalg.nystrom`), stopped
           on the true residual at ``solver_rtol`` or warned
           (:class:`~subriemann.linalg.ConvergenceWarning`); at :math:`\lambda=1`
           the ``matrix_free`` LSMR with its accuracy estimate.  ``last_solve``
@@ -404,7 +405,7 @@ class InterpolatedMetric(ParameterMetric):
 
     def _nystrom_pullback(self, u: Tensor, base_point: Tensor) -> Tensor:
         r"""Nyström-PCG on :math:`\lambda(G + \mu 1)`, :math:`\mu = (1-\lambda)/\lambda`."""
-        from subriemann.nystrom import NystromSolver, gram_rows
+        from subriemann.linalg.nystrom import NystromSolver, gram_rows
 
         st, lam, small = self.state(base_point), self.lam, self._small_is_output
         if getattr(self, "_nystrom", None) is None:
@@ -751,7 +752,7 @@ class InterpolatedMetric(ParameterMetric):
             m = self.cometric_matrix(p) @ sp.jacobian(p).T  # [K, QN]
             return self.lam * torch.einsum("ka,aij->kij", m, hess)
 
-        return _batched(one, base_point)
+        return map_points(one, base_point)
 
     def geodesic_equation(self, state: Tensor) -> Tensor:
         r"""Right-hand side of the geodesic ODE, ``state = [..., 2, K]`` (position, velocity).
@@ -769,7 +770,7 @@ class InterpolatedMetric(ParameterMetric):
             return -self.lam * self.sharp_pullback(h, pos)
 
         pos, vel = state[..., 0, :], state[..., 1, :]
-        acc = _batched(one, pos, vel)
+        acc = map_points(one, pos, vel)
         return torch.stack([vel, acc], dim=-2)
 
 
@@ -886,7 +887,7 @@ class BundleMetric(InterpolatedMetric):
             v, s = self._frame_sv(p)
             return (v * ((1.0 - self.lam) + self.lam * s**2)) @ v.T
 
-        return _batched(one, base_point)
+        return map_points(one, base_point)
 
     def _project(self, a: Tensor, base_point: Tensor) -> Tensor:
         r""":math:`\bar P a`, the orthogonal projection onto :math:`\operatorname{ran}D^\top`."""
@@ -924,7 +925,7 @@ class BundleMetric(InterpolatedMetric):
                 out = out + (1.0 - self.lam) * self._project(a, p)
             return out
 
-        return _batched(one, base_point, v)
+        return map_points(one, base_point, v)
 
     def inner_product(self, tangent_vec_a, tangent_vec_b, base_point):
         r""":math:`g_\lambda(\bar Pa,\bar Pb)`.
@@ -946,7 +947,7 @@ class BundleMetric(InterpolatedMetric):
                 out = out + (1.0 - lam) * (self._project(u, p) @ w)
             return out
 
-        return _batched(one, base_point, a, b)
+        return map_points(one, base_point, a, b)
 
     def sharp_pullback(self, output_covec: Tensor, base_point: Tensor) -> Tensor:
         if self.lam == 1.0 or self.solver == "matrix_free":
@@ -1072,7 +1073,7 @@ class BundleMetric(InterpolatedMetric):
             qp = fixed_steps(TABLEAUS["rk4"], hamilton, torch.cat([q, p]), 1.0, self.exp_steps)
             return qp[:k]
 
-        return _batched(one, base_point, v)
+        return map_points(one, base_point, v)
 
     def geodesic_equation(self, state: Tensor) -> Tensor:
         raise NotImplementedError(
@@ -1109,7 +1110,7 @@ class BundleMetric(InterpolatedMetric):
                 scale = ((1.0 - lam) + lam * s[:r] ** 2).rsqrt()
                 return vh[:r].mT * scale
 
-            return _batched(one, point)
+            return map_points(one, point)
 
         class _Exported(SubRiemannianMetric):
             def __getattribute__(self, name: str) -> Any:
@@ -1125,10 +1126,10 @@ class BundleMetric(InterpolatedMetric):
 
             def _hamiltonian_frame(self, state):
                 position, momentum = state
-                return _batched(lambda q, m: outer.hamiltonian(q, m, r), position, momentum)
+                return map_points(lambda q, m: outer.hamiltonian(q, m, r), position, momentum)
 
             def sr_sharp(self, base_point, cotangent_vec):
-                return _batched(lambda q, m: outer._cosharp(q, m, r), base_point, cotangent_vec)
+                return map_points(lambda q, m: outer._cosharp(q, m, r), base_point, cotangent_vec)
 
         exported = _Exported(sp, frame=frame)
         exported.rank = r

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from subriemann.metrics.base import ParameterMetric, _batched
+from subriemann.metrics.base import ParameterMetric, SumMetric
+from subriemann.vectorization import map_points
 
-__all__ = ["OutputMetric", "SumMetric", "DampedMetric"]
+__all__ = ["OutputMetric", "DampedMetric"]
 
 
 class OutputMetric(ParameterMetric):
@@ -110,7 +111,7 @@ class OutputMetric(ParameterMetric):
             x = sp.backend.outputs(p)
             return d.T @ self.output_metric(x) @ d
 
-        return _batched(one, base_point)
+        return map_points(one, base_point)
 
     def metric_vec(self, tangent_vec: Tensor, base_point: Tensor) -> Tensor:
         r""":math:`D^\top G D v` (one JVP and one VJP)."""
@@ -120,7 +121,7 @@ class OutputMetric(ParameterMetric):
             st = self.state(p)
             return st.vjp(self.output_metric_vec(st.outputs, st.jvp(a)))
 
-        return _batched(one, base_point, v)
+        return map_points(one, base_point, v)
 
     def inner_product(self, tangent_vec_a, tangent_vec_b, base_point):
         r""":math:`\langle Da, G\,Db\rangle`, without K × K."""
@@ -136,7 +137,7 @@ class OutputMetric(ParameterMetric):
                 x, du, dw = st.outputs, st.jvp(u), st.jvp(w)
             return du @ self.output_metric_vec(x, dw)
 
-        return _batched(one, base_point, a, b)
+        return map_points(one, base_point, a, b)
 
     def _reduced(self, base_point: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``(V_r, sigma_r, U_r, W, evals)`` pieces of the reduced form, cached per point."""
@@ -185,91 +186,6 @@ class OutputMetric(ParameterMetric):
         self._require_small_k("distribution")
         v, _, _, w, evals = self._reduced(base_point)
         return v @ w[:, self._eig_cut(evals)]
-
-
-class SumMetric(ParameterMetric):
-    r"""A weighted sum :math:`g = \sum_i c_i\, g_i` of metrics on the same space.
-
-    ``a + b`` and ``c * a`` on metrics build one.  ``sharp`` is dense
-    (eigendecomposition of the summed ``metric_matrix``) for
-    :math:`K \le` ``DENSE_K_LIMIT`` and conjugate gradients on
-    ``metric_vec`` beyond.
-
-    Parameters
-    ----------
-    space : ParameterSpace
-    metrics : sequence of ParameterMetric
-        Instances on ``space``.
-    weights : sequence of float, optional
-        Non-negative :math:`c_i` (default all 1).
-    """
-
-    def __init__(
-        self,
-        space,
-        metrics: Sequence[ParameterMetric],
-        weights: Sequence[float] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(space, **kwargs)
-        metrics = list(metrics)
-        if not metrics:
-            raise ValueError("SumMetric needs at least one metric")
-        for m in metrics:
-            if not isinstance(m, ParameterMetric):
-                raise TypeError(
-                    f"SumMetric combines ParameterMetric instances, got {type(m).__name__}"
-                )
-            if m._space is not space:
-                raise ValueError("all metrics of a SumMetric must live on the same space")
-        if weights is not None:
-            for w in weights:
-                if isinstance(w, bool) or not isinstance(w, numbers.Real):
-                    raise TypeError(f"weights must be real numbers, got {type(w).__name__}")
-        weights = [1.0] * len(metrics) if weights is None else [float(w) for w in weights]
-        if len(weights) != len(metrics):
-            raise ValueError(f"got {len(metrics)} metrics but {len(weights)} weights")
-        if any(not math.isfinite(w) or w < 0 for w in weights):
-            raise ValueError(f"weights must be finite and non-negative, got {weights}")
-        self.metrics, self.weights = metrics, weights
-
-    def description(self) -> dict[str, Any]:
-        d = super().description()
-        d["terms"] = [dict(weight=w, **m.description()) for m, w in zip(self.metrics, self.weights)]
-        return d
-
-    def metric_matrix(self, base_point: Tensor) -> Tensor:
-        r""":math:`\sum_i c_i g_i(\theta)`, shape ``[..., K, K]``."""
-        terms = [w * m.metric_matrix(base_point) for m, w in zip(self.metrics, self.weights)]
-        return torch.stack(terms).sum(0)
-
-    def metric_vec(self, tangent_vec: Tensor, base_point: Tensor) -> Tensor:
-        r""":math:`\sum_i c_i g_i v` (each term's own operator form)."""
-        pairs = zip(self.metrics, self.weights)
-        terms = [w * m.metric_vec(tangent_vec, base_point) for m, w in pairs]
-        return torch.stack(terms).sum(0)
-
-    def inner_product(self, tangent_vec_a, tangent_vec_b, base_point):
-        return sum(
-            w * m.inner_product(tangent_vec_a, tangent_vec_b, base_point)
-            for m, w in zip(self.metrics, self.weights)
-        )
-
-    def __add__(self, other: ParameterMetric) -> ParameterMetric:
-        if isinstance(other, SumMetric) and other._space is self._space:
-            return SumMetric(
-                self._space, self.metrics + other.metrics, self.weights + other.weights
-            )
-        if isinstance(other, ParameterMetric):
-            return SumMetric(self._space, [*self.metrics, other], [*self.weights, 1.0])
-        return NotImplemented
-
-    def __mul__(self, scalar: float) -> ParameterMetric:  # type: ignore[override]
-        if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
-            return NotImplemented
-        return SumMetric(self._space, self.metrics, [scalar * w for w in self.weights])
-
-    __rmul__ = __mul__  # type: ignore[assignment]
 
 
 class DampedMetric(SumMetric):

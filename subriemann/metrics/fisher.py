@@ -1,4 +1,4 @@
-r"""The softmax Fisher metric for classification (MATH.md §6).
+r"""The softmax Fisher metric for classification (docs/theory.md §6).
 
 For cross-entropy on logits, the output-space Hessian of the cost is the
 block-diagonal matrix

@@ -23,7 +23,7 @@ The identity is the push-through
 :math:`\tilde D = T^\top D`, so only a matrix of size
 :math:`R = QN_B` (MSE) or :math:`(Q-1)N_B` (cross-entropy) is factorized,
 never anything of size :math:`K`.  :math:`DD^\top` is the batch NTK of the
-structured engine (:mod:`subriemann.structured`), whose cached layer factors
+structured engine (:mod:`subriemann.engines.structured`), whose cached layer factors
 also give :math:`x` and :math:`D^\top(Tw)` without another network pass.
 
 **Solves** (:class:`~subriemann.linalg.PointState` on the :math:`R\times R`
@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from subriemann._warnings import warn_once
-from subriemann.jacobian import ParameterLayout, make_backend
+from subriemann.engines import ParameterLayout, make_backend
 from subriemann.linalg import PointState
 from subriemann.losses import CrossEntropyLoss, Loss, MSELoss, get_loss
 from subriemann.metrics.builtin import check_lam
@@ -283,7 +283,7 @@ class AdaptedGD(torch.optim.Optimizer):
         space's parameters are the group's; much slower than the built-in route).
     metric_kwargs : dict, optional
     backend : {"auto", "structured", "func"}
-        Jacobian engine (:func:`subriemann.jacobian.make_backend`).
+        Jacobian engine (:func:`subriemann.engines.func.make_backend`).
     record_spectrum : bool
         Record ``mu`` in :attr:`last_step` (one extra eigendecomposition of
         the :math:`R\times R` matrix per step).

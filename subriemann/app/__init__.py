@@ -1,0 +1,11 @@
+"""The application built on the library: command line, report, figures, datasets and models.
+
+* :mod:`~subriemann.app.cli`: ``subriemann run`` / ``resume`` / ``sweep``;
+* :mod:`~subriemann.app.report`: the HTML report and ``summary.json``;
+* :mod:`~subriemann.app.plots`: the report's figures (matplotlib);
+* :mod:`~subriemann.app.datasets`: built-in and user datasets;
+* :mod:`~subriemann.app.models`: model builders (``mlp:32,32``, user files);
+* :mod:`~subriemann.app.sweep`: many runs on a distributed engine.
+
+Nothing in the library imports from here.
+"""

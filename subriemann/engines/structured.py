@@ -1,0 +1,1231 @@
+r"""Structured empirical NTK: :math:`DD^\top` layer by layer, without forming :math:`D`.
+
+docs/theory.md §1, §7 and issue 8.  For a network built from the layers below, the
+Jacobian :math:`D = \partial x/\partial\theta` (shape ``[QN, K]``) has a
+Kronecker structure per layer, and the empirical NTK is assembled from
+small per-layer factors.
+
+**Dense layers.**  A ``Linear`` layer :math:`z = W a + b` applied to a sample
+:math:`j` has input :math:`a_j \in \mathbb{R}^{m}` and output cotangents
+:math:`g_{jq} = \partial x_{jq}/\partial z_j \in \mathbb{R}^{c}` (one per
+output :math:`q`).  The rows of :math:`D` for :math:`(W, b)` are
+:math:`g_{jq} \otimes (a_j, 1)`, hence
+
+.. math::
+
+    (DD^\top)_{(jq),(j'q')} = \sum_l \big(a^l_j\cdot a^l_{j'} + 1\big)\,
+    \big(g^l_{jq}\cdot g^l_{j'q'}\big),
+
+i.e. :math:`DD^\top = \sum_l (A_lA_l^\top) \circ (G_lG_l^\top)` arranged over
+(sample, output) pairs, with :math:`A_l` of shape ``[N, m+1]`` and
+:math:`G_l` of shape ``[QN, c]``.  The cost is
+:math:`O(N^2 m + (QN)^2 c)` per layer instead of :math:`O((QN)^2 mc)`, and
+the memory :math:`O(N m + QN c)` instead of :math:`O(QN\,mc)`.
+
+**Layers with positions** (``Conv1d``/``Conv2d`` through their patches, a
+``Linear`` applied to inputs ``[N, ..., m]``).  With patches
+:math:`a_{jp}` and cotangents :math:`g_{jqp}` at positions :math:`p`, the
+weight rows of :math:`D` are :math:`\sum_p g_{jqp}\otimes a_{jp}`, so
+
+.. math::
+
+    (DD^\top)_{(jq),(j'q')} = \sum_{p,p'} \big(a_{jp}\cdot a_{j'p'} + 1\big)
+    \big(g_{jqp}\cdot g_{j'q'p'}\big)
+
+(a double sum over position pairs, not a sum over matching positions).
+Two routes are implemented and the cheaper one (by a flop count) is chosen
+per layer: ``"structured"`` evaluates the double sum above;
+``"jacobian"`` forms the per-sample layer gradients
+:math:`J_{jq} = \sum_p g_{jqp}\otimes a_{jp}` (shape ``[QN, |\theta_l|]``,
+one layer, one sample chunk at a time) and takes :math:`J J^\top`.
+
+**Normalization layers** with an elementwise affine map
+(``LayerNorm``, ``RMSNorm``, ``GroupNorm``, eval-mode ``BatchNorm1d/2d``):
+:math:`y = \hat x \circ \gamma + \beta` where :math:`\hat x` does not
+depend on :math:`(\gamma,\beta)`; the rows of :math:`D` are
+:math:`(\sum g\circ\hat x, \sum g)` (summed over the broadcast dimensions),
+which are small and are formed explicitly.
+
+**Cotangents for all Q outputs at once.**  One reverse pass from the
+outputs to the layer outputs :math:`z_l` (:func:`torch.autograd.grad`,
+vectorised over the :math:`Q` output basis vectors with
+``is_grads_batched``) returns every :math:`G_l`: samples never interact in
+the supported layers, so a cotangent equal to 1 in column :math:`q` of
+every sample gives :math:`\partial x_{jq}/\partial z_j` for all :math:`j`
+at once.  No parameter gradient is computed.
+
+**Chunking.**  Samples are processed in chunks (``chunk_size``, or chosen
+from a memory budget); block :math:`(a, b)` of :math:`DD^\top` is
+assembled from the factors of chunks :math:`a` and :math:`b`.  The upper
+triangle of a diagonal block is assembled in strips from the diagonal to
+the right (up to four row tiles of at least 64 rows, which saves up to 3/8
+of the products) and then mirrored onto the lower one, strip by strip
+(cache-friendly), so that the result is exactly symmetric.  When the
+factors of all chunks fit in the budget they are
+kept (and reused by :meth:`StructuredBackend.vjp` /
+:meth:`StructuredBackend.jvp` at the same :math:`\theta`); otherwise they
+are recomputed per block.
+
+Supported modules
+-----------------
+``nn.Sequential`` (nested), :class:`Residual`, ``nn.Linear``,
+``nn.Conv1d``/``nn.Conv2d`` (any stride, dilation, groups, padding and
+padding mode), ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``,
+``nn.BatchNorm1d``/``nn.BatchNorm2d`` in eval mode with running
+statistics, ``nn.PReLU``, and parameter-free per-sample modules:
+elementwise activations (``Tanh``, ``ReLU``, ``ReLU6``, ``Sigmoid``,
+``Softplus``, ``GELU``, ``SiLU``, ``ELU``, ``CELU``, ``SELU``,
+``LeakyReLU``, ``Mish``, ``Hardtanh``, ``Hardswish``, ``Hardsigmoid``,
+``Softsign``, ``Tanhshrink``, ``LogSigmoid``, ``Identity``), ``Flatten``,
+``Unflatten``, eval-mode dropout, ``Softmax``/``LogSoftmax`` over a
+non-batch dimension, max/average pooling (1-D, 2-D, adaptive).  Frozen
+parameters (``requires_grad=False``) inside these layers are held fixed.
+
+Anything else (custom modules, modules with hooks, shared weights, the
+same module used twice, train-mode batch statistics, ...) makes the
+constructor raise :class:`UnsupportedModuleError`, and
+:func:`subriemann.engines.func.make_backend` falls back to the generic
+:class:`~subriemann.engines.func.FuncBackend`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from subriemann.engines.base import ParameterLayout
+from subriemann.engines.func import FuncBackend
+from subriemann.nn import Residual
+
+__all__ = ["StructuredBackend", "UnsupportedModuleError", "PARAMETER_FREE"]
+
+
+class UnsupportedModuleError(TypeError):
+    """The structured engine cannot handle a module of this network.
+
+    Parameters
+    ----------
+    module_name : str
+        The module's class name and, for a submodule, its path, e.g.
+        ``"MyBlock at '2.body'"``.
+    reason : str
+        Why it is not supported.
+    """
+
+    def __init__(self, module_name: str, reason: str = "") -> None:
+        self.module_name = module_name
+        self.reason = reason
+        msg = f"structured NTK engine does not support {module_name}"
+        super().__init__(f"{msg}: {reason}" if reason else msg)
+
+
+ELEMENTWISE: tuple[type[nn.Module], ...] = (
+    nn.Tanh,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.LeakyReLU,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.Identity,
+)
+"""Elementwise activations (no parameters)."""
+
+_DROPOUT: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+_POOL: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+)
+PARAMETER_FREE: tuple[type[nn.Module], ...] = (
+    ELEMENTWISE + _DROPOUT + _POOL + (nn.Flatten, nn.Unflatten, nn.Softmax, nn.LogSoftmax)
+)
+"""Parameter-free per-sample modules the engine differentiates through."""
+
+_FEATURE_BUDGET = 1 << 28  # bytes of per-layer factors for one sample chunk
+_STORE_BUDGET = 1 << 29  # bytes of factors kept for all chunks (and for vjp/jvp reuse)
+_BLOCK_ENTRIES = 1 << 24  # entries of the largest temporary in a "structured" patch gram
+
+
+def _describe(module: nn.Module, path: str) -> str:
+    name = type(module).__name__
+    return f"{name} at {path!r}" if path else name
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+# ---------------------------------------------------------------------------
+# The interpreted forward pass
+# ---------------------------------------------------------------------------
+class _Pass:
+    """State of one forward pass: parameters, recorded layer inputs and outputs."""
+
+    def __init__(
+        self,
+        params: dict[str, Tensor],
+        outputs: list[Any] | None,
+        records: list[Any],
+        dtype: torch.dtype,
+        shapes: list[Any] | None = None,
+    ) -> None:
+        self.params = params
+        self.outputs = outputs  # when a list: per-layer outputs (to differentiate against)
+        self.records = records
+        self.dtype = dtype
+        self.shapes = shapes  # when a list: per-layer (input, output) shapes of one sample
+
+
+class _ParamRef:
+    """A parameter of a supported layer: trainable (a name in the layout) or frozen."""
+
+    def __init__(self, name: str | None, fixed: Tensor | None, shape: torch.Size) -> None:
+        self.name = name
+        self.fixed = fixed
+        self.shape = shape
+
+    @property
+    def trainable(self) -> bool:
+        return self.name is not None
+
+    def get(self, state: _Pass) -> Tensor:
+        if self.name is not None:
+            return state.params[self.name]
+        assert self.fixed is not None
+        return self.fixed.to(state.dtype)
+
+
+class _Node:
+    def forward(self, x: Tensor, state: _Pass) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _SeqNode(_Node):
+    def __init__(self, children: list[_Node]) -> None:
+        self.children = children
+
+    def forward(self, x: Tensor, state: _Pass) -> Tensor:
+        for child in self.children:
+            x = child.forward(x, state)
+        return x
+
+
+class _ResidualNode(_Node):
+    def __init__(self, body: _Node, shortcut: _Node | None) -> None:
+        self.body = body
+        self.shortcut = shortcut
+
+    def forward(self, x: Tensor, state: _Pass) -> Tensor:
+        skip = x if self.shortcut is None else self.shortcut.forward(x, state)
+        return skip + self.body.forward(x, state)
+
+
+class _FnNode(_Node):
+    """A parameter-free per-sample module, called as is."""
+
+    def __init__(self, module: nn.Module, desc: str, batch_dims: Callable[[Tensor], list[int]]):
+        self.module = module
+        self.desc = desc
+        self.batch_dims = batch_dims  # dims of the input the module acts along
+
+    def forward(self, x: Tensor, state: _Pass) -> Tensor:
+        for d in self.batch_dims(x):
+            if d % x.ndim == 0:
+                raise UnsupportedModuleError(self.desc, "it acts along the sample dimension")
+        if getattr(self.module, "inplace", False):
+            x = x.clone()  # keep the recorded layer outputs intact
+        y = self.module(x)
+        if not isinstance(y, Tensor) or y.ndim == 0 or y.shape[0] != x.shape[0]:
+            raise UnsupportedModuleError(self.desc, "it does not map samples to samples")
+        return y
+
+
+# ---------------------------------------------------------------------------
+# Parametrized layers
+# ---------------------------------------------------------------------------
+class _Layer(_Node):
+    r"""A layer with parameters; records its input and output during a pass.
+
+    From the recorded input and the output cotangents ``g`` (shape
+    ``[Q, n, *out]``) a layer builds its per-chunk factors (:meth:`features`)
+    and from those: a Gram block of :math:`DD^\top` restricted to the layer
+    (:meth:`gram_into`, written into a view of shape ``[na, Q, nb, Q]``),
+    :math:`D_l^\top u` (:meth:`vjp_into`) and :math:`D_l v` (:meth:`jvp`).
+    """
+
+    index: int
+    refs: list[_ParamRef]
+
+    def compute(self, x: Tensor, state: _Pass) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, state: _Pass) -> Tensor:
+        y, record = self.compute(x, state)
+        state.records[self.index] = record
+        if state.outputs is not None:
+            state.outputs[self.index] = y
+        if state.shapes is not None:
+            state.shapes[self.index] = (x.shape[1:], y.shape[1:])
+        return y
+
+    @property
+    def trainable(self) -> list[_ParamRef]:
+        return [r for r in self.refs if r.trainable]
+
+    def setup(self, in_shape: torch.Size, out_shape: torch.Size, n: int, q: int, route: str):
+        """Choose the route once the per-sample shapes are known."""
+
+    def feature_numel(self, q: int) -> int:
+        """Entries of the factors per sample."""
+        raise NotImplementedError
+
+    def features(self, record: Tensor, g: Tensor) -> Any:
+        raise NotImplementedError
+
+    def take(self, f: Any, a: int, b: int) -> Any:
+        """The factors of samples ``a:b`` of a chunk (views)."""
+        raise NotImplementedError
+
+    def gram_into(self, out: Tensor, fa: Any, fb: Any, first: bool) -> None:
+        raise NotImplementedError
+
+    def vjp_into(self, f: Any, u: Tensor, views: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    def jvp(self, f: Any, v: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+
+def _write(out: Tensor, t: Tensor, first: bool) -> None:
+    if first:
+        out.copy_(t)
+    else:
+        out.add_(t)
+
+
+class _JacobianLayer(_Layer):
+    r"""Layers whose per-sample parameter gradients :math:`J` are formed explicitly.
+
+    Factors: ``J`` of shape ``[n, Q, P_l]`` (the trainable parameters of the
+    layer, flattened and concatenated in ``refs`` order); the Gram block is
+    :math:`J_aJ_b^\top`.
+    """
+
+    def take(self, f: Tensor, a: int, b: int) -> Tensor:
+        return f[a:b]
+
+    def gram_into(self, out: Tensor, fa: Tensor, fb: Tensor, first: bool) -> None:
+        na, q, _ = fa.shape
+        nb = fb.shape[0]
+        out2 = out.view(na * q, nb * q)
+        if first:
+            torch.mm(fa.reshape(na * q, -1), fb.reshape(nb * q, -1).T, out=out2)
+        else:
+            out2.addmm_(fa.reshape(na * q, -1), fb.reshape(nb * q, -1).T)
+
+    def vjp_into(self, f: Tensor, u: Tensor, views: dict[str, Tensor]) -> None:
+        flat = torch.einsum("nqk,nq->k", f, u)
+        start = 0
+        for r in self.trainable:
+            size = r.shape.numel()
+            assert r.name is not None
+            views[r.name].add_(flat[start : start + size].view(r.shape))
+            start += size
+
+    def jvp(self, f: Tensor, v: dict[str, Tensor]) -> Tensor:
+        vec = torch.cat([v[r.name].reshape(-1) for r in self.trainable if r.name is not None])
+        return f @ vec
+
+
+class _AffineNormLayer(_JacobianLayer):
+    r""":math:`y = s(x) + \hat x(x)\circ\gamma + \beta` with :math:`s, \hat x` parameter-free.
+
+    Normalization layers (:math:`s = 0`) and ``PReLU``
+    (:math:`s = \max(x, 0)`, :math:`\hat x = \min(x, 0)`).  The rows of
+    :math:`D` for :math:`(\gamma, \beta)` are
+    :math:`(\sum g\circ\hat x, \sum g)`, summed over the dimensions along
+    which the parameters broadcast.
+    """
+
+    def __init__(
+        self,
+        normalize: Callable[[Tensor], Tensor],
+        weight: _ParamRef | None,
+        bias: _ParamRef | None,
+        channel_dim: bool,
+        base: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        self.base = base
+        self.normalize = normalize
+        self.weight = weight
+        self.bias = bias
+        self.refs = [r for r in (weight, bias) if r is not None]
+        self.channel_dim = channel_dim  # params act along dim 1 (else: trailing dims)
+
+    def _view(self, p: Tensor, ndim: int) -> Tensor:
+        if self.channel_dim:
+            return p.view(-1, *([1] * (ndim - 2)))
+        return p
+
+    def compute(self, x: Tensor, state: _Pass) -> tuple[Tensor, Any]:
+        xhat = self.normalize(x)
+        y = xhat
+        if self.weight is not None:
+            y = y * self._view(self.weight.get(state), x.ndim)
+        if self.bias is not None:
+            y = y + self._view(self.bias.get(state), x.ndim)
+        if self.base is not None:
+            y = y + self.base(x)
+        return y, xhat
+
+    def setup(self, in_shape: torch.Size, out_shape: torch.Size, n: int, q: int, route: str):
+        self.sample_ndim = len(in_shape)
+
+    def feature_numel(self, q: int) -> int:
+        return q * sum(r.shape.numel() for r in self.trainable)
+
+    def _reduce(self, t: Tensor, pshape: torch.Size) -> Tensor:
+        # t: [Q, n, *in]; sum over the dims a parameter broadcasts along.
+        nd = self.sample_ndim
+        if pshape.numel() == 1:
+            dims = list(range(2, 2 + nd))
+        elif self.channel_dim:
+            dims = [2 + i for i in range(1, nd)]
+        else:
+            dims = [2 + i for i in range(nd - len(pshape))]
+        return t.sum(dim=dims) if dims else t
+
+    def features(self, record: Tensor, g: Tensor) -> Tensor:
+        q, n = g.shape[:2]
+        parts = []
+        if self.weight is not None and self.weight.trainable:
+            parts.append(self._reduce(g * record, self.weight.shape).reshape(q, n, -1))
+        if self.bias is not None and self.bias.trainable:
+            parts.append(self._reduce(g, self.bias.shape).reshape(q, n, -1))
+        j = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return j.transpose(0, 1).contiguous()
+
+
+class _PatchLayer(_Layer):
+    r"""A weight applied at ``P`` positions of each sample, in ``groups`` groups.
+
+    Patches :math:`a_{jp}` (``fan_in`` features per group) and output
+    cotangents :math:`g_{jqp}` (``fan_out`` channels per group); weight of
+    shape ``[groups*fan_out, fan_in]`` after flattening (a conv weight
+    ``[C_out, C_in/groups, *k]`` flattens to it row-major), bias
+    ``[groups*fan_out]``.
+
+    * ``Linear`` on ``[n, m]`` (``dense``): factors :math:`A`
+      (``[n, m]``) and :math:`G` (``[n, Q, c]``); block
+      :math:`(A_aA_b^\top + 1)\circ(G_aG_b^\top)`.
+    * Route ``"jacobian"``: factors
+      :math:`J_{jq} = \sum_p g_{jqp}\otimes a_{jp}` (``[n, Q, |\theta_l|]``);
+      block :math:`J_aJ_b^\top`.  Cost per block
+      :math:`\approx 2nQP|W| + 2(nQ)^2|\theta_l|`.
+    * Route ``"structured"``: factors :math:`A` (``[groups, n, P, fan_in]``)
+      and :math:`G` (``[groups, n, Q, P, fan_out]``); block
+      :math:`\sum_{g,p,p'} (a_{jgp}\cdot a_{j'gp'} + 1)(g_{jqgp}\cdot g_{j'q'gp'})`.
+      Cost per block :math:`\approx 2\,\mathrm{groups}\,P^2(n^2\,\mathrm{fan\_in}
+      + (nQ)^2(\mathrm{fan\_out}+1))`.
+    """
+
+    dense = False
+
+    def __init__(self, weight: _ParamRef, bias: _ParamRef | None, groups: int) -> None:
+        self.weight = weight
+        self.bias = bias
+        self.refs = [r for r in (weight, bias) if r is not None]
+        self.groups = groups
+        self.has_w = weight.trainable
+        self.has_b = bias is not None and bias.trainable
+        self.route = "jacobian"
+        self.positions = self.fan_in = self.fan_out = 0
+
+    # subclasses: record [n, ...] -> patches [n, groups, P, fan_in]; g -> [Q, n, groups, P, fan_out]
+    def unfold(self, record: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def fold_g(self, g: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def setup(self, in_shape: torch.Size, out_shape: torch.Size, n: int, q: int, route: str):
+        gr, p, fi, fo = self.groups, self.positions, self.fan_in, self.fan_out
+        nparam = gr * fo * ((fi if self.has_w else 0) + (1 if self.has_b else 0))
+        cost_j = 2 * n * q * p * gr * fo * fi + 2 * (n * q) ** 2 * nparam
+        cost_s = 2 * gr * p * p * (n * n * fi + (n * q) ** 2 * (fo + 1))
+        if route == "auto":
+            self.route = "structured" if cost_s < cost_j else "jacobian"
+        else:
+            self.route = route
+
+    def feature_numel(self, q: int) -> int:
+        gr, p, fi, fo = self.groups, self.positions, self.fan_in, self.fan_out
+        if self.route == "jacobian" and not self.dense:
+            return q * gr * fo * ((fi if self.has_w else 0) + (1 if self.has_b else 0))
+        return gr * p * (fi if self.has_w else 0) + q * gr * p * fo
+
+    def features(self, record: Tensor, g: Tensor) -> Any:
+        if self.dense:
+            # [n, m] and [n, Q, c]
+            return (record if self.has_w else None), g.transpose(0, 1).contiguous()
+        gg = self.fold_g(g)  # [Q, n, groups, P, fan_out]
+        a = self.unfold(record) if self.has_w else None  # [n, groups, P, fan_in]
+        if self.route == "jacobian":
+            q, n = gg.shape[:2]
+            parts = []
+            if a is not None:
+                jw = torch.einsum("qngpc,ngpf->nqgcf", gg, a)
+                parts.append(jw.reshape(n, q, -1))
+            if self.has_b:
+                parts.append(gg.sum(dim=3).transpose(0, 1).reshape(n, q, -1))
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        a_s = None if a is None else a.transpose(0, 1).contiguous()  # [groups, n, P, fan_in]
+        g_s = gg.permute(2, 1, 0, 3, 4).contiguous()  # [groups, n, Q, P, fan_out]
+        return a_s, g_s
+
+    def take(self, f: Any, a: int, b: int) -> Any:
+        if self.dense:
+            return (None if f[0] is None else f[0][a:b]), f[1][a:b]
+        if self.route == "jacobian":
+            return f[a:b]
+        return (None if f[0] is None else f[0][:, a:b]), f[1][:, a:b]
+
+    def gram_into(self, out: Tensor, fa: Any, fb: Any, first: bool) -> None:
+        if self.dense:
+            self._gram_dense(out, fa, fb, first)
+        elif self.route == "jacobian":
+            _JacobianLayer.gram_into(self, out, fa, fb, first)  # type: ignore[arg-type]
+        else:
+            self._gram_structured(out, fa, fb, first)
+
+    def _gram_dense(self, out: Tensor, fa: Any, fb: Any, first: bool) -> None:
+        aa, ga = fa
+        ab, gb = fb
+        na, q, c = ga.shape
+        nb = gb.shape[0]
+        gg = (ga.view(na * q, c) @ gb.view(nb * q, c).T).view(na, q, nb, q)
+        if not self.has_w:  # bias only: A A^T + 1 is the all-ones matrix
+            _write(out, gg, first)
+            return
+        if self.has_b:
+            kern = torch.addmm(aa.new_ones(()), aa, ab.T)
+        else:
+            kern = aa @ ab.T
+        kern4 = kern[:, None, :, None]
+        if first:
+            torch.mul(gg, kern4, out=out)
+        else:
+            out.addcmul_(gg, kern4)
+
+    def _gram_structured(self, out: Tensor, fa: Any, fb: Any, first: bool) -> None:
+        aa, ga = fa
+        ab, gb = fb
+        gr, na, q, p, fo = ga.shape
+        nb = gb.shape[1]
+        # Sub-blocks keep the [groups, sa, Q, P, sb, Q, P] temporary bounded.
+        per_pair = gr * q * q * p * p
+        sb = max(1, min(nb, _BLOCK_ENTRIES // per_pair))
+        sa = max(1, min(na, _BLOCK_ENTRIES // (per_pair * sb)))
+        for i in range(0, na, sa):
+            i1 = min(na, i + sa)
+            for j in range(0, nb, sb):
+                j1 = min(nb, j + sb)
+                ni, nj = i1 - i, j1 - j
+                gg = torch.bmm(
+                    ga[:, i:i1].reshape(gr, ni * q * p, fo),
+                    gb[:, j:j1].reshape(gr, nj * q * p, fo).transpose(1, 2),
+                ).view(gr, ni, q, p, nj, q, p)
+                if self.has_w:
+                    fi = aa.shape[-1]
+                    kern = torch.bmm(
+                        aa[:, i:i1].reshape(gr, ni * p, fi),
+                        ab[:, j:j1].reshape(gr, nj * p, fi).transpose(1, 2),
+                    ).view(gr, ni, p, nj, p)
+                    if self.has_b:
+                        kern += 1.0
+                    blk = torch.einsum("gaqpbrs,gapbs->aqbr", gg, kern)
+                else:
+                    blk = gg.sum(dim=(0, 3, 6))
+                _write(out[i:i1, :, j:j1, :], blk, first)
+
+    def vjp_into(self, f: Any, u: Tensor, views: dict[str, Tensor]) -> None:
+        if self.route == "jacobian" and not self.dense:
+            _JacobianLayer.vjp_into(self, f, u, views)  # type: ignore[arg-type]
+            return
+        a, g = f
+        if self.dense:
+            # g: [n, Q, c];  D_W^T u = sum_j (sum_q u_jq g_jq) a_j^T
+            gu = g[:, 0] * u if g.shape[1] == 1 else torch.einsum("nqc,nq->nc", g, u)
+            if self.has_w:
+                assert self.weight.name is not None
+                views[self.weight.name].addmm_(gu.T, a)
+            if self.has_b:
+                assert self.bias is not None and self.bias.name is not None
+                views[self.bias.name].add_(gu.sum(0))
+            return
+        gu = torch.einsum("gnqpc,nq->gnpc", g, u)
+        if self.has_w:
+            assert self.weight.name is not None
+            dw = torch.einsum("gnpc,gnpf->gcf", gu, a)
+            views[self.weight.name].add_(dw.reshape(self.weight.shape))
+        if self.has_b:
+            assert self.bias is not None and self.bias.name is not None
+            views[self.bias.name].add_(gu.sum(dim=(1, 2)).reshape(-1))
+
+    def jvp(self, f: Any, v: dict[str, Tensor]) -> Tensor:
+        if self.route == "jacobian" and not self.dense:
+            return _JacobianLayer.jvp(self, f, v)  # type: ignore[arg-type]
+        a, g = f
+        if self.dense:
+            z = None
+            if self.has_w:
+                assert self.weight.name is not None
+                z = a @ v[self.weight.name].T
+            if self.has_b:
+                assert self.bias is not None and self.bias.name is not None
+                vb = v[self.bias.name]
+                z = vb.expand(g.shape[0], -1) if z is None else z + vb
+            assert z is not None
+            return torch.einsum("nqc,nc->nq", g, z)
+        gr, n, q, p, fo = g.shape
+        z = g.new_zeros(gr, n, p, fo)
+        if self.has_w:
+            assert self.weight.name is not None
+            w = v[self.weight.name].reshape(gr, fo, -1)
+            z = z + torch.einsum("gnpf,gcf->gnpc", a, w)
+        if self.has_b:
+            assert self.bias is not None and self.bias.name is not None
+            z = z + v[self.bias.name].reshape(gr, 1, 1, fo)
+        return torch.einsum("gnqpc,gnpc->nq", g, z)
+
+
+class _LinearLayer(_PatchLayer):
+    r"""``nn.Linear``, :math:`z = Wa + b`, on inputs ``[n, m]`` or ``[n, ..., m]``.
+
+    On inputs with extra dimensions the ``P = prod(...)`` positions are
+    handled as in a convolution.
+    """
+
+    def __init__(self, weight: _ParamRef, bias: _ParamRef | None) -> None:
+        super().__init__(weight, bias, groups=1)
+
+    def compute(self, x: Tensor, state: _Pass) -> tuple[Tensor, Any]:
+        b = None if self.bias is None else self.bias.get(state)
+        return F.linear(x, self.weight.get(state), b), x
+
+    def setup(self, in_shape: torch.Size, out_shape: torch.Size, n: int, q: int, route: str):
+        self.positions = int(in_shape[:-1].numel())
+        self.fan_in, self.fan_out = int(in_shape[-1]), int(out_shape[-1])
+        self.dense = len(in_shape) == 1
+        super().setup(in_shape, out_shape, n, q, route)
+
+    def unfold(self, record: Tensor) -> Tensor:
+        return record.reshape(record.shape[0], 1, -1, self.fan_in)
+
+    def fold_g(self, g: Tensor) -> Tensor:
+        return g.reshape(g.shape[0], g.shape[1], 1, -1, self.fan_out)
+
+
+class _ConvLayer(_PatchLayer):
+    """``nn.Conv1d`` / ``nn.Conv2d`` (patches from :func:`torch.nn.functional.unfold`)."""
+
+    def __init__(self, module: nn.Module, weight: _ParamRef, bias: _ParamRef | None) -> None:
+        conv: Any = module
+        super().__init__(weight, bias, groups=int(conv.groups))
+        self.spatial = len(conv.kernel_size)
+        self.kernel = tuple(conv.kernel_size)
+        self.stride = tuple(conv.stride)
+        self.dilation = tuple(conv.dilation)
+        pads: list[tuple[int, int]] = []  # (left, right) per spatial dim
+        for d in range(self.spatial):
+            if conv.padding == "same":
+                total = self.dilation[d] * (self.kernel[d] - 1)
+                pads.append((total // 2, total - total // 2))
+            elif conv.padding == "valid":
+                pads.append((0, 0))
+            else:
+                pads.append((conv.padding[d], conv.padding[d]))
+        self.mode = conv.padding_mode
+        if self.mode == "zeros" and all(a == b for a, b in pads):
+            self.prepad: list[int] | None = None
+            self.pad = tuple(a for a, _ in pads)
+        else:  # pad explicitly (F.pad order: last dim first), then convolve unpadded
+            self.prepad = [x for a, b in reversed(pads) for x in (a, b)]
+            self.pad = (0,) * self.spatial
+        self.fan_in = int(conv.in_channels // self.groups * math.prod(self.kernel))
+        self.fan_out = int(conv.out_channels // self.groups)
+
+    def compute(self, x: Tensor, state: _Pass) -> tuple[Tensor, Any]:
+        if self.prepad is not None:
+            mode = "constant" if self.mode == "zeros" else self.mode
+            x = F.pad(x, self.prepad, mode=mode)
+        b = None if self.bias is None else self.bias.get(state)
+        conv = F.conv1d if self.spatial == 1 else F.conv2d
+        y = conv(x, self.weight.get(state), b, self.stride, self.pad, self.dilation, self.groups)
+        return y, x
+
+    def setup(self, in_shape: torch.Size, out_shape: torch.Size, n: int, q: int, route: str):
+        self.positions = int(out_shape[1:].numel())
+        super().setup(in_shape, out_shape, n, q, route)
+
+    def unfold(self, record: Tensor) -> Tensor:
+        if self.spatial == 1:
+            cols = F.unfold(
+                record.unsqueeze(2), (1, self.kernel[0]), dilation=(1, self.dilation[0]),
+                padding=(0, self.pad[0]), stride=(1, self.stride[0]),
+            )  # fmt: skip
+        else:
+            cols = F.unfold(record, self.kernel, self.dilation, self.pad, self.stride)
+        n = record.shape[0]
+        return cols.view(n, self.groups, self.fan_in, -1).transpose(2, 3)
+
+    def fold_g(self, g: Tensor) -> Tensor:
+        q, n = g.shape[:2]
+        return g.reshape(q, n, self.groups, self.fan_out, -1).transpose(-1, -2)
+
+
+# ---------------------------------------------------------------------------
+# Compilation of a module tree
+# ---------------------------------------------------------------------------
+def _has_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` has module hooks (which could change what its forward computes)."""
+    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(getattr(m, attr, None) for attr in names)
+
+
+class _Compiler:
+    def __init__(self, layout: ParameterLayout) -> None:
+        self.trainable = set(layout.names)
+        self.used: set[str] = set()
+        self.seen_params: set[int] = set()
+        self.seen_modules: set[int] = set()
+        self.layers: list[_Layer] = []
+
+    def param(self, m: nn.Module, attr: str, path: str) -> _ParamRef | None:
+        p = getattr(m, attr, None)
+        if p is None:
+            return None
+        if not isinstance(p, nn.Parameter):
+            raise UnsupportedModuleError(_describe(m, path), f"{attr} is not an nn.Parameter")
+        if id(p) in self.seen_params:
+            raise UnsupportedModuleError(_describe(m, path), f"{attr} is shared with another layer")
+        self.seen_params.add(id(p))
+        full = _join(path, attr)
+        if p.requires_grad:
+            if full not in self.trainable:
+                raise UnsupportedModuleError(_describe(m, path), f"{full} is not in the layout")
+            self.used.add(full)
+            return _ParamRef(full, None, p.shape)
+        return _ParamRef(None, p.detach(), p.shape)
+
+    def add(self, layer: _Layer) -> _Layer:
+        layer.index = len(self.layers)
+        self.layers.append(layer)
+        return layer
+
+    def compile(self, m: nn.Module, path: str) -> _Node:
+        desc = _describe(m, path)
+        if id(m) in self.seen_modules:
+            raise UnsupportedModuleError(desc, "the same module is used twice")
+        self.seen_modules.add(id(m))
+        if _has_hooks(m):
+            raise UnsupportedModuleError(desc, "it has hooks")
+        t = type(m)
+        own = [n for n, _ in m.named_parameters(recurse=False)]
+        if t is nn.Sequential:
+            # _modules, not named_children(): the latter skips a module listed twice
+            children = list(m._modules.items())
+            if any(c is None for _, c in children):
+                raise UnsupportedModuleError(desc, "a child module is None")
+            return _SeqNode([self.compile(c, _join(path, n)) for n, c in children if c is not None])
+        if t is Residual:
+            res: Any = m
+            body = self.compile(res.body, _join(path, "body"))
+            short = None
+            if res.shortcut is not None:
+                short = self.compile(res.shortcut, _join(path, "shortcut"))
+            if own:
+                raise UnsupportedModuleError(desc, "Residual has parameters of its own")
+            return _ResidualNode(body, short)
+        if t is nn.Linear:
+            w = self.param(m, "weight", path)
+            assert w is not None
+            return self.add(_LinearLayer(w, self.param(m, "bias", path)))
+        if t in (nn.Conv1d, nn.Conv2d):
+            w = self.param(m, "weight", path)
+            assert w is not None
+            return self.add(_ConvLayer(m, w, self.param(m, "bias", path)))
+        if t in (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d):
+            return self.norm(m, path, desc)
+        if t is nn.PReLU:
+            w = self.param(m, "weight", path)
+            neg = lambda x: torch.clamp(x, max=0.0)  # noqa: E731
+            return self.add(_AffineNormLayer(neg, w, None, channel_dim=True, base=torch.relu))
+        if t in PARAMETER_FREE:
+            if own or next(m.children(), None) is not None:
+                raise UnsupportedModuleError(desc, "unexpected parameters or submodules")
+            if t in _DROPOUT and m.training:
+                raise UnsupportedModuleError(desc, "dropout in train mode is random")
+            if t in _POOL and getattr(m, "return_indices", False):
+                raise UnsupportedModuleError(desc, "return_indices=True")
+            return _FnNode(m, desc, _acting_dims(m))
+        raise UnsupportedModuleError(desc, "not a supported layer type")
+
+    def norm(self, m: nn.Module, path: str, desc: str) -> _Node:
+        mm: Any = m
+        t = type(m)
+        if t in (nn.BatchNorm1d, nn.BatchNorm2d):
+            if mm.training or mm.running_mean is None or mm.running_var is None:
+                raise UnsupportedModuleError(desc, "batch statistics mix samples (use eval mode)")
+        affine = any(p is not None for p in (getattr(m, "weight", None), getattr(m, "bias", None)))
+        if not affine:
+            return _FnNode(m, desc, lambda x: [])
+        w = self.param(m, "weight", path)
+        b = self.param(m, "bias", path)
+        normalize: Callable[[Tensor], Tensor]
+        if t is nn.LayerNorm:
+            shape = tuple(mm.normalized_shape)
+            normalize = lambda x: F.layer_norm(x, shape, None, None, mm.eps)  # noqa: E731
+            return self.add(_AffineNormLayer(normalize, w, b, channel_dim=False))
+        if t is nn.RMSNorm:
+            shape = tuple(mm.normalized_shape)
+            normalize = lambda x: F.rms_norm(x, list(shape), None, mm.eps)  # noqa: E731
+            return self.add(_AffineNormLayer(normalize, w, b, channel_dim=False))
+        if t is nn.GroupNorm:
+            normalize = lambda x: F.group_norm(x, mm.num_groups, None, None, mm.eps)  # noqa: E731
+            return self.add(_AffineNormLayer(normalize, w, b, channel_dim=True))
+
+        def bn(x: Tensor) -> Tensor:
+            mean = mm.running_mean.to(x.dtype)
+            var = mm.running_var.to(x.dtype)
+            return F.batch_norm(x, mean, var, None, None, False, 0.0, mm.eps)
+
+        return self.add(_AffineNormLayer(bn, w, b, channel_dim=True))
+
+
+def _acting_dims(m: nn.Module) -> Callable[[Tensor], list[int]]:
+    """Dimensions along which a parameter-free module mixes entries (checked != 0)."""
+    mm: Any = m
+    if isinstance(m, nn.Flatten):
+        return lambda x: [mm.start_dim, mm.end_dim]
+    if isinstance(m, nn.Unflatten):
+        return lambda x: [mm.dim]
+    if isinstance(m, nn.Softmax | nn.LogSoftmax):
+        if mm.dim is None:
+            return lambda x: [0]  # implicit dim choice: refuse
+        return lambda x: [mm.dim]
+    return lambda x: []
+
+
+# ---------------------------------------------------------------------------
+# The backend
+# ---------------------------------------------------------------------------
+def _default_apply(module: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
+    fixed = {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
+    fixed.update(dict(module.named_buffers()))
+
+    def apply(params: dict[str, Tensor], inputs: Tensor) -> Tensor:
+        out = functional_call(module, {**fixed, **params}, (inputs,))
+        return out.unsqueeze(1) if out.ndim == 1 else out
+
+    return apply
+
+
+class StructuredBackend:
+    r"""Per-layer structured engine for :math:`x[\theta]`, :math:`D` and :math:`DD^\top`.
+
+    Same interface and semantics as :class:`~subriemann.engines.func.FuncBackend`:
+    ``theta`` is flat ``[K]`` in ``layout`` order, outputs are flat ``[QN]``
+    (sample-major), :math:`D` is ``[QN, K]``.  :meth:`ntk` never forms
+    :math:`D` (see the module docstring for the formulas and the supported
+    modules).
+
+    Parameters
+    ----------
+    module : nn.Module
+        The network (already in the dtype and device of the computation).
+    layout : ParameterLayout
+        Trainable parameters of ``module``, in ``named_parameters`` order.
+    inputs : Tensor, shape=[N, ...]
+    num_outputs : int
+        Q.
+    chunk_size : int or None
+        Samples per chunk; ``None`` chooses it from a memory budget
+        (all samples when their layer factors take at most 256 MiB).
+    fallback : FuncBackend, optional
+        Engine used for ``outputs``, ``jacobian`` and for ``jvp``/``vjp``
+        at points where the layer factors are not cached.  Built from
+        ``module`` when omitted.
+    route : {"auto", "jacobian", "structured"}
+        Route for layers with positions (convolutions, ``Linear`` on
+        sequences); ``"auto"`` picks the cheaper per layer.
+
+    Raises
+    ------
+    UnsupportedModuleError
+        When some module of ``module`` is not supported (its
+        ``module_name`` names it).
+
+    Notes
+    -----
+    After :meth:`ntk`, the layer factors and outputs at that :math:`\theta`
+    are kept when they fit in 512 MiB, so that :meth:`outputs`, :meth:`vjp`
+    (:math:`D^\top u = \sum_l G_l^\top\mathrm{diag}(u) A_l`), :meth:`jvp` and
+    :meth:`pullback` at the same point cost a few matrix products and no
+    network evaluation.  The cache is keyed on the tensor ``theta`` (and
+    dropped when it is modified in place).
+
+    The structured computations are not differentiable in :math:`\theta`:
+    when ``theta`` is traced by autograd or a :mod:`torch.func` transform,
+    :meth:`ntk`, :meth:`jvp` and :meth:`vjp` go through the fallback engine.
+    """
+
+    name = "structured"
+    #: ``jvp`` and ``vjp`` accept batches ``[..., K]`` / ``[..., QN]``.
+    batched = True
+
+    def __init__(
+        self,
+        module: nn.Module,
+        layout: ParameterLayout,
+        inputs: Tensor,
+        num_outputs: int,
+        chunk_size: int | None = None,
+        fallback: FuncBackend | None = None,
+        *,
+        route: str = "auto",
+    ) -> None:
+        if route not in ("auto", "jacobian", "structured"):
+            raise ValueError(f"route must be 'auto', 'jacobian' or 'structured', got {route!r}")
+        compiler = _Compiler(layout)
+        self.root = compiler.compile(module, "")
+        missing = [n for n in layout.names if n not in compiler.used]
+        if missing:
+            raise UnsupportedModuleError(_describe(module, ""), f"parameters {missing} not reached")
+        self.layers = compiler.layers
+        if not self.layers:
+            raise UnsupportedModuleError(_describe(module, ""), "no parametrized layer")
+        self.module = module
+        self.layout = layout
+        self.inputs = inputs
+        self.num_outputs = int(num_outputs)
+        self.fallback = fallback or FuncBackend(
+            _default_apply(module), layout, inputs, num_outputs, chunk_size
+        )
+        self._cache: tuple[Tensor, int, list[list[Any]], list[Tensor]] | None = None
+        self._probe(module, route, chunk_size)
+
+    # -- construction helpers ----------------------------------------------------
+    def _probe(self, module: nn.Module, route: str, chunk_size: int | None) -> None:
+        """Run the interpreter on two samples: shapes, and agreement with the module."""
+        named = dict(module.named_parameters())
+        theta0 = self.layout.flatten({n: named[n].detach() for n in self.layout.names})
+        x = self.inputs[:2]
+        n_layers = len(self.layers)
+        shapes: list[Any] = [None] * n_layers
+        with torch.no_grad():
+            try:
+                y = self._forward(theta0, x, None, [None] * n_layers, shapes)
+                ref = self.fallback.apply(self.layout.unflatten(theta0), x)
+            except UnsupportedModuleError:
+                raise
+            except Exception as err:  # the interpreter cannot run this network
+                raise UnsupportedModuleError(_describe(module, ""), f"probe failed: {err}") from err
+        if y.shape != ref.shape or y.shape != (x.shape[0], self.num_outputs):
+            raise UnsupportedModuleError(
+                _describe(module, ""), f"output shape {tuple(y.shape)} != {tuple(ref.shape)}"
+            )
+        scale = 1.0 + float(ref.abs().max()) if ref.numel() else 1.0
+        tol = math.sqrt(torch.finfo(ref.dtype).eps) * scale
+        if not torch.allclose(y, ref, rtol=0.0, atol=tol, equal_nan=True):
+            raise UnsupportedModuleError(
+                _describe(module, ""), "the interpreted forward pass disagrees with the module"
+            )
+        n_total = int(self.inputs.shape[0])
+        q = self.num_outputs
+        self.out_shapes = [s_out for _, s_out in shapes]
+
+        def setup(n: int) -> None:
+            for layer, (s_in, s_out) in zip(self.layers, shapes):
+                layer.setup(s_in, s_out, n, q, route)
+
+        chunk = n_total if chunk_size is None else max(1, min(int(chunk_size), n_total))
+        setup(chunk)
+        itemsize = torch.finfo(ref.dtype).bits // 8
+        feat = itemsize * self._feature_numel()
+        # activations of the vectorised backward: about (Q + 2) copies of the layer outputs
+        act = itemsize * (q + 2) * sum(int(s.numel()) for s in self.out_shapes)
+        if chunk_size is None and chunk * (feat + act) > _FEATURE_BUDGET:
+            chunk = max(1, _FEATURE_BUDGET // (feat + act))
+            setup(chunk)
+            feat = itemsize * self._feature_numel()
+        self.chunk_size = chunk
+        self.bounds = [(a, min(n_total, a + chunk)) for a in range(0, n_total, chunk)]
+        self.store_all = n_total * feat <= _STORE_BUDGET
+
+    def _feature_numel(self) -> int:
+        q = self.num_outputs
+        return sum(layer.feature_numel(q) for layer in self.layers if layer.trainable)
+
+    def _forward(
+        self,
+        theta: Tensor,
+        x: Tensor,
+        outputs: list[Any] | None,
+        records: list[Any],
+        shapes: list[Any] | None = None,
+    ) -> Tensor:
+        if x.is_floating_point() and x.dtype != theta.dtype:
+            x = x.to(theta.dtype)
+        state = _Pass(self.layout.unflatten(theta), outputs, records, theta.dtype, shapes)
+        y = self.root.forward(x, state)
+        return y.unsqueeze(1) if y.ndim == 1 else y
+
+    # -- factors ----------------------------------------------------------------
+    def _features(self, theta: Tensor, a: int, b: int) -> tuple[list[Any], Tensor]:
+        """Layer factors and outputs ``[n, Q]`` for samples ``a:b``.
+
+        One forward pass and one reverse pass, vectorised over the Q outputs:
+        the cotangents :math:`G_l` are the gradients of :math:`\\sum_j x_{jq}`
+        with respect to the layer outputs :math:`z_l` (samples do not
+        interact), for each :math:`q`.  No parameter gradient is computed.
+        """
+        x = self.inputs[a:b]
+        n, q = b - a, self.num_outputs
+        n_layers = len(self.layers)
+        records: list[Any] = [None] * n_layers
+        outs: list[Any] = [None] * n_layers
+        wanted = [i for i, layer in enumerate(self.layers) if layer.trainable]
+        with torch.enable_grad():
+            t = theta.detach().requires_grad_(True)  # so that every z_l is in the graph
+            y = self._forward(t, x, outs, records)
+            zs = [outs[i] for i in wanted]
+            if q == 1:
+                grads = torch.autograd.grad(y, zs, torch.ones_like(y), allow_unused=True)
+            else:
+                eye = torch.eye(q, dtype=y.dtype, device=y.device)
+                basis = eye.unsqueeze(1).expand(q, n, q)
+                grads = torch.autograd.grad(y, zs, basis, allow_unused=True, is_grads_batched=True)
+        feats: list[Any] = [None] * n_layers
+        for i, z, g in zip(wanted, zs, grads):
+            if g is None:
+                g = torch.zeros_like(z).expand(q, *z.shape)
+            elif q == 1:
+                g = g.unsqueeze(0)
+            feats[i] = self.layers[i].features(records[i].detach(), g)
+        return feats, y.detach()
+
+    def _cached(self, theta: Tensor) -> tuple[list[list[Any]], list[Tensor]] | None:
+        """The factors kept by the last :meth:`ntk`, if it was at this very ``theta``."""
+        if self._cache is None or not _plain(theta):
+            return None
+        key, version, feats, ys = self._cache
+        if key._version != version:  # the tensor we keyed on was modified in place
+            self._cache = None
+            return None
+        if theta is key or (
+            key.shape == theta.shape
+            and key.device == theta.device
+            and key.dtype == theta.dtype
+            and torch.equal(key, theta)
+        ):
+            return feats, ys
+        return None
+
+    # -- interface ----------------------------------------------------------------
+    def outputs(self, theta: Tensor) -> Tensor:
+        r""":math:`x[\theta]`, shape ``[QN]``."""
+        hit = self._cached(theta)
+        if hit is not None:
+            return torch.cat([y.reshape(-1) for y in hit[1]])
+        return self.fallback.outputs(theta)
+
+    def jacobian(self, theta: Tensor) -> Tensor:
+        r"""Dense :math:`D`, shape ``[QN, K]`` (delegated to the fallback engine)."""
+        return self.fallback.jacobian(theta)
+
+    def jvp(self, theta: Tensor, tangent_vec: Tensor) -> Tensor:
+        r""":math:`Dv`, shape ``[..., QN]`` for ``tangent_vec`` of shape ``[..., K]``.
+
+        From the layer factors cached by :meth:`ntk` at this ``theta`` when
+        available, :math:`(Dv)_{jq} = \sum_l g^l_{jq}\cdot(V_l a^l_j + v_{b,l})`;
+        otherwise (and under :mod:`torch.func` transforms) by the fallback.
+        """
+        hit = self._cached(theta)
+        if hit is None:
+            return _rowwise(self.fallback, "jvp", theta, tangent_vec)
+        if tangent_vec.ndim > 1:
+            flat = tangent_vec.reshape(-1, tangent_vec.shape[-1])
+            out = torch.stack([self.jvp(theta, r) for r in flat])
+            return out.reshape(*tangent_vec.shape[:-1], out.shape[-1])
+        v = self.layout.unflatten(tangent_vec)
+        parts = []
+        for (a, b), fs in zip(self.bounds, hit[0]):
+            acc = torch.zeros(b - a, self.num_outputs, dtype=theta.dtype, device=theta.device)
+            for layer, f in zip(self.layers, fs):
+                if layer.trainable:
+                    acc = acc + layer.jvp(f, v)
+            parts.append(acc.reshape(-1))
+        return torch.cat(parts)
+
+    def vjp(self, theta: Tensor, output_covec: Tensor) -> Tensor:
+        r""":math:`D^\top u`, shape ``[..., K]`` for ``output_covec`` of shape ``[..., QN]``.
+
+        From the layer factors cached by :meth:`ntk` at this ``theta`` when
+        available, :math:`D^\top u = \sum_l \sum_{jq} u_{jq}\, g^l_{jq}\otimes
+        (a^l_j, 1)` (a few matrix products, no network evaluation);
+        otherwise (and under :mod:`torch.func` transforms) by the fallback.
+        """
+        hit = self._cached(theta)
+        if hit is None:
+            return _rowwise(self.fallback, "vjp", theta, output_covec)
+        if output_covec.ndim > 1:
+            flat = output_covec.reshape(-1, output_covec.shape[-1])
+            out = torch.stack([self.vjp(theta, r) for r in flat])
+            return out.reshape(*output_covec.shape[:-1], out.shape[-1])
+        q = self.num_outputs
+        res = torch.zeros_like(theta)
+        views = self.layout.unflatten(res)
+        for (a, b), fs in zip(self.bounds, hit[0]):
+            u = output_covec[a * q : b * q].view(b - a, q)
+            for layer, f in zip(self.layers, fs):
+                if layer.trainable:
+                    layer.vjp_into(f, u, views)
+        return res
+
+    def pullback(
+        self, theta: Tensor, covec_fn: Callable[[Tensor], Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        r"""``(x, D^T covec_fn(x))`` (see :meth:`FuncBackend.pullback`).
+
+        Served from the cached factors when :meth:`ntk` was just evaluated at
+        this ``theta``; otherwise by the fallback.
+        """
+        if self._cached(theta) is not None:
+            x = self.outputs(theta)
+            return x, self.vjp(theta, covec_fn(x))
+        fb = getattr(self.fallback, "pullback", None)
+        if fb is not None:
+            return fb(theta, covec_fn)
+        x = self.fallback.outputs(theta)
+        return x, _rowwise(self.fallback, "vjp", theta, covec_fn(x))
+
+    def ntk(self, theta: Tensor) -> Tensor:
+        r"""Empirical NTK :math:`DD^\top = \sum_l (A_lA_l^\top)\circ(G_lG_l^\top)`, ``[QN, QN]``.
+
+        The upper triangle of a block on the diagonal is assembled in strips
+        from the diagonal to the right (which saves up to 3/8 of the matrix
+        products); the lower part is then filled by transposition, so that
+        the result is exactly symmetric.
+        """
+        q = self.num_outputs
+        qn = int(self.inputs.shape[0]) * q
+        layers = [layer for layer in self.layers if layer.trainable]
+        gram = torch.empty(qn, qn, dtype=theta.dtype, device=theta.device)
+        if not layers:
+            return gram.zero_()
+        if not _plain(theta):  # differentiated through: the generic engine is differentiable
+            return self.fallback.ntk(theta)
+        feats: list[list[Any]] | None = None
+        if self.store_all:
+            hit = self._cached(theta)
+            if hit is None:
+                computed = [self._features(theta, a, b) for a, b in self.bounds]
+                hit = [f for f, _ in computed], [y for _, y in computed]
+                self._cache = (theta, theta._version, hit[0], hit[1])
+            feats = hit[0]
+
+        def block(fa: list[Any], fb: list[Any], ra: tuple[int, int], rb: tuple[int, int]) -> None:
+            # rows ra, columns rb (samples, absolute), rb[0] >= ra[0]; factors of those samples.
+            # The transposed block is mirrored below the diagonal.
+            out = gram[ra[0] * q : ra[1] * q, rb[0] * q : rb[1] * q]
+            out4 = out.view(ra[1] - ra[0], q, rb[1] - rb[0], q)
+            for k, layer in enumerate(layers):
+                layer.gram_into(out4, fa[k], fb[k], first=k == 0)
+            if rb[0] != ra[0]:
+                gram[rb[0] * q : rb[1] * q, ra[0] * q : ra[1] * q] = out.T
+
+        for i, (a0, a1) in enumerate(self.bounds):
+            fa = feats[i] if feats is not None else self._features(theta, a0, a1)[0]
+            fa = [f for f, layer in zip(fa, self.layers) if layer.trainable]
+            n_a = a1 - a0
+            # the diagonal block: its upper triangle in strips from the diagonal to the
+            # right (one per row tile), then mirrored (exactly symmetric; A A^T need not be)
+            for s0, s1 in _tiles(n_a, q):
+                ft = [layer.take(f, s0, s1) for layer, f in zip(layers, fa)]
+                fr = [layer.take(f, s0, n_a) for layer, f in zip(layers, fa)]
+                block(ft, fr, (a0 + s0, a0 + s1), (a0 + s0, a1))
+            _mirror_upper(gram[a0 * q : a1 * q, a0 * q : a1 * q])
+            for j in range(i + 1, len(self.bounds)):
+                b0, b1 = self.bounds[j]
+                fb = feats[j] if feats is not None else self._features(theta, b0, b1)[0]
+                fb = [f for f, layer in zip(fb, self.layers) if layer.trainable]
+                block(fa, fb, (a0, a1), (b0, b1))
+        return gram
+
+
+def _plain(theta: Tensor) -> bool:
+    """Whether ``theta`` is an ordinary tensor (not traced by autograd or torch.func)."""
+    if theta.requires_grad:
+        return False
+    return not torch._C._functorch.is_functorch_wrapped_tensor(theta)
+
+
+def _rowwise(backend: Any, method: str, theta: Tensor, vec: Tensor) -> Tensor:
+    """``backend.<method>(theta, vec)`` for ``vec`` of shape ``[..., d]``."""
+    fn = getattr(backend, method)
+    if vec.ndim == 1 or getattr(backend, "batched", False):
+        return fn(theta, vec)
+    flat = vec.reshape(-1, vec.shape[-1])
+    out = torch.stack([fn(theta, r) for r in flat])
+    return out.reshape(*vec.shape[:-1], out.shape[-1])
+
+
+def _tiles(n: int, q: int) -> list[tuple[int, int]]:
+    """Split ``n`` samples into up to 4 tiles of at least 64 rows (``Q`` rows per sample)."""
+    count = max(1, min(4, (n * q) // 64))
+    size = -(-n // count)
+    return [(a, min(n, a + size)) for a in range(0, n, size)]
+
+
+def _mirror_upper(m: Tensor, tile: int = 128) -> None:
+    """Copy the upper triangle of the square ``m`` onto its lower triangle, in place.
+
+    Strip by strip (``tile`` rows), so that the transposed reads stay in cache.
+    """
+    n = m.shape[0]
+    for i in range(0, n, tile):
+        i1 = min(n, i + tile)
+        blk = m[i:i1, i:i1]
+        blk.copy_(torch.triu(blk) + torch.triu(blk, 1).mT)
+        if i1 < n:
+            m[i1:, i:i1].copy_(m[i:i1, i1:].mT)
