@@ -33,10 +33,10 @@ import subriemann as sr
 from subriemann.analysis import (
     CriticalSet,
     classify_equilibrium,
-    plot_critical_set,
     refine_critical_point,
     track_critical_set,
 )
+from subriemann.app.plots_analysis import plot_critical_set
 
 matplotlib.use("Agg")
 
@@ -284,7 +284,7 @@ def _rotated_kernels(monkeypatch, seed: int) -> None:
     (SSE4.2, AVX2, AVX-512).  Rotating it by a fixed random orthogonal matrix plays
     the part of another CPU.
     """
-    from subriemann.analysis import critical
+    from subriemann.analysis.critical import spectrum as critical
 
     dense = critical._dense_spectrum
 
