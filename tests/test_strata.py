@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import subriemann as sr
-from subriemann.analysis import SpaceRecipe, plot_strata_graph, sample_strata, strata_graph
+from subriemann.analysis import SpaceRecipe, sample_strata, strata_graph
 from subriemann.analysis.strata import (
     GLOBAL_MINIMUM,
     NON_GLOBAL,
@@ -34,6 +34,7 @@ from subriemann.analysis.strata import (
     run_flow_task,
     stratum_times,
 )
+from subriemann.app.plots_analysis import plot_strata_graph
 from subriemann.flow.trajectory import FlowStatus, RankChange, Trajectory
 
 matplotlib.use("Agg")

@@ -38,7 +38,7 @@ def _new_axes(figsize: tuple[float, float]) -> Any:
 
 
 def _principal_plane(thetas: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Centred ``[n, K]`` points on their first two principal directions, and the variance shares."""
+    """Centred ``[n, K]`` points on their two principal directions, and the variance shares."""
     n = thetas.shape[0]
     centred = thetas - thetas.mean(0)
     if n > 1 and float(centred.abs().max()) > 0:
@@ -120,7 +120,9 @@ def plot_critical_set(critical_set: CriticalSet, ax: Any = None, *, colorbar: bo
     return ax
 
 
-def _strata_layout(graph: nx.DiGraph) -> tuple[list[Any], list[Any], dict[Any, tuple[float, float]]]:
+def _strata_layout(
+    graph: nx.DiGraph,
+) -> tuple[list[Any], list[Any], dict[Any, tuple[float, float]]]:
     """Strata by decreasing rank on a row (flows that lose rank go right), terminals below."""
     strata = sorted(
         (n for n, d in graph.nodes(data=True) if d.get("kind") == "stratum"),

@@ -234,7 +234,7 @@ def equilibrium_report(
     n_eigs: int,
     max_rounds: int,
 ) -> EquilibriumReport:
-    """:func:`classify_equilibrium` on validated arguments (``method``: ``"dense"``/``"lanczos"``)."""
+    """:func:`classify_equilibrium` on validated arguments (``method``: dense or lanczos)."""
     theta = theta.detach()
     grad = _gradient_part(space, theta, rank_rtol, rank_atol)
     is_global = grad.output_grad_norm <= tol * max(1.0, float(space.y.norm()))

@@ -110,7 +110,10 @@ def _decreasing_step(
     space: ParameterSpace, theta: Tensor, newton: _NewtonStep, nf: float, total: float,
     max_move: float,
 ) -> tuple[Tensor, Tensor, float, float] | None:
-    """The first damped step that decreases :math:`|F|` within ``max_move``: (theta, F, |F|, |step|)."""
+    """The first damped step that decreases :math:`|F|` within ``max_move``.
+
+    Returns ``(theta, F, |F|, |step|)`` at the new point, or None.
+    """
     for damp in DAMPING:
         delta = newton.delta(damp)
         step = float(delta.norm())
@@ -181,7 +184,7 @@ def correct(
 
 
 def grad_scale(space: ParameterSpace, theta: Tensor) -> float:
-    r""":math:`\sigma_{\max}(D)\max(1, |\nabla_xC|)` at ``theta``: the scale of :math:`|\nabla_\theta C|`."""
+    r""":math:`\sigma_{\max}(D)\max(1, |\nabla_xC|)` at ``theta``: the scale of the gradient."""
     _, s = singular_state(space, theta)
     smax = float(s[0]) if s.numel() else 1.0
     g = float(space.point_state(theta).output_grad.norm())

@@ -142,7 +142,7 @@ class HessianOperator:
         return out.detach()
 
     def dense(self, chunk: int = 128) -> Tensor:
-        r"""The symmetric matrix :math:`\nabla^2_\theta C`, shape ``[K, K]`` (:math:`K` products)."""
+        r"""The symmetric matrix :math:`\nabla^2_\theta C`, shape ``[K, K]`` (K products)."""
         eye = torch.eye(self.dim, dtype=self.theta.dtype, device=self.theta.device)
         cols = torch.func.vmap(
             lambda v: torch.func.jvp(self._grad, (self.theta,), (v,))[1], chunk_size=chunk
@@ -156,7 +156,7 @@ class HessianOperator:
         return self.hvp(tangent_vec.to(self.theta.dtype)).to(torch.float64)
 
     def operator(self) -> Any:
-        """The products as a float64 SciPy ``LinearOperator`` (:func:`~subriemann.linalg.scipy_operator`)."""
+        """The products as a float64 SciPy ``LinearOperator`` (through ``scipy_operator``)."""
         return scipy_operator(
             (self.dim, self.dim), self.hvp64, dtype=torch.float64, device=self.theta.device
         )

@@ -248,7 +248,7 @@ class TrackingOptions:
         self.cost_tol = check_optional(check_real, self.cost_tol, "cost_tol", low=0.0)
 
     def report_kwargs(self, rank_atol: float) -> dict[str, Any]:
-        """Keyword arguments of :func:`~subriemann.analysis.critical.classify.equilibrium_report`."""
+        """Keyword arguments of ``equilibrium_report`` (the rank threshold ``rank_atol``)."""
         return dict(tol=self.tol, rank_rtol=self.rank_rtol, rank_atol=rank_atol,
                     kernel_rtol=self.kernel_rtol, min_gap=self.min_gap, n_eigs=self.n_eigs,
                     max_rounds=self.max_rounds)
