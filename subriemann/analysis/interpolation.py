@@ -17,14 +17,17 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from subriemann.flow.trajectory import Trajectory
+from subriemann.validation import check_real
 
 __all__ = [
     "apriori_stopping_time",
+    "check_target_cost",
     "linear_interpolation_residual",
     "decay_rate",
     "DecayFit",
@@ -38,6 +41,22 @@ def _check_mse(loss_name: str, what: str) -> None:
         raise ValueError(
             f"{what} is a statement about the MSE cost (docs/theory.md §3); loss is {loss_name!r}"
         )
+
+
+def check_target_cost(eps: Any) -> float:
+    """A target cost :math:`\\varepsilon`: a finite number :math:`> 0`.
+
+    Raises
+    ------
+    TypeError
+        Not a real number.
+    ValueError
+        Not positive or not finite: ``eps must be a positive finite number``.
+    """
+    try:
+        return check_real(eps, "eps", low=0.0, low_open=True)
+    except ValueError:
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}") from None
 
 
 def apriori_stopping_time(space, initial_point: Tensor, eps: float) -> float:
@@ -72,8 +91,7 @@ def apriori_stopping_time(space, initial_point: Tensor, eps: float) -> float:
         0 when :math:`C(0) \le \varepsilon`.
     """
     _check_mse(getattr(space.loss, "name", ""), "apriori_stopping_time")
-    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    eps = check_target_cost(eps)
     st = space.point_state(space.check_point(initial_point))
     if space.output_dim > space.dim:
         warnings.warn(

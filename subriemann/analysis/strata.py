@@ -392,7 +392,9 @@ def strata_graph(
         status codes → count).  ``graph.graph`` holds ``n_runs``,
         ``classification`` and the tolerances.
     """
-    trajs = [trajectories] if isinstance(trajectories, Trajectory) else list(trajectories)
+    trajs: list[Trajectory] = (
+        [trajectories] if isinstance(trajectories, Trajectory) else list(trajectories)
+    )
     for i, t in enumerate(trajs):
         if not isinstance(t, Trajectory):
             raise TypeError(f"trajectories[{i}] is a {type(t).__name__}, not a Trajectory")

@@ -388,7 +388,7 @@ class ParameterSpace(VectorSpace):
         return vec.to(dtype=self.dtype, device=self.device)
 
     def check_tangent(self, tangent_vec: Any, name: str = "tangent_vec") -> Tensor:
-        r"""Validate tangent vectors (shape ``[..., K]``), returned in the space's dtype and device."""
+        """Validate tangent vectors ``[..., K]``: in the space's dtype, on its device."""
         return self._check_vec(tangent_vec, self.dim, name)
 
     def initial_point(self) -> Tensor:

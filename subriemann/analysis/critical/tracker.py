@@ -236,7 +236,7 @@ class TrackingOptions:
         for name, value in report.items():
             if name != "rank_atol":
                 setattr(self, name, value)
-        unit = dict(low=0.0, high=1.0, low_open=True, high_open=True)
+        unit: dict[str, Any] = dict(low=0.0, high=1.0, low_open=True, high_open=True)
         self.sigma_drop = check_real(self.sigma_drop, "sigma_drop", **unit)
         self.max_correction = check_real(self.max_correction, "max_correction", low=0.0,
                                          low_open=True)
