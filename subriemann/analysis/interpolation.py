@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 
 from subriemann.flow.trajectory import Trajectory
+from subriemann.linalg import rank_threshold
+from subriemann.linalg.dense import DENSE_LIMIT
 from subriemann.validation import check_real
 
 __all__ = [
@@ -99,11 +101,10 @@ def apriori_stopping_time(space, initial_point: Tensor, eps: float) -> float:
             "T_eps does not apply", UserWarning, stacklevel=2,
         )
     else:
-        s = st.singular_values("ntk" if space.output_dim * space.dim > 2_000_000 else "svd")
+        s = st.singular_values("ntk" if space.output_dim * space.dim > DENSE_LIMIT else "svd")
         metric = getattr(space, "metric", None)
-        tau = getattr(metric, "rank_atol", None)
-        if tau is None:
-            tau = float(getattr(metric, "rank_rtol", 1e-6)) * float(s[0])
+        tau = rank_threshold(float(s[0]), getattr(metric, "rank_rtol", 1e-6),
+                             getattr(metric, "rank_atol", None))
         rank = int((s > tau).sum())
         if rank < space.output_dim:
             warnings.warn(
