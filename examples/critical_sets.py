@@ -51,13 +51,12 @@ import torch  # noqa: E402
 import subriemann as sr  # noqa: E402
 from subriemann.analysis import (  # noqa: E402
     classify_equilibrium,
-    plot_critical_set,
-    plot_strata_graph,
     refine_critical_point,
     sample_strata,
     track_critical_set,
 )
 from subriemann.analysis.strata import NON_GLOBAL, default_init  # noqa: E402
+from subriemann.app.plots_analysis import plot_critical_set, plot_strata_graph  # noqa: E402
 
 F64 = torch.float64
 
@@ -115,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- 1. flows from a few initializations, and the strata they visit ------------------
     inits = [default_init(space, i, args.seed) for i in range(n_init)]
-    if args.fast:  # no process start-up: flows one after the other in this process
+    if args.fast:  # no process start-up: one work item, the flows in lock-step in this process
         with ThreadPoolExecutor(max_workers=1) as pool:
-            graph, trajs = sample_strata(space, inits, s_end, executor=pool, **flow)
+            graph, trajs = sample_strata(space, inits, s_end, executor=pool, max_workers=1,
+                                         **flow)
     else:  # the default: a local process pool (2 workers)
         graph, trajs = sample_strata(space, inits, s_end, **flow)
     print(f"\n{len(trajs)} flows to s = {s_end} ({graph.graph['n_failed']} failed)")
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{rep.dimension_gap:>8.2g} {rep.index:>5} {moved:>8.1e}")
         if not rep.is_global_minimum and rep.is_critical:
             seeds.append(refined)
-    labels = [graph.graph["details"][k]["label"] for k in range(len(trajs))]
+    labels = [end.label for end in graph.graph["details"]]
     if not seeds or NON_GLOBAL not in labels:
         print("no non-global critical point found")
         return 1

@@ -44,6 +44,7 @@ import torch
 
 import subriemann as sr
 from subriemann.analysis import cross_entropy as ce
+from subriemann.app.datasets import DigitsProblem, load_digits_problem
 from subriemann.metrics import InterpolatedMetric
 
 
@@ -87,7 +88,7 @@ def accuracy(space: sr.ParameterSpace, theta: torch.Tensor, x: torch.Tensor, lab
     return float((logits.argmax(dim=1) == labels).to(torch.float64).mean())
 
 
-def run_flow(space, lam: float, cfg: Setup, s_end: float, prob: ce.DigitsProblem,
+def run_flow(space, lam: float, cfg: Setup, s_end: float, prob: DigitsProblem,
              max_steps: int | None = None, fit: bool = True) -> dict[str, Any]:
     space.equip_with_metric(InterpolatedMetric, lam=lam)
     opts: dict[str, Any] = dict(rtol=cfg.rtol, atol=cfg.atol, max_steps=max_steps)
@@ -172,7 +173,7 @@ def main(fast: bool = False, out: str | Path | None = None, verbose: bool = True
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="ce_digits_"))
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    prob = ce.load_digits_problem(cfg.n_train, cfg.n_test, classes=cfg.classes, eps=cfg.eps,
+    prob = load_digits_problem(cfg.n_train, cfg.n_test, classes=cfg.classes, eps=cfg.eps,
                                   seed=0)
     q = prob.num_classes
     mu = ce.asymptotic_rate(prob.y_train)

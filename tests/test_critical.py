@@ -33,10 +33,10 @@ import subriemann as sr
 from subriemann.analysis import (
     CriticalSet,
     classify_equilibrium,
-    plot_critical_set,
     refine_critical_point,
     track_critical_set,
 )
+from subriemann.app.plots_analysis import plot_critical_set
 
 matplotlib.use("Agg")
 
@@ -284,7 +284,7 @@ def _rotated_kernels(monkeypatch, seed: int) -> None:
     (SSE4.2, AVX2, AVX-512).  Rotating it by a fixed random orthogonal matrix plays
     the part of another CPU.
     """
-    from subriemann.analysis import critical
+    from subriemann.analysis.critical import spectrum as critical
 
     dense = critical._dense_spectrum
 
@@ -541,3 +541,38 @@ def test_bad_input(line_space):
         track_critical_set(line_space, "theta")
     with pytest.raises(ValueError, match="no points"):
         track_critical_set(line_space, [])
+
+
+# -- the tracker, one step at a time ---------------------------------------------------
+def test_tracker_steps_along_the_hyperbola(line_space):
+    """CriticalSetTracker: start() puts the corrected seed on ab = c*, every step() adds
+    nodes on it within a predictor step of an existing node, and result() summarizes
+    the same walk as track_critical_set."""
+    from subriemann.analysis.critical import CriticalSetTracker, TrackingOptions
+
+    a = math.sqrt(C_STAR)
+    start = _t(1.1 * a, 0.95 * C_STAR / a)  # near the set, not on it
+    tracker = CriticalSetTracker(line_space, start, TrackingOptions(n_points=7, step=0.2))
+    tracker.start()
+    assert tracker.graph.number_of_nodes() == 1 and list(tracker.frontier) == [0]
+    sizes = [1]
+    while tracker.step():
+        sizes.append(tracker.graph.number_of_nodes())
+    sizes.append(tracker.graph.number_of_nodes())
+    assert sizes == sorted(sizes) and sizes[-1] == 7  # one node expanded per step
+    # every node on the hyperbola: |F| <= grad_tol moves a node by at most grad_tol / h_min
+    # normal to the set (h_min ~ |X|^2 (a^2 + b^2) >= 2 |X|^2 c*), far below 1e-8
+    th = torch.stack([d["theta"] for _, d in tracker.graph.nodes(data=True)])
+    assert torch.allclose(th[:, 0] * th[:, 1], torch.full((7,), C_STAR, dtype=F64), atol=1e-8)
+    for u, v in tracker.graph.edges:  # continuation steps are at most one predictor step long
+        assert float((th[u] - th[v]).norm()) <= 0.2 * (1 + 0.5) + 1e-12
+    cs = tracker.result()
+    again = track_critical_set(line_space, start, n_points=7, step=0.2)
+    assert cs.status == again.status == "n_points reached"
+    assert cs.dimension == again.dimension == 1
+    assert torch.allclose(cs.thetas, again.thetas, rtol=0, atol=1e-12)
+    _assert_on_set(cs)
+    with pytest.raises(TypeError, match="TrackingOptions"):
+        CriticalSetTracker(line_space, start, {"n_points": 3})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="sigma_drop"):
+        TrackingOptions(sigma_drop=1.5)

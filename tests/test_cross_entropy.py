@@ -29,6 +29,7 @@ from torch import nn
 
 import subriemann as sr
 from subriemann.analysis import cross_entropy as ce
+from subriemann.app.datasets import load_digits_problem
 from subriemann.metrics import EuclideanMetric, InterpolatedMetric, SoftmaxFisherMetric
 from tests.helpers import make_mlp, reference_jacobian, reference_outputs
 
@@ -389,9 +390,9 @@ def test_smooth_labels():
         ),
         (lambda: ce.asymptotic_rate(torch.tensor([[0.5, 0.4]])), "simplex"),
         (lambda: ce.minimum_cost(torch.tensor([[1.0]])), "at least 2 classes"),
-        (lambda: ce.load_digits_problem(10, 10, classes=(1, 1)), "distinct digits"),
-        (lambda: ce.load_digits_problem(2, 10, classes=(0, 1, 2)), "n_train"),
-        (lambda: ce.load_digits_problem(10, 10, eps=1.5), r"eps must lie in \[0, 1\)"),
+        (lambda: load_digits_problem(10, 10, classes=(1, 1)), "distinct digits"),
+        (lambda: load_digits_problem(2, 10, classes=(0, 1, 2)), "n_train"),
+        (lambda: load_digits_problem(10, 10, eps=1.5), r"eps must lie in \[0, 1\)"),
     ],
 )
 def test_bad_inputs_raise_value_error(call, match):
@@ -458,7 +459,7 @@ def test_natural_gradient_flow_is_a_straight_line_in_probabilities():
 # -- the data set ---------------------------------------------------------------------------
 def test_load_digits_problem():
     pytest.importorskip("sklearn")
-    prob = ce.load_digits_problem(30, 60, classes=(3, 5, 8), eps=0.2, seed=1)
+    prob = load_digits_problem(30, 60, classes=(3, 5, 8), eps=0.2, seed=1)
     assert prob.num_classes == 3 and prob.classes == (3, 5, 8)
     assert prob.x_train.shape == (30, 64) and prob.x_test.shape == (60, 64)
     assert prob.x_train.dtype == torch.float64
@@ -470,7 +471,7 @@ def test_load_digits_problem():
     expected = ce.smooth_labels(one_hot(prob.labels_train.tolist(), 3), 0.2)
     assert torch.allclose(prob.y_train, expected, atol=1e-15)
     assert ce.predicted_limit(torch.zeros(30, 3), prob.y_train).finite
-    again = ce.load_digits_problem(30, 60, classes=(3, 5, 8), eps=0.2, seed=1)
+    again = load_digits_problem(30, 60, classes=(3, 5, 8), eps=0.2, seed=1)
     assert torch.equal(again.x_train, prob.x_train)  # deterministic
 
 
@@ -478,4 +479,4 @@ def test_load_digits_problem_without_scikit_learn(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(ImportError, match=r"pip install subriemann\[data\]"):
-        ce.load_digits_problem(10, 10)
+        load_digits_problem(10, 10)

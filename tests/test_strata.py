@@ -24,16 +24,18 @@ import pytest
 import torch
 
 import subriemann as sr
-from subriemann.analysis import SpaceRecipe, plot_strata_graph, sample_strata, strata_graph
+from subriemann.analysis import SpaceRecipe, sample_strata, strata_graph
 from subriemann.analysis.strata import (
     GLOBAL_MINIMUM,
     NON_GLOBAL,
     NOT_CONVERGED,
+    Endpoint,
     classify_endpoint,
     default_init,
     run_flow_task,
     stratum_times,
 )
+from subriemann.app.plots_analysis import plot_strata_graph
 from subriemann.flow.trajectory import FlowStatus, RankChange, Trajectory
 
 matplotlib.use("Agg")
@@ -336,3 +338,31 @@ def test_a_killed_worker_loses_no_run():
     assert g.graph["resubmitted"] >= 1  # the kill came mid-sweep and lost runs
     # every run is there, and ends where the closed form says (as in the other sweeps)
     _check_odd_sweep(g, trajs, n)
+
+
+# -- one way to run many flows ---------------------------------------------------------------
+def test_a_batched_work_item_equals_single_flows():
+    """One work item integrates its flows with gradient_flow on [B, K] (the batch runner);
+    each trajectory equals the single run from its point (rk4, same steps: up to rounding)."""
+    space = _odd_space()
+    starts = _starts(3)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        g, trajs = sample_strata(space, starts, 2.0, executor=pool, max_workers=1, **FLOW)
+    assert g.graph["n_failed"] == 0 and g.graph["run_indices"] == [0, 1, 2]
+    for p, t in zip(starts, trajs):
+        single = sr.gradient_flow(space, p, 2.0, **FLOW)
+        assert torch.allclose(t.theta, single.theta, rtol=0, atol=1e-12)
+    # a batch whose flow raises is run again point by point: the error stays with its run
+    bad = torch.cat([starts[:1], torch.full((1, 5), float("nan"), dtype=F64)])
+    res = run_flow_task(SpaceRecipe.from_space(space), bad, 1.0, {"flow": FLOW})
+    assert "trajectory" in res[0] and "error" in res[1] and "error" not in res[0]
+
+
+def test_endpoint_is_a_dataclass():
+    space = _odd_space()
+    traj = sr.gradient_flow(space, _starts(1)[0], S_END, **FLOW)
+    end = classify_endpoint(traj, space)
+    assert isinstance(end, Endpoint) and end.label == end["label"] == NON_GLOBAL
+    assert end.rank == 3 and end.kind is None  # no Hessian in the cheap classification
+    with pytest.raises(KeyError):
+        end["no such field"]

@@ -14,7 +14,6 @@ from subriemann.analysis.critical import (
     CriticalSet,
     EquilibriumReport,
     classify_equilibrium,
-    plot_critical_set,
     refine_critical_point,
     track_critical_set,
 )
@@ -27,9 +26,9 @@ from subriemann.analysis.interpolation import (
     linear_interpolation_residual,
 )
 from subriemann.analysis.linearized import OutputFlow, kernel_eigh, output_flow
+from subriemann.analysis.moved import moved_getattr
 from subriemann.analysis.strata import (
     SpaceRecipe,
-    plot_strata_graph,
     sample_strata,
     strata_graph,
 )
@@ -54,9 +53,11 @@ __all__ = [
     "refine_critical_point",
     "track_critical_set",
     "CriticalSet",
-    "plot_critical_set",
     "strata_graph",
     "sample_strata",
     "SpaceRecipe",
-    "plot_strata_graph",
 ]
+
+# plots live in the application layer now (subriemann.app.plots_analysis): importing
+# them here would make the analysis look up, so the old names explain where they went
+__getattr__ = moved_getattr(__name__, ["plot_critical_set", "plot_strata_graph"])

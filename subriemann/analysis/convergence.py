@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from subriemann.analysis.interpolation import check_target_cost
+
 __all__ = [
     "ConvergenceCertificate",
     "linear_convergence_certificate",
@@ -121,6 +123,49 @@ def _lam_of(metric: dict) -> float:
     )
 
 
+def _trajectory_series(
+    traj: Any, lam: float | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    r"""``(s, C, mu, lam)`` of an MSE flow with a :math:`g_\lambda` metric (rates from sigma)."""
+    if getattr(traj, "loss", "mse") != "mse":
+        raise ValueError(
+            f"the certificate is for the MSE cost (C = |x - y|^2 / 2), not {traj.loss!r}"
+        )
+    lam = _lam_of(traj.metric) if lam is None else lam
+    sv = traj.singular_values.detach().cpu().double().numpy()
+    if not np.isfinite(sv).all():
+        raise ValueError("the trajectory has no singular values (run with monitor_rank=True)")
+    qn = int(traj.targets.numel())
+    cut = lam == 1.0 or traj.metric.get("class") == "BundleMetric"
+    tau = float(traj.rank_tau)
+    mu_arr = np.array([adapted_rate(row, lam, qn, tau, cut) for row in sv])
+    s_arr = traj.s.detach().cpu().double().numpy()
+    c_arr = traj.cost.detach().cpu().double().numpy()
+    return s_arr, c_arr, mu_arr, float(lam)
+
+
+def _array_series(s: Any, cost: Any, mu: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(s, C, mu)`` as flat float64 arrays of one length."""
+    if s is None or cost is None or mu is None:
+        raise ValueError("pass traj, or all of s, cost and mu")
+    s_arr, c_arr, mu_arr = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (s, cost, mu))
+    if not (s_arr.size == c_arr.size == mu_arr.size) or s_arr.size == 0:
+        raise ValueError("s, cost and mu must be non-empty and of the same length")
+    return s_arr, c_arr, mu_arr
+
+
+def _stopping_times(
+    s_arr: np.ndarray, c_arr: np.ndarray, mu_arr: np.ndarray, eps: float
+) -> tuple[float | None, float | None]:
+    r"""The a priori stopping time (only for :math:`\mu \equiv 1`) and the measured one."""
+    eps = check_target_cost(eps)
+    stop = None
+    if bool(np.all(mu_arr == 1.0)):
+        stop = 0.5 * math.log(c_arr[0] / eps) if c_arr[0] > eps else 0.0
+    hit = np.nonzero(c_arr <= eps)[0]
+    return stop, (float(s_arr[hit[0]]) if hit.size else None)
+
+
 def linear_convergence_certificate(
     traj: Any = None,
     *,
@@ -164,27 +209,10 @@ def linear_convergence_certificate(
     if traj is not None:
         if any(a is not None for a in (s, cost, mu)):
             raise ValueError("pass either traj or the arrays s, cost, mu, not both")
-        if getattr(traj, "loss", "mse") != "mse":
-            raise ValueError(
-                f"the certificate is for the MSE cost (C = |x - y|^2 / 2), not {traj.loss!r}"
-            )
-        lam = _lam_of(traj.metric) if lam is None else lam
-        sv = traj.singular_values.detach().cpu().double().numpy()
-        if not np.isfinite(sv).all():
-            raise ValueError("the trajectory has no singular values (run with monitor_rank=True)")
-        qn = int(traj.targets.numel())
-        cut = lam == 1.0 or traj.metric.get("class") == "BundleMetric"
-        tau = float(traj.rank_tau)
-        mu_arr = np.array([adapted_rate(row, lam, qn, tau, cut) for row in sv])
-        s_arr = traj.s.detach().cpu().double().numpy()
-        c_arr = traj.cost.detach().cpu().double().numpy()
+        s_arr, c_arr, mu_arr, rate_lam = _trajectory_series(traj, lam)
     else:
-        if s is None or cost is None or mu is None:
-            raise ValueError("pass traj, or all of s, cost and mu")
-        s_arr, c_arr, mu_arr = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (s, cost, mu))
-        if not (s_arr.size == c_arr.size == mu_arr.size) or s_arr.size == 0:
-            raise ValueError("s, cost and mu must be non-empty and of the same length")
-        lam = float("nan") if lam is None else float(lam)
+        s_arr, c_arr, mu_arr = _array_series(s, cost, mu)
+        rate_lam = float("nan") if lam is None else float(lam)
     if bool((np.diff(s_arr) < 0).any()):
         raise ValueError("s must be non-decreasing")
     integral = np.concatenate([[0.0], np.cumsum(0.5 * (mu_arr[1:] + mu_arr[:-1]) * np.diff(s_arr))])
@@ -192,16 +220,9 @@ def linear_convergence_certificate(
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(bound > 0, c_arr / bound, np.where(c_arr > 0, np.inf, 0.0))
     worst = float(ratio.max())
-    stop = measured = None
-    if eps is not None:
-        if not (eps > 0 and math.isfinite(eps)):
-            raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-        if bool(np.all(mu_arr == 1.0)):
-            stop = 0.5 * math.log(c_arr[0] / eps) if c_arr[0] > eps else 0.0
-        hit = np.nonzero(c_arr <= eps)[0]
-        measured = float(s_arr[hit[0]]) if hit.size else None
+    stop, measured = (None, None) if eps is None else _stopping_times(s_arr, c_arr, mu_arr, eps)
     return ConvergenceCertificate(
-        s_arr, c_arr, mu_arr, bound, worst <= 1.0 + rtol, worst, float(lam), stop, measured
+        s_arr, c_arr, mu_arr, bound, worst <= 1.0 + rtol, worst, rate_lam, stop, measured
     )
 
 
@@ -228,8 +249,7 @@ def apriori_steps(cost0: float, eps: float, lr: float) -> int:
     -------
     k : int
     """
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    eps = check_target_cost(eps)
     if not 0.0 < lr < 2.0:
         raise ValueError(f"lr must lie in (0, 2) for the residual to contract, got {lr!r}")
     if cost0 <= eps:

@@ -49,8 +49,8 @@ features, :math:`x_j = W\phi_j + b`, keeps every per-sample sum at any rank:
 ``docs/cross_entropy.md``.)
 
 Also here: :func:`smooth_labels` (so that the finite-limit statements apply to
-real data) and :func:`load_digits_problem` (scikit-learn's digits, the optional
-``data`` extra).
+real data).  A real data set ready for these statements, scikit-learn's digits
+with smoothed labels, is :func:`subriemann.app.datasets.load_digits_problem`.
 
 Examples
 --------
@@ -78,8 +78,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from subriemann.analysis.moved import moved_getattr
 from subriemann.flow.trajectory import Trajectory
 from subriemann.losses import CrossEntropyLoss
+from subriemann.validation import check_choice, check_real
 
 __all__ = [
     "HyperplaneSums",
@@ -87,16 +89,15 @@ __all__ = [
     "NoFiniteLimitError",
     "LimitError",
     "RateFit",
-    "DigitsProblem",
     "hyperplane_sums",
     "predicted_limit",
     "limit_error",
     "asymptotic_rate",
     "fitted_rate",
     "smooth_labels",
+    "check_smoothing",
     "minimum_cost",
     "divergence_direction",
-    "load_digits_problem",
 ]
 
 
@@ -582,6 +583,32 @@ class RateFit:
         )
 
 
+def _rate_series(
+    traj: Trajectory, err: LimitError, mu: float, quantity: str, lower: float | None
+) -> tuple[Tensor, float, float]:
+    r"""``(q(s), lower, expected rate)`` for ``quantity``: :math:`|x - x^*|` or :math:`C - C^*`."""
+    if quantity == "distance":
+        assert err.distance is not None
+        lo = 1e-7 if lower is None else float(lower)
+        return err.distance, lo, mu
+    cstar = err.limit.minimum_cost
+    val = traj.cost.to(torch.float64) - cstar
+    q0 = float(val[0])
+    if not q0 > 0:
+        raise ValueError(f"fitted_rate: C(0) - C* = {q0:.3e}; the flow starts at the minimum")
+    # C - C* is resolved only down to about eps C*
+    eps = float(torch.finfo(torch.float64).eps)
+    lo = max(1e-12, 1e3 * eps * abs(cstar) / q0) if lower is None else float(lower)
+    return val, lo, 2 * mu
+
+
+def _log_linear_fit(s: Tensor, val: Tensor) -> float:
+    r"""The rate :math:`r` of the least-squares fit :math:`\log q(s) \approx a - r s`."""
+    a = torch.stack([torch.ones_like(s), s], dim=1)
+    coef = torch.linalg.lstsq(a, torch.log(val).unsqueeze(1)).solution.squeeze(1)
+    return -float(coef[1])
+
+
 def fitted_rate(
     traj: Trajectory,
     *,
@@ -642,31 +669,14 @@ def fitted_rate(
         too short, :math:`\lambda < 1`, or rank loss).
     """
     n, q = _check_ce_trajectory(traj, "fitted_rate")
-    if quantity not in ("distance", "cost"):
-        raise ValueError(f"quantity must be 'distance' or 'cost', got {quantity!r}")
+    check_choice(quantity, "quantity", ("distance", "cost"))
     up = (1e-3 if quantity == "distance" else 1e-6) if upper is None else float(upper)
     if not (0 < up <= 1):
         raise ValueError(f"upper must lie in (0, 1], got {upper!r}")
     err = limit_error(traj)
     err.limit.require()
-    y = traj.targets.reshape(n, q)
-    mu = asymptotic_rate(y)
-    if quantity == "distance":
-        assert err.distance is not None
-        val = err.distance
-        lo = 1e-7 if lower is None else float(lower)
-        expected = mu
-    else:
-        cstar = err.limit.minimum_cost
-        val = traj.cost.to(torch.float64) - cstar
-        q0 = float(val[0])
-        if not q0 > 0:
-            raise ValueError(
-                f"fitted_rate: C(0) - C* = {q0:.3e}; the flow starts at the minimum"
-            )
-        eps = float(torch.finfo(torch.float64).eps)
-        lo = max(1e-12, 1e3 * eps * abs(cstar) / q0) if lower is None else float(lower)
-        expected = 2 * mu
+    mu = asymptotic_rate(traj.targets.reshape(n, q))
+    val, lo, expected = _rate_series(traj, err, mu, quantity, lower)
     if not (0 <= lo < up):
         raise ValueError(f"lower must lie in [0, upper), got {lo!r}")
     v0 = float(val[0])
@@ -680,22 +690,35 @@ def fitted_rate(
         keep &= s <= s_max
     npts = int(keep.sum())
     if npts < 3:
-        final = float(val[-1]) / v0
         raise ValueError(
             f"fitted_rate: only {npts} saved points with {lo:.1e} <= q(s)/q(0) <= {up:.1e} "
-            f"(q = {quantity}, final q/q(0) = {final:.3e}); run the flow longer (the window "
-            "starts once q has fallen to `upper` times q(0)), or the flow does not "
+            f"(q = {quantity}, final q/q(0) = {float(val[-1]) / v0:.3e}); run the flow longer "
+            "(the window starts once q has fallen to `upper` times q(0)), or the flow does not "
             "approach x* (lambda < 1, rank loss)"
         )
-    ss, lv = s[keep], torch.log(val[keep])
-    a = torch.stack([torch.ones_like(ss), ss], dim=1)
-    coef = torch.linalg.lstsq(a, lv.unsqueeze(1)).solution.squeeze(1)
-    rate = -float(coef[1])
+    ss = s[keep]
+    rate = _log_linear_fit(ss, val[keep])
     rel = abs(rate - expected) / expected if expected > 0 else math.inf
     return RateFit(rate, mu, expected, rel, quantity, float(ss[0]), float(ss[-1]), npts)
 
 
 # -- labels ----------------------------------------------------------------------------------
+def check_smoothing(eps: Any) -> float:
+    r"""A label smoothing :math:`\varepsilon`: a real number in :math:`[0, 1)`.
+
+    Raises
+    ------
+    TypeError
+        Not a real number.
+    ValueError
+        Outside :math:`[0, 1)` or NaN: ``eps must lie in [0, 1)``.
+    """
+    try:
+        return check_real(eps, "eps", low=0.0, high=1.0, high_open=True)
+    except ValueError:
+        raise ValueError(f"eps must lie in [0, 1), got {eps!r}") from None
+
+
 def smooth_labels(targets: Any, eps: float) -> Tensor:
     r"""Label smoothing :math:`(1 - \varepsilon)\,y + \varepsilon/Q`.
 
@@ -703,6 +726,8 @@ def smooth_labels(targets: Any, eps: float) -> Tensor:
     finite limit of :func:`predicted_limit`; for smoothed one-hot labels and
     :math:`Q\ge 3` the rate is :math:`\mu = \varepsilon/Q` and the minimum is
     :math:`N\,H((1-\varepsilon+\varepsilon/Q, \varepsilon/Q, \dots))`.
+    The one home of label smoothing: the command line (``--label-smoothing``)
+    and :func:`subriemann.app.datasets.load_digits_problem` use it too.
 
     Parameters
     ----------
@@ -718,13 +743,12 @@ def smooth_labels(targets: Any, eps: float) -> Tensor:
 
     Raises
     ------
+    TypeError
+        ``eps`` is not a real number.
     ValueError
         ``eps`` outside :math:`[0, 1)` or not finite; targets off the simplex.
     """
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a real number in [0, 1), got {type(eps).__name__}")
-    if not (math.isfinite(eps) and 0.0 <= eps < 1.0):
-        raise ValueError(f"eps must lie in [0, 1), got {eps!r}")
+    eps = check_smoothing(eps)
     raw = _as_tensor(targets, "targets")
     y = _check_targets(raw)
     q = y.shape[1]
@@ -732,129 +756,4 @@ def smooth_labels(targets: Any, eps: float) -> Tensor:
     return out.to(raw.dtype) if raw.is_floating_point() else out
 
 
-# -- a real data set ---------------------------------------------------------------------------
-@dataclass
-class DigitsProblem:
-    r"""A classification problem from scikit-learn's digits (8×8 images, 64 features).
-
-    Attributes
-    ----------
-    x_train, x_test : Tensor, shape=[n, 64]
-        Standardized with the training mean and standard deviation (constant
-        pixels are centred only).
-    y_train, y_test : Tensor, shape=[n, Q]
-        Smoothed one-hot targets, :math:`(1-\varepsilon)e_{c} + \varepsilon/Q`.
-    labels_train, labels_test : Tensor, shape=[n], int64
-        Class indices :math:`0..Q-1` (positions in ``classes``).
-    classes : tuple of int
-        The digits used; class ``i`` is digit ``classes[i]``.
-    eps : float
-        The smoothing.
-    """
-
-    x_train: Tensor
-    y_train: Tensor
-    labels_train: Tensor
-    x_test: Tensor
-    y_test: Tensor
-    labels_test: Tensor
-    classes: tuple[int, ...]
-    eps: float
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-
-def load_digits_problem(
-    n_train: int,
-    n_test: int,
-    classes: tuple[int, ...] | list[int] = (0, 1, 2),
-    *,
-    eps: float = 0.1,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float64,
-) -> DigitsProblem:
-    r"""A stratified train/held-out split of scikit-learn's digits, ready for cross-entropy.
-
-    The data ship inside scikit-learn (no download).  Needs the optional ``data``
-    extra: ``pip install subriemann[data]``.
-
-    Parameters
-    ----------
-    n_train, n_test : int
-        Sizes of the training and held-out sets (stratified by class; each at least
-        the number of classes).
-    classes : sequence of int
-        Distinct digits in 0..9 to keep; :math:`Q` = ``len(classes)`` :math:`\ge 2`.
-    eps : float
-        Label smoothing of the targets, in :math:`[0, 1)` (``0``: one-hot, no finite limit).
-    seed : int
-        Seed of the split.
-    dtype : torch.dtype
-
-    Returns
-    -------
-    DigitsProblem
-
-    Raises
-    ------
-    ImportError
-        scikit-learn is not installed.
-    ValueError
-        Bad sizes or classes.
-    """
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as err:
-        raise ImportError(
-            "load_digits_problem needs scikit-learn (the optional 'data' extra): "
-            "pip install subriemann[data]"
-        ) from err
-    cls = tuple(int(c) for c in classes)
-    if len(cls) < 2 or len(set(cls)) != len(cls) or any(not 0 <= c <= 9 for c in cls):
-        raise ValueError(f"classes must be at least 2 distinct digits in 0..9, got {classes!r}")
-    q = len(cls)
-    for name, val in (("n_train", n_train), ("n_test", n_test)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < q:
-            raise ValueError(f"{name} must be an integer >= the number of classes {q}, got {val!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a real number in [0, 1), got {type(eps).__name__}")
-    if not (math.isfinite(eps) and 0.0 <= eps < 1.0):
-        raise ValueError(f"eps must lie in [0, 1), got {eps!r}")
-    data = load_digits()
-    feats = np.asarray(data.data, dtype=np.float64)
-    digits = np.asarray(data.target)
-    mask = np.isin(digits, cls)
-    feats, digits = feats[mask], digits[mask]
-    if n_train + n_test > feats.shape[0]:
-        raise ValueError(
-            f"n_train + n_test = {n_train + n_test} exceeds the {feats.shape[0]} digits of "
-            f"classes {cls}"
-        )
-    lookup = {c: i for i, c in enumerate(cls)}
-    labels = np.array([lookup[int(d)] for d in digits], dtype=np.int64)
-    xtr, xte, ltr, lte = train_test_split(
-        feats, labels, train_size=n_train, test_size=n_test, stratify=labels, random_state=seed
-    )
-    mean = xtr.mean(axis=0)
-    std = xtr.std(axis=0)
-    std = np.where(std > 0, std, 1.0)
-    xtr = (xtr - mean) / std
-    xte = (xte - mean) / std
-
-    def targets(lab: np.ndarray) -> Tensor:
-        onehot = torch.nn.functional.one_hot(torch.from_numpy(lab), q).to(torch.float64)
-        return smooth_labels(onehot, float(eps)).to(dtype)
-
-    return DigitsProblem(
-        x_train=torch.from_numpy(xtr).to(dtype),
-        y_train=targets(ltr),
-        labels_train=torch.from_numpy(ltr),
-        x_test=torch.from_numpy(xte).to(dtype),
-        y_test=targets(lte),
-        labels_test=torch.from_numpy(lte),
-        classes=cls,
-        eps=float(eps),
-    )
+__getattr__ = moved_getattr(__name__, ["load_digits_problem", "DigitsProblem"])

@@ -17,14 +17,19 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from subriemann.flow.trajectory import Trajectory
+from subriemann.linalg import rank_threshold
+from subriemann.linalg.dense import DENSE_LIMIT
+from subriemann.validation import check_real
 
 __all__ = [
     "apriori_stopping_time",
+    "check_target_cost",
     "linear_interpolation_residual",
     "decay_rate",
     "DecayFit",
@@ -38,6 +43,22 @@ def _check_mse(loss_name: str, what: str) -> None:
         raise ValueError(
             f"{what} is a statement about the MSE cost (docs/theory.md §3); loss is {loss_name!r}"
         )
+
+
+def check_target_cost(eps: Any) -> float:
+    """A target cost :math:`\\varepsilon`: a finite number :math:`> 0`.
+
+    Raises
+    ------
+    TypeError
+        Not a real number.
+    ValueError
+        Not positive or not finite: ``eps must be a positive finite number``.
+    """
+    try:
+        return check_real(eps, "eps", low=0.0, low_open=True)
+    except ValueError:
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}") from None
 
 
 def apriori_stopping_time(space, initial_point: Tensor, eps: float) -> float:
@@ -72,8 +93,7 @@ def apriori_stopping_time(space, initial_point: Tensor, eps: float) -> float:
         0 when :math:`C(0) \le \varepsilon`.
     """
     _check_mse(getattr(space.loss, "name", ""), "apriori_stopping_time")
-    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    eps = check_target_cost(eps)
     st = space.point_state(space.check_point(initial_point))
     if space.output_dim > space.dim:
         warnings.warn(
@@ -81,11 +101,10 @@ def apriori_stopping_time(space, initial_point: Tensor, eps: float) -> float:
             "T_eps does not apply", UserWarning, stacklevel=2,
         )
     else:
-        s = st.singular_values("ntk" if space.output_dim * space.dim > 2_000_000 else "svd")
+        s = st.singular_values("ntk" if space.output_dim * space.dim > DENSE_LIMIT else "svd")
         metric = getattr(space, "metric", None)
-        tau = getattr(metric, "rank_atol", None)
-        if tau is None:
-            tau = float(getattr(metric, "rank_rtol", 1e-6)) * float(s[0])
+        tau = rank_threshold(float(s[0]), getattr(metric, "rank_rtol", 1e-6),
+                             getattr(metric, "rank_atol", None))
         rank = int((s > tau).sum())
         if rank < space.output_dim:
             warnings.warn(

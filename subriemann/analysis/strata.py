@@ -13,14 +13,18 @@ hit rank loss, and where does it end?":
   observed kind of rank change (with counts), and terminal nodes for how
   the flows ended (``"global minimum"``, ``"non-global critical set"``,
   ``"not converged"``), joined to the stratum where each flow ended;
+* :func:`classify_endpoint` says where one flow ended, as an :class:`Endpoint`;
 * :func:`sample_strata` runs many flows, on a local process pool by default
-  or on any :mod:`concurrent.futures`-style executor (Dask, Ray, ...);
-* :func:`plot_strata_graph` draws the graph.
+  or on any :mod:`concurrent.futures`-style executor (Dask, Ray, ...).  It has
+  no integrator loop of its own: each work item is one call of
+  :func:`~subriemann.gradient_flow` on a batch of initial points ``[B, K]``.
+
+The graph is drawn by :func:`subriemann.app.plots_analysis.plot_strata_graph`.
 
 Pickling
 --------
 A work item is the top-level function :func:`run_flow_task` with the
-arguments ``(space, theta0, s_end, options)``.  A
+arguments ``(space, theta0, s_end, options)``, ``theta0`` a batch ``[B, K]``.  A
 :class:`~subriemann.ParameterSpace` on the generic ``"func"`` engine
 pickles, with its metric; on the structured engine it does not (the engine
 holds closures).  :func:`sample_strata` therefore sends either the pickled
@@ -45,39 +49,50 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import multiprocessing
 import pickle
 import threading
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import BrokenExecutor, CancelledError, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import networkx as nx
-import numpy as np
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from subriemann.flow.trajectory import Trajectory
-    from subriemann.space import ParameterSpace
+from subriemann.analysis.critical import classify_equilibrium, refine_critical_point
+from subriemann.analysis.moved import moved_getattr
+from subriemann.flow import FlowOptions, gradient_flow
+from subriemann.flow.trajectory import Trajectory
+from subriemann.losses import get_loss
+from subriemann.space import ParameterSpace
+from subriemann.validation import check_choice, check_int, check_optional, check_real
 
 __all__ = [
     "GLOBAL_MINIMUM",
     "NON_GLOBAL",
     "NOT_CONVERGED",
+    "TERMINALS",
+    "Endpoint",
     "SpaceRecipe",
     "classify_endpoint",
     "strata_graph",
     "sample_strata",
     "run_flow_task",
-    "plot_strata_graph",
+    "default_init",
+    "work_items",
     "stratum_times",
+    "stratum_node",
 ]
 
 GLOBAL_MINIMUM = "global minimum"
 NON_GLOBAL = "non-global critical set"
 NOT_CONVERGED = "not converged"
 TERMINALS = (GLOBAL_MINIMUM, NON_GLOBAL, NOT_CONVERGED)
+"""The labels of :func:`classify_endpoint`, in the order plots list them."""
 
 _FORWARD_AD_LOCK = threading.Lock()
 """Held by :func:`run_flow_task` around each flow (see the module docstring, "Threads")."""
@@ -129,6 +144,106 @@ def stratum_times(traj: Trajectory) -> tuple[dict[int, float], list[tuple[int, i
     return times, changes, ranks[-1]
 
 
+@dataclass
+class Endpoint:
+    r"""Where a flow ended: the class of :func:`classify_endpoint`, and the Hessian's verdict.
+
+    Attributes
+    ----------
+    label : str
+        :data:`GLOBAL_MINIMUM`, :data:`NON_GLOBAL` or :data:`NOT_CONVERGED`.
+    output_grad_norm : float
+        :math:`|\nabla_xC|` at the final point (NaN for a custom loss not known
+        by name, classified without a space).
+    relative_grad : float
+        :math:`|D^\top\nabla_xC|/(\sigma_{\max}(D)\,|\nabla_xC|)` (NaN without a space).
+    rank : int
+        The final saved rank.
+    cost : float
+        The final cost.
+    status : str
+        The flow's status code.
+    kind, dimension, index, dimension_gap, rank_deficit
+        With ``sample_strata(classify="full")``: those of
+        :class:`~subriemann.analysis.critical.EquilibriumReport` at the
+        refined end point; None otherwise.
+    refined_distance : float or None
+        ``"full"``: how far :func:`~subriemann.analysis.critical.refine_critical_point`
+        moved the end point.
+    refine_error : str or None
+        ``"full"``: why the refinement failed (the Hessian is then taken at the end point).
+
+    ``endpoint["label"]`` reads the attribute ``label`` (mapping access, as for the
+    dictionaries that earlier versions returned).
+    """
+
+    label: str
+    output_grad_norm: float
+    relative_grad: float
+    rank: int
+    cost: float
+    status: str
+    kind: str | None = None
+    dimension: int | None = None
+    index: int | None = None
+    dimension_gap: float | None = None
+    rank_deficit: int | None = None
+    refined_distance: float | None = None
+    refine_error: str | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+def _relative_grad(grad_norm: float, smax: float, output_grad_norm: float) -> float:
+    denom = smax * output_grad_norm
+    return grad_norm / denom if denom > 0 else (0.0 if grad_norm == 0 else math.inf)
+
+
+def _endpoint_with_space(
+    traj: Trajectory, space: ParameterSpace, global_tol: float, critical_tol: float
+) -> Endpoint:
+    theta = traj.theta[-1].to(dtype=space.dtype, device=space.device)
+    st = space.point_state(theta)
+    gn = float(st.output_grad.norm())
+    smax = float(st.singular_values()[0]) if min(space.dim, space.output_dim) else 0.0
+    rel = _relative_grad(float(space.cost_grad(theta).norm()), smax, gn)
+    if gn <= global_tol * max(1.0, float(space.y.norm())):
+        label = GLOBAL_MINIMUM
+    else:
+        label = NON_GLOBAL if rel <= critical_tol else NOT_CONVERGED
+    return Endpoint(label, gn, rel, int(traj.rank[-1]), float(traj.cost[-1]), traj.status.code)
+
+
+def _final_output_grad_norm(traj: Trajectory) -> float:
+    """:math:`|\\nabla_xC|` from the saved outputs and targets (NaN for an unknown loss)."""
+    q = max(int(traj.num_outputs), 1)
+    x, y = traj.outputs[-1], traj.targets
+    n = x.numel() // q
+    try:
+        loss = get_loss(traj.loss)
+        return float(loss.grad(x.reshape(n, q), y.reshape(n, q)).reshape(-1).norm())
+    except Exception:  # a custom loss not known by name
+        return math.nan
+
+
+def _stalled(traj: Trajectory, stall_rtol: float) -> bool:
+    """Final output speed at most ``stall_rtol`` times the initial one (or the status says so)."""
+    if traj.status.code == "equilibrium_reached":
+        return True
+    if len(traj) < 3:
+        return False
+    ds_end = float(traj.s[-1] - traj.s[-2])
+    ds0 = float(traj.s[1] - traj.s[0])
+    if not (ds_end > 0 and ds0 > 0):
+        return False
+    v_end = float((traj.outputs[-1] - traj.outputs[-2]).norm()) / ds_end
+    v0 = float((traj.outputs[1] - traj.outputs[0]).norm()) / ds0
+    return v_end <= stall_rtol * v0
+
+
 def classify_endpoint(
     traj: Trajectory,
     space: ParameterSpace | None = None,
@@ -136,7 +251,7 @@ def classify_endpoint(
     global_tol: float = 1e-4,
     critical_tol: float = 1e-3,
     stall_rtol: float = 1e-3,
-) -> dict[str, Any]:
+) -> Endpoint:
     r"""Cheap classification of where a flow ended (no Hessian).
 
     With ``space``, at the final point :math:`\theta_T`:
@@ -161,65 +276,84 @@ def classify_endpoint(
 
     Returns
     -------
-    dict
-        ``label``, ``output_grad_norm``, ``relative_grad`` (NaN without
-        ``space``), ``rank`` (final saved rank), ``cost``, ``status``.
+    Endpoint
     """
-    from subriemann.losses import get_loss
-
     if len(traj) == 0:
         raise ValueError("the trajectory holds no points")
-    x = traj.outputs[-1]
-    y = traj.targets
-    q = max(int(traj.num_outputs), 1)
-    out: dict[str, Any] = {
-        "rank": int(traj.rank[-1]),
-        "cost": float(traj.cost[-1]),
-        "status": traj.status.code,
-        "relative_grad": math.nan,
-    }
     if space is not None:
-        theta = traj.theta[-1].to(dtype=space.dtype, device=space.device)
-        st = space.point_state(theta)
-        g = st.output_grad
-        gn = float(g.norm())
-        dc = float(space.cost_grad(theta).norm())
-        smax = float(st.singular_values()[0]) if min(space.dim, space.output_dim) else 0.0
-        rel = dc / (smax * gn) if smax * gn > 0 else (0.0 if dc == 0 else math.inf)
-        out.update(output_grad_norm=gn, relative_grad=rel)
-        if gn <= global_tol * max(1.0, float(space.y.norm())):
-            out["label"] = GLOBAL_MINIMUM
-        elif rel <= critical_tol:
-            out["label"] = NON_GLOBAL
-        else:
-            out["label"] = NOT_CONVERGED
-        return out
-    try:
-        loss = get_loss(traj.loss)
-        n = x.numel() // q
-        g = loss.grad(x.reshape(n, q), y.reshape(n, q)).reshape(-1)
-        gn = float(g.norm())
-    except Exception:  # a custom loss not known by name
-        gn = math.nan
-    out["output_grad_norm"] = gn
-    if traj.status.code == "cost_tol_reached" or gn <= global_tol * max(1.0, float(y.norm())):
-        out["label"] = GLOBAL_MINIMUM
-        return out
-    stalled = traj.status.code == "equilibrium_reached"
-    if not stalled and len(traj) >= 3:
-        ds_end = float(traj.s[-1] - traj.s[-2])
-        ds0 = float(traj.s[1] - traj.s[0])
-        if ds_end > 0 and ds0 > 0:
-            v_end = float((traj.outputs[-1] - traj.outputs[-2]).norm()) / ds_end
-            v0 = float((traj.outputs[1] - traj.outputs[0]).norm()) / ds0
-            stalled = v_end <= stall_rtol * v0
-    out["label"] = NON_GLOBAL if stalled else NOT_CONVERGED
-    return out
+        return _endpoint_with_space(traj, space, global_tol, critical_tol)
+    gn = _final_output_grad_norm(traj)
+    at_minimum = gn <= global_tol * max(1.0, float(traj.targets.norm()))
+    if traj.status.code == "cost_tol_reached" or at_minimum:
+        label = GLOBAL_MINIMUM
+    else:
+        label = NON_GLOBAL if _stalled(traj, stall_rtol) else NOT_CONVERGED
+    return Endpoint(label, gn, math.nan, int(traj.rank[-1]), float(traj.cost[-1]),
+                    traj.status.code)
 
 
 # ---------------------------------------------------------------------------
 # the graph
 # ---------------------------------------------------------------------------
+def _end_labels(
+    trajs: list[Trajectory], classify: Any, tolerances: dict[str, float]
+) -> tuple[list[str], str]:
+    """The terminal label of each trajectory, and how they were obtained."""
+    if classify is None or isinstance(classify, ParameterSpace):
+        labels = [classify_endpoint(t, classify, **tolerances).label for t in trajs]
+        return labels, "space" if classify is not None else "trajectory"
+    if callable(classify):
+        return [str(classify(t)) for t in trajs], "callable"
+    if isinstance(classify, Sequence) and not isinstance(classify, (str, bytes)):
+        labels = [str(v) for v in classify]
+        if len(labels) != len(trajs):
+            raise ValueError(f"classify has {len(labels)} labels for {len(trajs)} trajectories")
+        return labels, "labels"
+    raise TypeError(
+        "classify must be None, a ParameterSpace, a callable traj -> str or a sequence of "
+        f"labels, got {type(classify).__name__}"
+    )
+
+
+def _stratum(g: nx.DiGraph, r: int) -> str:
+    """The node of the stratum :math:`S_r` (added on first use)."""
+    name = stratum_node(r)
+    if name not in g:
+        g.add_node(name, kind="stratum", rank=int(r), time=0.0, n_flows=0, n_start=0, n_end=0)
+    return name
+
+
+def _add_flow(g: nx.DiGraph, traj: Trajectory, label: str) -> None:
+    """Count one flow into the strata graph: time per stratum, rank changes, its end."""
+    times, changes, final = stratum_times(traj)
+    for r, dt in times.items():
+        node = _stratum(g, r)
+        g.nodes[node]["time"] += dt
+        g.nodes[node]["n_flows"] += 1
+    g.nodes[_stratum(g, int(traj.rank[0]))]["n_start"] += 1
+    seen: set[tuple[int, int]] = set()
+    for r0, r1, s in changes:
+        a, b = _stratum(g, r0), _stratum(g, r1)
+        if not g.has_edge(a, b):
+            g.add_edge(a, b, kind="rank_change", count=0, n_flows=0, s=[])
+        e = g.edges[a, b]
+        e["count"] += 1
+        e["s"].append(s)
+        if (r0, r1) not in seen:
+            e["n_flows"] += 1
+            seen.add((r0, r1))
+    end = _stratum(g, final)
+    g.nodes[end]["n_end"] += 1
+    if label not in g:
+        g.add_node(label, kind="terminal", count=0)
+    g.nodes[label]["count"] += 1
+    if not g.has_edge(end, label):
+        g.add_edge(end, label, kind="end", count=0, statuses={})
+    e = g.edges[end, label]
+    e["count"] += 1
+    e["statuses"][traj.status.code] = e["statuses"].get(traj.status.code, 0) + 1
+
+
 def strata_graph(
     trajectories: Sequence[Trajectory],
     classify: Any = None,
@@ -258,84 +392,18 @@ def strata_graph(
         status codes → count).  ``graph.graph`` holds ``n_runs``,
         ``classification`` and the tolerances.
     """
-    from subriemann.flow.trajectory import Trajectory
-    from subriemann.space import ParameterSpace
-
-    if isinstance(trajectories, Trajectory):
-        trajectories = [trajectories]
-    trajs = list(trajectories)
+    trajs: list[Trajectory] = (
+        [trajectories] if isinstance(trajectories, Trajectory) else list(trajectories)
+    )
     for i, t in enumerate(trajs):
         if not isinstance(t, Trajectory):
             raise TypeError(f"trajectories[{i}] is a {type(t).__name__}, not a Trajectory")
-    labels: list[str]
-    if classify is None or isinstance(classify, ParameterSpace):
-        space = classify
-        labels = [
-            classify_endpoint(
-                t, space, global_tol=global_tol, critical_tol=critical_tol, stall_rtol=stall_rtol
-            )["label"]
-            for t in trajs
-        ]
-        how = "space" if space is not None else "trajectory"
-    elif callable(classify):
-        labels = [str(classify(t)) for t in trajs]
-        how = "callable"
-    elif isinstance(classify, Sequence) and not isinstance(classify, (str, bytes)):
-        labels = [str(v) for v in classify]
-        if len(labels) != len(trajs):
-            raise ValueError(
-                f"classify has {len(labels)} labels for {len(trajs)} trajectories"
-            )
-        how = "labels"
-    else:
-        raise TypeError(
-            "classify must be None, a ParameterSpace, a callable traj -> str or a sequence of "
-            f"labels, got {type(classify).__name__}"
-        )
-
+    tolerances = {"global_tol": global_tol, "critical_tol": critical_tol, "stall_rtol": stall_rtol}
+    labels, how = _end_labels(trajs, classify, tolerances)
     g = nx.DiGraph()
-    g.graph.update(
-        n_runs=len(trajs),
-        classification=how,
-        tolerances={
-            "global_tol": global_tol, "critical_tol": critical_tol, "stall_rtol": stall_rtol
-        },
-    )
-
-    def stratum(r: int) -> str:
-        name = stratum_node(r)
-        if name not in g:
-            g.add_node(name, kind="stratum", rank=int(r), time=0.0, n_flows=0, n_start=0, n_end=0)
-        return name
-
+    g.graph.update(n_runs=len(trajs), classification=how, tolerances=tolerances)
     for t, label in zip(trajs, labels):
-        times, changes, final = stratum_times(t)
-        for r, dt in times.items():
-            node = stratum(r)
-            g.nodes[node]["time"] += dt
-            g.nodes[node]["n_flows"] += 1
-        g.nodes[stratum(int(t.rank[0]))]["n_start"] += 1
-        seen: set[tuple[int, int]] = set()
-        for r0, r1, s in changes:
-            a, b = stratum(r0), stratum(r1)
-            if not g.has_edge(a, b):
-                g.add_edge(a, b, kind="rank_change", count=0, n_flows=0, s=[])
-            e = g.edges[a, b]
-            e["count"] += 1
-            e["s"].append(s)
-            if (r0, r1) not in seen:
-                e["n_flows"] += 1
-                seen.add((r0, r1))
-        end = stratum(final)
-        g.nodes[end]["n_end"] += 1
-        if label not in g:
-            g.add_node(label, kind="terminal", count=0)
-        g.nodes[label]["count"] += 1
-        if not g.has_edge(end, label):
-            g.add_edge(end, label, kind="end", count=0, statuses={})
-        e = g.edges[end, label]
-        e["count"] += 1
-        e["statuses"][t.status.code] = e["statuses"].get(t.status.code, 0) + 1
+        _add_flow(g, t, label)
     return g
 
 
@@ -377,10 +445,6 @@ class SpaceRecipe:
 
     def build(self) -> ParameterSpace:
         """The space, equipped with the metric."""
-        import warnings
-
-        from subriemann.space import ParameterSpace
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # fallback-engine notes, seen once already
             space = ParameterSpace(
@@ -485,8 +549,6 @@ def _payload(space: Any) -> bytes | SpaceRecipe:
 
 
 def _materialize(space: Any) -> ParameterSpace:
-    from subriemann.space import ParameterSpace
-
     if isinstance(space, (bytes, bytearray)):
         space = pickle.loads(space)
     if isinstance(space, SpaceRecipe):
@@ -499,15 +561,67 @@ def _materialize(space: Any) -> ParameterSpace:
     return space
 
 
+def _full_endpoint(traj: Trajectory, sp: ParameterSpace, tolerances: dict[str, Any]) -> Endpoint:
+    """:func:`classify_endpoint`, then the Hessian at the refined end point."""
+    end = classify_endpoint(traj, sp, **tolerances)
+    theta = traj.theta[-1].to(sp.dtype)
+    # a flow stops near, not on, the critical set: refine first (the Hessian
+    # kernel is the tangent space only on the set)
+    try:
+        move = 0.1 * max(1.0, float(theta.norm()))
+        refined, _ = refine_critical_point(sp, theta, max_move=move)
+        end.refined_distance = float((refined - theta).norm())
+        theta = refined
+    except RuntimeError as err:
+        end.refine_error = str(err)
+    rep = classify_equilibrium(sp, theta)
+    end.kind, end.dimension, end.index = rep.kind, rep.dimension, rep.index
+    end.dimension_gap, end.rank_deficit = rep.dimension_gap, rep.rank_deficit
+    return end
+
+
+def _classified(traj: Trajectory, sp: ParameterSpace, options: dict[str, Any]) -> dict[str, Any]:
+    """A run's result record: the trajectory and, as the options ask, the class of its end."""
+    mode = options.get("classify", "cheap")
+    tolerances = options.get("tolerances", {})
+    details: Endpoint | None = None
+    if mode == "cheap":
+        details = classify_endpoint(traj, sp, **tolerances)
+    elif mode == "full":
+        details = _full_endpoint(traj, sp, tolerances)
+    label = None if details is None else details.label
+    return {"trajectory": traj, "label": label, "details": details}
+
+
+def _flows(sp: ParameterSpace, points: Tensor, s_end: float, options: dict[str, Any]
+           ) -> list[dict[str, Any]]:
+    """The flows from ``points`` ``[B, K]`` (one ``gradient_flow`` call) and their classes."""
+    # torch's forward-mode AD (torch.func.jvp) keeps its dual levels in process-global
+    # state: two flows in threads of one process corrupt each other. Serialize them.
+    with _FORWARD_AD_LOCK:
+        start = points[0] if points.shape[0] == 1 else points  # a batch runs in lock-step
+        out = gradient_flow(sp, start, s_end, **options.get("flow", {}))
+        trajs = out if isinstance(out, list) else [out]
+        return [_classified(t, sp, options) for t in trajs]
+
+
+def _error() -> dict[str, Any]:
+    return {"error": traceback.format_exc()}
+
+
 def run_flow_task(
     space: Any,
     theta0: Tensor,
     s_end: float,
     options: dict[str, Any],
-) -> dict[str, Any]:
-    r"""One work item of :func:`sample_strata`: a flow and the class of its end.
+) -> dict[str, Any] | list[dict[str, Any]]:
+    r"""One work item of :func:`sample_strata`: flows and the class of each end.
 
-    A top-level function, so that executors can pickle it.
+    A top-level function, so that executors can pickle it.  The flows from a
+    batch ``[B, K]`` run together in one :func:`~subriemann.gradient_flow` call
+    (its batch runner, :mod:`subriemann.flow.batch`); when that call raises, the
+    points are run one by one, so that one failing flow does not take the
+    others with it.
 
     Parameters
     ----------
@@ -515,7 +629,7 @@ def run_flow_task(
         The pickled space (bytes, unpickled here: every call gets its own
         copy), a recipe (built here), or a space (used as is: only safe when
         nothing else uses it at the same time).
-    theta0 : Tensor, shape=[K]
+    theta0 : Tensor, shape=[K] or [B, K]
     s_end : float
     options : dict
         ``flow``: keyword arguments of :func:`~subriemann.gradient_flow`;
@@ -525,68 +639,36 @@ def run_flow_task(
 
     Returns
     -------
-    dict
-        ``trajectory``, ``label``, ``details`` (the classification), or
-        ``error`` (a traceback string) when anything failed.
+    dict, or list of dict for a batch
+        ``trajectory``, ``label``, ``details`` (the :class:`Endpoint`, None
+        with ``classify=None``), or ``error`` (a traceback string) when
+        anything failed.
     """
-    import multiprocessing
-
+    single = theta0.ndim == 1
+    points = theta0.unsqueeze(0) if single else theta0
     try:
         threads = options.get("threads")
         if threads is not None and multiprocessing.parent_process() is not None:
             torch.set_num_threads(int(threads))
-        from subriemann.flow import gradient_flow
-        from subriemann.flow.trajectory import Trajectory
-
         sp = _materialize(space)
-        # torch's forward-mode AD (torch.func.jvp) keeps its dual levels in process-global
-        # state: two flows in threads of one process corrupt each other. Serialize them.
-        with _FORWARD_AD_LOCK:
-            out = gradient_flow(sp, theta0.to(dtype=sp.dtype, device=sp.device), s_end,
-                                **options.get("flow", {}))
-            if not isinstance(out, Trajectory):  # a single start point gives one trajectory
-                raise TypeError("gradient_flow returned a list for a single start point")
-            traj = out
-            mode = options.get("classify", "cheap")
-            tols = options.get("tolerances", {})
-            details: dict[str, Any] = {}
-            label = None
-            if mode == "cheap":
-                details = classify_endpoint(traj, sp, **tols)
-                label = details["label"]
-            elif mode == "full":
-                from subriemann.analysis.critical import (
-                    classify_equilibrium,
-                    refine_critical_point,
-                )
-
-                cheap = classify_endpoint(traj, sp, **tols)
-                details = dict(cheap)
-                theta = traj.theta[-1].to(sp.dtype)
-                # a flow stops near, not on, the critical set: refine first (the Hessian
-                # kernel is the tangent space only on the set)
+        points = points.to(dtype=sp.dtype, device=sp.device)
+        try:
+            results = _flows(sp, points, s_end, options)
+        except Exception:
+            if points.shape[0] == 1:
+                raise
+            results = []
+            for p in points:  # one by one: the error stays with the flow that raised it
                 try:
-                    move = 0.1 * max(1.0, float(theta.norm()))
-                    refined, _ = refine_critical_point(sp, theta, max_move=move)
-                    details["refined_distance"] = float((refined - theta).norm())
-                    theta = refined
-                except RuntimeError as err:
-                    details["refine_error"] = str(err)
-                rep = classify_equilibrium(sp, theta)
-                details.update(
-                    kind=rep.kind, dimension=rep.dimension, index=rep.index,
-                    dimension_gap=rep.dimension_gap, rank_deficit=rep.rank_deficit,
-                )
-                label = cheap["label"]
-        return {"trajectory": traj, "label": label, "details": details}
+                    results += _flows(sp, p.unsqueeze(0), s_end, options)
+                except Exception:
+                    results.append(_error())
     except Exception:
-        return {"error": traceback.format_exc()}
+        results = [_error()] * points.shape[0]
+    return results[0] if single else results
 
 
 def _default_executor(max_workers: int) -> Any:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if ctx.get_start_method() == "forkserver":
@@ -602,55 +684,76 @@ MAX_ATTEMPTS = 3
 
 def _lost(err: BaseException) -> bool:
     """The executor lost the run (a killed worker, a broken pool), not the run's own error."""
-    from concurrent.futures import BrokenExecutor, CancelledError
-
     return isinstance(err, (BrokenExecutor, CancelledError)) or type(err).__name__ == "KilledWorker"
 
 
-def _run_all(ex: Any, args: tuple[Any, float, dict[str, Any]], points: list[Tensor],
-             own_workers: int | None) -> tuple[list[dict[str, Any]], int]:
-    """Every run's result; runs lost with a worker are submitted again (``MAX_ATTEMPTS``).
+@dataclass
+class _Sweep:
+    """The state of :func:`_run_all`: one result per run, work items of run indices."""
 
-    ``own_workers``: the executor is ours, with that many workers; a broken one is shut
-    down and replaced by a fresh pool (a user's executor is used as it is, and shut down
-    by nobody here).  Returns the results and the number of resubmissions.
+    executor: Any
+    args: tuple[Any, float, dict[str, Any]]  # (payload, s_end, options)
+    points: Tensor  # [B, K]
+    own_workers: int | None
+    results: list[dict[str, Any]]
+    attempts: list[int]
+    resubmitted: int = 0
+
+    def submit(self, item: list[int]) -> Any:
+        payload, s_end, options = self.args
+        for i in item:
+            self.attempts[i] += 1
+        try:
+            return self.executor.submit(run_flow_task, payload, self.points[item], s_end, options)
+        except Exception as err:  # e.g. a broken pool  # noqa: BLE001
+            return err
+
+    def collect(self, item: list[int], fut: Any) -> bool:
+        """Store the item's results; False when the executor lost it and it may be retried."""
+        try:
+            if isinstance(fut, Exception):
+                raise fut
+            out = fut.result()
+        except Exception as err:  # noqa: BLE001  (recorded as the runs' failure)
+            if _lost(err) and max(self.attempts[i] for i in item) < MAX_ATTEMPTS:
+                return False
+            where = "submit failed: " if isinstance(fut, Exception) else ""
+            out = [{"error": f"{where}{type(err).__name__}: {err} (attempt "
+                             f"{self.attempts[i]} of {MAX_ATTEMPTS})"} for i in item]
+        for i, res in zip(item, out):
+            self.results[i] = res
+        return True
+
+    def renew(self) -> None:
+        """Replace our own executor after a loss (a user's executor is used as it is)."""
+        if self.own_workers is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = _default_executor(self.own_workers)
+
+
+def _run_all(ex: Any, args: tuple[Any, float, dict[str, Any]], points: Tensor,
+             items: list[list[int]], own_workers: int | None) -> tuple[list[dict[str, Any]], int]:
+    """Every run's result; work items lost with a worker are submitted again (``MAX_ATTEMPTS``).
+
+    ``items``: the run indices of each work item (a batch of flows).  ``own_workers``:
+    the executor is ours, with that many workers; a broken one is shut down and
+    replaced by a fresh pool (a user's executor is used as it is, and shut down by
+    nobody here).  Returns the results and the number of runs submitted again.
     """
-    payload, s_end, options = args
-    results: list[dict[str, Any]] = [{} for _ in points]
-    attempts = [0] * len(points)
-    todo = list(range(len(points)))
-    resubmitted = 0
+    sweep = _Sweep(ex, args, points, own_workers, [{} for _ in range(points.shape[0])],
+                   [0] * points.shape[0])
+    todo = list(items)
     try:
         while todo:
-            futures: dict[int, Any] = {}
-            for i in todo:
-                attempts[i] += 1
-                try:
-                    futures[i] = ex.submit(run_flow_task, payload, points[i], s_end, options)
-                except Exception as err:  # e.g. a broken pool  # noqa: BLE001
-                    futures[i] = err
-            lost: list[int] = []
-            for i, fut in futures.items():
-                try:
-                    if isinstance(fut, Exception):
-                        raise fut
-                    results[i] = fut.result()
-                except Exception as err:  # noqa: BLE001  (recorded as the run's failure)
-                    if _lost(err) and attempts[i] < MAX_ATTEMPTS:
-                        lost.append(i)
-                        continue
-                    where = "submit failed: " if isinstance(fut, Exception) else ""
-                    results[i] = {"error": f"{where}{type(err).__name__}: {err} (attempt "
-                                           f"{attempts[i]} of {MAX_ATTEMPTS})"}
-            todo = lost
-            resubmitted += len(lost)
-            if todo and own_workers is not None:
-                ex.shutdown(wait=True, cancel_futures=True)
-                ex = _default_executor(own_workers)
+            futures = [(item, sweep.submit(item)) for item in todo]
+            todo = [item for item, fut in futures if not sweep.collect(item, fut)]
+            sweep.resubmitted += sum(len(item) for item in todo)
+            if todo:
+                sweep.renew()
     finally:
         if own_workers is not None:
-            ex.shutdown(wait=True)
-    return results, resubmitted
+            sweep.executor.shutdown(wait=True)
+    return sweep.results, sweep.resubmitted
 
 
 def default_init(space: ParameterSpace, index: int, seed: int = 0) -> Tensor:
@@ -679,17 +782,14 @@ def default_init(space: ParameterSpace, index: int, seed: int = 0) -> Tensor:
         )
 
 
-_FLOW_PARAMS: set[str] | None = None
+FLOW_PARAMS = frozenset(
+    (set(inspect.signature(gradient_flow).parameters) | FlowOptions.names())
+    - {"space", "initial_point", "s_end", "options"}
+)
+"""The flow options :func:`sample_strata` passes on to :func:`~subriemann.gradient_flow`."""
 
 
 def _check_flow_options(opts: dict[str, Any]) -> None:
-    global _FLOW_PARAMS
-    if _FLOW_PARAMS is None:
-        from subriemann.flow import FlowOptions, gradient_flow
-
-        _FLOW_PARAMS = (set(inspect.signature(gradient_flow).parameters) | FlowOptions.names()) - {
-            "space", "initial_point", "s_end", "options",
-        }
     if "metric" in opts:
         raise ValueError(
             "sample_strata takes the metric from the space: equip it "
@@ -698,11 +798,91 @@ def _check_flow_options(opts: dict[str, Any]) -> None:
     for k in ("checkpoint", "resume", "progress"):
         if opts.get(k):
             raise ValueError(f"flow option {k!r} is not supported by sample_strata")
-    unknown = sorted(set(opts) - _FLOW_PARAMS)
+    unknown = sorted(set(opts) - FLOW_PARAMS)
     if unknown:
         raise TypeError(
-            f"unknown flow option(s) {unknown}; gradient_flow takes {sorted(_FLOW_PARAMS)}"
+            f"unknown flow option(s) {unknown}; gradient_flow takes {sorted(FLOW_PARAMS)}"
         )
+
+
+def _initial_points(
+    local: ParameterSpace, initial_points: Any, n_init: Any, init: Any, seed: int
+) -> Tensor:
+    """The start points ``[B, K]`` of :func:`sample_strata` (on the CPU)."""
+    points: list[Tensor]
+    if initial_points is not None:
+        if n_init is not None:
+            raise ValueError("give initial_points or n_init, not both")
+        if isinstance(initial_points, Tensor):
+            batch = initial_points.unsqueeze(0) if initial_points.ndim == 1 else initial_points
+            if batch.ndim != 2:
+                raise ValueError(
+                    f"initial_points must have shape (B, {local.dim}), got "
+                    f"{tuple(initial_points.shape)}"
+                )
+            points = list(batch)
+        elif isinstance(initial_points, Sequence):
+            points = list(initial_points)
+        else:
+            raise TypeError(
+                "initial_points must be a Tensor [B, K] or a sequence of Tensors, got "
+                f"{type(initial_points).__name__}"
+            )
+    else:
+        if n_init is None:
+            raise ValueError("give initial_points, or n_init (and optionally init)")
+        n_init = check_int(n_init, "n_init", low=1)
+        if init is not None and not callable(init):
+            raise TypeError(f"init must be callable (i -> theta0), got {type(init).__name__}")
+        points = [init(i) if init is not None else default_init(local, i, seed)
+                  for i in range(n_init)]
+    if not points:
+        raise ValueError("no initial points")
+    return torch.stack([local.check_point(p).detach().clone().cpu() for p in points])
+
+
+def work_items(n_runs: int, n_items: int) -> list[list[int]]:
+    """Run indices ``0..n_runs-1`` dealt into ``min(n_items, n_runs)`` strided work items.
+
+    Item ``j`` holds the runs ``j, j + m, j + 2m, ...`` (``m`` items): the sizes differ
+    by at most one.
+
+    Examples
+    --------
+    >>> work_items(5, 2)
+    [[0, 2, 4], [1, 3]]
+    """
+    m = max(1, min(n_items, n_runs))
+    return [list(range(j, n_runs, m)) for j in range(m)]
+
+
+def _strata_result(
+    results: list[dict[str, Any]], classify: str | None, tols: dict[str, float]
+) -> tuple[nx.DiGraph, list[Trajectory]]:
+    """The strata graph of the runs that did not fail; ``graph.graph`` lists the failures."""
+    trajs: list[Trajectory] = []
+    labels: list[str] = []
+    details: list[Endpoint] = []
+    indices: list[int] = []
+    failures: list[dict[str, Any]] = []
+    for i, res in enumerate(results):
+        if "error" in res:
+            failures.append({"index": i, "error": res["error"]})
+            continue
+        trajs.append(res["trajectory"])
+        indices.append(i)
+        if res.get("details") is not None:
+            details.append(res["details"])
+            labels.append(res["label"])
+    if classify is None:
+        graph = strata_graph(trajs, None, **tols)
+        details = [classify_endpoint(t, None, **tols) for t in trajs]
+    else:
+        graph = strata_graph(trajs, labels, **tols)
+        graph.graph["classification"] = f"worker ({classify})"
+    graph.graph.update(n_failed=len(failures), failures=failures, run_indices=indices,
+                       details=details)
+    return graph, trajs
 
 
 def sample_strata(
@@ -722,6 +902,12 @@ def sample_strata(
     **flow_options: Any,
 ) -> tuple[nx.DiGraph, list[Trajectory]]:
     r"""Run flows from many initializations and map the strata they visit.
+
+    The runs are dealt into ``max_workers`` work items (:func:`work_items`); each
+    work item integrates its flows together with one call of
+    :func:`~subriemann.gradient_flow` on initial points ``[B, K]`` (the flow
+    package's batch runner, :mod:`subriemann.flow.batch`) and classifies where
+    each ended (:func:`run_flow_task`).  The executor runs the work items.
 
     Parameters
     ----------
@@ -749,7 +935,7 @@ def sample_strata(
         script using it needs an ``if __name__ == "__main__":`` guard),
         shut down at the end.
     max_workers : int
-        Workers of the default pool.
+        Workers of the default pool, and the number of work items.
     classify : {"cheap", "full"} or None
         How the workers classify each flow's end: ``"cheap"``
         (:func:`classify_endpoint` with the space: gradient and rank),
@@ -777,7 +963,7 @@ def sample_strata(
         are all resubmitted, on a fresh pool when the pool is the default
         one, up to :data:`MAX_ATTEMPTS` times each),
         ``run_indices`` (the run index of each returned trajectory) and
-        ``details`` (the classification of each).
+        ``details`` (the :class:`Endpoint` of each).
     trajectories : list of Trajectory
         Of the runs that did not fail, in run order.
 
@@ -794,171 +980,31 @@ def sample_strata(
     >>> len(trajs), g.graph["n_failed"]
     (2, 0)
     """
-    from subriemann.space import ParameterSpace
-
     if not isinstance(space, (ParameterSpace, SpaceRecipe)):
         raise TypeError(
             f"space must be a ParameterSpace or a SpaceRecipe, got {type(space).__name__}"
         )
-    if isinstance(s_end, bool) or not isinstance(s_end, (int, float)) or not (
-        math.isfinite(s_end) and s_end > 0
-    ):
-        raise ValueError(f"s_end must be a positive finite number, got {s_end!r}")
-    if classify not in ("cheap", "full", None):
-        raise ValueError(f"classify must be 'cheap', 'full' or None, got {classify!r}")
-    if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
-        raise ValueError(f"max_workers must be a positive integer, got {max_workers!r}")
+    s_end = check_real(s_end, "s_end", low=0.0, low_open=True)
+    check_optional(check_choice, classify, "classify", choices=("cheap", "full"))
+    max_workers = check_int(max_workers, "max_workers", low=1)
     _check_flow_options(flow_options)
     local = space.build() if isinstance(space, SpaceRecipe) else space
-
-    points: list[Tensor]
-    if initial_points is not None:
-        if n_init is not None:
-            raise ValueError("give initial_points or n_init, not both")
-        if isinstance(initial_points, Tensor):
-            if initial_points.ndim == 1:
-                initial_points = initial_points.unsqueeze(0)
-            if initial_points.ndim != 2:
-                raise ValueError(
-                    f"initial_points must have shape (B, {local.dim}), got "
-                    f"{tuple(initial_points.shape)}"
-                )
-            points = list(initial_points)
-        elif isinstance(initial_points, Sequence):
-            points = list(initial_points)
-        else:
-            raise TypeError(
-                "initial_points must be a Tensor [B, K] or a sequence of Tensors, got "
-                f"{type(initial_points).__name__}"
-            )
-    else:
-        if n_init is None:
-            raise ValueError("give initial_points, or n_init (and optionally init)")
-        if isinstance(n_init, bool) or not isinstance(n_init, int) or n_init < 1:
-            raise ValueError(f"n_init must be a positive integer, got {n_init!r}")
-        if init is not None and not callable(init):
-            raise TypeError(f"init must be callable (i -> theta0), got {type(init).__name__}")
-        points = [
-            init(i) if init is not None else default_init(local, i, seed) for i in range(n_init)
-        ]
-    if not points:
-        raise ValueError("no initial points")
-    points = [local.check_point(p).detach().clone().cpu() for p in points]
-
+    points = _initial_points(local, initial_points, n_init, init, seed)
+    tols = {"global_tol": global_tol, "critical_tol": critical_tol}
+    options = {"flow": dict(flow_options), "classify": classify, "tolerances": tols,
+               "threads": threads_per_worker}
     payload = _payload(space)
-    options = {
-        "flow": dict(flow_options),
-        "classify": classify,
-        "tolerances": {"global_tol": global_tol, "critical_tol": critical_tol},
-        "threads": threads_per_worker,
-    }
     own = executor is None
     ex = _default_executor(max_workers) if own else executor
     if not callable(getattr(ex, "submit", None)):
         raise TypeError(f"executor must have a submit method, got {type(ex).__name__}")
-    args = (payload, float(s_end), options)
-    results, resubmitted = _run_all(ex, args, points, max_workers if own else None)
-
-    trajs: list[Trajectory] = []
-    labels: list[str] = []
-    details: list[dict[str, Any]] = []
-    indices: list[int] = []
-    failures: list[dict[str, Any]] = []
-    for i, res in enumerate(results):
-        if "error" in res:
-            failures.append({"index": i, "error": res["error"]})
-            continue
-        trajs.append(res["trajectory"])
-        indices.append(i)
-        details.append(res.get("details", {}))
-        if res.get("label") is not None:
-            labels.append(res["label"])
-    tols = {"global_tol": global_tol, "critical_tol": critical_tol}
-    if classify is None:
-        graph = strata_graph(trajs, None, **tols)
-        details = [classify_endpoint(t, None, **tols) for t in trajs]
-    else:
-        graph = strata_graph(trajs, labels, **tols)
-        graph.graph["classification"] = f"worker ({classify})"
-    graph.graph.update(
-        n_runs=len(points),
-        n_failed=len(failures),
-        failures=failures,
-        run_indices=indices,
-        details=details,
-        s_end=float(s_end),
-        flow_options=dict(flow_options),
-        resubmitted=resubmitted,
-    )
+    results, resubmitted = _run_all(ex, (payload, s_end, options), points,
+                                    work_items(points.shape[0], max_workers),
+                                    max_workers if own else None)
+    graph, trajs = _strata_result(results, classify, tols)
+    graph.graph.update(n_runs=points.shape[0], s_end=s_end, flow_options=dict(flow_options),
+                       resubmitted=resubmitted)
     return graph, trajs
 
 
-# ---------------------------------------------------------------------------
-# plot
-# ---------------------------------------------------------------------------
-def plot_strata_graph(graph: nx.DiGraph, ax: Any = None) -> Any:
-    r"""Draw a strata graph: strata by decreasing rank on a row, terminal classes below.
-
-    Stratum nodes are sized by the flow time spent in them and labelled
-    ``S_r`` with the time; rank-change edges carry their counts, and each
-    stratum is joined to the terminal classes of the flows that ended in it.
-
-    Parameters
-    ----------
-    graph : networkx.DiGraph
-        From :func:`strata_graph` or :func:`sample_strata`.
-    ax : matplotlib Axes, optional
-
-    Returns
-    -------
-    matplotlib Axes
-    """
-    if not isinstance(graph, nx.DiGraph):
-        raise TypeError(f"graph must be a networkx.DiGraph, got {type(graph).__name__}")
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7, 4.5))
-    strata = sorted(  # highest rank on the left: flows that lose rank go right
-        (n for n, d in graph.nodes(data=True) if d.get("kind") == "stratum"),
-        key=lambda n: -graph.nodes[n]["rank"],
-    )
-    terms = [n for n, d in graph.nodes(data=True) if d.get("kind") == "terminal"]
-    order = {t: i for i, t in enumerate(TERMINALS)}
-    terms.sort(key=lambda t: (order.get(t, len(TERMINALS)), t))
-    pos: dict[Any, tuple[float, float]] = {}
-    for i, n in enumerate(strata):
-        pos[n] = (float(i), 1.0)
-    width = max(len(strata) - 1, 1)
-    for j, n in enumerate(terms):
-        x = width * (j + 0.5) / max(len(terms), 1) if len(strata) > 1 else j - (len(terms) - 1) / 2
-        pos[n] = (float(x), 0.0)
-    times = np.array([graph.nodes[n]["time"] for n in strata]) if strata else np.zeros(0)
-    tmax = float(times.max()) if times.size and times.max() > 0 else 1.0
-    sizes = [300 + 1700 * float(t) / tmax for t in times]
-    colors = {GLOBAL_MINIMUM: "tab:green", NON_GLOBAL: "tab:red", NOT_CONVERGED: "tab:gray"}
-    nx.draw_networkx_nodes(graph, pos, nodelist=strata, node_size=sizes, node_color="tab:blue",
-                           alpha=0.8, ax=ax)
-    term_colors = [colors.get(t, "tab:orange") for t in terms]
-    nx.draw_networkx_nodes(graph, pos, nodelist=terms, node_shape="s", node_size=900,
-                           node_color=term_colors, alpha=0.8, ax=ax)
-    change = [(a, b) for a, b, d in graph.edges(data=True) if d.get("kind") == "rank_change"]
-    ends = [(a, b) for a, b, d in graph.edges(data=True) if d.get("kind") == "end"]
-    nx.draw_networkx_edges(graph, pos, edgelist=change, ax=ax, arrows=True, arrowsize=15,
-                           connectionstyle="arc3,rad=0.3", node_size=900, edge_color="tab:purple")
-    nx.draw_networkx_edges(graph, pos, edgelist=ends, ax=ax, arrows=True, arrowsize=12,
-                           node_size=900, edge_color="0.5", style="dashed")
-    labels = {n: f"{n}\nt={graph.nodes[n]['time']:.3g}" for n in strata}
-    labels.update({n: f"{n}\n({graph.nodes[n]['count']})" for n in terms})
-    nx.draw_networkx_labels(graph, pos, labels=labels, font_size=7, ax=ax)
-    elab = {(a, b): str(graph.edges[a, b]["count"]) for a, b in change + ends}
-    nx.draw_networkx_edge_labels(graph, pos, edge_labels=elab, font_size=7, ax=ax,
-                                 label_pos=0.5)
-    n_runs = graph.graph.get("n_runs", "?")
-    ax.set_title(f"rank strata of {n_runs} flows (node size: flow time; edges: counts)",
-                 fontsize=9)
-    ax.set_axis_off()
-    xs = [p[0] for p in pos.values()] or [0.0]
-    ax.set_xlim(min(xs) - 0.8, max(xs) + 0.8)
-    ax.set_ylim(-0.5, 1.5)
-    return ax
+__getattr__ = moved_getattr(__name__, ["plot_strata_graph"])

@@ -37,6 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from subriemann.analysis.cross_entropy import check_smoothing, smooth_labels
+from subriemann.validation import check_int
+
 __all__ = [
     "Dataset",
     "BUILTIN",
@@ -48,7 +51,8 @@ __all__ = [
     "load_npz",
     "labels_to_one_hot",
     "one_hot",
-    "smooth_labels",
+    "DigitsProblem",
+    "load_digits_problem",
 ]
 
 BUILTIN = ("diabetes", "digits", "iris", "teacher")
@@ -182,25 +186,6 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     out = np.zeros((labels.shape[0], num_classes), dtype=np.float64)
     out[np.arange(labels.shape[0]), labels.astype(np.int64)] = 1.0
     return out
-
-
-def smooth_labels(targets: Tensor, eps: float) -> Tensor:
-    r"""Label smoothing :math:`y \mapsto (1-\varepsilon)\,y + \varepsilon/Q`.
-
-    With :math:`\varepsilon > 0` every entry is positive, so the cross-entropy
-    flows have a finite limit (docs/theory.md §6).
-
-    Parameters
-    ----------
-    targets : Tensor, shape=[N, Q]
-        Probability rows.
-    eps : float
-        In :math:`[0, 1)`.
-    """
-    if not (isinstance(eps, (int, float)) and 0.0 <= eps < 1.0):
-        raise ValueError(f"label smoothing must be a number in [0, 1), got {eps!r}")
-    q = targets.shape[1]
-    return (1.0 - eps) * targets + eps / q
 
 
 def _check_n(n_samples: int | None) -> None:
@@ -375,4 +360,128 @@ def load_dataset(name: str, n_samples: int | None = None, seed: int = 0) -> Data
     raise ValueError(
         f"unknown dataset {name!r}: choose one of {', '.join(BUILTIN)} or a path to an .npz "
         "file with arrays 'inputs' and 'targets'"
+    )
+
+
+# -- a classification problem for the cross-entropy analysis -------------------------------
+@dataclass
+class DigitsProblem:
+    r"""A classification problem from scikit-learn's digits (8×8 images, 64 features).
+
+    Attributes
+    ----------
+    x_train, x_test : Tensor, shape=[n, 64]
+        Standardized with the training mean and standard deviation (constant
+        pixels are centred only).
+    y_train, y_test : Tensor, shape=[n, Q]
+        Smoothed one-hot targets, :math:`(1-\varepsilon)e_{c} + \varepsilon/Q`
+        (:func:`subriemann.analysis.cross_entropy.smooth_labels`).
+    labels_train, labels_test : Tensor, shape=[n], int64
+        Class indices :math:`0..Q-1` (positions in ``classes``).
+    classes : tuple of int
+        The digits used; class ``i`` is digit ``classes[i]``.
+    eps : float
+        The smoothing.
+    """
+
+    x_train: Tensor
+    y_train: Tensor
+    labels_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    labels_test: Tensor
+    classes: tuple[int, ...]
+    eps: float
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _digit_classes(classes: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    cls = tuple(int(c) for c in classes)
+    if len(cls) < 2 or len(set(cls)) != len(cls) or any(not 0 <= c <= 9 for c in cls):
+        raise ValueError(f"classes must be at least 2 distinct digits in 0..9, got {classes!r}")
+    return cls
+
+
+def load_digits_problem(
+    n_train: int,
+    n_test: int,
+    classes: tuple[int, ...] | list[int] = (0, 1, 2),
+    *,
+    eps: float = 0.1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> DigitsProblem:
+    r"""A stratified train/held-out split of scikit-learn's digits, ready for cross-entropy.
+
+    The data ship inside scikit-learn (no download).  Needs the optional ``data``
+    extra: ``pip install subriemann[data]``.  The targets are smoothed one-hot
+    labels, so that the finite-limit statements of
+    :mod:`subriemann.analysis.cross_entropy` apply (docs/theory.md §6).
+
+    Parameters
+    ----------
+    n_train, n_test : int
+        Sizes of the training and held-out sets (stratified by class; each at least
+        the number of classes).
+    classes : sequence of int
+        Distinct digits in 0..9 to keep; :math:`Q` = ``len(classes)`` :math:`\ge 2`.
+    eps : float
+        Label smoothing of the targets, in :math:`[0, 1)` (``0``: one-hot, no finite limit).
+    seed : int
+        Seed of the split.
+    dtype : torch.dtype
+
+    Returns
+    -------
+    DigitsProblem
+
+    Raises
+    ------
+    ImportError
+        scikit-learn is not installed.
+    ValueError
+        Bad sizes or classes.
+    """
+    if not has_sklearn():
+        raise ImportError(
+            "load_digits_problem needs scikit-learn (the optional 'data' extra): "
+            "pip install subriemann[data]"
+        )
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    cls = _digit_classes(classes)
+    q = len(cls)
+    n_train = check_int(n_train, "n_train", low=q)
+    n_test = check_int(n_test, "n_test", low=q)
+    eps = check_smoothing(eps)
+    data = load_digits()
+    mask = np.isin(data.target, cls)
+    feats, digits = np.asarray(data.data, dtype=np.float64)[mask], np.asarray(data.target)[mask]
+    if n_train + n_test > feats.shape[0]:
+        raise ValueError(
+            f"n_train + n_test = {n_train + n_test} exceeds the {feats.shape[0]} digits of "
+            f"classes {cls}"
+        )
+    lookup = {c: i for i, c in enumerate(cls)}
+    labels = np.array([lookup[int(d)] for d in digits], dtype=np.int64)
+    xtr, xte, ltr, lte = train_test_split(
+        feats, labels, train_size=n_train, test_size=n_test, stratify=labels, random_state=seed
+    )
+    mean, std = xtr.mean(axis=0), xtr.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+
+    def inputs(x: np.ndarray) -> Tensor:
+        return torch.from_numpy((x - mean) / std).to(dtype)
+
+    def targets(lab: np.ndarray) -> Tensor:
+        return smooth_labels(torch.from_numpy(one_hot(lab, q)), eps).to(dtype)
+
+    return DigitsProblem(
+        x_train=inputs(xtr), y_train=targets(ltr), labels_train=torch.from_numpy(ltr),
+        x_test=inputs(xte), y_test=targets(lte), labels_test=torch.from_numpy(lte),
+        classes=cls, eps=eps,
     )

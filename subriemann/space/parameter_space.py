@@ -387,6 +387,10 @@ class ParameterSpace(VectorSpace):
             raise ValueError(f"{what} must have shape [..., {size}], got {tuple(vec.shape)}")
         return vec.to(dtype=self.dtype, device=self.device)
 
+    def check_tangent(self, tangent_vec: Any, name: str = "tangent_vec") -> Tensor:
+        """Validate tangent vectors ``[..., K]``: in the space's dtype, on its device."""
+        return self._check_vec(tangent_vec, self.dim, name)
+
     def initial_point(self) -> Tensor:
         r"""The model's parameters as :math:`\theta`, shape ``[K]`` (a copy)."""
         return self._theta0.clone()

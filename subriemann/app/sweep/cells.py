@@ -259,8 +259,8 @@ def _analyse(cell: CellSpec, res: CellResult, traj: Trajectory, space: Any) -> N
     res.codim_reached = (qn - rank["min"]) * (k - rank["min"])
     res.n_steps, res.nfev, res.flow_wall_time = entry["n_steps"], entry["nfev"], entry["wall_time"]
     end = classify_endpoint(traj, space)
-    res.endpoint = end["label"]
-    if cell.classify and (traj.status.code == "equilibrium_reached" or end["label"] == NON_GLOBAL):
+    res.endpoint = end.label
+    if cell.classify and (traj.status.code == "equilibrium_reached" or end.label == NON_GLOBAL):
         rep = classify_equilibrium(space, traj.final_theta.to(space.dtype),
                                    rank_atol=float(traj.rank_tau) or None)
         res.equilibrium_kind, res.equilibrium_index = rep.kind, int(rep.index)
