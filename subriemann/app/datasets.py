@@ -37,6 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from subriemann.analysis.cross_entropy import smooth_labels  # its one home, re-exported
+from subriemann.validation import check_int, check_optional
+
 __all__ = [
     "Dataset",
     "BUILTIN",
@@ -184,31 +187,6 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return out
 
 
-def smooth_labels(targets: Tensor, eps: float) -> Tensor:
-    r"""Label smoothing :math:`y \mapsto (1-\varepsilon)\,y + \varepsilon/Q`.
-
-    With :math:`\varepsilon > 0` every entry is positive, so the cross-entropy
-    flows have a finite limit (docs/theory.md §6).
-
-    Parameters
-    ----------
-    targets : Tensor, shape=[N, Q]
-        Probability rows.
-    eps : float
-        In :math:`[0, 1)`.
-    """
-    if not (isinstance(eps, (int, float)) and 0.0 <= eps < 1.0):
-        raise ValueError(f"label smoothing must be a number in [0, 1), got {eps!r}")
-    q = targets.shape[1]
-    return (1.0 - eps) * targets + eps / q
-
-
-def _check_n(n_samples: int | None) -> None:
-    if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, int)
-                                  or n_samples < 1):
-        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-
-
 def _sklearn(name: str, n_samples: int | None, seed: int) -> Dataset:
     try:
         from sklearn import datasets as skd
@@ -268,44 +246,9 @@ def load_npz(path: str | Path, n_samples: int | None = None, seed: int = 0) -> D
         If the file is not a readable ``.npz`` archive, lacks one of the
         arrays, or the arrays are not finite real numbers of matching length.
     """
-    _check_n(n_samples)
+    check_optional(check_int, n_samples, "n_samples", low=1)
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no data file at {p}")
-    if not zipfile.is_zipfile(p):
-        raise ValueError(f"cannot read {p}: not an .npz archive (save one with numpy.savez)")
-    try:
-        with np.load(p, allow_pickle=False) as data:
-            files = list(data.files)
-            missing = [k for k in ("inputs", "targets") if k not in files]
-            if not missing:
-                inputs = np.asarray(data["inputs"])
-                targets = np.asarray(data["targets"])
-    except Exception as err:  # zipfile.BadZipFile, object arrays (pickle refused), truncation
-        hint = ""
-        if "Object arrays" in str(err):
-            hint = " (an array has dtype=object; save real numeric arrays)"
-        raise ValueError(f"cannot read {p} as an .npz archive: {err}{hint}") from None
-    if missing:
-        raise ValueError(
-            f"{p} has no array named {' or '.join(repr(k) for k in missing)} "
-            f"(found: {', '.join(files) or 'none'})"
-        )
-    for what, a in (("inputs", inputs), ("targets", targets)):
-        if a.dtype.kind not in "biuf":
-            raise ValueError(f"{p}: {what} must be a real numeric array, got dtype {a.dtype}")
-        if a.ndim == 0 or a.shape[0] == 0:
-            raise ValueError(f"{p}: {what} must have shape (N, ...) with N >= 1")
-        if not np.isfinite(a.astype(np.float64)).all():
-            raise ValueError(f"{p}: {what} contain NaN or inf")
-    if targets.ndim == 1:
-        targets = targets.reshape(-1, 1)
-    if targets.ndim != 2:
-        raise ValueError(f"{p}: targets must have shape (N, Q) or (N,), got {targets.shape}")
-    if inputs.shape[0] != targets.shape[0]:
-        raise ValueError(
-            f"{p}: inputs have {inputs.shape[0]} samples but targets have {targets.shape[0]}"
-        )
+    inputs, targets = _read_npz(p)
     idx = _subset(inputs.shape[0], n_samples, seed, str(p))
     x = torch.from_numpy(inputs[idx].astype(np.float64))
     y = torch.from_numpy(targets[idx].astype(np.float64))
@@ -318,6 +261,55 @@ def load_npz(path: str | Path, n_samples: int | None = None, seed: int = 0) -> D
     )
     desc = f"{p.name}: {len(idx)} samples, inputs {tuple(inputs.shape[1:])}, Q = {y.shape[1]}"
     return Dataset(str(p), x, y, "classification" if simplex else "regression", desc, labels)
+
+
+def _read_npz(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The arrays ``inputs`` ``[N, ...]`` and ``targets`` ``[N, Q]`` of the file ``p``, checked."""
+    inputs, targets = _load_arrays(p)
+    for what, a in (("inputs", inputs), ("targets", targets)):
+        _check_array(p, what, a)
+    if targets.ndim == 1:
+        targets = targets.reshape(-1, 1)
+    if targets.ndim != 2:
+        raise ValueError(f"{p}: targets must have shape (N, Q) or (N,), got {targets.shape}")
+    if inputs.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"{p}: inputs have {inputs.shape[0]} samples but targets have {targets.shape[0]}"
+        )
+    return inputs, targets
+
+
+def _load_arrays(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The arrays ``inputs`` and ``targets`` of the ``.npz`` file ``p``, as they are."""
+    if not p.is_file():
+        raise FileNotFoundError(f"no data file at {p}")
+    if not zipfile.is_zipfile(p):
+        raise ValueError(f"cannot read {p}: not an .npz archive (save one with numpy.savez)")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            files = list(data.files)
+            missing = [k for k in ("inputs", "targets") if k not in files]
+            if not missing:
+                return np.asarray(data["inputs"]), np.asarray(data["targets"])
+    except Exception as err:  # zipfile.BadZipFile, object arrays (pickle refused), truncation
+        hint = ""
+        if "Object arrays" in str(err):
+            hint = " (an array has dtype=object; save real numeric arrays)"
+        raise ValueError(f"cannot read {p} as an .npz archive: {err}{hint}") from None
+    raise ValueError(
+        f"{p} has no array named {' or '.join(repr(k) for k in missing)} "
+        f"(found: {', '.join(files) or 'none'})"
+    )
+
+
+def _check_array(p: Path, what: str, a: np.ndarray) -> None:
+    """``a`` (the array ``what`` of the file ``p``) is real, finite, ``[N, ...]`` with N >= 1."""
+    if a.dtype.kind not in "biuf":
+        raise ValueError(f"{p}: {what} must be a real numeric array, got dtype {a.dtype}")
+    if a.ndim == 0 or a.shape[0] == 0:
+        raise ValueError(f"{p}: {what} must have shape (N, ...) with N >= 1")
+    if not np.isfinite(a.astype(np.float64)).all():
+        raise ValueError(f"{p}: {what} contain NaN or inf")
 
 
 def labels_to_one_hot(ds: Dataset) -> Dataset:
@@ -365,7 +357,7 @@ def load_dataset(name: str, n_samples: int | None = None, seed: int = 0) -> Data
     FileNotFoundError
         For a missing ``.npz`` file.
     """
-    _check_n(n_samples)
+    check_optional(check_int, n_samples, "n_samples", low=1)
     if name.endswith(".npz") or "/" in name or "\\" in name:
         return load_npz(name, n_samples, seed)
     if name in ("diabetes", "digits", "iris"):
