@@ -22,6 +22,9 @@ import torch
 from torch import Tensor
 
 from subriemann.flow.trajectory import Trajectory
+from subriemann.linalg import rank_threshold
+from subriemann.linalg.dense import DENSE_LIMIT
+from subriemann.validation import check_real
 
 __all__ = [
     "apriori_stopping_time",
@@ -72,8 +75,7 @@ def apriori_stopping_time(space, initial_point: Tensor, eps: float) -> float:
         0 when :math:`C(0) \le \varepsilon`.
     """
     _check_mse(getattr(space.loss, "name", ""), "apriori_stopping_time")
-    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    eps = check_real(eps, "eps", low=0.0, low_open=True)
     st = space.point_state(space.check_point(initial_point))
     if space.output_dim > space.dim:
         warnings.warn(
@@ -81,11 +83,10 @@ def apriori_stopping_time(space, initial_point: Tensor, eps: float) -> float:
             "T_eps does not apply", UserWarning, stacklevel=2,
         )
     else:
-        s = st.singular_values("ntk" if space.output_dim * space.dim > 2_000_000 else "svd")
+        s = st.singular_values("ntk" if space.output_dim * space.dim > DENSE_LIMIT else "svd")
         metric = getattr(space, "metric", None)
-        tau = getattr(metric, "rank_atol", None)
-        if tau is None:
-            tau = float(getattr(metric, "rank_rtol", 1e-6)) * float(s[0])
+        tau = rank_threshold(float(s[0]), float(getattr(metric, "rank_rtol", 1e-6)),
+                             getattr(metric, "rank_atol", None))
         rank = int((s > tau).sum())
         if rank < space.output_dim:
             warnings.warn(
@@ -218,7 +219,7 @@ class InterpolationDeviation:
 def _range_basis(space, theta: Tensor) -> tuple[Tensor, Tensor]:
     """Left singular vectors of :math:`D[\\theta]` and its singular values (float64)."""
     st = space.point_state(theta)
-    if space.output_dim * space.dim <= 2_000_000:
+    if space.output_dim * space.dim <= DENSE_LIMIT:
         u, s, _ = st.svd
     else:
         u, s = st.ntk_eigh
