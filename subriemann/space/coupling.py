@@ -24,7 +24,10 @@ from torch import Tensor, nn
 
 from subriemann._warnings import one_line
 
-__all__ = ["check_sample_independence", "sample_rows"]
+__all__ = ["check_sample_independence", "check_rows", "sample_rows"]
+
+ApplyFn = Callable[[dict[str, Tensor], Tensor], Tensor]
+"""``apply(params, inputs) -> outputs [n, Q]``: the network as a function of its parameters."""
 
 _ADVICE = (
     "subriemann needs each sample's output to depend on that sample only "
@@ -72,7 +75,7 @@ def _describe(module: nn.Module, path: str) -> str:
 
 def check_sample_independence(
     module: nn.Module,
-    apply: Callable[[dict[str, Tensor], Tensor], Tensor],
+    apply: ApplyFn,
     params: dict[str, Tensor],
     inputs: Tensor,
 ) -> Tensor | None:
@@ -129,7 +132,7 @@ def check_sample_independence(
 
 def check_rows(
     module: nn.Module,
-    apply: Callable[[dict[str, Tensor], Tensor], Tensor],
+    apply: ApplyFn,
     params: dict[str, Tensor],
     sub: Tensor,
     batch: Tensor,
@@ -156,12 +159,8 @@ def check_rows(
 _Calls = list[tuple[int, Tensor | None]]
 
 
-def _locate(
-    module: nn.Module,
-    apply: Callable[[dict[str, Tensor], Tensor], Tensor],
-    params: dict[str, Tensor],
-    sub: Tensor,
-) -> str | None:
+def _locate(module: nn.Module, apply: ApplyFn, params: dict[str, Tensor], sub: Tensor
+            ) -> str | None:
     """The first submodule (in the order calls finish) whose outputs couple samples."""
     names = {id(m): path for path, m in module.named_modules()}
 
@@ -186,12 +185,8 @@ def _locate(
     return None
 
 
-def _record_calls(
-    module: nn.Module,
-    apply: Callable[[dict[str, Tensor], Tensor], Tensor],
-    params: dict[str, Tensor],
-    sub: Tensor,
-) -> tuple[_Calls, list[_Calls]] | int | None:
+def _record_calls(module: nn.Module, apply: ApplyFn, params: dict[str, Tensor], sub: Tensor
+                  ) -> tuple[_Calls, list[_Calls]] | int | None:
     """The submodule outputs of the batch ``sub`` and of each of its samples alone.
 
     Returns ``(batch calls, [calls of sample i])``; when a sample fails alone,

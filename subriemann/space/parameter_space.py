@@ -360,34 +360,15 @@ class ParameterSpace(VectorSpace):
         return theta
 
     def check_tangent(self, tangent_vec: Any, name: str = "tangent_vec") -> Tensor:
-        """Validate tangent vectors, shape ``[..., K]``, and return them in the space's dtype.
-
-        Raises
-        ------
-        TypeError
-            Not a tensor.
-        ValueError
-            The last dimension is not :math:`K`.
-        """
-        vec = check_tensor(tangent_vec, name, shape=(..., self.dim))
-        return vec.to(dtype=self.dtype, device=self.device)
+        """Tangent vectors ``[..., K]`` in the space's dtype (TypeError / ValueError if not)."""
+        return self._check_vec(tangent_vec, self.dim, name)
 
     def check_output_covec(self, output_covec: Any, name: str = "output_covec") -> Tensor:
-        """Validate output covectors, shape ``[..., QN]``, and return them in the space's dtype.
+        """Output covectors ``[..., QN]`` in the space's dtype (TypeError / ValueError if not)."""
+        return self._check_vec(output_covec, self.output_dim, name)
 
-        Raises
-        ------
-        TypeError
-            Not a tensor.
-        ValueError
-            The last dimension is not :math:`QN`.
-        """
-        vec = check_tensor(output_covec, name, shape=(..., self.output_dim))
-        return vec.to(dtype=self.dtype, device=self.device)
-
-    def _check_vec(self, vec: Tensor, size: int, what: str) -> Tensor:
-        # kept for the callers in metrics/ and analysis/critical.py until they
-        # use check_tangent / check_output_covec
+    def _check_vec(self, vec: Any, size: int, what: str) -> Tensor:
+        # (metrics/ and analysis/critical.py call it until they use the two checks above)
         vec = check_tensor(vec, what, shape=(..., size))
         return vec.to(dtype=self.dtype, device=self.device)
 
