@@ -32,8 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from subriemann.validation import check_real
-
 __all__ = [
     "ConvergenceCertificate",
     "linear_convergence_certificate",
@@ -166,7 +164,20 @@ def linear_convergence_certificate(
     if traj is not None:
         if any(a is not None for a in (s, cost, mu)):
             raise ValueError("pass either traj or the arrays s, cost, mu, not both")
-        s_arr, c_arr, mu_arr, lam = _trajectory_rates(traj, lam)
+        if getattr(traj, "loss", "mse") != "mse":
+            raise ValueError(
+                f"the certificate is for the MSE cost (C = |x - y|^2 / 2), not {traj.loss!r}"
+            )
+        lam = _lam_of(traj.metric) if lam is None else lam
+        sv = traj.singular_values.detach().cpu().double().numpy()
+        if not np.isfinite(sv).all():
+            raise ValueError("the trajectory has no singular values (run with monitor_rank=True)")
+        qn = int(traj.targets.numel())
+        cut = lam == 1.0 or traj.metric.get("class") == "BundleMetric"
+        tau = float(traj.rank_tau)
+        mu_arr = np.array([adapted_rate(row, lam, qn, tau, cut) for row in sv])
+        s_arr = traj.s.detach().cpu().double().numpy()
+        c_arr = traj.cost.detach().cpu().double().numpy()
     else:
         if s is None or cost is None or mu is None:
             raise ValueError("pass traj, or all of s, cost and mu")
@@ -183,7 +194,8 @@ def linear_convergence_certificate(
     worst = float(ratio.max())
     stop = measured = None
     if eps is not None:
-        eps = check_real(eps, "eps", low=0.0, low_open=True)
+        if not (eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"eps must be a positive finite number, got {eps!r}")
         if bool(np.all(mu_arr == 1.0)):
             stop = 0.5 * math.log(c_arr[0] / eps) if c_arr[0] > eps else 0.0
         hit = np.nonzero(c_arr <= eps)[0]
@@ -191,27 +203,6 @@ def linear_convergence_certificate(
     return ConvergenceCertificate(
         s_arr, c_arr, mu_arr, bound, worst <= 1.0 + rtol, worst, float(lam), stop, measured
     )
-
-
-def _trajectory_rates(
-    traj: Any, lam: float | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """``(s, cost, mu, lam)`` of an MSE flow with rank monitoring (``mu``: :func:`adapted_rate`)."""
-    if getattr(traj, "loss", "mse") != "mse":
-        raise ValueError(
-            f"the certificate is for the MSE cost (C = |x - y|^2 / 2), not {traj.loss!r}"
-        )
-    lam = _lam_of(traj.metric) if lam is None else lam
-    sv = traj.singular_values.detach().cpu().double().numpy()
-    if not np.isfinite(sv).all():
-        raise ValueError("the trajectory has no singular values (run with monitor_rank=True)")
-    qn = int(traj.targets.numel())
-    cut = lam == 1.0 or traj.metric.get("class") == "BundleMetric"
-    tau = float(traj.rank_tau)
-    mu = np.array([adapted_rate(row, lam, qn, tau, cut) for row in sv])
-    s = traj.s.detach().cpu().double().numpy()
-    cost = traj.cost.detach().cpu().double().numpy()
-    return s, cost, mu, lam
 
 
 def apriori_steps(cost0: float, eps: float, lr: float) -> int:
@@ -237,10 +228,10 @@ def apriori_steps(cost0: float, eps: float, lr: float) -> int:
     -------
     k : int
     """
-    cost0 = check_real(cost0, "cost0", low=0.0)
-    eps = check_real(eps, "eps", low=0.0, low_open=True)
-    # the residual contracts for lr in (0, 2)
-    lr = check_real(lr, "lr", low=0.0, high=2.0, low_open=True, high_open=True)
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if not 0.0 < lr < 2.0:
+        raise ValueError(f"lr must lie in (0, 2) for the residual to contract, got {lr!r}")
     if cost0 <= eps:
         return 0
     if lr == 1.0:

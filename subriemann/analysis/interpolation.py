@@ -22,9 +22,6 @@ import torch
 from torch import Tensor
 
 from subriemann.flow.trajectory import Trajectory
-from subriemann.linalg import rank_threshold
-from subriemann.linalg.dense import DENSE_LIMIT
-from subriemann.validation import check_real
 
 __all__ = [
     "apriori_stopping_time",
@@ -75,7 +72,8 @@ def apriori_stopping_time(space, initial_point: Tensor, eps: float) -> float:
         0 when :math:`C(0) \le \varepsilon`.
     """
     _check_mse(getattr(space.loss, "name", ""), "apriori_stopping_time")
-    eps = check_real(eps, "eps", low=0.0, low_open=True)
+    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     st = space.point_state(space.check_point(initial_point))
     if space.output_dim > space.dim:
         warnings.warn(
@@ -83,10 +81,11 @@ def apriori_stopping_time(space, initial_point: Tensor, eps: float) -> float:
             "T_eps does not apply", UserWarning, stacklevel=2,
         )
     else:
-        s = st.singular_values("ntk" if space.output_dim * space.dim > DENSE_LIMIT else "svd")
+        s = st.singular_values("ntk" if space.output_dim * space.dim > 2_000_000 else "svd")
         metric = getattr(space, "metric", None)
-        tau = rank_threshold(float(s[0]), float(getattr(metric, "rank_rtol", 1e-6)),
-                             getattr(metric, "rank_atol", None))
+        tau = getattr(metric, "rank_atol", None)
+        if tau is None:
+            tau = float(getattr(metric, "rank_rtol", 1e-6)) * float(s[0])
         rank = int((s > tau).sum())
         if rank < space.output_dim:
             warnings.warn(
@@ -219,7 +218,7 @@ class InterpolationDeviation:
 def _range_basis(space, theta: Tensor) -> tuple[Tensor, Tensor]:
     """Left singular vectors of :math:`D[\\theta]` and its singular values (float64)."""
     st = space.point_state(theta)
-    if space.output_dim * space.dim <= DENSE_LIMIT:
+    if space.output_dim * space.dim <= 2_000_000:
         u, s, _ = st.svd
     else:
         u, s = st.ntk_eigh

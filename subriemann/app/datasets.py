@@ -37,8 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from subriemann.analysis.cross_entropy import smooth_labels  # its one home, re-exported
-from subriemann.validation import check_int, check_optional
+from subriemann.validation import check_int
 
 __all__ = [
     "Dataset",
@@ -187,6 +186,30 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return out
 
 
+def smooth_labels(targets: Tensor, eps: float) -> Tensor:
+    r"""Label smoothing :math:`y \mapsto (1-\varepsilon)\,y + \varepsilon/Q`.
+
+    With :math:`\varepsilon > 0` every entry is positive, so the cross-entropy
+    flows have a finite limit (docs/theory.md §6).
+
+    Parameters
+    ----------
+    targets : Tensor, shape=[N, Q]
+        Probability rows.
+    eps : float
+        In :math:`[0, 1)`.
+    """
+    if not (isinstance(eps, (int, float)) and 0.0 <= eps < 1.0):
+        raise ValueError(f"label smoothing must be a number in [0, 1), got {eps!r}")
+    q = targets.shape[1]
+    return (1.0 - eps) * targets + eps / q
+
+
+def _check_n(n_samples: int | None) -> None:
+    if n_samples is not None:
+        check_int(n_samples, "n_samples", low=1)
+
+
 def _sklearn(name: str, n_samples: int | None, seed: int) -> Dataset:
     try:
         from sklearn import datasets as skd
@@ -246,7 +269,7 @@ def load_npz(path: str | Path, n_samples: int | None = None, seed: int = 0) -> D
         If the file is not a readable ``.npz`` archive, lacks one of the
         arrays, or the arrays are not finite real numbers of matching length.
     """
-    check_optional(check_int, n_samples, "n_samples", low=1)
+    _check_n(n_samples)
     p = Path(path)
     inputs, targets = _read_npz(p)
     idx = _subset(inputs.shape[0], n_samples, seed, str(p))
@@ -357,7 +380,7 @@ def load_dataset(name: str, n_samples: int | None = None, seed: int = 0) -> Data
     FileNotFoundError
         For a missing ``.npz`` file.
     """
-    check_optional(check_int, n_samples, "n_samples", low=1)
+    _check_n(n_samples)
     if name.endswith(".npz") or "/" in name or "\\" in name:
         return load_npz(name, n_samples, seed)
     if name in ("diabetes", "digits", "iris"):

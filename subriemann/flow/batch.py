@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from subriemann.flow.lockstep import LockStep
-from subriemann.linalg import prefill_states
 
 __all__ = ["MEMBER", "serve_round", "run_batch"]
 
@@ -37,6 +36,7 @@ def serve_round(requests: Sequence[tuple[Any, str, Any]]) -> list[tuple[bool, An
     ``requests`` are ``(flow, kind, (theta, tau))``; only the vector fields at
     the flows' own threshold (``tau is None``) are batched.
     """
+    from subriemann.linalg import prefill_states
     from subriemann.metrics.builtin import EuclideanMetric, InterpolatedMetric
 
     fields = [(fl, p[0]) for fl, kind, p in requests if kind == "field" and p[1] is None]

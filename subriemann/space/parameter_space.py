@@ -363,9 +363,9 @@ class ParameterSpace(VectorSpace):
         """Tangent vectors ``[..., K]`` in the space's dtype (TypeError / ValueError if not)."""
         return self._check_vec(tangent_vec, self.dim, name)
 
-    def check_output_covec(self, output_covec: Any, name: str = "output_covec") -> Tensor:
-        """Output covectors ``[..., QN]`` in the space's dtype (TypeError / ValueError if not)."""
-        return self._check_vec(output_covec, self.output_dim, name)
+    def check_output_vec(self, output_vec: Any, name: str = "output_covec") -> Tensor:
+        """Output (co)vectors ``[..., QN]`` in the space's dtype (TypeError / ValueError if not)."""
+        return self._check_vec(output_vec, self.output_dim, name)
 
     def _check_vec(self, vec: Any, size: int, what: str) -> Tensor:
         # (metrics/ and analysis/critical.py call it until they use the two checks above)
@@ -397,8 +397,13 @@ class ParameterSpace(VectorSpace):
             raise NonFiniteError(f"{what} contain NaN or inf at this theta")
         return x
 
-    # kept for subriemann.linalg.dense until it uses check_finite
-    _finite_outputs = check_finite
+    @staticmethod
+    def finite_outputs(x: Tensor) -> Tensor:
+        """``x`` (model outputs), or :class:`NonFiniteError` when it holds NaN or inf."""
+        return ParameterSpace.check_finite(x)
+
+    # (subriemann.linalg.dense calls it until it uses finite_outputs)
+    _finite_outputs = finite_outputs
 
     def jacobian(self, theta: Tensor) -> Tensor:
         r""":math:`D[\theta] = \partial x / \partial\theta`, shape ``[QN, K]`` (dense).
@@ -431,7 +436,7 @@ class ParameterSpace(VectorSpace):
         output_covec : Tensor, shape=[..., QN]
         """
         theta = self.check_point(theta)
-        return self._product(self.backend.vjp, theta, self.check_output_covec(output_covec),
+        return self._product(self.backend.vjp, theta, self.check_output_vec(output_covec),
                              self.dim)
 
     def _product(self, fn: Callable[[Tensor, Tensor], Tensor], theta: Tensor, vec: Tensor,
