@@ -606,7 +606,7 @@ def test_prefill_states_matches_single_points():
     net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
     space = sr.ParameterSpace(net, torch.randn(4, 3), torch.randn(4, 2))
     thetas = space.initial_point() + 0.3 * torch.randn(5, space.dim, dtype=torch.float64)
-    space.state_cache_size = 10
+    space._state_cache_size = 10
     states = prefill_states(space, thetas, "svd")
     for th, state in zip(thetas, states):
         assert space.point_state(th) is state  # served from the cache afterwards
@@ -620,7 +620,7 @@ def test_prefill_states_matches_single_points():
         # served from the prefilled D (no network pass)
         assert torch.allclose(state.cost_grad, space.cost_grad(th), rtol=1e-12, atol=1e-14)
     fresh = sr.ParameterSpace(net, space.inputs, space.targets)
-    fresh.state_cache_size = 10
+    fresh._state_cache_size = 10
     for th, state in zip(thetas, prefill_states(fresh, thetas, "cost_grad")):
         assert "D" not in state._cache  # the fused pass only
         assert torch.allclose(state._cache["dC"], space.cost_grad(th), rtol=1e-12, atol=1e-14)

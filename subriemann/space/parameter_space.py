@@ -198,7 +198,7 @@ class ParameterSpace(VectorSpace):
 
     #: how many :class:`~subriemann.linalg.PointState` objects :meth:`point_state`
     #: keeps (:meth:`state_cache` raises it for a while, e.g. for a batch of flows)
-    state_cache_size: int = 3
+    _state_cache_size: int = 3
 
     def __init__(
         self,
@@ -525,7 +525,7 @@ class ParameterSpace(VectorSpace):
         else:
             st = PointState(self, theta.detach().clone())
             cache.insert(0, st)
-            del cache[self.state_cache_size :]
+            del cache[self._state_cache_size :]
         if tag is not None:
             seen[st] = tag
         return st
@@ -534,14 +534,14 @@ class ParameterSpace(VectorSpace):
     def state_cache(self, size: int) -> Iterator[None]:
         """Keep at least ``size`` point states while inside (e.g. one per flow of a batch).
 
-        On exit the cache is cut back to :attr:`state_cache_size` as it was.
+        On exit the cache is cut back to its size before.
         """
-        saved = self.state_cache_size
-        self.state_cache_size = max(saved, int(size))
+        saved = self._state_cache_size
+        self._state_cache_size = max(saved, int(size))
         try:
             yield
         finally:
-            self.state_cache_size = saved
+            self._state_cache_size = saved
             del self.__dict__.setdefault("_states", [])[saved:]
 
     @property
