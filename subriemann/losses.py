@@ -32,6 +32,8 @@ from torch import Tensor
 from torch.func import grad as _grad
 from torch.func import jvp as _jvp
 
+from subriemann.validation import check_tensor
+
 __all__ = ["Loss", "MSELoss", "CrossEntropyLoss", "get_loss"]
 
 
@@ -81,8 +83,7 @@ class Loss:
 
     def check_targets(self, y: Tensor) -> None:
         """Raise :class:`ValueError` if ``y`` is not a valid target array."""
-        if not torch.isfinite(y).all():
-            raise ValueError("targets contain NaN or inf")
+        check_tensor(y, "targets", finite=True)
 
     def prepare_targets(self, y: Tensor) -> Tensor:
         """Targets as the loss uses them, after :meth:`check_targets` (default: unchanged)."""

@@ -189,9 +189,8 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def _check_n(n_samples: int | None) -> None:
-    if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, int)
-                                  or n_samples < 1):
-        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    if n_samples is not None:
+        check_int(n_samples, "n_samples", low=1)
 
 
 def _sklearn(name: str, n_samples: int | None, seed: int) -> Dataset:
@@ -255,42 +254,7 @@ def load_npz(path: str | Path, n_samples: int | None = None, seed: int = 0) -> D
     """
     _check_n(n_samples)
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no data file at {p}")
-    if not zipfile.is_zipfile(p):
-        raise ValueError(f"cannot read {p}: not an .npz archive (save one with numpy.savez)")
-    try:
-        with np.load(p, allow_pickle=False) as data:
-            files = list(data.files)
-            missing = [k for k in ("inputs", "targets") if k not in files]
-            if not missing:
-                inputs = np.asarray(data["inputs"])
-                targets = np.asarray(data["targets"])
-    except Exception as err:  # zipfile.BadZipFile, object arrays (pickle refused), truncation
-        hint = ""
-        if "Object arrays" in str(err):
-            hint = " (an array has dtype=object; save real numeric arrays)"
-        raise ValueError(f"cannot read {p} as an .npz archive: {err}{hint}") from None
-    if missing:
-        raise ValueError(
-            f"{p} has no array named {' or '.join(repr(k) for k in missing)} "
-            f"(found: {', '.join(files) or 'none'})"
-        )
-    for what, a in (("inputs", inputs), ("targets", targets)):
-        if a.dtype.kind not in "biuf":
-            raise ValueError(f"{p}: {what} must be a real numeric array, got dtype {a.dtype}")
-        if a.ndim == 0 or a.shape[0] == 0:
-            raise ValueError(f"{p}: {what} must have shape (N, ...) with N >= 1")
-        if not np.isfinite(a.astype(np.float64)).all():
-            raise ValueError(f"{p}: {what} contain NaN or inf")
-    if targets.ndim == 1:
-        targets = targets.reshape(-1, 1)
-    if targets.ndim != 2:
-        raise ValueError(f"{p}: targets must have shape (N, Q) or (N,), got {targets.shape}")
-    if inputs.shape[0] != targets.shape[0]:
-        raise ValueError(
-            f"{p}: inputs have {inputs.shape[0]} samples but targets have {targets.shape[0]}"
-        )
+    inputs, targets = _read_npz(p)
     idx = _subset(inputs.shape[0], n_samples, seed, str(p))
     x = torch.from_numpy(inputs[idx].astype(np.float64))
     y = torch.from_numpy(targets[idx].astype(np.float64))
@@ -303,6 +267,55 @@ def load_npz(path: str | Path, n_samples: int | None = None, seed: int = 0) -> D
     )
     desc = f"{p.name}: {len(idx)} samples, inputs {tuple(inputs.shape[1:])}, Q = {y.shape[1]}"
     return Dataset(str(p), x, y, "classification" if simplex else "regression", desc, labels)
+
+
+def _read_npz(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The arrays ``inputs`` ``[N, ...]`` and ``targets`` ``[N, Q]`` of the file ``p``, checked."""
+    inputs, targets = _load_arrays(p)
+    for what, a in (("inputs", inputs), ("targets", targets)):
+        _check_array(p, what, a)
+    if targets.ndim == 1:
+        targets = targets.reshape(-1, 1)
+    if targets.ndim != 2:
+        raise ValueError(f"{p}: targets must have shape (N, Q) or (N,), got {targets.shape}")
+    if inputs.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"{p}: inputs have {inputs.shape[0]} samples but targets have {targets.shape[0]}"
+        )
+    return inputs, targets
+
+
+def _load_arrays(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The arrays ``inputs`` and ``targets`` of the ``.npz`` file ``p``, as they are."""
+    if not p.is_file():
+        raise FileNotFoundError(f"no data file at {p}")
+    if not zipfile.is_zipfile(p):
+        raise ValueError(f"cannot read {p}: not an .npz archive (save one with numpy.savez)")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            files = list(data.files)
+            missing = [k for k in ("inputs", "targets") if k not in files]
+            if not missing:
+                return np.asarray(data["inputs"]), np.asarray(data["targets"])
+    except Exception as err:  # zipfile.BadZipFile, object arrays (pickle refused), truncation
+        hint = ""
+        if "Object arrays" in str(err):
+            hint = " (an array has dtype=object; save real numeric arrays)"
+        raise ValueError(f"cannot read {p} as an .npz archive: {err}{hint}") from None
+    raise ValueError(
+        f"{p} has no array named {' or '.join(repr(k) for k in missing)} "
+        f"(found: {', '.join(files) or 'none'})"
+    )
+
+
+def _check_array(p: Path, what: str, a: np.ndarray) -> None:
+    """``a`` (the array ``what`` of the file ``p``) is real, finite, ``[N, ...]`` with N >= 1."""
+    if a.dtype.kind not in "biuf":
+        raise ValueError(f"{p}: {what} must be a real numeric array, got dtype {a.dtype}")
+    if a.ndim == 0 or a.shape[0] == 0:
+        raise ValueError(f"{p}: {what} must have shape (N, ...) with N >= 1")
+    if not np.isfinite(a.astype(np.float64)).all():
+        raise ValueError(f"{p}: {what} contain NaN or inf")
 
 
 def labels_to_one_hot(ds: Dataset) -> Dataset:

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import torch
 
+from subriemann._warnings import one_line
+from subriemann.validation import check_int
+
 __all__ = ["ACTIVATIONS", "parse_spec", "mlp", "load_model_file", "count_parameters"]
 
 ACTIVATIONS: dict[str, Callable[[], torch.nn.Module]] = {
@@ -96,9 +99,8 @@ def mlp(spec: str, in_dim: int, out_dim: int, activation: str = "tanh") -> torch
         raise ValueError(
             f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}"
         )
-    for what, v in (("in_dim", in_dim), ("out_dim", out_dim)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{what} must be a positive integer, got {v!r}")
+    check_int(in_dim, "in_dim", low=1)
+    check_int(out_dim, "out_dim", low=1)
     layers: list[torch.nn.Module] = [torch.nn.Flatten()]
     dims = (in_dim, *widths, out_dim)
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
@@ -149,7 +151,7 @@ def load_model_file(
         spec.loader.exec_module(module)
     except Exception as err:  # user code: report whatever it raised in one line
         sys.modules.pop(mod_name, None)
-        raise ValueError(f"cannot import {path}: {type(err).__name__}: {err}") from None
+        raise ValueError(f"cannot import {path}: {one_line(err)}") from None
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ValueError(f"{path} has no callable named {name!r}")
@@ -164,7 +166,7 @@ def load_model_file(
     try:
         model = factory(in_dim, out_dim) if wants_dims else factory()
     except Exception as err:
-        raise ValueError(f"{path}:{name}() failed: {type(err).__name__}: {err}") from None
+        raise ValueError(f"{path}:{name}() failed: {one_line(err)}") from None
     if not isinstance(model, torch.nn.Module):
         raise ValueError(
             f"{path}:{name}() must return a torch.nn.Module, got {type(model).__name__}"

@@ -8,7 +8,7 @@ implements (:class:`~subriemann.engines.FuncBackend`,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -62,7 +62,11 @@ class JacobianBackend(Protocol):
     (sample-major), the Jacobian ``[QN, K]``.
     """
 
+    #: the engine's name (``"func"``, ``"structured"``)
     name: str
+    #: whether ``jvp`` and ``vjp`` accept batches ``[..., K]`` / ``[..., QN]``
+    #: (otherwise the space calls them one vector at a time)
+    batched: bool
 
     def outputs(self, theta: Tensor) -> Tensor: ...
 
@@ -73,3 +77,9 @@ class JacobianBackend(Protocol):
     def vjp(self, theta: Tensor, output_covec: Tensor) -> Tensor: ...
 
     def ntk(self, theta: Tensor) -> Tensor: ...
+
+    def pullback(
+        self, theta: Tensor, covec_fn: Callable[[Tensor], Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        r"""``(x, D^T covec_fn(x))``: the outputs and the VJP of a covector computed from them."""
+        ...

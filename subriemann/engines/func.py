@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
 from subriemann.engines.base import ParameterLayout
+from subriemann.validation import check_int, check_optional
 
 __all__ = ["FuncBackend"]
 
@@ -119,10 +120,7 @@ class FuncBackend:
         self.inputs = inputs
         self.num_outputs = num_outputs
         n = inputs.shape[0]
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        chunk_size = check_optional(check_int, chunk_size, "chunk_size", low=1)
         self.chunk_size = n if chunk_size is None else min(chunk_size, n)
         #: routes found not to work for this model (set on first failure):
         #: ``"per_sample"`` (vmap over samples), ``"forward"`` (forward-mode AD),

@@ -11,8 +11,12 @@ from subriemann._warnings import warn_once
 from subriemann.engines.base import JacobianBackend, ParameterLayout
 from subriemann.engines.func import FuncBackend
 from subriemann.engines.structured import StructuredBackend, UnsupportedModuleError
+from subriemann.validation import check_choice
 
-__all__ = ["make_backend"]
+__all__ = ["make_backend", "BACKENDS"]
+
+BACKENDS = ("auto", "func", "structured")
+"""The engines :func:`make_backend` chooses from (``backend=`` of a parameter space)."""
 
 
 def make_backend(
@@ -36,8 +40,7 @@ def make_backend(
     func = FuncBackend(apply, layout, inputs, num_outputs, chunk_size)
     if kind == "func":
         return func
-    if kind not in ("auto", "structured"):
-        raise ValueError(f"backend must be 'auto', 'func' or 'structured', got {kind!r}")
+    check_choice(kind, "backend", BACKENDS)
     try:
         return StructuredBackend(module, layout, inputs, num_outputs, chunk_size, fallback=func)
     except UnsupportedModuleError as err:

@@ -81,10 +81,8 @@ def run_batch(space: Any, points: Tensor, run_one: Callable[[Tensor], Any]) -> l
         finally:
             lock.finished()
 
-    saved_size = space._state_cache_size
-    space._state_cache_size = max(saved_size, 4 * n)
     threads = [threading.Thread(target=member, args=(i,), daemon=True) for i in range(n)]
-    try:
+    with space.state_cache(4 * n):
         for t in threads:
             t.start()
         try:
@@ -93,9 +91,6 @@ def run_batch(space: Any, points: Tensor, run_one: Callable[[Tensor], Any]) -> l
             pass  # every member stops at its next request and keeps its trajectory
         for t in threads:
             t.join()
-    finally:
-        space._state_cache_size = saved_size
-        del space.__dict__.setdefault("_states", [])[saved_size:]
     for r in results:
         if isinstance(r, BaseException):
             raise r

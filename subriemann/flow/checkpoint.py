@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from subriemann.flow.trajectory import (
     read_array,
     read_meta,
 )
+from subriemann.validation import check_int, check_real
 
 __all__ = ["checkpoint_path", "problem_fingerprint", "read_checkpoint", "check_same_problem",
            "INTEGRATOR_KEYS"]
@@ -114,7 +115,7 @@ def problem_fingerprint(space: Any, metric_description: dict[str, Any],
         agree on an ingredient exactly when its hashes agree (up to SHA-256
         collisions).
     """
-    fixed = sorted(getattr(space, "_fixed", {}).items())
+    fixed = sorted(space.fixed_tensors.items())
     loss = space.loss
     return {
         "model": _digest(type(space.module).__qualname__, repr(space.module),
@@ -180,19 +181,28 @@ def _check_integrator(traj: Trajectory, integ: dict[str, Any], arrays: dict[str,
         if k not in arrays:
             raise ValueError(f"{path}: checkpoint array 'integrator_{k}' missing")
     n_rec, n_events = integ["n_rec"], integ["n_events"]
-    if not (isinstance(n_rec, int) and 1 <= n_rec <= len(traj)):
+    if not _valid(check_int, n_rec, low=1, high=len(traj)):
         raise ValueError(f"{path}: checkpoint n_rec = {n_rec!r} does not fit the "
                          f"{len(traj)} saved rows")
-    if not (isinstance(n_events, int) and 0 <= n_events <= len(traj.events)):
+    if not _valid(check_int, n_events, low=0, high=len(traj.events)):
         raise ValueError(f"{path}: checkpoint n_events = {n_events!r} does not fit the "
                          f"{len(traj.events)} saved events")
     _check_shapes(traj, arrays, path)
     for key in ("s", "s_prev", "v0norm"):
         v = integ[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if not _valid(check_real, v):
             raise ValueError(f"{path}: checkpoint metadata {key!r} = {v!r} is not a finite number")
     if not bool(torch.isfinite(arrays["theta"]).all()):
         raise ValueError(f"{path}: checkpoint array 'integrator_theta' is not finite")
+
+
+def _valid(check: Callable[..., Any], value: Any, **bounds: Any) -> bool:
+    """Whether ``check(value, ...)`` of :mod:`subriemann.validation` accepts ``value``."""
+    try:
+        check(value, "value", **bounds)
+    except ValueError:  # ArgumentTypeError included
+        return False
+    return True
 
 
 def _check_shapes(traj: Trajectory, arrays: dict[str, Tensor], path: Path) -> None:

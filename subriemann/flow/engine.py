@@ -39,8 +39,10 @@ state in one assignment, and the stops after it.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -48,6 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from subriemann._warnings import one_line
 from subriemann.flow import batch, continuation, events
 from subriemann.flow.checkpoint import (
     check_same_problem,
@@ -58,6 +61,9 @@ from subriemann.flow.checkpoint import (
 from subriemann.flow.options import METHODS, RANK_METHODS, RESUME_FREE, FlowOptions
 from subriemann.flow.trajectory import FlowStatus, RankChange, Trajectory, existing_npz
 from subriemann.integrators import TABLEAUS, StepController, rk_step
+from subriemann.linalg import rank_threshold
+from subriemann.space import NonFiniteError, ParameterSpace
+from subriemann.validation import check_tensor
 
 __all__ = ["gradient_flow", "METHODS", "RANK_METHODS", "Flow", "State"]
 
@@ -72,7 +78,8 @@ class _Failure(ArithmeticError):
     """The vector field or the singular values could not be evaluated (NaN/inf)."""
 
 
-class State(NamedTuple):
+@dataclass(frozen=True)
+class State:
     """The committed integrator state: replaced in one assignment per accepted step."""
 
     s: float
@@ -109,7 +116,8 @@ class _Plan(NamedTuple):
     landing: bool
 
 
-class _Step(NamedTuple):
+@dataclass(frozen=True)
+class _Step:
     """An accepted step, before its events are recorded."""
 
     h: float
@@ -125,8 +133,6 @@ class Flow:
     """One flow's integrator, evaluations and records (internal)."""
 
     def __init__(self, space, metric, opts: FlowOptions) -> None:
-        import copy
-
         # the flow's own copy: its threshold tau is set there, never on the user's metric
         self.space, self.metric, self.o = space, copy.copy(metric), opts
         self.s_end = opts.s_end
@@ -158,8 +164,6 @@ class Flow:
         if tau is None or tau == self.metric.rank_atol:
             return self.metric
         if tau not in self._at_tau:
-            import copy
-
             m = copy.copy(self.metric)
             m.rank_atol = tau
             if len(self._at_tau) >= 8:  # the thresholds of one band, or of one event
@@ -208,25 +212,21 @@ class Flow:
 
         Raises :class:`_Failure` on NaN/inf.
         """
-        from subriemann.space import NonFiniteError
-
         self.nfev += 1
         try:
             v = self.evaluate("field", theta, tau)
         except (NonFiniteError, torch.linalg.LinAlgError) as err:
-            raise _Failure(f"{type(err).__name__}: {err}") from None
+            raise _Failure(one_line(err)) from None
         if not bool(torch.isfinite(v).all()):
             raise _Failure("the vector field is NaN or inf")
         return -v.detach()
 
     def sv(self, theta: Tensor) -> Tensor:
         """Singular values of :math:`D[\\theta]`, descending; raises :class:`_Failure` on NaN."""
-        from subriemann.space import NonFiniteError
-
         try:
             s = self.evaluate("sv", theta)
         except (NonFiniteError, torch.linalg.LinAlgError) as err:
-            raise _Failure(f"singular values of D: {type(err).__name__}: {err}") from None
+            raise _Failure(f"singular values of D: {one_line(err)}") from None
         if not bool(torch.isfinite(s).all()):
             raise _Failure("the Jacobian D is NaN or inf")
         return s.detach()
@@ -342,9 +342,8 @@ def gradient_flow(
     space : ParameterSpace
         Equipped with the metric whose gradient defines the flow (or pass ``metric``).
     initial_point : Tensor, shape=[K] or [B, K]
-        :math:`\theta(0)`; a batch ``[B, K]`` returns ``B`` trajectories
-        integrated together (:mod:`subriemann.flow.batch`), each equal to the
-        single run from its point up to rounding.
+        :math:`\theta(0)`; a batch ``[B, K]`` returns ``B`` trajectories integrated
+        together (:mod:`subriemann.flow.batch`), each the single run up to rounding.
     s_end : float
         Final flow time, :math:`> 0`.
     method : {"dopri5", "rk4", "euler"}
@@ -355,27 +354,21 @@ def gradient_flow(
         Written (atomically) every ``checkpoint_every`` accepted steps, on
         interruption and at the end; checked writable before the first step.
     resume : path, optional
-        Continue from a checkpoint of the same problem (its fingerprint) and
-        options (budgets, ``checkpoint_every`` and ``progress`` may differ):
-        step for step as the uninterrupted run.  A finished run is returned
-        as it is; a missing file starts afresh.  ``"run"`` and ``"run.npz"``
-        name the same file.
+        Continue from a checkpoint of the same problem and options (budgets,
+        ``checkpoint_every`` and ``progress`` may differ), step for step as the
+        uninterrupted run; a finished run is returned as it is, a missing file
+        starts afresh.  ``"run"`` and ``"run.npz"`` name the same file.
     metric : ParameterMetric, optional
         Defaults to ``space.metric``; never written on.
     **options
-        ``step_size``, ``first_step``, ``max_step``, ``save_at``,
-        ``min_saves``, ``cost_tol``, ``stall_tol``, ``max_steps``,
-        ``max_time``, ``monitor_rank``, ``stop_on_rank_change``,
-        ``event_tol``, ``fixed_threshold``, ``rank_method``,
-        ``checkpoint_every``, ``progress``: see
-        :class:`~subriemann.flow.options.FlowOptions`.
+        The other options of :class:`~subriemann.flow.options.FlowOptions`.
 
     Returns
     -------
     Trajectory or list of Trajectory
         With ``status`` saying why the flow stopped
         (:data:`subriemann.flow.trajectory.STATUS_CODES`); on failure or
-        ``KeyboardInterrupt`` the trajectory up to the last good state.
+        interrupt, up to the last good state.
 
     Raises
     ------
@@ -397,22 +390,31 @@ def gradient_flow(
     >>> abs(ratio / float(torch.exp(torch.tensor(-6.0))) - 1) < 1e-6
     True
     """
-    from subriemann.space import ParameterSpace
-
     if not isinstance(space, ParameterSpace):
         raise TypeError(f"space must be a subriemann.ParameterSpace, got {type(space).__name__}")
-    if not isinstance(initial_point, Tensor):
-        raise TypeError(f"initial_point must be a torch.Tensor, got {type(initial_point).__name__}")
+    check_tensor(initial_point, "initial_point")
     opts = FlowOptions.create(s_end, method=method, rtol=rtol, atol=atol, **options)
     metric = space.metric if metric is None else metric
     if initial_point.ndim == 2:
-        if checkpoint is not None or resume is not None:
-            raise ValueError("checkpoint/resume take a single initial point [K], not a batch")
-        if initial_point.shape[0] == 0:
-            raise ValueError("the batch of initial points is empty")
-        points = torch.stack([space.check_point(p) for p in initial_point])
-        return batch.run_batch(space, points, lambda p: gradient_flow(
-            space, p, opts.s_end, metric=metric, **opts.batch_options()))
+        return _flow_batch(space, initial_point, opts, metric, checkpoint, resume)
+    return _flow_one(space, initial_point, opts, metric, checkpoint, resume)
+
+
+def _flow_batch(space: ParameterSpace, points: Tensor, opts: FlowOptions, metric: Any,
+                checkpoint: Any, resume: Any) -> list[Trajectory]:
+    """One flow per row of ``points`` ``[B, K]``, integrated together in lock-step rounds."""
+    if checkpoint is not None or resume is not None:
+        raise ValueError("checkpoint/resume take a single initial point [K], not a batch")
+    if points.shape[0] == 0:
+        raise ValueError("the batch of initial points is empty")
+    points = torch.stack([space.check_point(p) for p in points])
+    return batch.run_batch(space, points, lambda p: gradient_flow(
+        space, p, opts.s_end, metric=metric, **opts.batch_options()))
+
+
+def _flow_one(space: ParameterSpace, initial_point: Tensor, opts: FlowOptions, metric: Any,
+              checkpoint: str | Path | None, resume: str | Path | None) -> Trajectory:
+    """The flow from one point ``[K]`` (a member of a batch posts to its lock-step rounds)."""
     theta0 = space.check_point(initial_point).detach().clone()
     if checkpoint is not None:
         checkpoint = checkpoint_path(checkpoint)  # fails now, not after the integration
@@ -463,9 +465,9 @@ class _Run:
 
     # -- start -------------------------------------------------------------------------
     def tau_at(self, sv: Tensor) -> float:
-        if self.user_atol is not None:
-            return self.user_atol
-        return self.fl.metric.rank_rtol * float(sv[0]) if sv.numel() else 0.0
+        """The rank threshold for the singular values ``sv`` (descending)."""
+        sigma_max = float(sv[0]) if sv.numel() else 0.0
+        return rank_threshold(sigma_max, self.fl.metric.rank_rtol, self.user_atol)
 
     def begin(self, theta0: Tensor) -> None:
         """The state at ``s = 0``: threshold, singular values, vector field, first record."""
@@ -633,7 +635,7 @@ class _Run:
         if failure is not None:
             self.nonfinite_streak += 1
             self.last_failure = str(failure)
-        self.fl.state = st._replace(h=h)
+        self.fl.state = replace(st, h=h)
 
     def attempt(self, st: State, plan: _Plan) -> _Step | FlowStatus | None:
         """Try the planned step: the accepted step, a status, or None (rejected, retry)."""
@@ -653,7 +655,7 @@ class _Run:
             self.last_failure = str(failure)
             if self.nonfinite_streak >= _MAX_NONFINITE:
                 return FlowStatus("nonfinite", f"at s = {st.s:.9g}: {failure}")
-            fl.state = st._replace(h=0.25 * h)
+            fl.state = replace(st, h=0.25 * h)
             return None
         step = _Step(h, y1, f1, sv1, st.h, plan.landing, None)
         if o.adaptive:
@@ -666,7 +668,7 @@ class _Run:
             h, landing = step.h, step.landing
             # a step shortened to land on a save time does not shrink the free step
             new_h = max(plan.h_free, h * fac) if landing and fac >= 1.0 else h * fac
-            step = step._replace(new_h=new_h)
+            step = replace(step, new_h=new_h)
         self.nonfinite_streak = 0
         self.rejected_before = fl.n_rejected
         return step
@@ -728,7 +730,7 @@ class _Run:
             return FlowStatus("nonfinite", f"at the rank change: {failure}")
         stop = FlowStatus("rank_change",
                           f"rank {ev.rank_before} -> {ev.rank_after} at s = {ev.s:.9g}")
-        cut = step._replace(y1=ev.theta, f1=f_ev, sv1=ev.singular_values_after, landing=False)
+        cut = replace(step, y1=ev.theta, f1=f_ev, sv1=ev.singular_values_after, landing=False)
         return cut, ev.s + 0.5 * ev.s_bracket, stop
 
     def commit(self, st: State, plan: _Plan, step: _Step, new_events: list[RankChange]

@@ -13,9 +13,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-
 from subriemann.integrators import TABLEAUS
+from subriemann.validation import check_bool, check_choice, check_int, check_optional, check_real
 
 __all__ = ["FlowOptions", "METHODS", "RANK_METHODS", "RESUME_FREE"]
 
@@ -27,30 +26,6 @@ RANK_METHODS = ("auto", "metric", "ntk")
 
 RESUME_FREE = ("max_steps", "max_time", "checkpoint_every", "progress")
 """Options that may differ between a run and its resumption (budgets and presentation)."""
-
-
-def _number(name: str, val: Any, *, positive: bool = False, allow_inf: bool = False) -> float:
-    if isinstance(val, bool) or not isinstance(val, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a number, got {type(val).__name__}")
-    val = float(val)
-    ok = (val > 0 if positive else val >= 0) and (math.isfinite(val) or (allow_inf and val > 0))
-    if not ok:
-        kind = "positive" if positive else "non-negative"
-        fin = "" if allow_inf else "finite "
-        raise ValueError(f"{name} must be a {kind} {fin}number, got {val}")
-    return val
-
-
-def _integer(name: str, val: Any, minimum: int) -> int:
-    if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {val!r}")
-    return int(val)
-
-
-def _flag(name: str, val: Any) -> bool:
-    if not isinstance(val, (bool, np.bool_)) and not (isinstance(val, int) and val in (0, 1)):
-        raise TypeError(f"{name} must be True or False, got {val!r}")
-    return bool(val)
 
 
 def _save_grid(save_at: Any, s_end: float) -> list[float]:
@@ -181,44 +156,42 @@ class FlowOptions:
         if unknown:
             raise TypeError(f"gradient_flow() got unknown option(s) {', '.join(unknown)} "
                             f"(known: {', '.join(sorted(known))})")
-        o = cls(s_end=_number("s_end", s_end, positive=True), **options)
+        o = cls(s_end=check_real(s_end, "s_end", low=0.0, low_open=True), **options)
         o._validate()
         return o
 
     def _validate(self) -> None:
-        if not isinstance(self.method, str) or self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if not isinstance(self.rank_method, str) or self.rank_method not in RANK_METHODS:
-            raise ValueError(f"rank_method must be one of {RANK_METHODS}, got {self.rank_method!r}")
+        check_choice(self.method, "method", METHODS)
+        check_choice(self.rank_method, "rank_method", RANK_METHODS)
         self._validate_steps()
-        for name in ("first_step", "cost_tol", "max_time"):
-            val = getattr(self, name)
-            if val is not None:
-                setattr(self, name, _number(name, val, positive=name == "first_step"))
-        if self.max_steps is not None:
-            self.max_steps = _integer("max_steps", self.max_steps, 0)
-        self.min_saves = max(_integer("min_saves", self.min_saves, 0), 2)
-        self.checkpoint_every = _integer("checkpoint_every", self.checkpoint_every, 1)
+        self.first_step = check_optional(check_real, self.first_step, "first_step", low=0.0,
+                                         low_open=True)
+        self.cost_tol = check_optional(check_real, self.cost_tol, "cost_tol", low=0.0)
+        self.max_time = check_optional(check_real, self.max_time, "max_time", low=0.0)
+        self.max_steps = check_optional(check_int, self.max_steps, "max_steps", low=0)
+        self.min_saves = max(check_int(self.min_saves, "min_saves", low=0), 2)
+        self.checkpoint_every = check_int(self.checkpoint_every, "checkpoint_every", low=1)
         for name in ("monitor_rank", "stop_on_rank_change", "fixed_threshold", "progress"):
-            setattr(self, name, _flag(name, getattr(self, name)))
+            setattr(self, name, check_bool(getattr(self, name), name))
         if self.save_at is not None:
             self.save_at = _save_grid(self.save_at, self.s_end)
-        self.rank_band = _number("rank_band", self.rank_band)
-        if self.rank_band >= 1.0:
-            raise ValueError(f"rank_band must be in [0, 1), got {self.rank_band}")
+        self.rank_band = check_real(self.rank_band, "rank_band", low=0.0, high=1.0,
+                                    high_open=True)
         self.min_event_step = max(1e-10 * self.s_end, 1e-12)
 
     def _validate_steps(self) -> None:
-        self.rtol, self.atol = _number("rtol", self.rtol), _number("atol", self.atol)
-        self.stall_tol = _number("stall_tol", self.stall_tol)
-        self.event_tol = _number("event_tol", self.event_tol, positive=True)
-        self.max_step = _number("max_step", self.max_step, positive=True, allow_inf=True)
+        self.rtol = check_real(self.rtol, "rtol", low=0.0)
+        self.atol = check_real(self.atol, "atol", low=0.0)
+        self.stall_tol = check_real(self.stall_tol, "stall_tol", low=0.0)
+        self.event_tol = check_real(self.event_tol, "event_tol", low=0.0, low_open=True)
+        self.max_step = check_real(self.max_step, "max_step", low=0.0, low_open=True,
+                                   finite=False)
         adaptive = TABLEAUS[self.method].adaptive
         if adaptive and self.rtol == 0 and self.atol == 0:
             raise ValueError("rtol and atol cannot both be 0")
         if not adaptive:
-            self.step_size = self.s_end / 200 if self.step_size is None else _number(
-                "step_size", self.step_size, positive=True)
+            self.step_size = self.s_end / 200 if self.step_size is None else check_real(
+                self.step_size, "step_size", low=0.0, low_open=True)
         elif self.step_size is not None:
             raise ValueError(f"step_size is for fixed-step methods; {self.method} adapts its step")
 

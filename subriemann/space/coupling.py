@@ -22,7 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["check_sample_independence", "sample_rows"]
+from subriemann._warnings import one_line
+
+__all__ = ["check_sample_independence", "check_rows", "sample_rows"]
+
+ApplyFn = Callable[[dict[str, Tensor], Tensor], Tensor]
+"""``apply(params, inputs) -> outputs [n, Q]``: the network as a function of its parameters."""
 
 _ADVICE = (
     "subriemann needs each sample's output to depend on that sample only "
@@ -63,11 +68,6 @@ def _tf32_allowed() -> bool:
     return bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
-
-
 def _describe(module: nn.Module, path: str) -> str:
     name = type(module).__name__
     return f"{name} at {path!r}" if path else name
@@ -75,7 +75,7 @@ def _describe(module: nn.Module, path: str) -> str:
 
 def check_sample_independence(
     module: nn.Module,
-    apply: Callable[[dict[str, Tensor], Tensor], Tensor],
+    apply: ApplyFn,
     params: dict[str, Tensor],
     inputs: Tensor,
 ) -> Tensor | None:
@@ -124,7 +124,7 @@ def check_sample_independence(
             where = _locate(module, apply, params, sub) or _describe(module, "")
             raise ValueError(
                 f"model couples samples (or cannot run on one sample): {where} fails on a "
-                f"single sample ({_first_line(err)}); {_ADVICE}"
+                f"single sample ({one_line(err, first_line=True)}); {_ADVICE}"
             ) from None
     check_rows(module, apply, params, sub, batch, singles)
     return singles
@@ -132,7 +132,7 @@ def check_sample_independence(
 
 def check_rows(
     module: nn.Module,
-    apply: Callable[[dict[str, Tensor], Tensor], Tensor],
+    apply: ApplyFn,
     params: dict[str, Tensor],
     sub: Tensor,
     batch: Tensor,
@@ -154,15 +154,46 @@ def check_rows(
     )
 
 
-def _locate(
-    module: nn.Module,
-    apply: Callable[[dict[str, Tensor], Tensor], Tensor],
-    params: dict[str, Tensor],
-    sub: Tensor,
-) -> str | None:
+#: the outputs of every submodule call in one evaluation: ``(id(module), output)``
+#: in the order the calls finish
+_Calls = list[tuple[int, Tensor | None]]
+
+
+def _locate(module: nn.Module, apply: ApplyFn, params: dict[str, Tensor], sub: Tensor
+            ) -> str | None:
     """The first submodule (in the order calls finish) whose outputs couple samples."""
     names = {id(m): path for path, m in module.named_modules()}
-    rec: list[tuple[int, Any]] = []
+
+    def describe(m_id: int) -> str:
+        return _describe(next(m for m in module.modules() if id(m) == m_id), names[m_id])
+
+    recorded = _record_calls(module, apply, params, sub)
+    if isinstance(recorded, int):  # the innermost module that failed on one sample
+        return describe(recorded)
+    if recorded is None:
+        return None
+    batch_rec, singles = recorded
+    for k, (m_id, out) in enumerate(batch_rec):
+        if not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != sub.shape[0]:
+            continue
+        rows = [s[k][1] if k < len(s) and s[k][0] == m_id else None for s in singles]
+        tensors = [r for r in rows if isinstance(r, Tensor) and r.shape == (1, *out.shape[1:])]
+        if len(tensors) != len(rows):  # no matching per-sample output
+            return describe(m_id)
+        if float((torch.cat(tensors) - out).abs().max()) > _tolerance(out):
+            return describe(m_id)
+    return None
+
+
+def _record_calls(module: nn.Module, apply: ApplyFn, params: dict[str, Tensor], sub: Tensor
+                  ) -> tuple[_Calls, list[_Calls]] | int | None:
+    """The submodule outputs of the batch ``sub`` and of each of its samples alone.
+
+    Returns ``(batch calls, [calls of sample i])``; when a sample fails alone,
+    the ``id`` of the innermost module that did not finish (None: it failed
+    outside every module).
+    """
+    rec: _Calls = []
     open_: list[int] = []
 
     def pre(m: nn.Module, args: Any) -> None:
@@ -188,26 +219,9 @@ def _locate(
                 try:
                     apply(params, sub[i : i + 1])
                 except Exception:
-                    if open_:  # the innermost module that did not finish
-                        m_id = open_[-1]
-                        return _describe(_by_id(module, m_id), names[m_id])
-                    return None
+                    return open_[-1] if open_ else None
                 singles.append(list(rec))
     finally:
         for h in handles:
             h.remove()
-    for k, (m_id, out) in enumerate(batch_rec):
-        if not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != sub.shape[0]:
-            continue
-        rows = [s[k][1] if k < len(s) and s[k][0] == m_id else None for s in singles]
-        tensors = [r for r in rows if isinstance(r, Tensor) and r.shape == (1, *out.shape[1:])]
-        if len(tensors) != len(rows):  # no matching per-sample output
-            return _describe(_by_id(module, m_id), names[m_id])
-        alone = torch.cat(tensors)
-        if float((alone - out).abs().max()) > _tolerance(out):
-            return _describe(_by_id(module, m_id), names[m_id])
-    return None
-
-
-def _by_id(module: nn.Module, m_id: int) -> nn.Module:
-    return next(m for m in module.modules() if id(m) == m_id)
+    return batch_rec, singles

@@ -9,9 +9,11 @@ gives :math:`x[\theta] \in \mathbb{R}^{QN}` (sample-major), with Jacobian
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -19,15 +21,33 @@ from torch import Tensor
 from torch.func import functional_call
 
 from subriemann._geomstats import import_geomstats
+from subriemann._warnings import one_line
 from subriemann.engines import JacobianBackend, ParameterLayout, make_backend
 from subriemann.linalg import PointState
 from subriemann.losses import Loss, get_loss
-from subriemann.space.coupling import check_rows, check_sample_independence, sample_rows
+from subriemann.metrics import EuclideanMetric
+from subriemann.space.coupling import (
+    check_rows,
+    check_sample_independence,
+    sample_rows,
+)
+from subriemann.validation import check_tensor
+from subriemann.vectorization import map_points
 
 import_geomstats()
 from geomstats.geometry.base import VectorSpace  # noqa: E402
 
 __all__ = ["ParameterSpace", "NonFiniteError"]
+_RANDOM_IN_TRAINING = (
+    torch.nn.Dropout,
+    torch.nn.Dropout1d,
+    torch.nn.Dropout2d,
+    torch.nn.Dropout3d,
+    torch.nn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout,
+    torch.nn.RReLU,
+)
+
 
 def _train_mode_differs(m: torch.nn.Module) -> bool:
     """Whether ``m`` (in train mode) computes something else than in eval mode.
@@ -40,14 +60,13 @@ def _train_mode_differs(m: torch.nn.Module) -> bool:
     """
     if not m.training:
         return False
-    nn = torch.nn
-    if isinstance(m, nn.modules.dropout._DropoutNd | nn.RReLU):
+    if isinstance(m, _RANDOM_IN_TRAINING):
         return True
-    if isinstance(m, nn.modules.batchnorm._NormBase):
-        return bool(m.track_running_stats)
-    if isinstance(m, nn.MultiheadAttention | nn.RNNBase):
+    if isinstance(m, torch.nn.MultiheadAttention | torch.nn.RNNBase):
         return float(m.dropout) > 0
-    return False
+    # the normalization layers with running statistics (batch, instance; lazy, sync)
+    return bool(getattr(m, "track_running_stats", False))
+
 
 
 class NonFiniteError(ValueError):
@@ -178,7 +197,7 @@ class ParameterSpace(VectorSpace):
     """
 
     #: how many :class:`~subriemann.linalg.PointState` objects :meth:`point_state`
-    #: keeps (a batch of flows raises it while it runs)
+    #: keeps (:meth:`state_cache` raises it for a while, e.g. for a batch of flows)
     _state_cache_size: int = 3
 
     def __init__(
@@ -198,137 +217,96 @@ class ParameterSpace(VectorSpace):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if dtype not in (torch.float64, torch.float32):
             raise TypeError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
-        if not isinstance(inputs, Tensor):
-            raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
-        if not isinstance(targets, Tensor):
-            raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
-        for what, t in (("inputs", inputs), ("targets", targets)):
-            if t.is_complex():
-                raise TypeError(f"{what} must be real, got {t.dtype}")
+        check_tensor(inputs, "inputs")
+        check_tensor(targets, "targets")
+        check_tensor(inputs, "inputs", real=True)
+        check_tensor(targets, "targets", real=True)
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.loss = get_loss(loss)
-
-        # -- data ---------------------------------------------------------------
-        if inputs.ndim == 0 or inputs.shape[0] == 0:
-            raise ValueError(
-                f"inputs must have shape (N, ...) with N >= 1, got {tuple(inputs.shape)}"
-            )
-        if inputs.is_floating_point():
-            inputs = inputs.to(dtype=dtype, device=self.device)
-            if not torch.isfinite(inputs).all():
-                raise ValueError("inputs contain NaN or inf")
-        else:
-            inputs = inputs.to(device=self.device)
-        targets = targets.to(device=self.device)
-        if not targets.is_floating_point():
-            targets = targets.to(dtype=dtype)
-        if targets.ndim == 1:
-            targets = targets.unsqueeze(1)
-        if targets.ndim != 2:
-            raise ValueError(f"targets must have shape (N, Q), got {tuple(targets.shape)}")
-        if targets.shape[0] != inputs.shape[0]:
-            raise ValueError(
-                f"inputs and targets disagree on N: inputs have {inputs.shape[0]} samples, "
-                f"targets {targets.shape[0]}"
-            )
-        if not torch.isfinite(targets).all():
-            raise ValueError("targets contain NaN or inf")
-        # Checked in the user's precision (a float32 softmax row sums to 1 only to
-        # float32 accuracy), then converted and made exact by the loss.
-        self.loss.check_targets(targets)
-        targets = self.loss.prepare_targets(targets.to(dtype=dtype))
-        self.inputs = inputs
-        self.targets = targets
-
-        # -- model --------------------------------------------------------------
-        stochastic = [name for name, m in model.named_modules() if _train_mode_differs(m)]
-        if stochastic:
-            warnings.warn(
-                "model has layers that are random or use batch statistics in train mode "
-                f"({', '.join(stochastic)}); subriemann uses a copy in eval mode so that "
-                "the Jacobian D is deterministic. The model passed in is not changed.",
-                UserWarning,
-                stacklevel=2,
-            )
+        self.inputs, self.targets = _prepare_data(inputs, targets, self.loss, dtype, self.device)
+        _warn_train_mode(model)
         # the user's floating dtypes, restored by to_model
         self._user_dtypes = {
             n: t.dtype
             for n, t in [*model.named_parameters(), *model.named_buffers()]
             if t.is_floating_point()
         }
-        try:
-            module = copy.deepcopy(model)
-        except Exception as err:  # e.g. torch.nn.utils.weight_norm's non-leaf weight
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise ValueError(
-                f"model cannot be copied ({type(err).__name__}: {first}); subriemann works on "
-                "a copy (for weight normalization use torch.nn.utils.parametrizations.weight_norm)"
-            ) from None
-        module = module.to(dtype=dtype, device=self.device)
-        module.eval()
-        self.module = module
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.module = _eval_copy(model, dtype, self.device)
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("model has no trainable parameters (requires_grad=True)")
         self.layout = ParameterLayout([n for n, _ in named], [p.shape for _, p in named])
         self._fixed: dict[str, Tensor] = {
-            n: p.detach() for n, p in module.named_parameters() if not p.requires_grad
+            n: p.detach() for n, p in self.module.named_parameters() if not p.requires_grad
         }
-        self._fixed.update(dict(module.named_buffers()))
+        self._fixed.update(dict(self.module.named_buffers()))
+        self._theta0 = self.layout.flatten({n: p.detach() for n, p in named})  # a copy
+        self._num_samples = int(self.inputs.shape[0])
+        self._num_outputs = self._probe_num_outputs()
+        self.y = self.targets.reshape(-1)
+        self.backend_kind = backend
+        self.chunk_size = chunk_size
+        self.backend: JacobianBackend = self._checked_backend(backend, chunk_size)
+        super().__init__(shape=(self.layout.dim,), dim=self.layout.dim, equip=equip)
 
-        # Probe the model's output shape on (at most) two samples: with two, a
-        # model that reduces over the batch dimension is caught here.
-        theta0 = self.layout.flatten({n: p.detach() for n, p in named})
+    def _probe_num_outputs(self) -> int:
+        """Q, from the model's outputs on (at most) two samples.
+
+        With two samples a model that reduces over the batch dimension is
+        caught here; the targets must have as many columns.
+        """
         with torch.no_grad():
             try:
-                probe = self._apply(self.layout.unflatten(theta0), inputs[:2])
+                probe = self._apply(self.layout.unflatten(self._theta0), self.inputs[:2])
             except _ModelOutputError as err:
                 raise ValueError(str(err)) from None
             except Exception as err:  # the model cannot run on these inputs
                 raise ValueError(
-                    f"model cannot be evaluated on inputs of shape {tuple(inputs.shape)}: {err}"
+                    "model cannot be evaluated on inputs of shape "
+                    f"{tuple(self.inputs.shape)}: {err}"
                 ) from err
         if not torch.isfinite(probe).all():
             raise NonFiniteError(
                 "model outputs contain NaN or inf at the model's current parameters"
             )
-        q = probe.shape[1]
-        if q != targets.shape[1]:
+        q = int(probe.shape[1])
+        if q != self.targets.shape[1]:
             raise ValueError(
-                f"model has {q} outputs per sample but targets have {targets.shape[1]} columns"
+                f"model has {q} outputs per sample but targets have {self.targets.shape[1]} "
+                "columns"
             )
-        self._theta0 = theta0.clone()
-        self._num_samples = int(inputs.shape[0])
-        self._num_outputs = int(q)
-        self.y = targets.reshape(-1)
-        self.backend_kind = backend
-        self.chunk_size = chunk_size
-        params0 = self.layout.unflatten(theta0)
-        singles = check_sample_independence(module, self._apply, params0, inputs)
-        self.backend: JacobianBackend = make_backend(
-            backend, module, self._apply, self.layout, inputs, q, chunk_size
-        )
+        return q
+
+    def _checked_backend(self, kind: str, chunk_size: int | None) -> JacobianBackend:
+        """The engine, once the model is known to treat its samples independently.
+
+        The samples of :func:`~subriemann.space.coupling.sample_rows` are
+        evaluated one at a time and compared with their rows of the engine's
+        (chunked) whole-batch outputs (see the class notes).
+        """
+        params0 = self.layout.unflatten(self._theta0)
+        singles = check_sample_independence(self.module, self._apply, params0, self.inputs)
+        backend = make_backend(kind, self.module, self._apply, self.layout, self.inputs,
+                               self._num_outputs, chunk_size)
         with torch.no_grad():
-            x0 = self.backend.outputs(theta0)
+            x0 = backend.outputs(self._theta0)
         if not torch.isfinite(x0).all():
             raise NonFiniteError(
                 "model outputs contain NaN or inf at the model's current parameters "
                 f"({int((~torch.isfinite(x0)).sum())} of {x0.numel()} entries)"
             )
-        if singles is not None:  # the engine's (chunked) outputs against per-sample ones
+        if singles is not None:
             rows = sample_rows(self._num_samples)
-            batch = x0.view(self._num_samples, q)[rows]
-            sub = inputs[rows]
-            check_rows(module, self._apply, params0, sub, batch, singles, "in the whole batch")
-        super().__init__(shape=(self.layout.dim,), dim=self.layout.dim, equip=equip)
+            batch = x0.view(self._num_samples, self._num_outputs)[rows]
+            check_rows(self.module, self._apply, params0, self.inputs[rows], batch, singles,
+                       "in the whole batch")
+        return backend
 
     # -- geomstats --------------------------------------------------------------
     @staticmethod
     def default_metric():
         """Euclidean metric: ordinary gradient flow."""
-        from subriemann.metrics import EuclideanMetric
-
         return EuclideanMetric
 
     def _create_basis(self) -> Tensor:
@@ -367,29 +345,32 @@ class ParameterSpace(VectorSpace):
         return output_matrix(out, inputs.shape[0])
 
     def check_point(self, theta: Any) -> Tensor:
-        r"""Validate a point :math:`\theta` (shape ``[K]``, the space's dtype) and return it."""
-        if not isinstance(theta, Tensor):
-            raise TypeError(f"theta must be a torch.Tensor, got {type(theta).__name__}")
-        if theta.dtype != self.dtype:
-            raise TypeError(f"theta must have dtype {self.dtype}, got {theta.dtype}")
-        if theta.shape != (self.dim,):
-            raise ValueError(
-                f"theta must have shape ({self.dim},) (K = {self.dim}), got {tuple(theta.shape)}"
-            )
+        r"""Validate a point :math:`\theta` (shape ``[K]``, the space's dtype) and return it.
+
+        Raises
+        ------
+        TypeError
+            Not a tensor, or not of the space's dtype.
+        ValueError
+            Not of shape ``[K]``.
+        """
+        theta = check_tensor(theta, "theta", dtype=self.dtype, shape=(self.dim,))
         if theta.device != self.device:
             theta = theta.to(self.device)
         return theta
 
-    def _check_vec(self, vec: Tensor, size: int, what: str) -> Tensor:
-        if not isinstance(vec, Tensor):
-            raise TypeError(f"{what} must be a torch.Tensor, got {type(vec).__name__}")
-        if vec.shape[-1:] != (size,):
-            raise ValueError(f"{what} must have shape [..., {size}], got {tuple(vec.shape)}")
-        return vec.to(dtype=self.dtype, device=self.device)
-
     def check_tangent(self, tangent_vec: Any, name: str = "tangent_vec") -> Tensor:
-        """Validate tangent vectors ``[..., K]``: in the space's dtype, on its device."""
+        """Tangent vectors ``[..., K]`` in the space's dtype (TypeError / ValueError if not)."""
         return self._check_vec(tangent_vec, self.dim, name)
+
+    def check_output_vec(self, output_vec: Any, name: str = "output_covec") -> Tensor:
+        """Output (co)vectors ``[..., QN]`` in the space's dtype (TypeError / ValueError if not)."""
+        return self._check_vec(output_vec, self.output_dim, name)
+
+    def _check_vec(self, vec: Any, size: int, what: str) -> Tensor:
+        # (metrics/ and analysis/critical.py call it until they use the two checks above)
+        vec = check_tensor(vec, what, shape=(..., size))
+        return vec.to(dtype=self.dtype, device=self.device)
 
     def initial_point(self) -> Tensor:
         r"""The model's parameters as :math:`\theta`, shape ``[K]`` (a copy)."""
@@ -407,16 +388,22 @@ class ParameterSpace(VectorSpace):
         NonFiniteError
             If the outputs contain NaN or inf.
         """
-        return self._finite_outputs(self.backend.outputs(self.check_point(theta)))
+        return self.check_finite(self.backend.outputs(self.check_point(theta)))
 
     @staticmethod
-    def _finite(x: Tensor, what: str = "model outputs") -> Tensor:
-        """``x``, or :class:`NonFiniteError` when it holds NaN or inf."""
+    def check_finite(x: Tensor, what: str = "model outputs") -> Tensor:
+        """``x``, or :class:`NonFiniteError` when it holds NaN or inf (``what`` names it)."""
         if not torch.isfinite(x).all():
             raise NonFiniteError(f"{what} contain NaN or inf at this theta")
         return x
 
-    _finite_outputs = _finite
+    @staticmethod
+    def finite_outputs(x: Tensor) -> Tensor:
+        """``x`` (model outputs), or :class:`NonFiniteError` when it holds NaN or inf."""
+        return ParameterSpace.check_finite(x)
+
+    # (subriemann.linalg.dense calls it until it uses finite_outputs)
+    _finite_outputs = finite_outputs
 
     def jacobian(self, theta: Tensor) -> Tensor:
         r""":math:`D[\theta] = \partial x / \partial\theta`, shape ``[QN, K]`` (dense).
@@ -426,7 +413,7 @@ class ParameterSpace(VectorSpace):
         NonFiniteError
             If :math:`D` contains NaN or inf (e.g. at a NaN :math:`\theta`).
         """
-        return self._finite(self.backend.jacobian(self.check_point(theta)), "Jacobian D")
+        return self.check_finite(self.backend.jacobian(self.check_point(theta)), "Jacobian D")
 
     def jvp(self, theta: Tensor, tangent_vec: Tensor) -> Tensor:
         r""":math:`D v`, shape ``[..., QN]``, without forming :math:`D`.
@@ -437,14 +424,8 @@ class ParameterSpace(VectorSpace):
         tangent_vec : Tensor, shape=[..., K]
         """
         theta = self.check_point(theta)
-        v = self._check_vec(tangent_vec, self.dim, "tangent_vec")
-        if v.numel() == 0:
-            return v.new_zeros(*v.shape[:-1], self.output_dim)
-        if v.ndim == 1 or getattr(self.backend, "batched", False):
-            return self.backend.jvp(theta, v)
-        flat = v.reshape(-1, self.dim)
-        out = torch.stack([self.backend.jvp(theta, r) for r in flat])
-        return out.reshape(*v.shape[:-1], self.output_dim)
+        return self._product(self.backend.jvp, theta, self.check_tangent(tangent_vec),
+                             self.output_dim)
 
     def vjp(self, theta: Tensor, output_covec: Tensor) -> Tensor:
         r""":math:`D^\top u`, shape ``[..., K]``, without forming :math:`D`.
@@ -455,14 +436,17 @@ class ParameterSpace(VectorSpace):
         output_covec : Tensor, shape=[..., QN]
         """
         theta = self.check_point(theta)
-        u = self._check_vec(output_covec, self.output_dim, "output_covec")
-        if u.numel() == 0:
-            return u.new_zeros(*u.shape[:-1], self.dim)
-        if u.ndim == 1 or getattr(self.backend, "batched", False):
-            return self.backend.vjp(theta, u)
-        flat = u.reshape(-1, self.output_dim)
-        out = torch.stack([self.backend.vjp(theta, r) for r in flat])
-        return out.reshape(*u.shape[:-1], self.dim)
+        return self._product(self.backend.vjp, theta, self.check_output_vec(output_covec),
+                             self.dim)
+
+    def _product(self, fn: Callable[[Tensor, Tensor], Tensor], theta: Tensor, vec: Tensor,
+                 out_dim: int) -> Tensor:
+        """``fn(theta, vec)`` for vectors ``[..., n]``: batched, or one vector at a time."""
+        if vec.numel() == 0:
+            return vec.new_zeros(*vec.shape[:-1], out_dim)
+        if self.backend.batched:
+            return fn(theta, vec)
+        return map_points(fn, theta, vec)
 
     def ntk(self, theta: Tensor) -> Tensor:
         r"""Empirical NTK :math:`DD^\top`, shape ``[QN, QN]``.
@@ -472,7 +456,7 @@ class ParameterSpace(VectorSpace):
         NonFiniteError
             If it contains NaN or inf (e.g. at a NaN :math:`\theta`).
         """
-        return self._finite(self.backend.ntk(self.check_point(theta)), "NTK")
+        return self.check_finite(self.backend.ntk(self.check_point(theta)), "NTK")
 
     # -- cost -------------------------------------------------------------------
     def _as_samples(self, x: Tensor) -> Tensor:
@@ -504,9 +488,8 @@ class ParameterSpace(VectorSpace):
     def cost_grad(self, theta: Tensor) -> Tensor:
         r""":math:`\nabla_\theta C = D^\top \nabla_x C`, shape ``[K]`` (one VJP).
 
-        When the engine supports it (``backend.pullback``) and the data is one
-        chunk, the forward pass that gives :math:`x[\theta]` is reused for the
-        VJP.
+        The engine's ``pullback`` reuses the forward pass that gives
+        :math:`x[\theta]` for the VJP when the data is one chunk.
 
         Raises
         ------
@@ -514,11 +497,7 @@ class ParameterSpace(VectorSpace):
             If the outputs contain NaN or inf.
         """
         theta = self.check_point(theta)
-        pullback = getattr(self.backend, "pullback", None)
-        if pullback is None:
-            return self.vjp(theta, self.output_cost_grad(theta))
-
-        return pullback(theta, lambda x: self.output_grad(self._finite_outputs(x)))[1]
+        return self.backend.pullback(theta, lambda x: self.output_grad(self.check_finite(x)))[1]
 
     # -- per-point cache -------------------------------------------------------------
     def point_state(self, theta: Tensor) -> PointState:
@@ -550,6 +529,25 @@ class ParameterSpace(VectorSpace):
         if tag is not None:
             seen[st] = tag
         return st
+
+    @contextlib.contextmanager
+    def state_cache(self, size: int) -> Iterator[None]:
+        """Keep at least ``size`` point states while inside (e.g. one per flow of a batch).
+
+        On exit the cache is cut back to its size before.
+        """
+        saved = self._state_cache_size
+        self._state_cache_size = max(saved, int(size))
+        try:
+            yield
+        finally:
+            self._state_cache_size = saved
+            del self.__dict__.setdefault("_states", [])[saved:]
+
+    @property
+    def fixed_tensors(self) -> dict[str, Tensor]:
+        """The tensors held fixed: buffers and frozen parameters, by name (a new dict)."""
+        return dict(self._fixed)
 
     # -- back to torch ----------------------------------------------------------
     def load_into(self, model: torch.nn.Module, theta: Tensor) -> torch.nn.Module:
@@ -590,6 +588,69 @@ class ParameterSpace(VectorSpace):
             f"ParameterSpace(K={self.dim}, N={self.num_samples}, Q={self.num_outputs}, "
             f"loss={self.loss!r}, backend={self.backend.name!r}, dtype={self.dtype})"
         )
+
+
+def _prepare_data(
+    inputs: Tensor, targets: Tensor, loss: Loss, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Validated ``inputs`` ``[N, ...]`` and ``targets`` ``[N, Q]`` on ``device``.
+
+    Floating inputs and the targets are converted to ``dtype``; the targets
+    are checked by ``loss.check_targets`` in the user's precision (a float32
+    softmax row sums to 1 only to float32 accuracy), then converted and made
+    exact by ``loss.prepare_targets``.
+    """
+    if inputs.ndim == 0 or inputs.shape[0] == 0:
+        raise ValueError(
+            f"inputs must have shape (N, ...) with N >= 1, got {tuple(inputs.shape)}"
+        )
+    if inputs.is_floating_point():
+        inputs = check_tensor(inputs.to(dtype=dtype, device=device), "inputs", finite=True)
+    else:
+        inputs = inputs.to(device=device)
+    targets = targets.to(device=device)
+    if not targets.is_floating_point():
+        targets = targets.to(dtype=dtype)
+    if targets.ndim == 1:
+        targets = targets.unsqueeze(1)
+    if targets.ndim != 2:
+        raise ValueError(f"targets must have shape (N, Q), got {tuple(targets.shape)}")
+    if targets.shape[0] != inputs.shape[0]:
+        raise ValueError(
+            f"inputs and targets disagree on N: inputs have {inputs.shape[0]} samples, "
+            f"targets {targets.shape[0]}"
+        )
+    check_tensor(targets, "targets", finite=True)
+    loss.check_targets(targets)
+    return inputs, loss.prepare_targets(targets.to(dtype=dtype))
+
+
+def _warn_train_mode(model: torch.nn.Module) -> None:
+    """Warn when ``model`` has layers that behave differently in train mode."""
+    stochastic = [name for name, m in model.named_modules() if _train_mode_differs(m)]
+    if stochastic:
+        warnings.warn(
+            "model has layers that are random or use batch statistics in train mode "
+            f"({', '.join(stochastic)}); subriemann uses a copy in eval mode so that "
+            "the Jacobian D is deterministic. The model passed in is not changed.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _eval_copy(model: torch.nn.Module, dtype: torch.dtype, device: torch.device
+               ) -> torch.nn.Module:
+    """A copy of ``model`` in ``dtype`` on ``device``, in eval mode."""
+    try:
+        module = copy.deepcopy(model)
+    except Exception as err:  # e.g. torch.nn.utils.weight_norm's non-leaf weight
+        raise ValueError(
+            f"model cannot be copied ({one_line(err, first_line=True)}); subriemann works on "
+            "a copy (for weight normalization use torch.nn.utils.parametrizations.weight_norm)"
+        ) from None
+    module = module.to(dtype=dtype, device=device)
+    module.eval()
+    return module
 
 
 def _tensor_tag(t: Tensor) -> tuple[Any, int, int] | None:

@@ -34,10 +34,19 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from subriemann.app.sweep.config import CellSpec
+import torch
 
-if typing.TYPE_CHECKING:
-    from subriemann.flow.trajectory import Trajectory
+from subriemann._warnings import one_line
+from subriemann.analysis.critical import classify_equilibrium
+from subriemann.analysis.strata import NON_GLOBAL, classify_endpoint
+from subriemann.app.config import DEFAULT_N_SAMPLES, DEFAULTS, Options, parse_metrics
+from subriemann.app.datasets import BUILTIN
+from subriemann.app.models import parse_spec
+from subriemann.app.problem import build_problem
+from subriemann.app.report import analyse_flow
+from subriemann.app.sweep.config import CellSpec
+from subriemann.flow import gradient_flow
+from subriemann.flow.trajectory import Trajectory
 
 __all__ = ["CellResult", "CellOutcome", "run_cell", "failed_outcome", "column_types"]
 
@@ -117,24 +126,15 @@ def column_types() -> dict[str, type]:
     return out
 
 
-def _one_line(err: BaseException) -> str:
-    msg = " ".join(str(err).split())
-    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
-
-
 def _shape(cell: CellSpec) -> tuple[int | None, int | None]:
     """(depth, width) of an MLP spec; width is the largest hidden width."""
     if cell.model_file is not None:
         return None, None
-    from subriemann.app.models import parse_spec
-
     widths = parse_spec(cell.model)
     return len(widths), (max(widths) if widths else None)
 
 
 def _base(cell: CellSpec) -> CellResult:
-    from subriemann.app.config import parse_metrics
-
     try:
         depth, width = _shape(cell)
         lam = parse_metrics([cell.metric])[0].lam
@@ -151,14 +151,11 @@ def _base(cell: CellSpec) -> CellResult:
 def failed_outcome(cell: CellSpec, err: BaseException) -> CellOutcome:
     """The outcome of a cell that raised ``err``: its parameters and ``failed: <error>``."""
     res = _base(cell)
-    res.status = f"failed: {_one_line(err)}"
+    res.status = f"failed: {one_line(err)}"
     return CellOutcome(res, None)
 
 
-def _options(cell: CellSpec) -> Any:
-    from subriemann.app.config import DEFAULT_N_SAMPLES, DEFAULTS, Options
-    from subriemann.app.datasets import BUILTIN
-
+def _options(cell: CellSpec) -> Options:
     f = cell.flow
     n = cell.n_samples
     if n is None and cell.data in BUILTIN:
@@ -191,8 +188,6 @@ def run_cell(cell: CellSpec, checkpoint_dir: str | Path | None = None,
     CellOutcome
         Never raises for a bad cell: the error is in ``result.status``.
     """
-    import torch
-
     t0 = time.perf_counter()
     before = torch.get_num_threads()
     res = _base(cell)
@@ -210,10 +205,6 @@ def run_cell(cell: CellSpec, checkpoint_dir: str | Path | None = None,
 
 
 def _flow(cell: CellSpec, res: CellResult, ckpt: Path | None) -> Trajectory:
-    from subriemann.app.config import parse_metrics
-    from subriemann.app.problem import build_problem
-    from subriemann.flow import gradient_flow
-
     problem = build_problem(_options(cell))
     space = problem.space
     res.num_parameters, res.output_dim = int(space.dim), int(space.output_dim)
@@ -238,10 +229,6 @@ def _flow(cell: CellSpec, res: CellResult, ckpt: Path | None) -> Trajectory:
 
 
 def _analyse(cell: CellSpec, res: CellResult, traj: Trajectory, space: Any) -> None:
-    from subriemann.analysis.critical import classify_equilibrium
-    from subriemann.analysis.strata import NON_GLOBAL, classify_endpoint
-    from subriemann.app.report import analyse_flow
-
     entry, _ = analyse_flow(traj, None, name=cell.cell_id, lam=res.lam, deviation=False)
     rank = entry["rank"]
     decay = entry["decay_rate"] or {}

@@ -12,6 +12,11 @@ import argparse
 import sys
 from typing import Any
 
+from subriemann.app.config import UsageError
+from subriemann.app.sweep.config import load_sweep_config
+from subriemann.app.sweep.runner import require_distributed, run_sweep
+from subriemann.app.sweep.table import require_pyarrow
+
 __all__ = ["add_parser", "main"]
 
 
@@ -40,11 +45,6 @@ def add_parser(sub: Any) -> None:
 
 def main(ns: argparse.Namespace) -> int:
     """Run ``subriemann sweep`` from parsed arguments; returns the exit code."""
-    from subriemann.app.config import UsageError
-    from subriemann.app.sweep.config import load_sweep_config
-    from subriemann.app.sweep.runner import require_distributed, run_sweep
-    from subriemann.app.sweep.table import require_pyarrow
-
     require_distributed()
     require_pyarrow()
     if ns.workers is not None and ns.workers < 1:

@@ -50,12 +50,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from subriemann.app.config import UsageError
+from subriemann.app.config import UsageError, parse_metrics
+from subriemann.app.datasets import BUILTIN
+from subriemann.app.models import ACTIVATIONS, parse_spec
+from subriemann.validation import check_bool, check_int, check_real
 
 __all__ = [
     "SweepConfig",
@@ -189,19 +192,21 @@ def _list(v: Any, name: str) -> list[Any]:
     return items
 
 
+def _usage(check: Callable[..., Any], value: Any, name: str, **bounds: Any) -> Any:
+    """``check(value, name, **bounds)`` (:mod:`subriemann.validation`), failing as a UsageError."""
+    try:
+        return check(value, name, **bounds)
+    except ValueError as err:  # ArgumentTypeError included
+        raise UsageError(str(err)) from None
+
+
 def _int(v: Any, name: str, minimum: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise UsageError(f"{name} must be an integer >= {minimum}, got {v!r}")
-    return v
+    return _usage(check_int, v, name, low=minimum)
 
 
 def _num(v: Any, name: str, *, positive: bool = False, below_one: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise UsageError(f"{name} must be a finite number, got {v!r}")
-    if v < 0 or (positive and v == 0) or (below_one and v >= 1):
-        rng = "in (0, 1)" if below_one else ("> 0" if positive else ">= 0")
-        raise UsageError(f"{name} must be {rng}, got {v!r}")
-    return float(v)
+    return _usage(check_real, v, name, low=0.0, low_open=positive,
+                  high=1.0 if below_one else None, high_open=below_one)
 
 
 def _str(v: Any, name: str) -> str:
@@ -222,11 +227,51 @@ def _path(v: str, base: Path | None, *, model_file: bool = False) -> str:
     return v
 
 
-def _grid(raw: dict[str, Any], base: Path | None) -> dict[str, list[Any]]:
-    from subriemann.app.config import parse_metrics
-    from subriemann.app.datasets import BUILTIN
-    from subriemann.app.models import ACTIVATIONS, parse_spec
+def _data(v: Any, name: str, base: Path | None) -> str:
+    s = _str(v, name)
+    return s.lower() if s.lower() in BUILTIN else _path(s, base)
 
+
+def _model(v: Any, name: str, base: Path | None) -> str:
+    s = _str(v, name)
+    try:
+        parse_spec(s)
+    except ValueError as err:
+        raise UsageError(f"{name}: {err}") from None
+    return s
+
+
+def _activation(v: Any, name: str, base: Path | None) -> str:
+    s = _str(v, name).lower()
+    if s not in ACTIVATIONS:
+        raise UsageError(f"{name}: unknown activation {s!r}: choose one of "
+                         f"{', '.join(ACTIVATIONS)}")
+    return s
+
+
+def _loss(v: Any, name: str, base: Path | None) -> str:
+    s = _str(v, name).lower().replace("-", "_")
+    if s not in ("mse", "cross_entropy"):
+        raise UsageError(f"{name}: unknown loss {s!r}: choose mse or cross_entropy")
+    return s
+
+
+#: how one value of each grid axis is checked and normalized: ``f(value, name, base)``
+_GRID_VALUES: dict[str, Callable[[Any, str, Path | None], Any]] = {
+    "data": _data,
+    "n_samples": lambda v, name, base: None if v is None else _int(v, name, 1),
+    "model": _model,
+    "width": lambda v, name, base: _int(v, name, 1),
+    "depth": lambda v, name, base: _int(v, name, 0),
+    "model_file": lambda v, name, base: _path(_str(v, name), base, model_file=True),
+    "activation": _activation,
+    "loss": _loss,
+    "metric": lambda v, name, base: _str(v, name),
+    "seed": lambda v, name, base: _int(v, name, 0),
+}
+
+
+def _grid(raw: dict[str, Any], base: Path | None) -> dict[str, list[Any]]:
     given = [k for k in ("model", "width", "model_file") if k in raw]
     if len(given) > 1:
         raise UsageError(f"grid: give one of model, width (with depth) or model_file, "
@@ -238,41 +283,10 @@ def _grid(raw: dict[str, Any], base: Path | None) -> dict[str, list[Any]]:
         raise UsageError("grid.depth needs grid.width")
     g = {**GRID_DEFAULTS, **raw}
     out: dict[str, list[Any]] = {}
-    for key in GRID_KEYS:
-        if key not in g:
-            continue
-        items = _list(g[key], key)
+    for key in (k for k in GRID_KEYS if k in g):
         name = f"grid.{key}"
-        if key in ("data", "model", "model_file", "activation", "loss", "metric"):
-            items = [_str(v, name) for v in items]
-        if key == "n_samples":
-            items = [None if v is None else _int(v, name, 1) for v in items]
-        elif key in ("width", "seed"):
-            items = [_int(v, name, 1 if key == "width" else 0) for v in items]
-        elif key == "depth":
-            items = [_int(v, name, 0) for v in items]
-        elif key == "data":
-            items = [v.lower() if v.lower() in BUILTIN else _path(v, base) for v in items]
-        elif key == "model":
-            for v in items:
-                try:
-                    parse_spec(v)
-                except ValueError as err:
-                    raise UsageError(f"{name}: {err}") from None
-        elif key == "model_file":
-            items = [_path(v, base, model_file=True) for v in items]
-        elif key == "activation":
-            items = [v.lower() for v in items]
-            bad = [v for v in items if v not in ACTIVATIONS]
-            if bad:
-                raise UsageError(f"{name}: unknown activation {bad[0]!r}: choose one of "
-                                 f"{', '.join(ACTIVATIONS)}")
-        elif key == "loss":
-            items = [v.lower().replace("-", "_") for v in items]
-            bad = [v for v in items if v not in ("mse", "cross_entropy")]
-            if bad:
-                raise UsageError(f"{name}: unknown loss {bad[0]!r}: choose mse or cross_entropy")
-        elif key == "metric":
+        items = [_GRID_VALUES[key](v, name, base) for v in _list(g[key], key)]
+        if key == "metric":
             parse_metrics(items)  # unknown metric, bad λ or a metric listed twice
         if len(set(map(json.dumps, items))) != len(items):
             raise UsageError(f"{name} lists a value twice: {items}")
@@ -352,8 +366,7 @@ def parse_sweep_config(raw: dict[str, Any], *, base: str | Path | None = None,
         raise UsageError(f"empty grid: {source} has no [grid] table")
     b = None if base is None else Path(base).resolve()
     analysis = {**ANALYSIS_DEFAULTS, **raw.get("analysis", {})}
-    if not isinstance(analysis["classify"], bool):
-        raise UsageError(f"analysis.classify must be true or false, got {analysis['classify']!r}")
+    _usage(check_bool, analysis["classify"], "analysis.classify")
     return SweepConfig(_grid(raw["grid"], b), _flow(raw.get("flow", {})), analysis,
                        _run(raw.get("run", {})), source)
 

@@ -34,10 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from subriemann._warnings import one_line
 from subriemann.app.config import UsageError
-from subriemann.app.sweep.cells import CellOutcome, CellResult, _one_line, failed_outcome, run_cell
+from subriemann.app.sweep.cells import CellOutcome, CellResult, failed_outcome, run_cell
 from subriemann.app.sweep.config import CellSpec, SweepConfig
+from subriemann.app.sweep.report import write_sweep_report
 from subriemann.app.sweep.store import SweepStore
+from subriemann.app.sweep.table import write_table
 
 __all__ = ["run_sweep", "SweepSummary", "require_distributed", "connect"]
 
@@ -119,7 +122,7 @@ def connect(scheduler: str | None = None, workers: int | None = None, *,
             return distributed.Client(scheduler, timeout=timeout, set_as_default=False), None
         except (OSError, TimeoutError, ValueError, TypeError) as err:
             raise UsageError(f"cannot reach the Dask scheduler at {scheduler} within "
-                             f"{timeout:g} s ({_one_line(err)})") from None
+                             f"{timeout:g} s ({one_line(err)})") from None
     if dashboard:
         try:
             import bokeh  # noqa: F401
@@ -246,16 +249,12 @@ def _submit_all(client: Any, pending: list[CellSpec], store: SweepStore,
 
 
 def _finish(store: SweepStore, summary: SweepSummary, report: bool) -> None:
-    from subriemann.app.sweep.table import write_table
-
     results = store.results()
     summary.failed = [f"{_label(store, r)}: {r.status[len('failed: '):]}"
                       for r in results if r.failed]
     summary.n_failed = len(summary.failed)
     summary.files["table"], summary.files["csv"] = write_table(results, store.out)
     if report and not summary.interrupted:
-        from subriemann.app.sweep.report import write_sweep_report
-
         summary.files.update(write_sweep_report(store, results))
 
 

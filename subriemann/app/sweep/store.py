@@ -22,14 +22,12 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from subriemann.app.config import UsageError
 from subriemann.app.sweep.cells import CellOutcome, CellResult
 from subriemann.app.sweep.config import SweepConfig, config_diff
-
-if TYPE_CHECKING:
-    from subriemann.flow.trajectory import Trajectory
+from subriemann.flow.trajectory import Trajectory
 
 __all__ = ["SweepStore", "FORMAT", "atomic_write_bytes"]
 
@@ -154,7 +152,5 @@ class SweepStore:
 
     def trajectory(self, cell_id: str) -> Trajectory | None:
         """The stored trajectory of a cell, or None."""
-        from subriemann.flow.trajectory import Trajectory
-
         p = self.trajectory_path(cell_id)
         return Trajectory.load(p) if p.is_file() else None

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from subriemann.app.config import UsageError
 from subriemann.app.sweep.cells import CellResult, column_types
 
 __all__ = ["results_table", "write_table", "read_table", "require_pyarrow"]
@@ -25,8 +26,6 @@ def require_pyarrow() -> Any:
     try:
         import pyarrow
     except ImportError:
-        from subriemann.app.config import UsageError
-
         raise UsageError(
             "subriemann sweep needs pyarrow: pip install 'subriemann[sweep]'"
         ) from None
