@@ -577,7 +577,7 @@ class EquilibriumReport:
 
 def _singular_state(space: ParameterSpace, theta: Tensor) -> tuple[Tensor, Tensor]:
     """(left singular vectors U [QN, m], singular values [m]) of D, descending."""
-    from subriemann.linalg.dense import DENSE_LIMIT
+    from subriemann.linalg import DENSE_LIMIT
 
     st = space.point_state(theta)
     if space.output_dim * space.dim <= DENSE_LIMIT:

@@ -58,6 +58,7 @@ from subriemann.flow.checkpoint import (
 from subriemann.flow.options import METHODS, RANK_METHODS, RESUME_FREE, FlowOptions
 from subriemann.flow.trajectory import FlowStatus, RankChange, Trajectory, existing_npz
 from subriemann.integrators import TABLEAUS, StepController, rk_step
+from subriemann.linalg import rank_threshold
 
 __all__ = ["gradient_flow", "METHODS", "RANK_METHODS", "Flow", "State"]
 
@@ -143,13 +144,13 @@ class Flow:
         self.description: dict[str, Any] = metric.description()
         self.cheap_sv = False
         # may the field jump at a rank change? then a rejected step may be an event
-        self.field_jumps = bool(getattr(metric, "field_may_jump", True))
+        self.field_jumps = bool(metric.field_may_jump)
         self.problem: dict[str, str] = {}
         self.state: State | None = None
         self.lockstep: Any = None  # a LockStep when integrated in a batch
         self.book = continuation.SegmentBook()
         # the band filter, where the vector field depends on tau at all (not lambda = 0)
-        self.banded = opts.rank_band > 0.0 and _tau_dependent(metric)
+        self.banded = opts.rank_band > 0.0 and not metric.is_euclidean
         self.last_filter: tuple[Tensor, float] | None = None  # (theta, deviation)
 
     # -- evaluation ----------------------------------------------------------------
@@ -424,25 +425,13 @@ def gradient_flow(
     return _Run(fl, checkpoint, metric.rank_atol).run(theta0, resume)
 
 
-def _tau_dependent(metric: Any) -> bool:
-    """Whether the metric's gradient depends on the rank threshold (not at lambda = 0)."""
-    from subriemann.metrics.builtin import EuclideanMetric
-
-    if isinstance(metric, EuclideanMetric):
-        return False
-    lam0 = getattr(metric, "lam", None) == 0.0
-    return not (lam0 and getattr(metric, "_lam0_is_euclidean", False))
-
-
 def _use_cheap_sv(fl: Flow) -> bool:
-    from subriemann.metrics.builtin import BundleMetric
-
     rm = fl.o.rank_method
     if rm == "metric":
         return False
     if rm == "ntk":
         return True
-    return getattr(fl.metric, "lam", None) == 0.0 and not isinstance(fl.metric, BundleMetric)
+    return bool(fl.metric.is_euclidean)
 
 
 class _Run:
@@ -465,7 +454,7 @@ class _Run:
     def tau_at(self, sv: Tensor) -> float:
         if self.user_atol is not None:
             return self.user_atol
-        return self.fl.metric.rank_rtol * float(sv[0]) if sv.numel() else 0.0
+        return rank_threshold(sv, self.fl.metric.rank_rtol)
 
     def begin(self, theta0: Tensor) -> None:
         """The state at ``s = 0``: threshold, singular values, vector field, first record."""

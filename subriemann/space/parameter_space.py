@@ -387,6 +387,30 @@ class ParameterSpace(VectorSpace):
             raise ValueError(f"{what} must have shape [..., {size}], got {tuple(vec.shape)}")
         return vec.to(dtype=self.dtype, device=self.device)
 
+    def check_tangent(self, tangent_vec: Any, what: str = "tangent_vec") -> Tensor:
+        r"""Validate a (co)tangent vector, shape ``[..., K]``, and return it in the space's dtype.
+
+        Raises
+        ------
+        TypeError
+            Not a tensor.
+        ValueError
+            Its last dimension is not :math:`K`; the message names ``what``.
+        """
+        return self._check_vec(tangent_vec, self.dim, what)
+
+    def check_output_vec(self, output_vec: Any, what: str = "output_covec") -> Tensor:
+        r"""Validate an output-space (co)vector, shape ``[..., QN]``, in the space's dtype.
+
+        Raises
+        ------
+        TypeError
+            Not a tensor.
+        ValueError
+            Its last dimension is not :math:`QN`; the message names ``what``.
+        """
+        return self._check_vec(output_vec, self.output_dim, what)
+
     def initial_point(self) -> Tensor:
         r"""The model's parameters as :math:`\theta`, shape ``[K]`` (a copy)."""
         return self._theta0.clone()
@@ -413,6 +437,11 @@ class ParameterSpace(VectorSpace):
         return x
 
     _finite_outputs = _finite
+
+    @staticmethod
+    def finite_outputs(x: Tensor) -> Tensor:
+        """``x`` (model outputs), or :class:`NonFiniteError` when it holds NaN or inf."""
+        return ParameterSpace._finite(x)
 
     def jacobian(self, theta: Tensor) -> Tensor:
         r""":math:`D[\theta] = \partial x / \partial\theta`, shape ``[QN, K]`` (dense).
