@@ -27,6 +27,7 @@ from subriemann.linalg import (
     Threshold,
     make_route,
 )
+from subriemann.linalg.routes.base import OPEN_UNIT
 from subriemann.metrics.base import ParameterMetric
 from subriemann.validation import check_int, check_optional, check_real
 from subriemann.vectorization import map_points
@@ -150,11 +151,10 @@ class InterpolatedMetric(ParameterMetric):
         accuracy: float = ACCURACY,
     ) -> None:
         super().__init__(space, rank_rtol=rank_rtol, rank_atol=rank_atol, exp_steps=exp_steps)
-        unit = dict(low=0.0, high=1.0, low_open=True, high_open=True)
-        self.accuracy = check_real(accuracy, "accuracy", **unit)
+        self.accuracy = check_real(accuracy, "accuracy", **OPEN_UNIT)
         self.lam = check_lam(lam)
         self.maxiter = check_optional(check_int, maxiter, "maxiter", low=1)
-        self.solver_rtol = check_real(solver_rtol, "solver_rtol", **unit)
+        self.solver_rtol = check_real(solver_rtol, "solver_rtol", **OPEN_UNIT)
         opts = dict(rtol=self.solver_rtol, maxiter=self.maxiter, accuracy=self.accuracy)
         self.solver_name = solver if isinstance(solver, str) else solver.name
         self.route: SolverRoute = make_route(solver, **opts).resolve(space.output_dim, space.dim)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -37,7 +37,10 @@ from subriemann.linalg.info import SolverInfo
 from subriemann.linalg.spectral import rank_threshold
 from subriemann.linalg.state import PointState
 
-__all__ = ["SolverRoute", "Threshold", "TAGS"]
+__all__ = ["SolverRoute", "Threshold", "TAGS", "OPEN_UNIT"]
+
+OPEN_UNIT: dict[str, Any] = dict(low=0.0, high=1.0, low_open=True, high_open=True)
+"""Bounds for :func:`~subriemann.validation.check_real` of a tolerance in :math:`(0, 1)`."""
 
 TAGS = {
     "dense": "forms the dense Jacobian D (memory QN*K)",

@@ -26,7 +26,7 @@ from subriemann.linalg.info import (
     error_decade,
 )
 from subriemann.linalg.krylov import cg, lsmr
-from subriemann.linalg.routes.base import SolverRoute, Threshold
+from subriemann.linalg.routes.base import OPEN_UNIT, SolverRoute, Threshold
 from subriemann.linalg.routes.svd import svd_project, svd_sharp
 from subriemann.linalg.state import PointState
 from subriemann.validation import check_int, check_optional, check_real
@@ -62,11 +62,9 @@ class MatrixFreeRoute(SolverRoute):
     def __init__(
         self, rtol: float = 1e-12, maxiter: int | None = None, accuracy: float = ACCURACY
     ) -> None:
-        self.rtol = check_real(rtol, "solver_rtol", low=0.0, high=1.0, low_open=True,
-                               high_open=True)
+        self.rtol = check_real(rtol, "solver_rtol", **OPEN_UNIT)
         self.maxiter = check_optional(check_int, maxiter, "maxiter", low=1)
-        self.accuracy = check_real(accuracy, "accuracy", low=0.0, high=1.0, low_open=True,
-                                   high_open=True)
+        self.accuracy = check_real(accuracy, "accuracy", **OPEN_UNIT)
 
     def description(self) -> dict[str, object]:
         return {"solver": self.name, "rtol": self.rtol, "maxiter": self.maxiter,
@@ -88,8 +86,8 @@ class MatrixFreeRoute(SolverRoute):
         """Minimum-norm solution of :math:`Dv = b` (or :math:`D^\\top w = b`), checked."""
         sp = state.space
         shape = (sp.dim, sp.output_dim) if transposed else (sp.output_dim, sp.dim)
-        ops = (state.vjp, state.jvp) if transposed else (state.jvp, state.vjp)
-        v, info = lsmr(*ops, shape, rhs, rtol=self.rtol, maxiter=self.maxiter,
+        fwd, back = (state.vjp, state.jvp) if transposed else (state.jvp, state.vjp)
+        v, info = lsmr(fwd, back, shape, rhs, rtol=self.rtol, maxiter=self.maxiter,
                        conlim=self.conlim(state, threshold))
         check_converged(info)
         return v, info

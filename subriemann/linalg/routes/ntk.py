@@ -29,7 +29,7 @@ from torch import Tensor
 
 from subriemann._warnings import warn_once
 from subriemann.linalg.info import ACCURACY, AccuracyWarning, SolverInfo, error_decade
-from subriemann.linalg.routes.base import SolverRoute, Threshold
+from subriemann.linalg.routes.base import OPEN_UNIT, SolverRoute, Threshold
 from subriemann.linalg.routes.svd import svd_project, svd_sharp
 from subriemann.linalg.spectral import eigenvalue_rounding, gram_rounding, interp_weights
 from subriemann.linalg.state import PointState
@@ -136,8 +136,7 @@ class NTKRoute(SolverRoute):
     factorization = "ntk"
 
     def __init__(self, accuracy: float = ACCURACY) -> None:
-        self.accuracy = check_real(accuracy, "accuracy", low=0.0, high=1.0, low_open=True,
-                                   high_open=True)
+        self.accuracy = check_real(accuracy, "accuracy", **OPEN_UNIT)
 
     def description(self) -> dict[str, object]:
         return {"solver": self.name, "accuracy": self.accuracy}
@@ -176,9 +175,9 @@ class NTKRoute(SolverRoute):
             # The accuracy certificate first: it usually implies the rank certificate
             # (eta / accuracy >= 2 tau^2), which then costs no second factorization.
             state.gram_exceeds(self.accuracy_shift(state))
-            chol = state.certified_cholesky(threshold.rank_atol, threshold.rank_rtol)
-            if chol is not None:
-                return self.cholesky_pseudoinverse(state, rhs, chol, threshold)
+            cert = state.certified_cholesky(threshold.rank_atol, threshold.rank_rtol)
+            if cert is not None:
+                return self.cholesky_pseudoinverse(state, rhs, cert, threshold)
         return self.eigh_pseudoinverse(state, rhs, threshold)
 
     def accuracy_shift(self, state: PointState) -> float:
