@@ -89,7 +89,7 @@ def cg(
         values are then those of :math:`P^{-1}A`).
     precond : callable, optional
         :math:`r \mapsto P^{-1}r` for an SPD preconditioner :math:`P`
-        (e.g. :class:`subriemann.linalg.nystrom.NystromPreconditioner`); the stopping
+        (e.g. :class:`subriemann.linalg.routes.nystrom.NystromPreconditioner`); the stopping
         test stays on the unpreconditioned residual :math:`|b - Az|`, so
         ``rtol`` means the same with or without it.
 
@@ -271,7 +271,7 @@ def lsmr(
     >>> a = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]], dtype=torch.float64)
     >>> v, info = lsmr(lambda x: a @ x, lambda y: a.T @ y, (2, 3),
     ...                torch.tensor([1.0, 1.0], dtype=torch.float64))
-    >>> v.tolist(), info.converged
+    >>> [round(x, 12) for x in v.tolist()], info.converged
     ([1.0, 0.5, 0.0], True)
     """
     dtype, device = rhs.dtype, rhs.device
