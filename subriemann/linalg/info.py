@@ -13,6 +13,8 @@ import math
 import warnings
 from dataclasses import dataclass
 
+from subriemann.validation import check_choice
+
 __all__ = [
     "ACCURACY",
     "SolverInfo",
@@ -113,6 +115,7 @@ def check_converged(info: SolverInfo, on_fail: str = "warn") -> None:
     :class:`RankThresholdWarning`, any other failure with
     :class:`ConvergenceWarning`; both carry the residual.
     """
+    check_choice(on_fail, "on_fail", ("warn", "raise"))
     if info.converged and info.reason != "condition limit":
         return
     if info.reason == "condition limit":

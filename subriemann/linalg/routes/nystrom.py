@@ -178,8 +178,9 @@ class NystromSolver:
         max_rank = check_int(max_rank, "max_rank", low=rank0)
         rho = check_real(rho, "rho", low=0.0, low_open=True)
         self.rank0, self.max_rank, self.rho = rank0, max_rank, float(rho)
-        self.reuse_iters, self.block = int(reuse_iters), max(1, int(block))
-        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.reuse_iters = check_int(reuse_iters, "reuse_iters", low=0)
+        self.block = check_int(block, "block", low=1)
+        self.gen = torch.Generator(device="cpu").manual_seed(check_int(seed, "seed"))
         self.precond: NystromPreconditioner | None = None
         self.builds = 0
         self.last_sketch_products = 0
