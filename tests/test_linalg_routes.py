@@ -7,13 +7,14 @@ exactly rank-deficient (zero singular values), wide (:math:`QN < K`) and tall
 independently of subriemann: with :math:`A = U\\Sigma V^\\top` and
 :math:`\\tau = 10^{-6}\\sigma_{\\max}` (no singular value lies near it),
 
-* ``solve(u)``        :math:`= \\sum_i w_\\lambda(\\sigma_i)\\langle u_i,u\\rangle v_i`,
-  :math:`w_\\lambda(\\sigma) = \\sigma/((1-\\lambda)+\\lambda\\sigma^2)` (only :math:`\\sigma_i>\\tau`
-  at :math:`\\lambda = 1`);
-* ``sharp(xi)``       :math:`= g_\\lambda^{-1}\\xi` (``numpy.linalg.solve``) for :math:`\\lambda<1`,
+* ``solve(u)`` :math:`= \\sum_i w_\\lambda(\\sigma_i)\\langle u_i,u\\rangle v_i`,
+  :math:`w_\\lambda(\\sigma) = \\sigma/((1-\\lambda)+\\lambda\\sigma^2)`
+  (only :math:`\\sigma_i>\\tau` at :math:`\\lambda = 1`);
+* ``sharp(xi)`` :math:`= g_\\lambda^{-1}\\xi` (``numpy.linalg.solve``) for :math:`\\lambda<1`,
   ``pinv(A^T A)`` :math:`\\xi` at :math:`\\lambda = 1`;
-* ``project(a)``      :math:`= V_rV_r^\\top a`;
-* ``restricted_sharp``:math:`= V_r\\operatorname{diag}(1/((1-\\lambda)+\\lambda\\sigma_i^2))V_r^\\top\\xi`.
+* ``project(a)`` :math:`= V_rV_r^\\top a`;
+* ``restricted_sharp(xi)``
+  :math:`= V_r\\operatorname{diag}(1/((1-\\lambda)+\\lambda\\sigma_i^2))V_r^\\top\\xi`.
 
 Tolerances.  The spectra have :math:`\\kappa \\le 4` on the kept singular values.  A
 backward stable route (svd, lstsq) has relative error :math:`\\lesssim c\\,\\epsilon\\,\\kappa^2`
@@ -151,7 +152,8 @@ def test_route_against_dense_svd(case: Case, name: str, lam: float) -> None:
         st = _fresh_state(case)
         v, info = route.solve(st, u, lam, thr)
         assert isinstance(info, SolverInfo) and info.converged, info
-        assert _rel(v, case.solve(u.numpy(), lam)) <= tol, (name, _rel(v, case.solve(u.numpy(), lam)))
+        err = _rel(v, case.solve(u.numpy(), lam))
+        assert err <= tol, (name, err)
         st = _fresh_state(case)
         s, _ = route.sharp(st, xi, lam, thr)
         assert _rel(s, case.sharp(xi.numpy(), lam)) <= tol
