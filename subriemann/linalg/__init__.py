@@ -54,11 +54,12 @@ from subriemann.linalg.spectral import (
     rank_threshold,
     size_policy,
 )
-from subriemann.linalg.state import PointState, prefill_states
+from subriemann.linalg.state import BATCH_ENTRIES, PointState, prefill_states
 
 __all__ = [
     "PointState",
     "prefill_states",
+    "BATCH_ENTRIES",
     "SolverRoute",
     "Threshold",
     "SVDRoute",
