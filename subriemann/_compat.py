@@ -21,7 +21,10 @@ __all__ = ["MOVED", "install"]
 MOVED = {
     "subriemann.jacobian": "subriemann.engines",
     "subriemann.structured": "subriemann.engines.structured",
-    "subriemann.nystrom": "subriemann.linalg.nystrom",
+    "subriemann.nystrom": "subriemann.linalg.routes.nystrom",
+    "subriemann.linalg.nystrom": "subriemann.linalg.routes.nystrom",
+    "subriemann.linalg.dense": "subriemann.linalg",
+    "subriemann.metrics.builtin": "subriemann.metrics",
     "subriemann.check": "subriemann.metrics.check",
     "subriemann.trajectory": "subriemann.flow.trajectory",
     "subriemann.lockstep": "subriemann.flow.lockstep",

@@ -155,8 +155,41 @@ class CrossEntropyLoss(Loss):
         return torch.softmax(x, dim=-1) - y
 
     def hvp(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        return self.hessian_vec(x, v)
+
+    @staticmethod
+    def hessian_vec(x: Tensor, v: Tensor) -> Tensor:
+        r""":math:`H_jv_j = \sigma_j\odot v_j - \sigma_j\langle\sigma_j, v_j\rangle` per row.
+
+        The Hessian of the cross-entropy does not depend on the targets (rows on
+        the simplex); it is also the softmax Fisher information in logit
+        coordinates (:class:`~subriemann.metrics.SoftmaxFisherMetric`).
+
+        Parameters
+        ----------
+        x, v : Tensor, shape=[N, Q]
+
+        Returns
+        -------
+        Tensor, shape=[N, Q]
+        """
         p = torch.softmax(x, dim=-1)
         return p * v - p * (p * v).sum(dim=-1, keepdim=True)
+
+    @staticmethod
+    def hessian_blocks(x: Tensor) -> Tensor:
+        r"""The Hessian blocks :math:`H_j = \operatorname{diag}\sigma_j - \sigma_j\sigma_j^\top`.
+
+        Parameters
+        ----------
+        x : Tensor, shape=[N, Q]
+
+        Returns
+        -------
+        Tensor, shape=[N, Q, Q]
+        """
+        p = torch.softmax(x, dim=-1)
+        return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
 
     def check_targets(self, y: Tensor) -> None:
         super().check_targets(y)

@@ -1043,9 +1043,9 @@ def test_lam1_sigma_near_threshold_falls_back_to_svd(solver):
 def test_lam1_accuracy_warning_when_no_fallback(monkeypatch):
     """Where D is too large for the SVD fallback, the ntk route warns, and its estimate is an
     honest bound on the actual error."""
-    from subriemann.metrics import builtin
+    from subriemann.linalg.routes import ntk
 
-    monkeypatch.setattr(builtin, "SVD_FALLBACK_LIMIT", 0)
+    monkeypatch.setattr(ntk, "SVD_FALLBACK_LIMIT", 0)
     sig = np.r_[np.linspace(1.0, 0.2, 7), 1.2e-6, 1e-9]
     case = designed_case(sig, k=20)
     m = case.metric(InterpolatedMetric, lam=1.0, solver="ntk")
@@ -1098,7 +1098,7 @@ def test_matrix_free_lam1_announces_its_error():
     ],
 )
 def test_auto_route_table(qn, k, route):
-    from subriemann.linalg.dense import _auto_route
+    from subriemann.linalg import size_policy as _auto_route
 
     assert _auto_route(qn, k) == route
 

@@ -9,8 +9,8 @@ import torch
 
 import subriemann as sr
 from subriemann.engines.func import FuncBackend
-from subriemann.linalg import ConvergenceWarning
-from subriemann.linalg.nystrom import NystromSolver, nystrom_sketch, pcg
+from subriemann.linalg import ConvergenceWarning, pcg
+from subriemann.linalg.routes.nystrom import NystromSolver, nystrom_sketch
 from subriemann.metrics import InterpolatedMetric
 
 

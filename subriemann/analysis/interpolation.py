@@ -24,7 +24,7 @@ from torch import Tensor
 
 from subriemann.flow.trajectory import Trajectory
 from subriemann.linalg import rank_threshold
-from subriemann.linalg.dense import DENSE_LIMIT
+from subriemann.linalg.spectral import DENSE_LIMIT
 from subriemann.validation import check_real
 
 __all__ = [

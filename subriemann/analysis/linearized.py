@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from subriemann.integrators import TABLEAUS, rk_step
-from subriemann.metrics.builtin import check_lam
+from subriemann.metrics.interpolated import check_lam
 
 __all__ = ["OutputFlow", "output_flow", "kernel_eigh"]
 

@@ -37,17 +37,13 @@ def serve_round(requests: Sequence[tuple[Any, str, Any]]) -> list[tuple[bool, An
     the flows' own threshold (``tau is None``) are batched.
     """
     from subriemann.linalg import prefill_states
-    from subriemann.metrics.builtin import EuclideanMetric, InterpolatedMetric
 
     fields = [(fl, p[0]) for fl, kind, p in requests if kind == "field" and p[1] is None]
     if len(fields) > 1:
         fl0 = fields[0][0]
         m = fl0.metric  # the members' metrics are copies of one metric
         # which cache entries the vector field reads (filling them is only a cache fill)
-        euclidean = isinstance(m, EuclideanMetric) or (
-            isinstance(m, InterpolatedMetric) and m.lam == 0.0 and m._lam0_is_euclidean
-        )
-        need = "cost_grad" if euclidean else "svd" if getattr(m, "solver", "") == "svd" else None
+        need = m.gradient_needs
         if need is not None:
             try:
                 prefill_states(fl0.space, torch.stack([th for _, th in fields]), need)

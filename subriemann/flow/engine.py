@@ -149,13 +149,13 @@ class Flow:
         self.description: dict[str, Any] = metric.description()
         self.cheap_sv = False
         # may the field jump at a rank change? then a rejected step may be an event
-        self.field_jumps = bool(getattr(metric, "field_may_jump", True))
+        self.field_jumps = bool(metric.field_may_jump)
         self.problem: dict[str, str] = {}
         self.state: State | None = None
         self.lockstep: Any = None  # a LockStep when integrated in a batch
         self.book = continuation.SegmentBook()
         # the band filter, where the vector field depends on tau at all (not lambda = 0)
-        self.banded = opts.rank_band > 0.0 and _tau_dependent(metric)
+        self.banded = opts.rank_band > 0.0 and not metric.is_euclidean
         self.last_filter: tuple[Tensor, float] | None = None  # (theta, deviation)
 
     # -- evaluation ----------------------------------------------------------------
@@ -426,25 +426,13 @@ def _flow_one(space: ParameterSpace, initial_point: Tensor, opts: FlowOptions, m
     return _Run(fl, checkpoint, metric.rank_atol).run(theta0, resume)
 
 
-def _tau_dependent(metric: Any) -> bool:
-    """Whether the metric's gradient depends on the rank threshold (not at lambda = 0)."""
-    from subriemann.metrics.builtin import EuclideanMetric
-
-    if isinstance(metric, EuclideanMetric):
-        return False
-    lam0 = getattr(metric, "lam", None) == 0.0
-    return not (lam0 and getattr(metric, "_lam0_is_euclidean", False))
-
-
 def _use_cheap_sv(fl: Flow) -> bool:
-    from subriemann.metrics.builtin import BundleMetric
-
     rm = fl.o.rank_method
     if rm == "metric":
         return False
     if rm == "ntk":
         return True
-    return getattr(fl.metric, "lam", None) == 0.0 and not isinstance(fl.metric, BundleMetric)
+    return bool(fl.metric.is_euclidean)
 
 
 class _Run:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
 __all__ = ["scipy_operator", "to_numpy", "to_torch"]
@@ -62,8 +63,6 @@ def scipy_operator(
     >>> op.matvec([1.0, 1.0]).tolist()
     [2.0, 3.0]
     """
-    from scipy.sparse.linalg import LinearOperator
-
     back = matvec if rmatvec is None else rmatvec
     return LinearOperator(
         shape,

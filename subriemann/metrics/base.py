@@ -19,8 +19,6 @@ matrix-free or push-through forms.
 from __future__ import annotations
 
 import itertools
-import math
-import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +26,8 @@ import torch
 from torch import Tensor
 
 from subriemann._geomstats import default_dtype, import_geomstats
-from subriemann.linalg import PointState, cg, check_converged
+from subriemann.linalg import PointState, cg, check_converged, rank_threshold
+from subriemann.validation import check_int, check_optional, check_real
 from subriemann.vectorization import map_points
 
 import_geomstats()
@@ -89,15 +88,9 @@ class ParameterMetric(RiemannianMetric):
                 f"got {type(space).__name__}"
             )
         super().__init__(space)
-        if not (isinstance(rank_rtol, (int, float)) and 0 <= rank_rtol < 1):
-            raise ValueError(f"rank_rtol must be a number in [0, 1), got {rank_rtol!r}")
-        if rank_atol is not None and not (isinstance(rank_atol, (int, float)) and rank_atol >= 0):
-            raise ValueError(f"rank_atol must be a non-negative number, got {rank_atol!r}")
-        self.rank_rtol = float(rank_rtol)
-        self.rank_atol = None if rank_atol is None else float(rank_atol)
-        if isinstance(exp_steps, bool) or not isinstance(exp_steps, int) or exp_steps < 1:
-            raise ValueError(f"exp_steps must be a positive integer, got {exp_steps!r}")
-        self.exp_steps = exp_steps
+        self.rank_rtol = check_real(rank_rtol, "rank_rtol", low=0.0, high=1.0, high_open=True)
+        self.rank_atol = check_optional(check_real, rank_atol, "rank_atol", low=0.0)
+        self.exp_steps = check_int(exp_steps, "exp_steps", low=1)
         # key of this metric's entries in the shared per-point cache (never reused, unlike id())
         self._token = next(_TOKENS)
         self.exp_solver = ExpODESolver(space, integrator=GSIVPIntegrator(exp_steps, "rk4"))
@@ -113,7 +106,7 @@ class ParameterMetric(RiemannianMetric):
         return self._space.point_state(base_point)
 
     def _check_tangent(self, vec: Tensor, what: str = "tangent_vec") -> Tensor:
-        return self._space._check_vec(vec, self._space.dim, what)
+        return self._space.check_tangent(vec, what)
 
     def _require_small_k(self, what: str) -> None:
         if self._space.dim > DENSE_K_LIMIT:
@@ -137,22 +130,42 @@ class ParameterMetric(RiemannianMetric):
     # -- rank of D ---------------------------------------------------------------
     def singular_values(self, base_point: Tensor) -> Tensor:
         r"""Singular values of :math:`D[\theta]`, descending, shape ``[min(QN, K)]``."""
-        return self.state(base_point).singular_values(self._factorization())
-
-    def _factorization(self) -> str:
-        return "svd"
+        return self.state(base_point).singular_values("svd")
 
     def rank_threshold(self, base_point: Tensor) -> float:
-        r"""The threshold :math:`\tau`: ``rank_atol``, or ``rank_rtol`` :math:`\sigma_{\max}`."""
-        if self.rank_atol is not None:
-            return self.rank_atol
-        s = self.singular_values(base_point)
-        return self.rank_rtol * float(s[0]) if s.numel() else 0.0
+        r"""The threshold :math:`\tau`: ``rank_atol``, or ``rank_rtol`` :math:`\sigma_{\max}`
+        (:func:`~subriemann.linalg.rank_threshold`)."""
+        return rank_threshold(
+            lambda: self.singular_values(base_point), self.rank_rtol, self.rank_atol
+        )
 
     def rank(self, base_point: Tensor) -> int:
         r"""Numerical rank of :math:`D[\theta]`: the number of :math:`\sigma_i > \tau`."""
         s = self.singular_values(base_point)
         return int((s > self.rank_threshold(base_point)).sum())
+
+    # -- capabilities (what the flow asks instead of checking classes) -------------
+    @property
+    def is_euclidean(self) -> bool:
+        r"""Whether the metric is the Euclidean one here: its gradient is
+        :math:`D^\top\nabla_x C`, with no solve and no dependence on :math:`\tau`.
+
+        The flow then skips the band filter and monitors the rank from the cheap
+        Gram eigenvalues.  ``False`` unless the metric knows it
+        (:class:`~subriemann.metrics.EuclideanMetric`, :math:`g_\lambda` at
+        :math:`\lambda = 0`).
+        """
+        return False
+
+    @property
+    def gradient_needs(self) -> str | None:
+        r"""What :meth:`gradient` reads from the point state, for a batch of points.
+
+        ``"cost_grad"`` (:math:`D^\top\nabla_x C` only) or ``"svd"`` (the thin SVD of
+        :math:`D`): :func:`~subriemann.linalg.prefill_states` can then compute it for
+        several points in one vectorised pass; ``None`` (default): nothing to prefill.
+        """
+        return "cost_grad" if self.is_euclidean else None
 
     @property
     def field_may_jump(self) -> bool:
@@ -189,16 +202,14 @@ class ParameterMetric(RiemannianMetric):
 
     def _dense_eigh(self, base_point: Tensor) -> tuple[Tensor, Tensor, float]:
         st = self.state(base_point)
-        key = ("metric_eigh", self._token)
-        if key not in st._cache:
+
+        def eigh() -> tuple[Tensor, Tensor]:
             self._require_small_k("the dense metric route")
             m = self.metric_matrix(st.theta)
-            evals, evecs = torch.linalg.eigh(0.5 * (m + m.T))
-            st._cache[key] = (evals, evecs)
-        evals, evecs = st._cache[key]
-        top = float(evals.abs().max()) if evals.numel() else 0.0
-        tol = self.rank_atol if self.rank_atol is not None else self.rank_rtol * top
-        return evals, evecs, tol
+            return torch.linalg.eigh(0.5 * (m + m.T))
+
+        evals, evecs = st.memo(("metric_eigh", self._token), eigh)
+        return evals, evecs, rank_threshold(evals.abs(), self.rank_rtol, self.rank_atol)
 
     def distribution(self, base_point: Tensor) -> Tensor:
         r"""Orthonormal frame of the subspace where :math:`g` is positive definite, ``[K, r]``."""
@@ -247,7 +258,7 @@ class ParameterMetric(RiemannianMetric):
 
         Built-in metrics solve this in output space (push-through).
         """
-        u = self._space._check_vec(output_covec, self._space.output_dim, "output_covec")
+        u = self._space.check_output_vec(output_covec)
         return self.sharp(self.state(base_point).vjp(u), base_point)
 
     def gradient(self, base_point: Tensor) -> Tensor:
@@ -434,18 +445,16 @@ class SumMetric(ParameterMetric):
                 raise TypeError(
                     f"SumMetric combines ParameterMetric instances, got {type(m).__name__}"
                 )
-            if m._space is not space:
+            if m.space is not space:
                 raise ValueError("all metrics of a SumMetric must live on the same space")
-        if weights is not None:
-            for w in weights:
-                if isinstance(w, bool) or not isinstance(w, numbers.Real):
-                    raise TypeError(f"weights must be real numbers, got {type(w).__name__}")
-        weights = [1.0] * len(metrics) if weights is None else [float(w) for w in weights]
+        weights = [1.0] * len(metrics) if weights is None else list(weights)
         if len(weights) != len(metrics):
             raise ValueError(f"got {len(metrics)} metrics but {len(weights)} weights")
-        if any(not math.isfinite(w) or w < 0 for w in weights):
-            raise ValueError(f"weights must be finite and non-negative, got {weights}")
-        self.metrics, self.weights = metrics, weights
+        try:
+            self.weights = [check_real(w, "weights", low=0.0) for w in weights]
+        except ValueError:
+            raise ValueError(f"weights must be finite and non-negative, got {weights}") from None
+        self.metrics = metrics
 
     def description(self) -> dict[str, Any]:
         d = super().description()
@@ -470,7 +479,7 @@ class SumMetric(ParameterMetric):
         )
 
     def __add__(self, other: ParameterMetric) -> ParameterMetric:
-        if isinstance(other, SumMetric) and other._space is self._space:
+        if isinstance(other, SumMetric) and other.space is self._space:
             return SumMetric(
                 self._space, self.metrics + other.metrics, self.weights + other.weights
             )

@@ -14,15 +14,18 @@ The generic ``sharp`` works for all of them.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from subriemann.linalg import rank_threshold
 from subriemann.metrics.base import ParameterMetric, SumMetric
+from subriemann.metrics.euclidean import EuclideanMetric
+from subriemann.metrics.interpolated import InterpolatedMetric
+from subriemann.metrics.pullback import OutputPullbackMetric
+from subriemann.validation import check_real
 from subriemann.vectorization import map_points
 
 __all__ = ["OutputMetric", "DampedMetric"]
@@ -143,9 +146,8 @@ class OutputMetric(ParameterMetric):
         """``(V_r, sigma_r, U_r, W, evals)`` pieces of the reduced form, cached per point."""
         st = self.state(base_point)
         tau = self.rank_threshold(base_point)
-        # keyed by tau too: copies of the metric with other thresholds share the point's cache
-        key = ("output_metric", self._token, tau)
-        if key not in st._cache:
+
+        def reduced() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
             u, s, v = st.svd
             keep = s > tau
             u, s, v = u[:, keep], s[keep], v[:, keep]
@@ -156,12 +158,14 @@ class OutputMetric(ParameterMetric):
             )
             m = s[:, None] * (u.T @ gu) * s[None, :]
             evals, w = torch.linalg.eigh(0.5 * (m + m.T))
-            st._cache[key] = (v, s, u, w, evals)
-        return st._cache[key]
+            return v, s, u, w, evals
+
+        # keyed by tau too: copies of the metric with other thresholds share the point's cache
+        return st.memo(("output_metric", self._token, tau), reduced)
 
     def _eig_cut(self, evals: Tensor) -> Tensor:
-        top = float(evals.abs().max()) if evals.numel() else 0.0
-        return evals > self.rank_rtol**2 * top
+        # M scales like sigma^2: the relative threshold rank_rtol^2 (see the class notes)
+        return evals > rank_threshold(evals.abs(), self.rank_rtol**2)
 
     def _pinv_apply(self, coef: Tensor, base_point: Tensor) -> Tensor:
         v, _, _, w, evals = self._reduced(base_point)
@@ -177,7 +181,7 @@ class OutputMetric(ParameterMetric):
 
     def sharp_pullback(self, output_covec: Tensor, base_point: Tensor) -> Tensor:
         r""":math:`V_r M^+ \Sigma_r U_r^\top u`."""
-        u = self._space._check_vec(output_covec, self._space.output_dim, "output_covec")
+        u = self._space.check_output_vec(output_covec)
         _, s, uu, _, _ = self._reduced(base_point)
         return self._pinv_apply(s * (uu.T @ u), base_point)
 
@@ -213,18 +217,9 @@ class DampedMetric(SumMetric):
     """
 
     def __init__(self, space, base: ParameterMetric, damping: float, **kwargs: Any) -> None:
-        from subriemann.metrics.builtin import (
-            EuclideanMetric,
-            InterpolatedMetric,
-            OutputPullbackMetric,
-        )
-
-        if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
-            raise TypeError(f"damping must be a real number, got {type(damping).__name__}")
-        if not math.isfinite(damping) or damping < 0:
-            raise ValueError(f"damping must be a finite non-negative number, got {damping!r}")
-        super().__init__(space, [base, EuclideanMetric(space)], [1.0, float(damping)], **kwargs)
-        self.damping = float(damping)
+        damping = check_real(damping, "damping", low=0.0)
+        super().__init__(space, [base, EuclideanMetric(space)], [1.0, damping], **kwargs)
+        self.damping = damping
         self._equivalent: ParameterMetric | None = None
         self._scale: float = 1.0 + self.damping
         if type(base) in (EuclideanMetric, InterpolatedMetric, OutputPullbackMetric):

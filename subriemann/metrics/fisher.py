@@ -25,15 +25,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from subriemann.losses import CrossEntropyLoss
 from subriemann.metrics.custom import OutputMetric
 
 __all__ = ["SoftmaxFisherMetric", "softmax_fisher_blocks"]
 
 
 def softmax_fisher_blocks(x: Tensor, num_outputs: int) -> Tensor:
-    r"""Blocks :math:`\operatorname{diag}\sigma_j - \sigma_j\sigma_j^\top`, shape ``[N, Q, Q]``."""
-    p = torch.softmax(x.reshape(-1, num_outputs), dim=-1)
-    return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    r"""Blocks :math:`\operatorname{diag}\sigma_j - \sigma_j\sigma_j^\top`, shape ``[N, Q, Q]``.
+
+    The cross-entropy loss's Hessian blocks
+    (:meth:`~subriemann.losses.CrossEntropyLoss.hessian_blocks`), ``x`` flat ``[QN]``.
+    """
+    return CrossEntropyLoss.hessian_blocks(x.reshape(-1, num_outputs))
 
 
 class SoftmaxFisherMetric(OutputMetric):
@@ -56,8 +60,10 @@ class SoftmaxFisherMetric(OutputMetric):
         return torch.block_diag(*softmax_fisher_blocks(x, self._space.num_outputs))
 
     def output_metric_vec(self, x: Tensor, u: Tensor) -> Tensor:
-        r""":math:`G(x)u = \sigma\odot u - \sigma\langle\sigma, u\rangle` per sample."""
+        r""":math:`G(x)u = \sigma\odot u - \sigma\langle\sigma, u\rangle` per sample.
+
+        The cross-entropy loss's Hessian product
+        (:meth:`~subriemann.losses.CrossEntropyLoss.hessian_vec`).
+        """
         q = self._space.num_outputs
-        p = torch.softmax(x.reshape(-1, q), dim=-1)
-        uu = u.reshape(-1, q)
-        return (p * uu - p * (p * uu).sum(-1, keepdim=True)).reshape(-1)
+        return CrossEntropyLoss.hessian_vec(x.reshape(-1, q), u.reshape(-1, q)).reshape(-1)

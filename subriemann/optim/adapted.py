@@ -67,7 +67,7 @@ from subriemann._warnings import warn_once
 from subriemann.engines import ParameterLayout, make_backend
 from subriemann.linalg import PointState
 from subriemann.losses import CrossEntropyLoss, Loss, MSELoss, get_loss
-from subriemann.metrics.builtin import check_lam
+from subriemann.metrics.interpolated import check_lam
 from subriemann.space import NonFiniteError, output_matrix
 
 __all__ = ["AdaptedGD", "StepInfo"]

@@ -359,18 +359,33 @@ class ParameterSpace(VectorSpace):
             theta = theta.to(self.device)
         return theta
 
-    def check_tangent(self, tangent_vec: Any, name: str = "tangent_vec") -> Tensor:
-        """Tangent vectors ``[..., K]`` in the space's dtype (TypeError / ValueError if not)."""
-        return self._check_vec(tangent_vec, self.dim, name)
-
-    def check_output_vec(self, output_vec: Any, name: str = "output_covec") -> Tensor:
-        """Output (co)vectors ``[..., QN]`` in the space's dtype (TypeError / ValueError if not)."""
-        return self._check_vec(output_vec, self.output_dim, name)
-
     def _check_vec(self, vec: Any, size: int, what: str) -> Tensor:
-        # (metrics/ and analysis/critical.py call it until they use the two checks above)
         vec = check_tensor(vec, what, shape=(..., size))
         return vec.to(dtype=self.dtype, device=self.device)
+
+    def check_tangent(self, tangent_vec: Any, what: str = "tangent_vec") -> Tensor:
+        r"""Validate a (co)tangent vector, shape ``[..., K]``, and return it in the space's dtype.
+
+        Raises
+        ------
+        TypeError
+            Not a tensor.
+        ValueError
+            Its last dimension is not :math:`K`; the message names ``what``.
+        """
+        return self._check_vec(tangent_vec, self.dim, what)
+
+    def check_output_vec(self, output_vec: Any, what: str = "output_covec") -> Tensor:
+        r"""Validate an output-space (co)vector, shape ``[..., QN]``, in the space's dtype.
+
+        Raises
+        ------
+        TypeError
+            Not a tensor.
+        ValueError
+            Its last dimension is not :math:`QN`; the message names ``what``.
+        """
+        return self._check_vec(output_vec, self.output_dim, what)
 
     def initial_point(self) -> Tensor:
         r"""The model's parameters as :math:`\theta`, shape ``[K]`` (a copy)."""
@@ -401,9 +416,6 @@ class ParameterSpace(VectorSpace):
     def finite_outputs(x: Tensor) -> Tensor:
         """``x`` (model outputs), or :class:`NonFiniteError` when it holds NaN or inf."""
         return ParameterSpace.check_finite(x)
-
-    # (subriemann.linalg.dense calls it until it uses finite_outputs)
-    _finite_outputs = finite_outputs
 
     def jacobian(self, theta: Tensor) -> Tensor:
         r""":math:`D[\theta] = \partial x / \partial\theta`, shape ``[QN, K]`` (dense).

@@ -34,7 +34,7 @@ from subriemann.analysis.critical.spectrum import (
     hessian_spectrum,
 )
 from subriemann.linalg import rank_threshold
-from subriemann.linalg.dense import DENSE_LIMIT
+from subriemann.linalg.spectral import DENSE_LIMIT
 from subriemann.space import ParameterSpace
 from subriemann.validation import check_int, check_optional, check_real
 
@@ -162,7 +162,7 @@ class EquilibriumReport:
 def singular_state(space: ParameterSpace, theta: Tensor) -> tuple[Tensor, Tensor]:
     """(left singular vectors U [QN, m], singular values [m]) of D, descending.
 
-    From the SVD of :math:`D` up to :data:`subriemann.linalg.dense.DENSE_LIMIT`
+    From the SVD of :math:`D` up to :data:`subriemann.linalg.spectral.DENSE_LIMIT`
     entries, else from the eigendecomposition of :math:`DD^\\top`.
     """
     st = space.point_state(theta)

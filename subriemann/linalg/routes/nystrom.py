@@ -1,4 +1,4 @@
-r"""Randomized Nyström preconditioning for the matrix-free solves of :math:`g_\lambda`.
+r"""The ``"nystrom"`` route: randomized Nyström preconditioning of the matrix-free solves.
 
 The solve of the interpolated metric (``docs/scale.md``) is, in the smaller
 of the two spaces, a shifted positive semidefinite system
@@ -31,9 +31,10 @@ until :math:`\hat\lambda_\ell \le \rho\,\mu` (default :math:`\rho = 1`) or the
 memory budget ``max_rank`` is met; the sketch is extended, never recomputed.
 
 A preconditioner only changes the speed of CG, never its answer: the true
-residual is checked at the end (:func:`pcg`), so one built at a nearby point
-of a flow is reused as long as it keeps the iteration count low
-(:class:`NystromSolver`).
+residual is checked at the end (:func:`~subriemann.linalg.pcg`), so one built at
+a nearby point of a flow is reused as long as it keeps the iteration count low
+(:class:`NystromSolver`).  :class:`NystromRoute` is the ``"matrix_free"`` route
+with this solver for :math:`\lambda < 1` (LSMR at :math:`\lambda = 1`).
 """
 
 from __future__ import annotations
@@ -41,13 +42,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from subriemann.linalg.dense import SolverInfo, cg
+from subriemann.linalg.info import ACCURACY, SolverInfo, check_converged
+from subriemann.linalg.krylov import pcg
+from subriemann.linalg.routes.base import Threshold
+from subriemann.linalg.routes.matrix_free import MatrixFreeRoute
+from subriemann.linalg.state import PointState
+from subriemann.validation import check_int, check_real
 
-__all__ = ["NystromPreconditioner", "nystrom_sketch", "pcg", "NystromSolver", "gram_rows"]
+__all__ = ["NystromPreconditioner", "nystrom_sketch", "NystromSolver", "NystromRoute", "gram_rows"]
 
 
 @dataclass
@@ -127,43 +134,6 @@ def nystrom_sketch(omega: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return u, (sig**2 - shift).clamp_min(0.0)
 
 
-def pcg(
-    matvec: Callable[[Tensor], Tensor],
-    rhs: Tensor,
-    precond: Callable[[Tensor], Tensor] | None = None,
-    *,
-    rtol: float = 1e-12,
-    maxiter: int | None = None,
-) -> tuple[Tensor, SolverInfo]:
-    r"""Preconditioned conjugate gradients for an SPD operator, :math:`Az = b`, started at 0.
-
-    :func:`subriemann.linalg.cg` with a preconditioner: it stops when
-    :math:`|b - Az| \le \mathrm{rtol}\,|b|` (the unpreconditioned residual,
-    so the tolerance means the same as without a preconditioner).
-    Without ``maxiter`` the limit scales with the condition number of
-    :math:`P^{-1}A` estimated from the Lanczos coefficients of the iteration,
-    as in :func:`subriemann.linalg.cg`.
-
-    Parameters
-    ----------
-    matvec : callable
-        :math:`z\mapsto Az`, shape ``[n] -> [n]``.
-    rhs : Tensor, shape=[n]
-    precond : callable, optional
-        :math:`r \mapsto P^{-1}r` (SPD); the identity when omitted.
-    rtol : float
-    maxiter : int, optional
-
-    Returns
-    -------
-    z : Tensor, shape=[n]
-    info : SolverInfo
-        ``solver="pcg"``; ``residual`` is the true relative residual, recomputed.
-    """
-    pre = precond if precond is not None else (lambda r: r)  # solver name "pcg" either way
-    return cg(matvec, rhs, rtol=rtol, maxiter=maxiter, precond=pre)
-
-
 class NystromSolver:
     r"""Nyström-preconditioned CG for :math:`(G + \mu 1)z = b`, reusing its preconditioner.
 
@@ -204,13 +174,13 @@ class NystromSolver:
         block: int = 32,
         seed: int = 0,
     ) -> None:
-        if not (isinstance(rank0, int) and isinstance(max_rank, int) and 1 <= rank0 <= max_rank):
-            raise ValueError(f"need integers 1 <= rank0 <= max_rank, got {rank0!r}, {max_rank!r}")
-        if not rho > 0.0:
-            raise ValueError(f"rho must be positive, got {rho!r}")
+        rank0 = check_int(rank0, "rank0", low=1)
+        max_rank = check_int(max_rank, "max_rank", low=rank0)
+        rho = check_real(rho, "rho", low=0.0, low_open=True)
         self.rank0, self.max_rank, self.rho = rank0, max_rank, float(rho)
-        self.reuse_iters, self.block = int(reuse_iters), max(1, int(block))
-        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.reuse_iters = check_int(reuse_iters, "reuse_iters", low=0)
+        self.block = check_int(block, "block", low=1)
+        self.gen = torch.Generator(device="cpu").manual_seed(check_int(seed, "seed"))
         self.precond: NystromPreconditioner | None = None
         self.builds = 0
         self.last_sketch_products = 0
@@ -292,11 +262,12 @@ class NystromSolver:
         return z, info
 
 
-def gram_rows(state, small_is_output: bool) -> Callable[[Tensor], Tensor]:
+def gram_rows(state: PointState, small_is_output: bool) -> Callable[[Tensor], Tensor]:
     r""":math:`W \mapsto WG` at one point, :math:`G = DD^\top` or :math:`D^\top D`, ``[b, n]``.
 
     Batched JVPs and VJPs of the state's engine (or products with its dense
-    :math:`D` when that is already formed).
+    :math:`D` when that is already formed): :meth:`~subriemann.linalg.PointState.jvp_rows`,
+    :meth:`~subriemann.linalg.PointState.vjp_rows`.
 
     Parameters
     ----------
@@ -304,14 +275,59 @@ def gram_rows(state, small_is_output: bool) -> Callable[[Tensor], Tensor]:
     small_is_output : bool
         :math:`G = DD^\top` (``n = QN``) when true, else :math:`D^\top D` (``n = K``).
     """
-    be, theta, cache = state.space.backend, state.theta, state._cache
-
-    def fwd(w: Tensor) -> Tensor:  # rows D w_i
-        return w @ cache["D"].T if "D" in cache else be.jvp(theta, w)
-
-    def back(w: Tensor) -> Tensor:  # rows D^T w_i
-        return w @ cache["D"] if "D" in cache else be.vjp(theta, w)
-
     if small_is_output:
-        return lambda w: fwd(back(w))
-    return lambda w: back(fwd(w))
+        return lambda w: state.jvp_rows(state.vjp_rows(w))
+    return lambda w: state.vjp_rows(state.jvp_rows(w))
+
+
+class NystromRoute(MatrixFreeRoute):
+    r"""The ``"matrix_free"`` route with Nyström-preconditioned CG for :math:`\lambda < 1`.
+
+    CG on :math:`\lambda(G + \mu 1)`, :math:`\mu = (1-\lambda)/\lambda`, in the
+    smaller space, preconditioned by :class:`NystromSolver` (built from batched
+    JVP/VJP sketches, reused over nearby points); stopped on the true residual
+    at ``rtol`` or warned.  At :math:`\lambda = 1` it is the ``"matrix_free"``
+    LSMR, and ``sharp`` and ``project`` are those of ``"matrix_free"``.
+
+    Parameters
+    ----------
+    rtol, maxiter, accuracy
+        As :class:`~subriemann.linalg.routes.MatrixFreeRoute`.
+    **nystrom
+        Options of :class:`NystromSolver` (``rank0``, ``max_rank``, ``rho``,
+        ``reuse_iters``, ``block``, ``seed``).
+
+    Attributes
+    ----------
+    nystrom : NystromSolver
+        The solver and its preconditioner (``builds``, ``precond``).
+    """
+
+    name = "nystrom"
+    tags = frozenset({"matrix_free", "iterative", "preconditioned"})
+
+    def __init__(
+        self,
+        rtol: float = 1e-12,
+        maxiter: int | None = None,
+        accuracy: float = ACCURACY,
+        **nystrom: Any,
+    ) -> None:
+        super().__init__(rtol, maxiter, accuracy)
+        self.nystrom = NystromSolver(**nystrom)
+
+    def solve(
+        self, state: PointState, rhs: Tensor, lam: float, threshold: Threshold
+    ) -> tuple[Tensor, SolverInfo]:
+        if lam == 1.0:
+            return super().solve(state, rhs, lam, threshold)
+        small = state.output_is_smaller
+        engine = getattr(state.space.backend, "fallback", state.space.backend)
+        if hasattr(engine, "rows_per_pass"):  # batched sketch rows within the memory budget
+            self.nystrom.block = min(32, engine.rows_per_pass(state.theta))
+        b = (rhs if small else state.vjp(rhs)) / lam
+        z, info = self.nystrom.solve(
+            gram_rows(state, small), b, (1.0 - lam) / lam, rtol=self.rtol, maxiter=self.maxiter
+        )
+        check_converged(info)
+        return (state.vjp(z) if small else z), info

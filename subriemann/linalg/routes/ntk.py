@@ -1,0 +1,319 @@
+r"""The ``"ntk"`` route: push-through in the smaller space, with the :math:`\lambda = 1` guarantee.
+
+For :math:`QN \le K`,
+:math:`g_\lambda^{-1}D^\top = D^\top((1-\lambda)1 + \lambda DD^\top)^{-1}`: a
+Cholesky factor for :math:`\lambda<1`, and at :math:`\lambda=1` the Cholesky
+factor of :math:`DD^\top` where it certifies full rank above :math:`\tau`
+(:meth:`~subriemann.linalg.PointState.certified_cholesky`), else the thresholded
+eigendecomposition :math:`DD^\top = U\Sigma^2U^\top`.  For :math:`K < QN` the
+same with :math:`D^\top D` in :math:`\mathbb{R}^K`.
+
+Eigenvalues of a Gram matrix carry an absolute error of about
+:math:`\epsilon\,\sigma_{\max}^2` (:func:`~subriemann.linalg.gram_rounding`), so the
+:math:`\lambda = 1` direction :math:`D^+u` is certified to
+:data:`~subriemann.linalg.ACCURACY` a priori, reached by iterative refinement
+(:func:`refine_push_through`), or taken from the SVD (:data:`SVD_FALLBACK_LIMIT`);
+where none applies, an :class:`~subriemann.linalg.AccuracyWarning` gives the
+estimated error.  Singular values below :math:`\sqrt{\epsilon}\,\sigma_{\max}`
+are not resolved on this route (a threshold below that warns).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from subriemann._warnings import warn_once
+from subriemann.linalg.info import ACCURACY, AccuracyWarning, SolverInfo, error_decade
+from subriemann.linalg.routes.base import OPEN_UNIT, SolverRoute, Threshold
+from subriemann.linalg.routes.svd import svd_project, svd_sharp
+from subriemann.linalg.spectral import eigenvalue_rounding, gram_rounding, interp_weights
+from subriemann.linalg.state import PointState
+from subriemann.validation import check_real
+
+__all__ = ["NTKRoute", "refine_push_through", "SVD_FALLBACK_LIMIT"]
+
+SVD_FALLBACK_LIMIT = 50_000_000
+r"""Largest :math:`QN\cdot K` for which the ``"ntk"`` route, when it cannot certify
+:data:`~subriemann.linalg.ACCURACY`, falls back to the dense SVD (otherwise it warns)."""
+
+_EPS64 = float(torch.finfo(torch.float64).eps)
+
+
+def refine_push_through(
+    jvp: Callable[[Tensor], Tensor],
+    vjp: Callable[[Tensor], Tensor],
+    solve: Callable[[Tensor], Tensor],
+    u: Tensor,
+    v: Tensor,
+    accuracy: float,
+    max_steps: int = 4,
+) -> tuple[Tensor, SolverInfo]:
+    r"""Iterative refinement of the minimum-norm solution :math:`v = D^+u` of :math:`Dv = u`.
+
+    Given :math:`v_0 = D^\top \hat A^{-1}u` (``solve`` applies :math:`\hat A^{-1}`, a
+    factorization of the computed :math:`A = DD^\top`), each step computes the residual
+    :math:`\rho = u - Dv` (one JVP) and adds :math:`\delta v = D^\top\hat A^{-1}\rho`
+    (one VJP).  The corrections stay in :math:`\operatorname{ran}D^\top`, so the limit
+    is the minimum-norm solution; the error contracts by
+    :math:`\approx\eta/\lambda_{\min}(A)` per step (:math:`\epsilon\kappa(D)^2`) down
+    to the accuracy of the residual, :math:`\approx\epsilon\kappa(D)`, that of a
+    backward stable solver.  The error after a step is at most its correction
+    :math:`|\delta v|`, the a-posteriori estimate used to stop (``<= accuracy |v|``)
+    or to give up (a correction that did not halve: stagnation).
+
+    Returns
+    -------
+    v : Tensor, shape=[K]
+    info : SolverInfo
+        ``solver="refinement"``, ``residual`` the estimated relative error
+        :math:`|\delta v|/|v|` of the last step, ``converged`` when it met ``accuracy``.
+    """
+    prev = math.inf
+    est = math.inf
+    reason = "iteration limit"
+    steps = 0
+    while steps < max_steps:
+        steps += 1
+        dv = vjp(solve(u - jvp(v)))
+        v = v + dv
+        step, vnorm = float(dv.norm()), float(v.norm())
+        est = step / vnorm if vnorm > 0 else (0.0 if step == 0 else math.inf)
+        if est <= accuracy:
+            reason = "converged"
+            break
+        if not step < 0.5 * prev:
+            reason = "stagnated"
+            break
+        prev = step
+    converged = est <= accuracy
+    return v, SolverInfo("refinement", steps, est, converged, accuracy, max_steps, reason=reason)
+
+
+def eigh_error(s: Tensor, keep: Tensor) -> float:
+    r"""Estimated relative error of the thresholded pseudoinverse of a Gram matrix.
+
+    The eigenvalues :math:`\sigma_i^2` carry an absolute error :math:`\eta`
+    (:func:`~subriemann.linalg.eigenvalue_rounding`), so a kept weight
+    :math:`1/\sigma_i^2` is off by up to :math:`\eta/\sigma_r^2` (smallest kept
+    :math:`\sigma_r`) and the kept eigenspace turns by up to
+    :math:`\eta/(\sigma_r^2 - \sigma_{r+1}^2)`; the larger of the two.
+    """
+    r = int(keep.sum())
+    if r == 0:
+        return 0.0
+    low = float(s[r - 1]) ** 2
+    gap = low - (float(s[r]) ** 2 if r < s.shape[0] else 0.0)
+    denom = min(low, gap)
+    return eigenvalue_rounding(s) / denom if denom > 0 else math.inf
+
+
+class NTKRoute(SolverRoute):
+    r"""Push-through in the smaller space (Cholesky / eigendecomposition of the Gram matrix).
+
+    Parameters
+    ----------
+    accuracy : float
+        Relative accuracy of the :math:`\lambda = 1` direction against the SVD
+        route (default :data:`~subriemann.linalg.ACCURACY`).
+
+    Notes
+    -----
+    Cost: the Gram matrix (:math:`QN^2K`, or the structured NTK engine without
+    :math:`D`), then :math:`QN^3/3` (Cholesky) or :math:`\approx 9QN^3` (eigh);
+    memory :math:`QN^2`.  Accuracy :math:`\epsilon\kappa(A)` for
+    :math:`\lambda < 1`, :math:`A = (1-\lambda)1+\lambda DD^\top`; at
+    :math:`\lambda = 1` the guarantee of the module docstring.  For :math:`K < QN`
+    ``sharp`` and ``project`` use the SVD.
+    """
+
+    name = "ntk"
+    tags = frozenset({"gram", "exact_cut"})
+    factorization = "ntk"
+
+    def __init__(self, accuracy: float = ACCURACY) -> None:
+        self.accuracy = check_real(accuracy, "accuracy", **OPEN_UNIT)
+
+    def description(self) -> dict[str, object]:
+        return {"solver": self.name, "accuracy": self.accuracy}
+
+    def prepare(self, state: PointState) -> None:
+        """Form the NTK first: the structured engine gives :math:`x[\\theta]` in the same pass."""
+        if state.output_is_smaller:
+            state.ntk  # noqa: B018
+
+    def checked_tau(self, state: PointState, threshold: Threshold, s: Tensor) -> float:
+        r""":math:`\tau`, with a warning (once) when it is below what the Gram matrix resolves."""
+        tau = self.tau(state, threshold)
+        smax = float(s[0]) if s.numel() else 0.0
+        if smax > 0 and tau < 10.0 * math.sqrt(_EPS64) * smax:
+            warn_once(
+                f"the rank threshold tau = {tau:.3g} is below what the 'ntk' route resolves "
+                f"(about 1e-7 * sigma_max = {1e-7 * smax:.3g}): eigenvalues of D D^T carry an "
+                "error of eps * sigma_max^2. Raise rank_rtol or use solver='svd'."
+            )
+        return tau
+
+    # -- g_lam^+ D^T u ---------------------------------------------------------------
+    def solve(
+        self, state: PointState, rhs: Tensor, lam: float, threshold: Threshold
+    ) -> tuple[Tensor, SolverInfo]:
+        if lam < 1.0:  # SPD with kappa <= 1 + lam sigma_max^2 / (1 - lam): Cholesky
+            info = SolverInfo.direct("ntk", "Cholesky of (1 - lam) 1 + lam G")
+            if state.output_is_smaller:
+                z = torch.cholesky_solve(rhs.unsqueeze(1), state.cholesky(lam)).squeeze(1)
+                return state.vjp(z), info
+            chol = state.param_cholesky(lam)
+            return torch.cholesky_solve(state.vjp(rhs).unsqueeze(1), chol).squeeze(1), info
+        if state.output_is_smaller:
+            # a certified Cholesky factor only where it proves every sigma > tau, so that
+            # (D D^T)^+ = (D D^T)^{-1}; otherwise the thresholded eigendecomposition.
+            # The accuracy certificate first: it usually implies the rank certificate
+            # (eta / accuracy >= 2 tau^2), which then costs no second factorization.
+            state.gram_exceeds(self.accuracy_shift(state))
+            cert = state.certified_cholesky(threshold.rank_atol, threshold.rank_rtol)
+            if cert is not None:
+                return self.cholesky_pseudoinverse(state, rhs, cert, threshold)
+        return self.eigh_pseudoinverse(state, rhs, threshold)
+
+    def accuracy_shift(self, state: PointState) -> float:
+        r""":math:`\eta/\mathrm{accuracy}`: above it, :math:`\lambda_{\min}(DD^\top)` makes
+        the push-through solution accurate without refinement."""
+        return state.memo(
+            ("accuracy_shift", self.accuracy), lambda: gram_rounding(state.ntk) / self.accuracy
+        )
+
+    def cholesky_pseudoinverse(
+        self, state: PointState, u: Tensor, chol: Tensor, threshold: Threshold
+    ) -> tuple[Tensor, SolverInfo]:
+        r""":math:`D^+u = D^\top(DD^\top)^{-1}u` with ``accuracy`` met or announced.
+
+        The relative error of the push-through solution is at most
+        :math:`\eta/\lambda_{\min}(DD^\top)` (:func:`~subriemann.linalg.gram_rounding`).
+        If :math:`\lambda_{\min} > \eta/\mathrm{accuracy}` is certified (one shifted
+        Cholesky factorization), that is all; otherwise iterative refinement
+        (:func:`refine_push_through`), and if that does not reach the accuracy,
+        the SVD (:meth:`accuracy_fallback`).
+        """
+
+        def solve(z: Tensor) -> Tensor:
+            return torch.cholesky_solve(z.unsqueeze(1), chol).squeeze(1)
+
+        v = state.vjp(solve(u))
+        if state.gram_exceeds(self.accuracy_shift(state)):
+            return v, SolverInfo(
+                "ntk", 0, self.accuracy, True, self.accuracy,
+                reason="accuracy certified a priori (lambda_min(D D^T) > eta / accuracy)",
+            )
+        v, info = refine_push_through(state.jvp, state.vjp, solve, u, v, self.accuracy)
+        info.solver = "ntk"
+        if info.converged:
+            info.reason = f"iterative refinement, {info.iterations} step(s)"
+            return v, info
+        return self.accuracy_fallback(
+            state, u, v, info.residual, "iterative refinement", threshold
+        )
+
+    def eigh_pseudoinverse(
+        self, state: PointState, u: Tensor, threshold: Threshold
+    ) -> tuple[Tensor, SolverInfo]:
+        r"""Thresholded pseudoinverse of the smaller Gram matrix, with ``accuracy`` checked.
+
+        The error estimate is :func:`eigh_error`; above ``accuracy`` the SVD takes
+        over (:meth:`accuracy_fallback`).
+        """
+        w, s = state.gram_eigh()
+        keep = s > self.checked_tau(state, threshold, s)
+        small = state.output_is_smaller
+        rhs = u if small else state.vjp(u)
+        coef = torch.where(keep, (w.T @ rhs) / torch.where(keep, s**2, 1.0), 0.0)
+        v = state.vjp(w @ coef) if small else w @ coef
+        est = eigh_error(s, keep)
+        if est <= self.accuracy:
+            return v, SolverInfo(
+                "ntk", 0, est, True, self.accuracy, reason="thresholded eigendecomposition"
+            )
+        how = "thresholded eigendecomposition"
+        return self.accuracy_fallback(state, u, v, est, how, threshold)
+
+    def accuracy_fallback(
+        self, state: PointState, u: Tensor, v: Tensor, est: float, how: str,
+        threshold: Threshold,
+    ) -> tuple[Tensor, SolverInfo]:
+        r"""SVD if :math:`QN\cdot K \le` :data:`SVD_FALLBACK_LIMIT`; else ``v``, warned."""
+        size = state.space.output_dim * state.space.dim
+        note = (
+            f"{how}: estimated relative error up to {error_decade(est)} > accuracy "
+            f"{self.accuracy:.2g}"
+        )
+        if size <= SVD_FALLBACK_LIMIT:
+            uu, s, vv = state.svd
+            w = interp_weights(s, 1.0, self.tau(state, threshold))
+            info = SolverInfo(
+                "svd", 0, 0.0, True, self.accuracy, reason=f"fallback to the SVD ({note})"
+            )
+            return vv @ (w * (uu.T @ u)), info
+        warnings.warn(
+            f"the 'ntk' route cannot certify the accuracy {self.accuracy:.2g} of the lam = 1 "
+            f"direction here ({note}; D is too large for the SVD fallback, QN*K = "
+            f"{size} > {SVD_FALLBACK_LIMIT}): raise rank_rtol, or use solver='matrix_free'",
+            AccuracyWarning,
+            stacklevel=5,
+        )
+        return v, SolverInfo("ntk", 0, est, False, self.accuracy, reason=note)
+
+    # -- sharp, projection -----------------------------------------------------------
+    def _gram_coefficients(
+        self, state: PointState, a: Tensor, threshold: Threshold, power: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        r""":math:`D^\top U\,\mathrm{diag}(1/f(\sigma_i))\,U^\top Da` over :math:`\sigma_i > \tau`
+        (:math:`QN \le K`), with :math:`f` = ``power``."""
+        uu, s = state.gram_eigh()
+        keep = s > self.checked_tau(state, threshold, s)
+        coef = torch.where(keep, (uu.T @ state.jvp(a)) / torch.where(keep, power(s), 1.0), 0.0)
+        return state.vjp(uu @ coef)
+
+    def sharp(
+        self, state: PointState, xi: Tensor, lam: float, threshold: Threshold
+    ) -> tuple[Tensor, SolverInfo]:
+        r"""Woodbury for :math:`\lambda < 1`,
+        :math:`(1-\lambda)^{-1}[\xi - \lambda D^\top((1-\lambda)1+\lambda DD^\top)^{-1}D\xi]`;
+        :math:`(D^\top D)^+ = D^\top U\Sigma^{-4}U^\top D` at :math:`\lambda = 1`
+        (:math:`QN \le K`; the SVD otherwise)."""
+        if not state.output_is_smaller:
+            state.svd  # noqa: B018
+            out = svd_sharp(state, xi, lam, self.tau(state, threshold), restrict=False)
+            return out, SolverInfo.direct("svd", "thin SVD (ntk route, K < QN)")
+        if lam < 1.0:
+            w = torch.cholesky_solve(state.jvp(xi).unsqueeze(1), state.cholesky(lam)).squeeze(1)
+            out = (xi - lam * state.vjp(w)) / (1.0 - lam)
+            return out, SolverInfo.direct("ntk", "Woodbury, Cholesky of (1 - lam) 1 + lam D D^T")
+        out = self._gram_coefficients(state, xi, threshold, lambda s: s**4)
+        return out, SolverInfo.direct("ntk", "thresholded eigendecomposition of D D^T")
+
+    def project(
+        self, state: PointState, a: Tensor, threshold: Threshold
+    ) -> tuple[Tensor, SolverInfo]:
+        if not state.output_is_smaller:
+            state.svd  # noqa: B018
+            out = svd_project(state, a, self.tau(state, threshold))
+            return out, SolverInfo.direct("svd", "thin SVD (ntk route, K < QN)")
+        out = self._gram_coefficients(state, a, threshold, lambda s: s**2)
+        return out, SolverInfo.direct("ntk", "thresholded eigendecomposition of D D^T")
+
+    def restricted_sharp(
+        self, state: PointState, xi: Tensor, lam: float, threshold: Threshold
+    ) -> tuple[Tensor, SolverInfo]:
+        if not state.output_is_smaller:
+            state.svd  # noqa: B018
+            out = svd_sharp(state, xi, lam, self.tau(state, threshold), restrict=True)
+            return out, SolverInfo.direct("svd", "thin SVD (ntk route, K < QN)")
+        # xi = D^T w + xi_perp; only D^T w counts: w = (DD^T)^+ D xi
+        out = self._gram_coefficients(
+            state, xi, threshold, lambda s: s**2 * ((1.0 - lam) + lam * s**2)
+        )
+        return out, SolverInfo.direct("ntk", "thresholded eigendecomposition of D D^T")
