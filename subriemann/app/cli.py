@@ -133,6 +133,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="integrator absolute tolerance (default: rtol/100)")
     g.add_argument("--rank-rtol", dest="rank_rtol", metavar="RTOL",
                    help="rank threshold tau = RTOL * sigma_max(D(theta0)) (default: 1e-6)")
+    g.add_argument("--rank-band", dest="rank_band", metavar="BETA",
+                   help="band filter of the flows: singular values between tau and "
+                   "BETA * sigma_max are weighed down smoothly instead of cut at tau "
+                   "(docs/flows.md); 0 = the exact thresholded flow (default: 1e-3)")
     g.add_argument("--max-time", dest="max_time", metavar="SECONDS",
                    help="wall-time budget per flow; 0 = none (default: 60)")
     g.add_argument("--seed", metavar="SEED",
@@ -201,9 +205,9 @@ def _previous(out: Path, opts: Options) -> None:
         return
     now = asdict(opts)
     diff = [
-        f"{k}: {stored.get(k)!r} there, {now[k]!r} now"
+        f"{k}: {stored.get(k, DEFAULTS.get(k))!r} there, {now[k]!r} now"
         for k in now
-        if k not in NOT_FINGERPRINTED and stored.get(k) != now[k]
+        if k not in NOT_FINGERPRINTED and stored.get(k, DEFAULTS.get(k)) != now[k]
     ]
     raise UsageError(
         f"--resume: {out} holds a run with other settings ({'; '.join(diff) or 'fingerprint'}); "
@@ -302,7 +306,7 @@ def _one_flow(run: _Run, problem: Problem, opts: Options, ms: MetricSpec, tag: s
         traj = gradient_flow(
             space, problem.theta0, opts.s_end, rtol=opts.rtol, atol=opts.atol,
             max_time=opts.max_time, checkpoint=ckpt, resume=ckpt if opts.resume else None,
-            progress=progress,
+            progress=progress, rank_band=opts.rank_band,
         )
     assert isinstance(traj, Trajectory)
     names: dict[str, Any] = {"name": ms.name, "spec": ms.spec, "label": ms.label, "lam": ms.lam}
@@ -394,8 +398,8 @@ def _kept_flow(final: Path, ckpt: Path, space: Any, theta0: Any, opts: Options) 
         return None
     same = traj.problem == problem_fingerprint(space, space.metric.description(), theta0)
     st = traj.settings
-    if not same or (st.get("s_end"), st.get("rtol"), st.get("atol")) != (
-        opts.s_end, opts.rtol, opts.atol
+    if not same or (st.get("s_end"), st.get("rtol"), st.get("atol"), st.get("rank_band")) != (
+        opts.s_end, opts.rtol, opts.atol, opts.rank_band
     ):
         return None
     return traj

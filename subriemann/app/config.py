@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "rtol": 1e-8,
     "atol": None,  # rtol / 100
     "rank_rtol": 1e-6,
+    "rank_band": 1e-3,  # gradient_flow's band filter above tau (docs/flows.md); 0: off
     "max_time": 60.0,
     "seed": 0,
     "out": "subriemann-report",
@@ -223,10 +224,13 @@ class Options:
     progress: bool
     resume: bool
     overwrite: bool = False
+    rank_band: float = 1e-3
 
     def fingerprint(self) -> str:
         """Hash of the settings that define the flows (not ``out``, ``threads``, ...)."""
         d = {k: v for k, v in asdict(self).items() if k not in NOT_FINGERPRINTED}
+        if d["rank_band"] == DEFAULTS["rank_band"]:  # option added later: at its default the
+            del d["rank_band"]  # fingerprint is that of the runs written before it existed
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def settings(self) -> dict[str, Any]:
@@ -276,6 +280,8 @@ def _flow_options(v: dict[str, Any]) -> dict[str, Any]:
         "rtol": rtol,
         "atol": atol,
         "rank_rtol": _as_float(v["rank_rtol"], "rank_rtol", 0.0, high=1.0, high_open=True),
+        "rank_band": _as_float(v.get("rank_band", DEFAULTS["rank_band"]), "rank_band", 0.0,
+                               high=1.0, high_open=True),
         "max_time": max_time or None,  # 0: no budget
         "seed": _as_int(v["seed"], "seed", 0),
     }

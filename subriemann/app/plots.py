@@ -437,7 +437,7 @@ def _sv_caption(flows: Sequence[PlotFlow]) -> str:
 
 def _draw_singular_values(flows: Sequence[PlotFlow]) -> _Drawn:
     n = max(len(flows), 1)
-    fig, axes = _new((min(3.4 * n, 13.0), 3.8), ncols=n, sharey=True)
+    fig, axes = _new((min(max(3.4 * n, 9.6), 13.0), 3.8), ncols=n, sharey=True)
     title = "(c) Singular values of D"
     if not flows:
         _note(axes[0], "no flows")
@@ -548,7 +548,7 @@ def _limit_curves(ax: Axes, flows: Sequence[PlotFlow]) -> tuple[float, float, fl
         ax.semilogy(s, np.maximum(_np(err.minimizer_distance) / d0, _FLOOR), color=col,
                     lw=1.1, ls=":")
         if is_adapted(f.traj):
-            last = (float(s[-1]), float(err.distance[-1]) / d0)
+            last = (float(s[-1]), float(err.minimizer_distance[-1]) / d0)
     return d0, last[0], last[1]
 
 
@@ -561,17 +561,20 @@ def _draw_limit_finite(ax: Axes, flows: Sequence[PlotFlow]) -> str:
         ax.semilogy(ss, q1 * np.exp(-mu * (ss - s1)), "k--", lw=1.1,
                     label=rf"slope $-\mu$, $\mu = {mu:.3g}$")
         ref = (f" Dashed black: slope −μ, μ = min_j λ₂(diag y_j − y_j y_jᵀ) = {mu:.3g}, through "
-               "the adapted flow's last point: its predicted late-time rate, reached once "
-               f"|x − x*| ≲ {CE_RATE_WINDOW:g}·|x(0) − x*| (the verdict fits it there).")
+               "the last point of the adapted flow's dotted curve: its predicted late-time "
+               f"rate, reached once |x − x*| ≲ {CE_RATE_WINDOW:g}·|x(0) − x*| (the verdict fits "
+               "it there, on the dotted curve).")
     ax.set_ylabel(r"$|x(s) - x^*| \,/\, |x(0) - x^*|$")
     ax.set_title("Distance to the predicted limit $x^*$", fontsize=11)
     return ("Solid: |x(s) − x*| / |x(0) − x*| on a log scale, x* the limit predicted for the "
             "adapted flow (λ = 1) from x(0): on each sample's hyperplane ⟨1, x_j⟩ = ⟨1, x_j(0)⟩ "
             "the unique point with softmax(x*_j) = y_j, x*_j = log y_j + const·1 "
             f"(docs/theory.md §6, [CM24] Prop 2.7; |x(0) − x*| = {d0:.3g}). Dotted, same "
-            "colour: the distance to the nearest minimizer, any point with softmax(x_j) = y_j: "
-            "a flow that leaves its hyperplanes (λ < 1) approaches another minimizer, and its "
-            "solid curve levels off above its dotted one." + ref)
+            "colour: the distance to the nearest minimizer, any point with softmax(x_j) = y_j, "
+            "i.e. |x − x*| without the drift of the hyperplane sums: a flow that leaves its "
+            "hyperplanes (λ < 1) approaches another minimizer, and its solid curve levels off "
+            "above its dotted one (the adapted flow's only at the size of its drift, figure "
+            "(d))." + ref)
 
 
 def _draw_limit_divergent(ax: Axes, flows: Sequence[PlotFlow]) -> str:
@@ -638,7 +641,7 @@ def _sums_panel(ax: Axes, f: PlotFlow, col: str) -> int:
 
 def _draw_hyperplanes(flows: Sequence[PlotFlow]) -> _Drawn:
     n = max(len(flows), 1)
-    fig, axes = _new((min(3.4 * n, 13.0), 3.6), ncols=n, sharey=True)
+    fig, axes = _new((min(max(3.4 * n, 9.6), 13.0), 3.6), ncols=n, sharey=True)
     title = "(d) Hyperplane sums"
     if not flows or any(f.traj.loss != "cross_entropy" or len(f.traj) < 2 for f in flows):
         _note(axes[0], "no hyperplane sums: they are a cross-entropy statement")

@@ -70,6 +70,9 @@ def _cross_entropy_info(space: Any, theta0: Any) -> dict[str, Any]:
 def build_problem(opts: Options) -> Problem:
     """Dataset, model and :class:`~subriemann.ParameterSpace` of a run (seeded)."""
     ds, targets = _targets(opts, load_dataset(opts.data, opts.n_samples, opts.seed))
+    description = ds.description
+    if opts.label_smoothing > 0:
+        description += f", labels smoothed (1 − ε)y + ε/Q with ε = {opts.label_smoothing:g}"
     torch.manual_seed(opts.seed)
     if opts.model_file is not None:
         model = load_model_file(opts.model_file, ds.input_dim, ds.num_outputs)
@@ -87,7 +90,7 @@ def build_problem(opts: Options) -> Problem:
     tau = rank_threshold(float(sv[0]) if sv.numel() else 0.0, opts.rank_rtol)
     info = {
         "data": ds.name,
-        "description": ds.description,
+        "description": description,
         "task": ds.task,
         "model": model_desc,
         "loss": opts.loss,

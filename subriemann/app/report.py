@@ -50,7 +50,13 @@ from subriemann.analysis.interpolation import (
     linear_interpolation_residual,
 )
 from subriemann.app.plots import metric_color
-from subriemann.app.verdicts import OUTCOMES, flow_verdicts, is_adapted, verdict_line
+from subriemann.app.verdicts import (
+    OUTCOMES,
+    deviation,
+    flow_verdicts,
+    is_adapted,
+    verdict_line,
+)
 from subriemann.flow.trajectory import STATUS_CODES, Trajectory
 
 __all__ = [
@@ -748,8 +754,8 @@ def _num(v: float | None, fmt: str) -> str:
 
 def _verdicts_table(summary: Mapping[str, Any]) -> str:
     esc = html.escape
-    heads = ("flow", "prediction", "theory", "measured", "expected", "tolerance", "outcome",
-             "how it was checked")
+    heads = ("flow", "prediction", "theory", "measured", "expected", "deviation", "tolerance",
+             "outcome", "how it was checked")
     body = []
     for f in summary["flows"]:
         for v in f.get("verdicts", ()):
@@ -758,6 +764,7 @@ def _verdicts_table(summary: Mapping[str, Any]) -> str:
                 f"<td>{esc(v['section'])}</td><td class=\"num\">{_num(v['measured'], '.4g')}</td>"
                 f"<td class=\"num\">{'≤ ' if v['relation'] == '<=' else ''}"
                 f"{_num(v['expected'], '.4g')}</td>"
+                f"<td class=\"num\">{_num(deviation(v), '.2g')}</td>"
                 f"<td class=\"num\">{_num(v['tolerance'], '.2g')}</td>"
                 f"<td class=\"{_OUTCOME_CLASS[v['outcome']]}\">{esc(v['outcome'])}</td>"
                 f"<td class=\"wrap\">{esc(v['note'])}</td></tr>")
