@@ -190,8 +190,8 @@ def test_warnings_as_one_line_only_inside_the_cli(capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         with one_line_warnings():
-            warnings.warn("first line\n    and its continuation", UserWarning)
-            warnings.warn("a runtime matter", RuntimeWarning)
+            warnings.warn("first line\n    and its continuation", UserWarning, stacklevel=1)
+            warnings.warn("a runtime matter", RuntimeWarning, stacklevel=1)
         assert warnings.showwarning is before
     assert capsys.readouterr().err.splitlines() == [
         "subriemann: warning: first line and its continuation",

@@ -21,6 +21,12 @@ and the table reports honestly when a flow ran out of it.  Problems with
 these sizes more threads only add overhead, and on a busy machine they make a
 run several times slower.
 
+**Output**: progress bars (tqdm, on stderr) only when stderr is a terminal;
+otherwise, in logs and pipes, one line per flow when it finishes.  Warnings
+from the library reach the user as one line each, ``subriemann: warning:
+...``, without the source line (:func:`one_line_warnings`).  After the table,
+one line per prediction checked (the verdicts of :mod:`subriemann.app.verdicts`).
+
 **Errors**: every bad option, unreadable file, unknown model spec or
 incompatible loss/target combination prints one line to stderr and exits with
 code 2.  **Ctrl-C** keeps the completed flows, the checkpoint of the running
@@ -106,7 +112,14 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    g = run.add_argument_group("problem")
+    _problem_options(run.add_argument_group("problem"))
+    _flow_options(run.add_argument_group("flows"))
+    _output_options(run.add_argument_group("output"))
+    sweep_command.add_parser(sub)
+    return top
+
+
+def _problem_options(g: Any) -> None:
     g.add_argument("--model", metavar="SPEC",
                    help="MLP hidden widths 'mlp:W1,W2,...' or 'linear' (default: mlp:32,32)")
     g.add_argument("--activation", metavar="NAME",
@@ -123,7 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--loss", metavar="LOSS", help="mse or cross_entropy (default: mse)")
     g.add_argument("--label-smoothing", dest="label_smoothing", metavar="EPS",
                    help="smooth one-hot targets to (1-EPS) y + EPS/Q (default: 0)")
-    g = run.add_argument_group("flows")
+
+
+def _flow_options(g: Any) -> None:
     g.add_argument("--metrics", metavar="LIST",
                    help=f"comma-separated metrics, one flow each: {METRIC_HELP} "
                    "(default: euclidean,interp:0.5,pullback)")
@@ -145,11 +160,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", metavar="N",
                    help="torch CPU threads (default: 1 when QN*K <= 4e6, where more threads only "
                    "add overhead, else torch's default)")
-    g = run.add_argument_group("output")
+
+
+def _output_options(g: Any) -> None:
     g.add_argument("--out", metavar="DIR", help="report folder (default: subriemann-report)")
     g.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file")
     g.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bars")
+                   help="no progress bars (drawn only when stderr is a terminal; without "
+                   "them each flow gets one line when it finishes)")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in DIR: completed flows are kept, the "
                    "interrupted one and those stopped by the wall-time budget continue from "
@@ -158,8 +176,6 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="replace the previous run in a non-empty DIR (its summary, report, "
                    "figures and flow files); without it such a DIR is refused")
-    sweep_command.add_parser(sub)
-    return top
 
 
 # -- the run ------------------------------------------------------------------------------
