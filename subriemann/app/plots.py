@@ -218,6 +218,19 @@ def _cross_note(flows: Sequence[PlotFlow]) -> str:
     return _CROSS if any(_stopped_early(f.traj) for f in flows) else ""
 
 
+def _drawable(flows: Sequence[PlotFlow], loss: str) -> bool:
+    """Every flow has the ``loss`` and at least two saved points."""
+    return bool(flows) and all(f.traj.loss == loss and len(f.traj) >= 2 for f in flows)
+
+
+def _nothing(fig: Figure, axes: Sequence[Axes], title: str, note: str, caption: str,
+             wide: bool = False) -> _Drawn:
+    """A figure that says in its panels and its caption why nothing is drawn."""
+    for ax in axes:
+        _note(ax, note)
+    return _Drawn(fig, title, caption, wide)
+
+
 def _targets(traj: Trajectory) -> Any:
     return traj.targets.reshape(int(traj.num_samples), int(traj.num_outputs))
 
@@ -331,10 +344,10 @@ def _path(ax: Axes, f: PlotFlow, col: str, plane: tuple) -> None:
 def _draw_paths(flows: Sequence[PlotFlow]) -> _Drawn:
     fig, (ax,) = _new((6.4, 4.6))
     title = "(b) Output-space paths"
-    if not flows or any(f.traj.loss != "mse" or len(f.traj) < 2 for f in flows):
-        _note(ax, "no output paths: the straight-line prediction is for MSE flows")
-        return _Drawn(fig, title, "No paths drawn: the straight-line prediction "
-                      "(docs/theory.md §3) is a statement about completed MSE flows.")
+    if not _drawable(flows, "mse"):
+        return _nothing(fig, [ax], title, "no output paths: the straight line is for MSE flows",
+                        "No paths drawn: the straight-line prediction (docs/theory.md §3) is a "
+                        "statement about completed MSE flows.")
     plane = _plane(flows)
     ax.plot([1.0, 0.0], [0.0, 0.0], color="0.55", lw=5, alpha=0.35, solid_capstyle="round",
             label=r"linear interpolation $t\,y + (1-t)\,x(0)$", zorder=1)
@@ -440,8 +453,7 @@ def _draw_singular_values(flows: Sequence[PlotFlow]) -> _Drawn:
     fig, axes = _new((min(max(3.4 * n, 9.6), 13.0), 3.8), ncols=n, sharey=True)
     title = "(c) Singular values of D"
     if not flows:
-        _note(axes[0], "no flows")
-        return _Drawn(fig, title, "No flows.", wide=True)
+        return _nothing(fig, axes, title, "no flows", "No flows.", wide=True)
     for ax, f, col in zip(axes, flows, _colors(flows)):
         _sv_panel(ax, f, col)
     axes[0].set_ylabel(r"singular values $\sigma_i$ of $D$")
@@ -491,10 +503,8 @@ def _draw_deviation(flows: Sequence[PlotFlow]) -> _Drawn:
     title = "(d) Deviation from linear interpolation"
     devs = [(f, c) for f, c in zip(flows, _colors(flows)) if f.deviation is not None]
     if not devs:
-        for ax in axes:
-            _note(ax, "no deviation computed\n(the straight-line prediction is for MSE)")
-        return _Drawn(fig, title, "No deviation computed (it needs completed MSE flows).",
-                      wide=True)
+        return _nothing(fig, axes, title, "no deviation computed\n(the straight line is for MSE)",
+                        "No deviation computed (it needs completed MSE flows).", wide=True)
     all_perp_zero, drew_prop = _deviation_curves(axes, devs)
     axes[0].set_ylabel(r"$|\cdot| \,/\, |x(0) - y|$")
     axes[0].set_title(r"$|P z(t)|$: bend inside $\mathrm{ran}\,D$", fontsize=10)
@@ -595,10 +605,10 @@ def _draw_limit_divergent(ax: Axes, flows: Sequence[PlotFlow]) -> str:
 def _draw_limit(flows: Sequence[PlotFlow]) -> _Drawn:
     fig, (ax,) = _new((6.4, 4.2))
     title = "(b) Distance to the limit"
-    if not flows or any(f.traj.loss != "cross_entropy" or len(f.traj) < 2 for f in flows):
-        _note(ax, "no limit: the prediction x* is for completed cross-entropy flows")
-        return _Drawn(fig, title, "Nothing drawn: the limit x* is a statement about completed "
-                      "cross-entropy flows (docs/theory.md §6).")
+    if not _drawable(flows, "cross_entropy"):
+        return _nothing(fig, [ax], title, "no limit: x* is for cross-entropy flows",
+                        "Nothing drawn: the limit x* is a statement about completed "
+                        "cross-entropy flows (docs/theory.md §6).")
     if limit_error(flows[0].traj).finite:
         caption = _draw_limit_finite(ax, flows)
     else:
@@ -643,10 +653,9 @@ def _draw_hyperplanes(flows: Sequence[PlotFlow]) -> _Drawn:
     n = max(len(flows), 1)
     fig, axes = _new((min(max(3.4 * n, 9.6), 13.0), 3.6), ncols=n, sharey=True)
     title = "(d) Hyperplane sums"
-    if not flows or any(f.traj.loss != "cross_entropy" or len(f.traj) < 2 for f in flows):
-        _note(axes[0], "no hyperplane sums: they are a cross-entropy statement")
-        return _Drawn(fig, title, "Nothing drawn (completed cross-entropy flows only).",
-                      wide=True)
+    if not _drawable(flows, "cross_entropy"):
+        return _nothing(fig, axes[:1], title, "no hyperplane sums: a cross-entropy statement",
+                        "Nothing drawn (completed cross-entropy flows only).", wide=True)
     shown = [_sums_panel(ax, f, col) for ax, f, col in zip(axes, flows, _colors(flows))]
     axes[0].set_ylabel(r"$c_j(s) = \langle 1, x_j(s)\rangle$")
     n_samples = int(flows[0].traj.num_samples)
