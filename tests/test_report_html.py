@@ -196,9 +196,10 @@ def test_ce_report_dom_in_chromium(chromium, ce_report):
     placeholders = ("Nothing drawn", "No paths drawn", "No deviation computed", "No flows")
     assert not any(p in c for c in caps.values() for p in placeholders)
     header, *rows = page.rows
-    assert header[:3] == ["flow", "prediction", "theory"]
+    assert header[:3] == ["flow", "prediction", "docs/theory.md"]
     col = {h: i for i, h in enumerate(header)}
     verdicts = {(r[0], r[col["prediction"]]): r[col["outcome"]] for r in rows}
+    assert {r[col["docs/theory.md"]] for r in rows} == {"§2", "§6"}
     assert verdicts[("pullback", "hyperplane sums ⟨1, x_j⟩ constant")] == "held"
     assert verdicts[("pullback", "C non-increasing")] == "held"
     assert verdicts[("euclidean", "drift of the hyperplane sums ⟨1, x_j⟩")] == "no prediction"

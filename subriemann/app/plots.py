@@ -559,6 +559,7 @@ def _limit_curves(ax: Axes, flows: Sequence[PlotFlow]) -> tuple[float, float, fl
                     lw=1.1, ls=":")
         if is_adapted(f.traj):
             last = (float(s[-1]), float(err.minimizer_distance[-1]) / d0)
+    ax.plot([], [], color="0.4", lw=1.1, ls=":", label="dotted: to the nearest minimizer")
     return d0, last[0], last[1]
 
 
@@ -664,7 +665,8 @@ def _draw_hyperplanes(flows: Sequence[PlotFlow]) -> _Drawn:
     caption = (
         f"c_j(s) = ⟨1, x_j(s)⟩, the sum of sample j's logits, against s: {which}, one panel "
         "per flow in its colour. The cross-entropy does not change when a sample's logits all "
-        "shift by the same amount, so ∇_{x_j}C = softmax(x_j) − y_j is orthogonal to 1: under "
+        "shift by the same amount, so its gradient in x_j, softmax(x_j) − y_j, is orthogonal to "
+        "1: under "
         "the adapted flow (λ = 1) with rank D = QN each c_j stays constant, its hyperplane is "
         "invariant (docs/theory.md §6, [CM24] §2.3); other flows move it. Panel titles give "
         "max over j and s of |c_j(s) − c_j(0)|; the verdicts compare the adapted flow's with "

@@ -696,7 +696,8 @@ border-bottom:1px solid #dde2ea;padding-bottom:.2em}
 table{border-collapse:collapse;font-size:.88em;margin:.5em 0;width:100%}
 th,td{border:1px solid #dde2ea;padding:4px 8px;text-align:left;white-space:nowrap}
 th{background:#f2f5f9}td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.wrap{white-space:normal;color:#4a5366;font-size:.95em}
+td.wrap{white-space:normal;color:#4a5366;font-size:.95em;min-width:15em}
+td.pred{white-space:normal;min-width:10em}
 tr.bad td.status{color:#b03a2e;font-weight:600}tr.ok td.status{color:#1e7d45}
 td.held{color:#1e7d45;font-weight:600}td.failed{color:#b03a2e;font-weight:700}
 td.skip{color:#7a8396}td.none{color:#7a8396;font-style:italic}
@@ -754,14 +755,15 @@ def _num(v: float | None, fmt: str) -> str:
 
 def _verdicts_table(summary: Mapping[str, Any]) -> str:
     esc = html.escape
-    heads = ("flow", "prediction", "theory", "measured", "expected", "deviation", "tolerance",
-             "outcome", "how it was checked")
+    heads = ("flow", "prediction", "docs/theory.md", "measured", "expected", "deviation",
+             "tolerance", "outcome", "how it was checked")
     body = []
     for f in summary["flows"]:
         for v in f.get("verdicts", ()):
             body.append(
-                f"<tr><td>{_swatch(f)}{esc(f['name'])}</td><td>{esc(v['prediction'])}</td>"
-                f"<td>{esc(v['section'])}</td><td class=\"num\">{_num(v['measured'], '.4g')}</td>"
+                f"<tr><td>{_swatch(f)}{esc(f['name'])}</td>"
+                f"<td class=\"pred\">{esc(v['prediction'])}</td>"
+                f"<td>{esc(v['section'].removeprefix('docs/theory.md '))}</td><td class=\"num\">{_num(v['measured'], '.4g')}</td>"
                 f"<td class=\"num\">{'≤ ' if v['relation'] == '<=' else ''}"
                 f"{_num(v['expected'], '.4g')}</td>"
                 f"<td class=\"num\">{_num(deviation(v), '.2g')}</td>"

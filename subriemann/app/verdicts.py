@@ -358,16 +358,15 @@ def _late_rate(traj: Trajectory, dist: LimitError) -> Verdict:
         return Verdict("late_rate", what, sec, None, mu, None, "not checked",
                        f"not checked: |x − x*| fell to {rel:.2g} of |x(0) − x*| by s_end; the fit "
                        f"starts at {CE_RATE_WINDOW:g} (try --s-end {float(traj.s[-1]) + more:.0f})")
-    note = (f"slope of log |x − x*| with the hyperplane drift removed, over s ∈ "
-            f"[{fit.s_min:.3g}, {fit.s_max:.3g}] (|x − x*| ≤ {CE_RATE_WINDOW:g}·|x(0) − x*|); "
-            f"tolerance {CE_RATE_RTOL:.0%} of μ (bias of a finite window)")
+    note = (f"fit of log |x − x*| (drift of the sums removed) over s ∈ [{fit.s_min:.3g}, "
+            f"{fit.s_max:.3g}], where |x − x*| ≤ {CE_RATE_WINDOW:g}·|x(0) − x*|; tolerance "
+            f"{CE_RATE_RTOL:.0%} of μ (finite-window bias)")
     filtered = [g for g in traj.segments if g.kind == "filtered" and g.max_deviation > 0
                 and g.s_start <= fit.s_max and g.s_end >= fit.s_min]
     if filtered:
         dev = max(g.max_deviation for g in filtered)
-        note += (f"; the band filter weighed down {len({g.index for g in filtered})} "
-                 f"direction(s) in this window (field deviation ≤ {dev:.2g}), so the computed "
-                 "flow is not exactly the λ = 1 flow there: --rank-band 0 turns it off")
+        note += (f"; the band filter was active here (field deviation ≤ {dev:.2g}; "
+                 "--rank-band 0 turns it off)")
     return _checked("late_rate", what, sec, fit.rate, mu, CE_RATE_RTOL * mu, note)
 
 
