@@ -211,6 +211,7 @@ def test_progress_bars_only_on_a_terminal(tmp_path, monkeypatch, capsys):
         return flow(*args, **kwargs)
 
     monkeypatch.setattr(cli, "gradient_flow", spy)
+    monkeypatch.setattr(cli, "_finish", lambda run: run.summary(complete=True))  # no figures
     argv = ["run", *[a for a in TINY if a != "--no-progress"], "--metrics", "pullback",
             "--s-end", "0.2"]
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0  # captured: not a terminal
