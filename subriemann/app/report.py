@@ -753,23 +753,26 @@ def _num(v: float | None, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
-def _verdicts_table(summary: Mapping[str, Any]) -> str:
+def _verdict_row(f: Mapping[str, Any], v: Mapping[str, Any]) -> str:
     esc = html.escape
+    cells = [
+        ("", f"{_swatch(f)}{esc(f['name'])}"),
+        ("pred", esc(v["prediction"])),
+        ("", esc(v["section"].removeprefix("docs/theory.md "))),
+        ("num", _num(v["measured"], ".4g")),
+        ("num", ("≤ " if v["relation"] == "<=" else "") + _num(v["expected"], ".4g")),
+        ("num", _num(deviation(v), ".2g")),
+        ("num", _num(v["tolerance"], ".2g")),
+        (_OUTCOME_CLASS[v["outcome"]], esc(v["outcome"])),
+        ("wrap", esc(v["note"])),
+    ]
+    return "<tr>" + "".join(f'<td class="{c}">{t}</td>' for c, t in cells) + "</tr>"
+
+
+def _verdicts_table(summary: Mapping[str, Any]) -> str:
     heads = ("flow", "prediction", "docs/theory.md", "measured", "expected", "deviation",
              "tolerance", "outcome", "how it was checked")
-    body = []
-    for f in summary["flows"]:
-        for v in f.get("verdicts", ()):
-            body.append(
-                f"<tr><td>{_swatch(f)}{esc(f['name'])}</td>"
-                f"<td class=\"pred\">{esc(v['prediction'])}</td>"
-                f"<td>{esc(v['section'].removeprefix('docs/theory.md '))}</td><td class=\"num\">{_num(v['measured'], '.4g')}</td>"
-                f"<td class=\"num\">{'≤ ' if v['relation'] == '<=' else ''}"
-                f"{_num(v['expected'], '.4g')}</td>"
-                f"<td class=\"num\">{_num(deviation(v), '.2g')}</td>"
-                f"<td class=\"num\">{_num(v['tolerance'], '.2g')}</td>"
-                f"<td class=\"{_OUTCOME_CLASS[v['outcome']]}\">{esc(v['outcome'])}</td>"
-                f"<td class=\"wrap\">{esc(v['note'])}</td></tr>")
+    body = [_verdict_row(f, v) for f in summary["flows"] for v in f.get("verdicts", ())]
     return (f'<table id="verdicts"><thead><tr>{"".join(f"<th>{h}</th>" for h in heads)}'
             f'</tr></thead><tbody>{"".join(body)}</tbody></table>')
 

@@ -6,18 +6,16 @@ it, what was measured, within which tolerance, and whether the prediction held
 checked; a measurement shown for comparison where the theory predicts nothing
 has the outcome ``"no prediction"`` and no expected value.
 
-====  ======================================  =============================================  =====
-loss  flow                                    prediction                                     §
-====  ======================================  =============================================  =====
-any   every flow                              :math:`C` non-increasing (descent)             2, 8
-MSE   :math:`\lambda = 1`, rank :math:`QN`    :math:`C(s) = C(0)e^{-2s}`: decay rate 2       3
-MSE   :math:`\lambda = 1`, rank :math:`QN`    straight line :math:`ty + (1-t)x(0)`           3
-MSE   :math:`\lambda = 1`, rank loss          :math:`z = (1-t)(U(t,0)-1)(x(0)-y)` (2.58)     4
-CE    :math:`\lambda = 1`, rank :math:`QN`    :math:`\langle 1, x_j(s)\rangle` constant      6
-CE    :math:`\lambda = 1`, rank :math:`QN`    :math:`|x - x^*| \sim e^{-\mu s}` late          6
-====  ======================================  =============================================  =====
+The predictions (section of docs/theory.md in brackets):
 
-(§ of docs/theory.md.)
+* every flow, every loss: :math:`C` is non-increasing (§2);
+* MSE, :math:`\lambda = 1`, :math:`\operatorname{rank}D = QN`: decay rate 2,
+  :math:`C(s) = C(0)e^{-2s}`, and the straight line :math:`ty + (1-t)x(0)` (§3);
+* MSE, :math:`\lambda = 1`, rank loss: the bend
+  :math:`z = (1-t)(U(t,0)-1)(x(0)-y)` of (2.58) (§4);
+* cross-entropy, :math:`\lambda = 1`, :math:`\operatorname{rank}D = QN`: constant
+  hyperplane sums :math:`\langle 1, x_j(s)\rangle`, and, for labels with positive
+  entries, :math:`x \to x^*` at the late-time rate :math:`\mu` (§6).
 
 **Tolerances** come from an estimate :math:`\varepsilon` of the error of the
 computed outputs :math:`x(s)` (:func:`output_error`), never from the measured
@@ -376,7 +374,8 @@ def _ce_verdicts(traj: Trajectory, lam: float | None, err: OutputError, full_ran
     if not is_adapted(traj, lam):
         return [Verdict("hyperplane_sums", "drift of the hyperplane sums ⟨1, x_j⟩", sec,
                         sums.max_drift, None, None, "no prediction",
-                        "only the adapted flow (λ = 1) keeps them")]
+                        "docs/theory.md §6 predicts constant sums for the adapted flow "
+                        "(λ = 1) only")]
     if not full_rank:
         return [Verdict("hyperplane_sums", what, sec, sums.max_drift, 0.0, None, "not checked",
                         "not checked: rank D < QN on this flow (then only Σ_j⟨1, x_j⟩ is kept, "
