@@ -344,7 +344,7 @@ def on_hyperplanes(traj: Trajectory) -> Trajectory:
 def _late_rate(traj: Trajectory, dist: LimitError) -> Verdict:
     what, sec = "late-time rate of x → x* on 1⊥ = μ", "docs/theory.md §6"
     if not dist.finite or dist.relative_final is None:
-        return Verdict("late_rate", what, sec, None, 0.0, None, "not checked",
+        return Verdict("late_rate", what, sec, None, None, None, "not checked",
                        "not checked: labels with zero entries (one-hot) have no finite limit x* "
                        "and no exponential rate; give --label-smoothing EPS")
     mu = asymptotic_rate(traj.targets.reshape(traj.num_samples, traj.num_outputs))
