@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import matplotlib.image
@@ -45,6 +46,13 @@ import torch
 def build(in_dim, out_dim):
     return torch.nn.Sequential(torch.nn.Linear(in_dim, 7), torch.nn.Softplus(),
                                torch.nn.Linear(7, out_dim))
+"""
+DROPOUT_NET = """
+import torch
+
+def build(in_dim, out_dim):
+    return torch.nn.Sequential(torch.nn.Linear(in_dim, 6), torch.nn.Dropout(0.1),
+                               torch.nn.Tanh(), torch.nn.Linear(6, out_dim))
 """
 FIGURES = ("cost", "output_path", "singular_values", "deviation")
 
@@ -113,6 +121,15 @@ def test_run_with_flags(flags_run):
     assert pull["rank"]["min"] == pull["rank"]["full"] == 5
     assert summary["flows"][0]["interpolation_residual"] > 1e-3  # the standard flow bends
     assert summary["problem"]["num_samples"] == 5 and summary["problem"]["overparametrized"]
+    # a verdict per prediction, expectations only where the theory makes them
+    verdicts = {(f["name"], v["check"]): v for f in summary["flows"] for v in f["verdicts"]}
+    assert {k: v["outcome"] for k, v in verdicts.items()} == {
+        ("euclidean", "descent"): "held", ("euclidean", "decay_rate"): "no prediction",
+        ("pullback", "descent"): "held", ("pullback", "decay_rate"): "held",
+        ("pullback", "straight_line"): "held"}
+    assert summary["flows"][0]["decay_rate"]["expected"] is None
+    assert verdicts[("pullback", "decay_rate")]["expected"] == 2.0
+    assert "decay rate of C = 2 (docs/theory.md §3): measured 2" in printed
 
 
 def test_run_with_config_npz_and_model_file(tmp_path):
@@ -136,10 +153,19 @@ def test_run_with_config_npz_and_model_file(tmp_path):
 
 
 def test_run_subprocess(tmp_path):
-    """``python -m subriemann run`` in a fresh interpreter (one flow, to keep it short)."""
+    """``python -m subriemann run`` in a fresh interpreter (one flow, to keep it short).
+
+    Nobody is watching (stdout and stderr are pipes): no progress bars although
+    they are not switched off, one line per flow when it finishes, and the
+    library's warning (a Dropout layer) as one line without its source line.
+    """
     out = tmp_path / "r"
+    (tmp_path / "net.py").write_text(DROPOUT_NET)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    argv = [*TINY, "--metrics", "pullback", "--s-end", "0.3", "--out", str(out)]
+    tiny = [a for a in TINY if a != "--no-progress"]
+    tiny[tiny.index("--model"):tiny.index("--model") + 2] = [
+        "--model-file", f"{tmp_path / 'net.py'}:build"]
+    argv = [*tiny, "--metrics", "pullback", "--s-end", "0.3", "--out", str(out)]
     proc = subprocess.run(
         [sys.executable, "-m", "subriemann", "run", *argv],
         capture_output=True, text=True, timeout=300, env=env,
@@ -147,6 +173,58 @@ def test_run_subprocess(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     check_report(out, ("pullback",))
+    assert "\r" not in proc.stderr and "\r" not in proc.stdout and "%|" not in proc.stderr
+    flows = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
+    assert len(flows) == 1 and flows[0].startswith("[1/1] λ=1 (output pullback): s_end_reached")
+    err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert err and all(ln.startswith("subriemann: warning: ") for ln in err), proc.stderr
+    assert any("eval mode" in ln for ln in err)
+    assert "warnings.warn" not in proc.stderr and "UserWarning" not in proc.stderr
+    assert ".py:" not in proc.stderr  # no file:line
+
+
+def test_warnings_as_one_line_only_inside_the_cli(capsys):
+    from subriemann.app.cli import one_line_warnings
+
+    before = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with one_line_warnings():
+            warnings.warn("first line\n    and its continuation", UserWarning, stacklevel=1)
+            warnings.warn("a runtime matter", RuntimeWarning, stacklevel=1)
+        assert warnings.showwarning is before
+    assert capsys.readouterr().err.splitlines() == [
+        "subriemann: warning: first line and its continuation",
+        "subriemann: warning: a runtime matter (RuntimeWarning)",
+    ]
+
+
+def test_progress_bars_only_on_a_terminal(tmp_path, monkeypatch, capsys):
+    import subriemann.app.cli as cli
+
+    seen: list[bool] = []
+    flow = cli.gradient_flow
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["progress"])
+        kwargs["progress"] = False  # nothing drawn into the captured stderr
+        return flow(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "gradient_flow", spy)
+    monkeypatch.setattr(cli, "_finish", lambda run: run.summary(complete=True))  # no figures
+    argv = ["run", *[a for a in TINY if a != "--no-progress"], "--metrics", "pullback",
+            "--s-end", "0.2"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0  # captured: not a terminal
+    out = capsys.readouterr().out
+    assert [ln for ln in out.splitlines() if ln.startswith("[")] == [
+        ln for ln in out.splitlines() if ln.startswith("[1/1] λ=1 (output pullback): ")]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "c"), "--no-progress"]) == 0
+    assert seen == [False, True, False]
+    # on a terminal the flow is announced before its bar, and reported when it ends
+    out = capsys.readouterr().out
+    assert "[1/1] λ=1 (output pullback)\n" in out
 
 
 def test_help_and_version(capsys):
@@ -380,6 +458,33 @@ def test_integer_labels_with_cross_entropy_are_one_hot(tmp_path):
     values["loss"] = "mse"
     prob = build_problem(resolve_options(values, set(values)))
     assert prob.space.output_dim == 6  # Q = 1
+
+
+def test_cross_entropy_with_one_hot_labels(tmp_path):
+    """The new user's ``--loss cross_entropy`` (one-hot labels): the report says there is no
+    finite limit, checks the hyperplane sums and draws the cross-entropy figures."""
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "c.npz", inputs=rng.normal(size=(6, 2)), targets=np.arange(6) % 3)
+    out = tmp_path / "r"
+    argv = ["run", *TINY, "--data", str(tmp_path / "c.npz"), "--loss", "cross_entropy",
+            "--out", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    check_schema(summary)
+    assert set(summary["figures"]) == {"cost", "limit_distance", "singular_values",
+                                       "hyperplane_sums"}
+    assert "progress along" in summary["captions"]["limit_distance"]["title"]
+    ce = summary["problem"]["cross_entropy"]
+    assert ce == {"minimum_cost": 0.0, "mu": 0.0, "finite_limit": False, "limit_distance": None}
+    verdicts = {(f["name"], v["check"]): v for f in summary["flows"] for v in f["verdicts"]}
+    assert verdicts[("pullback", "hyperplane_sums")]["outcome"] == "held"
+    late = verdicts[("pullback", "late_rate")]
+    assert late["outcome"] == "not checked" and "--label-smoothing" in late["note"]
+    # the decay rate is the slope of what figure (a) draws: C - C* (here C* = 0)
+    pull = summary["flows"][1]
+    assert pull["decay_rate"]["minimum_cost"] == 0.0 and pull["decay_rate"]["expected"] is None
+    # x(s) - x(0) along the divergence direction grows (docs/theory.md §6)
+    assert pull["cross_entropy"]["divergence_coordinate_final"] > 0
 
 
 def test_digits_split_is_the_fixed_stratified_split_standardized_on_train():

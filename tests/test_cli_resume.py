@@ -103,3 +103,18 @@ def test_an_empty_or_new_out_is_fine(tmp_path, name):
     if name == "empty":
         out.mkdir()
     assert main(["run", *TINY, "--metrics", "pullback", "--s-end", "0.1", "--out", str(out)]) == 0
+
+
+def test_resume_after_an_overwrite_run(tmp_path, monkeypatch, capsys):
+    """The stored --overwrite of a run is not carried into its --resume (they exclude
+    each other): the command the interrupt message suggests works."""
+    out = tmp_path / "r"
+    (out / "flows").mkdir(parents=True)
+    (out / "flows" / "old.npz").write_text("stale")
+    argv = ["run", *TINY, "--metrics", "pullback,euclidean", "--out", str(out), "--overwrite"]
+    with monkeypatch.context() as mp:
+        _interrupt_after(mp, sr.metrics.EuclideanMetric, 40)
+        assert main(argv) == 130
+    capsys.readouterr()
+    assert main(["run", "--resume", "--out", str(out), "--no-progress"]) == 0
+    check_report(out, ("pullback", "euclidean"))

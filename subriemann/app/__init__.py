@@ -2,6 +2,7 @@
 
 * :mod:`~subriemann.app.cli`: ``subriemann run`` / ``resume`` / ``sweep``;
 * :mod:`~subriemann.app.report`: the HTML report and ``summary.json``;
+* :mod:`~subriemann.app.verdicts`: the predictions of docs/theory.md checked on each flow;
 * :mod:`~subriemann.app.plots`: the report's figures (matplotlib);
 * :mod:`~subriemann.app.plots_analysis`: figures of the analyses (critical sets, strata graphs);
 * :mod:`~subriemann.app.datasets`: built-in and user datasets, the digits problem;

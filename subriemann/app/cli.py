@@ -21,6 +21,12 @@ and the table reports honestly when a flow ran out of it.  Problems with
 these sizes more threads only add overhead, and on a busy machine they make a
 run several times slower.
 
+**Output**: progress bars (tqdm, on stderr) only when stderr is a terminal;
+otherwise, in logs and pipes, one line per flow when it finishes.  Warnings
+from the library reach the user as one line each, ``subriemann: warning:
+...``, without the source line (:func:`one_line_warnings`).  After the table,
+one line per prediction checked (the verdicts of :mod:`subriemann.app.verdicts`).
+
 **Errors**: every bad option, unreadable file, unknown model spec or
 incompatible loss/target combination prints one line to stderr and exits with
 code 2.  **Ctrl-C** keeps the completed flows, the checkpoint of the running
@@ -37,14 +43,22 @@ non-empty ``--out`` is refused unless ``--resume`` or ``--overwrite`` is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shlex
+import shutil
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import asdict
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
+
+from subriemann import __version__
+from subriemann.app import plots, report
 from subriemann.app.config import (
     DEFAULT_N_SAMPLES,
     DEFAULTS,
@@ -57,11 +71,17 @@ from subriemann.app.config import (
     parse_metrics,
     resolve_options,
 )
+from subriemann.app.plots import PlotFlow
 from subriemann.app.problem import Problem, build_problem, say
+from subriemann.app.sweep import command as sweep_command
+from subriemann.flow import gradient_flow
+from subriemann.flow.checkpoint import problem_fingerprint
+from subriemann.flow.trajectory import Trajectory
 
-__all__ = ["main", "UsageError"]
+__all__ = ["main", "UsageError", "one_line_warnings"]
 
 _BUDGET = ("max_time_reached", "max_steps_reached")
+_PER_RUN = ("resume", "overwrite")  # how a run treats --out: never taken from the stored run
 SMALL_PROBLEM = 4_000_000
 """QN·K up to which ``subriemann run`` uses one torch thread unless ``--threads`` says otherwise."""
 
@@ -74,8 +94,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from subriemann import __version__
-
     top = _Parser(
         prog="subriemann",
         description="Differential geometry of neural-network training: run the standard "
@@ -94,7 +112,14 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    g = run.add_argument_group("problem")
+    _problem_options(run.add_argument_group("problem"))
+    _flow_options(run.add_argument_group("flows"))
+    _output_options(run.add_argument_group("output"))
+    sweep_command.add_parser(sub)
+    return top
+
+
+def _problem_options(g: Any) -> None:
     g.add_argument("--model", metavar="SPEC",
                    help="MLP hidden widths 'mlp:W1,W2,...' or 'linear' (default: mlp:32,32)")
     g.add_argument("--activation", metavar="NAME",
@@ -111,7 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--loss", metavar="LOSS", help="mse or cross_entropy (default: mse)")
     g.add_argument("--label-smoothing", dest="label_smoothing", metavar="EPS",
                    help="smooth one-hot targets to (1-EPS) y + EPS/Q (default: 0)")
-    g = run.add_argument_group("flows")
+
+
+def _flow_options(g: Any) -> None:
     g.add_argument("--metrics", metavar="LIST",
                    help=f"comma-separated metrics, one flow each: {METRIC_HELP} "
                    "(default: euclidean,interp:0.5,pullback)")
@@ -121,6 +148,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="integrator absolute tolerance (default: rtol/100)")
     g.add_argument("--rank-rtol", dest="rank_rtol", metavar="RTOL",
                    help="rank threshold tau = RTOL * sigma_max(D(theta0)) (default: 1e-6)")
+    g.add_argument("--rank-band", dest="rank_band", metavar="BETA",
+                   help="band filter of the flows: singular values between tau and "
+                   "BETA * sigma_max are weighed down smoothly instead of cut at tau "
+                   "(docs/flows.md); 0 = the exact thresholded flow (default: 1e-3)")
     g.add_argument("--max-time", dest="max_time", metavar="SECONDS",
                    help="wall-time budget per flow; 0 = none (default: 60)")
     g.add_argument("--seed", metavar="SEED",
@@ -129,11 +160,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", metavar="N",
                    help="torch CPU threads (default: 1 when QN*K <= 4e6, where more threads only "
                    "add overhead, else torch's default)")
-    g = run.add_argument_group("output")
+
+
+def _output_options(g: Any) -> None:
     g.add_argument("--out", metavar="DIR", help="report folder (default: subriemann-report)")
     g.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file")
     g.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bars")
+                   help="no progress bars (drawn only when stderr is a terminal; without "
+                   "them each flow gets one line when it finishes)")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in DIR: completed flows are kept, the "
                    "interrupted one and those stopped by the wall-time budget continue from "
@@ -142,10 +176,6 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="replace the previous run in a non-empty DIR (its summary, report, "
                    "figures and flow files); without it such a DIR is refused")
-    from subriemann.app.sweep import command as sweep_command
-
-    sweep_command.add_parser(sub)
-    return top
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -178,7 +208,7 @@ def _with_stored(values: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
     if stored is None:
         return values
     merged = dict(DEFAULTS)
-    merged.update({k: v for k, v in stored.items() if k in DEFAULTS and k not in ("resume",)})
+    merged.update({k: v for k, v in stored.items() if k in DEFAULTS and k not in _PER_RUN})
     merged.update({k: values[k] for k in explicit if k in values})
     merged["resume"] = True
     return merged
@@ -191,9 +221,9 @@ def _previous(out: Path, opts: Options) -> None:
         return
     now = asdict(opts)
     diff = [
-        f"{k}: {stored.get(k)!r} there, {now[k]!r} now"
+        f"{k}: {stored.get(k, DEFAULTS.get(k))!r} there, {now[k]!r} now"
         for k in now
-        if k not in NOT_FINGERPRINTED and stored.get(k) != now[k]
+        if k not in NOT_FINGERPRINTED and stored.get(k, DEFAULTS.get(k)) != now[k]
     ]
     raise UsageError(
         f"--resume: {out} holds a run with other settings ({'; '.join(diff) or 'fingerprint'}); "
@@ -210,8 +240,6 @@ def _check_out(out: Path, opts: Options) -> None:
             f"--out {out} is not empty (it holds a previous run or other files): give --resume "
             "to continue that run, --overwrite to replace it, or another --out"
         )
-    import shutil
-
     for name in ("summary.json", "report.html"):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "figures", ignore_errors=True)
@@ -220,8 +248,6 @@ def _check_out(out: Path, opts: Options) -> None:
 
 
 def _run(opts: Options, command: str) -> int:
-    import torch
-
     t_start = time.perf_counter()
     specs = parse_metrics(opts.metrics)
     threads_before = torch.get_num_threads()
@@ -238,109 +264,135 @@ def _run(opts: Options, command: str) -> int:
         torch.set_num_threads(threads_before)
 
 
-def _run_flows(opts: Options, command: str, specs: list[MetricSpec], problem: Problem,
-               t_start: float) -> int:
-    import torch
+@dataclass
+class _Run:
+    """What a run has produced so far: the ``summary.json`` entries and the figures' flows."""
 
-    from subriemann.app.plots import PlotFlow, all_figures
-    from subriemann.app.report import (
-        analyse_flow,
-        build_summary,
-        format_table,
-        write_html,
-        write_summary,
-    )
-    from subriemann.flow import gradient_flow
-    from subriemann.flow.trajectory import Trajectory
+    out: Path
+    settings: dict[str, Any]
+    info: dict[str, Any]
+    command: str
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    plot_flows: list[PlotFlow] = field(default_factory=list)
+    saved: list[str] = field(default_factory=list)  # flows whose trajectory file is on disk
 
-    space, theta0, info = problem.space, problem.theta0, problem.info
-    out = Path(opts.out)
-    flows_dir = out / "flows"
-    if opts.resume:
-        _previous(out, opts)
-    flows_dir.mkdir(parents=True, exist_ok=True)
+    def summary(self, complete: bool,
+                figures: dict[str, plots.ReportFigure] | None = None) -> dict[str, Any]:
+        figs = figures or {}
+        return report.build_summary(
+            settings=self.settings, problem=self.info, flows=self.entries,
+            figures={k: _rel(f.path, self.out) for k, f in figs.items()},
+            captions={k: {"title": f.title, "caption": f.caption, "wide": f.wide}
+                      for k, f in figs.items()},
+            complete=complete, html_file="report.html" if figures else None,
+            command=self.command)
+
+    def write(self, complete: bool) -> None:
+        report.write_summary(self.out, self.summary(complete))
+
+
+def _announce(info: dict[str, Any], specs: list[MetricSpec], opts: Options) -> None:
     say(f"subriemann run: {info['description']}")
     say(f"  model {info['model']}; QN = {info['output_dim']}, rank D(θ0) = "
-         f"{info['initial_rank']}, σ_max = {info['sigma_max']:.3g}, "
-         f"σ_min = {info['sigma_min']:.3g}")
+        f"{info['initial_rank']}, σ_max = {info['sigma_max']:.3g}, "
+        f"σ_min = {info['sigma_min']:.3g}")
+    budget = "none" if opts.max_time is None else f"{opts.max_time:g} s"
     say(f"  flows: {', '.join(m.label for m in specs)}; s_end = {opts.s_end:g}, wall-time budget "
-         f"{'none' if opts.max_time is None else f'{opts.max_time:g} s'} per flow; report in {out}")
+        f"{budget} per flow; report in {opts.out}")
 
-    entries: list[dict[str, Any]] = []
-    plot_flows: list[PlotFlow] = []
-    settings = {**opts.settings(), "torch_threads": torch.get_num_threads()}
 
-    def summary(complete: bool, figures: dict[str, str] | None = None,
-                html_file: str | None = None) -> dict[str, Any]:
-        return build_summary(settings=settings, problem=info, flows=entries, figures=figures,
-                             complete=complete, html_file=html_file, command=command)
+def _one_flow(run: _Run, problem: Problem, opts: Options, ms: MetricSpec, tag: str,
+              progress: bool) -> bool:
+    """Run (or keep, with ``--resume``) one flow and record it; False if it was interrupted.
 
-    interrupted = False
-    saved: list[str] = []  # flows whose trajectory file is on disk
-    write_summary(out, summary(complete=False))  # the settings, for --resume --out DIR alone
+    Its trajectory is saved before the analysis, so that ``--resume`` reuses it
+    even when Ctrl-C comes during the analysis.  Without a progress bar the
+    flow gets one line, when it finishes.
+    """
+    space, flows_dir = problem.space, run.out / "flows"
+    ckpt, final = flows_dir / f"{ms.name}.ckpt.npz", flows_dir / f"{ms.name}.npz"
+    space.equip_with_metric(ms.factory, rank_rtol=opts.rank_rtol, **ms.kwargs)
+    traj = _kept_flow(final, ckpt, space, problem.theta0, opts) if opts.resume else None
+    kept = traj is not None
+    if traj is None:
+        if progress:
+            say(f"{tag} {ms.label}")
+        if not opts.resume:
+            ckpt.unlink(missing_ok=True)
+        traj = gradient_flow(
+            space, problem.theta0, opts.s_end, rtol=opts.rtol, atol=opts.atol,
+            max_time=opts.max_time, checkpoint=ckpt, resume=ckpt if opts.resume else None,
+            progress=progress, rank_band=opts.rank_band,
+        )
+    assert isinstance(traj, Trajectory)
+    names: dict[str, Any] = {"name": ms.name, "spec": ms.spec, "label": ms.label, "lam": ms.lam}
+    if traj.status.code == "interrupted":
+        entry, _ = report.analyse_flow(traj, None, checkpoint_file=_rel(ckpt, run.out),
+                                       deviation=False, **names)
+        run.entries.append(entry)
+        return False
+    if not kept:
+        traj.save(final)  # on disk before the post-processing: --resume reuses it
+    run.saved.append(ms.name)
+    kept_ckpt = traj.status.code in _BUDGET and ckpt.is_file()
+    if not kept_ckpt:  # a flow stopped by its budget can be extended with --resume
+        ckpt.unlink(missing_ok=True)
+    entry, dev = report.analyse_flow(
+        traj, space, trajectory_file=_rel(final, run.out),
+        checkpoint_file=_rel(ckpt, run.out) if kept_ckpt else None, **names)
+    run.entries.append(entry)
+    run.plot_flows.append(PlotFlow(ms.name, ms.label, traj, dev))
+    run.write(complete=False)
+    say(f"{tag} {ms.label}: {'kept from the previous run, ' if kept else ''}"
+        f"{traj.status.code} at s = {float(traj.s[-1]):.4g}, C = {float(traj.cost[-1]):.3e}, "
+        f"{traj.counters.get('n_steps', 0)} steps, {traj.counters.get('wall_time', 0.0):.1f} s")
+    return True
+
+
+def _finish(run: _Run) -> dict[str, Any]:
+    """Figures, ``report.html`` and the complete ``summary.json``; the summary."""
+    say("writing figures and report.html ...")
+    figures = plots.all_figures(run.plot_flows, run.out / "figures")
+    done = run.summary(complete=True, figures=figures)
+    report.write_html(run.out, done)
+    report.write_summary(run.out, done)
+    return done
+
+
+def _interrupted(run: _Run) -> int:
+    run.write(complete=False)
+    running = [e for e in run.entries if not e["completed"]]
+    print(
+        f"subriemann run: interrupted; {len(run.saved)} completed flow(s) and "
+        + (f"the checkpoint {running[0]['checkpoint']} " if running else "")
+        + f"are in {run.out} (summary.json); continue with --resume --out {run.out}",
+        file=sys.stderr,
+    )
+    return 130
+
+
+def _run_flows(opts: Options, command: str, specs: list[MetricSpec], problem: Problem,
+               t_start: float) -> int:
+    out = Path(opts.out)
+    if opts.resume:
+        _previous(out, opts)
+    (out / "flows").mkdir(parents=True, exist_ok=True)
+    _announce(problem.info, specs, opts)
+    run = _Run(out, {**opts.settings(), "torch_threads": torch.get_num_threads()},
+               problem.info, command)
+    run.write(complete=False)  # the settings, for --resume --out DIR alone
+    progress = opts.progress and sys.stderr.isatty()  # no bars in logs: one line per flow
     try:
         for i, ms in enumerate(specs):
-            ckpt = flows_dir / f"{ms.name}.ckpt.npz"
-            final = flows_dir / f"{ms.name}.npz"
-            space.equip_with_metric(ms.factory, rank_rtol=opts.rank_rtol, **ms.kwargs)
-            traj = _kept_flow(final, ckpt, space, theta0, opts) if opts.resume else None
-            kept = traj is not None
-            if traj is not None:
-                say(f"[{i + 1}/{len(specs)}] {ms.label}: kept from the previous run "
-                     f"({traj.status.code})")
-            else:
-                say(f"[{i + 1}/{len(specs)}] {ms.label}")
-                if not opts.resume:
-                    ckpt.unlink(missing_ok=True)
-                traj = gradient_flow(
-                    space, theta0, opts.s_end, rtol=opts.rtol, atol=opts.atol,
-                    max_time=opts.max_time, checkpoint=ckpt,
-                    resume=ckpt if opts.resume else None, progress=opts.progress,
-                )  # type: ignore[assignment]
-            assert isinstance(traj, Trajectory)
-            if traj.status.code == "interrupted":
-                entry, _ = analyse_flow(traj, None, name=ms.name, spec=ms.spec, label=ms.label,
-                                        lam=ms.lam, checkpoint_file=_rel(ckpt, out),
-                                        deviation=False)
-                entries.append(entry)
-                interrupted = True
-                break
-            if not kept:
-                traj.save(final)  # on disk before the post-processing: --resume reuses it
-            saved.append(ms.name)
-            kept_ckpt = traj.status.code in _BUDGET and ckpt.is_file()
-            if not kept_ckpt:  # a flow stopped by its budget can be extended with --resume
-                ckpt.unlink(missing_ok=True)
-            entry, dev = analyse_flow(traj, space, name=ms.name, spec=ms.spec, label=ms.label,
-                                      lam=ms.lam, trajectory_file=_rel(final, out),
-                                      checkpoint_file=_rel(ckpt, out) if kept_ckpt else None)
-            entries.append(entry)
-            plot_flows.append(PlotFlow(ms.name, ms.label, traj, dev))
-            write_summary(out, summary(complete=False))
-            say(f"      {traj.status.code} at s = {float(traj.s[-1]):.4g}, C = "
-                 f"{float(traj.cost[-1]):.3e}, {traj.counters.get('n_steps', 0)} steps, "
-                 f"{traj.counters.get('wall_time', 0.0):.1f} s")
-        if not interrupted:
-            say("writing figures and report.html ...")
-            paths = all_figures(plot_flows, out / "figures")
-            figures = {k: _rel(p, out) for k, p in paths.items()}
-            done = summary(complete=True, figures=figures, html_file="report.html")
-            write_html(out, done)
-            write_summary(out, done)
+            if not _one_flow(run, problem, opts, ms, f"[{i + 1}/{len(specs)}]", progress):
+                return _interrupted(run)
+        done = _finish(run)
     except KeyboardInterrupt:
-        interrupted = True
-    if interrupted:
-        write_summary(out, summary(complete=False))
-        running = [e for e in entries if not e["completed"]]
-        print(
-            f"subriemann run: interrupted; {len(saved)} completed flow(s) and "
-            + (f"the checkpoint {running[0]['checkpoint']} " if running else "")
-            + f"are in {out} (summary.json); continue with --resume --out {out}",
-            file=sys.stderr,
-        )
-        return 130
+        return _interrupted(run)
     say("")
-    say(format_table(done))
+    say(report.format_table(done))
+    say("\npredictions of docs/theory.md:")
+    say(report.format_verdicts(done))
     say(f"\nreport: {out / 'report.html'}  ({time.perf_counter() - t_start:.0f} s in all)")
     return 0
 
@@ -352,9 +404,6 @@ def _kept_flow(final: Path, ckpt: Path, space: Any, theta0: Any, opts: Options) 
     damaged file, or one computed for another problem or other settings, is
     recomputed.
     """
-    from subriemann.flow.checkpoint import problem_fingerprint
-    from subriemann.flow.trajectory import Trajectory
-
     if not final.is_file():
         return None
     try:
@@ -365,17 +414,55 @@ def _kept_flow(final: Path, ckpt: Path, space: Any, theta0: Any, opts: Options) 
         return None
     same = traj.problem == problem_fingerprint(space, space.metric.description(), theta0)
     st = traj.settings
-    if not same or (st.get("s_end"), st.get("rtol"), st.get("atol")) != (
-        opts.s_end, opts.rtol, opts.atol
+    if not same or (st.get("s_end"), st.get("rtol"), st.get("atol"), st.get("rank_band")) != (
+        opts.s_end, opts.rtol, opts.atol, opts.rank_band
     ):
         return None
     return traj
 
 
 def _command_line(argv: Sequence[str]) -> str:
-    import shlex
-
     return "subriemann " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _options(ns: argparse.Namespace) -> Options:
+    """Defaults < config file < command line; with ``--resume`` the stored settings."""
+    given = vars(ns)
+    given.pop("command")
+    values = dict(DEFAULTS)
+    config = given.pop("config", None)
+    explicit = set(given)
+    if config is not None:
+        cfg = load_config(config)
+        values.update(cfg)
+        explicit |= set(cfg)
+    values.update(given)
+    if values.get("resume"):
+        values = _with_stored(values, explicit)
+    return resolve_options(values, explicit)
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Show warnings as one line each on stderr, ``subriemann: warning: ...``, for the block.
+
+    No source file, line number or code line: the user of the command did not
+    write the library.  The warning filters apply as usual (each warning once
+    per place); ``warnings.showwarning`` is restored afterwards.
+    """
+    previous = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        text = " ".join(str(message).split())
+        kind = "" if category is UserWarning else f" ({category.__name__})"
+        print(f"subriemann: warning: {text}{kind}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -383,39 +470,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     0: success; 2: bad input (one line on stderr, never a traceback); 130:
     interrupted (Ctrl-C), with the completed flows and the checkpoint kept.
+    Warnings reach stderr as one line each (:func:`one_line_warnings`).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        try:
+        with one_line_warnings():
             parser = _parser()
             ns = parser.parse_args(argv)
             if ns.command is None:
                 parser.print_help()
                 return 0
             if ns.command == "sweep":
-                from subriemann.app.sweep import command as sweep_command
-
                 return sweep_command.main(ns)
-            given = vars(ns)
-            given.pop("command")
-            values = dict(DEFAULTS)
-            config = given.pop("config", None)
-            explicit = set(given)
-            if config is not None:
-                cfg = load_config(config)
-                values.update(cfg)
-                explicit |= set(cfg)
-            values.update(given)
-            if values.get("resume"):
-                values = _with_stored(values, explicit)
-            opts = resolve_options(values, explicit)
-            return _run(opts, _command_line(argv))
-        except (UsageError, ValueError, TypeError, FileNotFoundError, OSError) as err:
-            msg = " ".join(str(err).split()) or type(err).__name__
-            if isinstance(err, (FileNotFoundError, OSError)) and not isinstance(err, UsageError):
-                msg = msg if msg != type(err).__name__ else repr(err)
-            print(f"subriemann: error: {msg}", file=sys.stderr)
-            return 2
+            return _run(_options(ns), _command_line(argv))
+    except (UsageError, ValueError, TypeError, FileNotFoundError, OSError) as err:
+        msg = " ".join(str(err).split()) or type(err).__name__
+        if isinstance(err, (FileNotFoundError, OSError)) and not isinstance(err, UsageError):
+            msg = msg if msg != type(err).__name__ else repr(err)
+        print(f"subriemann: error: {msg}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("subriemann: interrupted", file=sys.stderr)
         return 130

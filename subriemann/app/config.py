@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from subriemann.validation import check_int, check_real
 
 __all__ = ["Options", "MetricSpec", "UsageError", "parse_metrics", "load_config", "DEFAULTS",
            "DEFAULT_N_SAMPLES", "resolve_options", "check_device"]
@@ -33,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "rtol": 1e-8,
     "atol": None,  # rtol / 100
     "rank_rtol": 1e-6,
+    "rank_band": 1e-3,  # gradient_flow's band filter above tau (docs/flows.md); 0: off
     "max_time": 60.0,
     "seed": 0,
     "out": "subriemann-report",
@@ -53,40 +55,36 @@ class UsageError(ValueError):
 
 
 # -- option values ------------------------------------------------------------------------
-def _as_int(v: Any, name: str, minimum: int | None = None) -> int:
-    if isinstance(v, bool):
-        raise UsageError(f"{name} must be an integer, got {v!r}")
+def _parsed(v: Any, name: str, kind: type) -> Any:
+    """A number given as text (command line, TOML string) converted to ``kind``, else ``v``."""
     if isinstance(v, str):
         try:
-            v = int(v.strip())
+            return kind(v.strip())
         except ValueError:
-            raise UsageError(f"{name} must be an integer, got {v!r}") from None
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    if not isinstance(v, int):
-        raise UsageError(f"{name} must be an integer, got {v!r}")
-    if minimum is not None and v < minimum:
-        raise UsageError(f"{name} must be >= {minimum}, got {v}")
+            what = "an integer" if kind is int else "a number"
+            raise UsageError(f"{name} must be {what}, got {v!r}") from None
     return v
+
+
+def _checked(check: Callable[..., Any], v: Any, name: str, **bounds: Any) -> Any:
+    """``check(v, name, **bounds)`` (:mod:`subriemann.validation`), its error a UsageError."""
+    try:
+        return check(v, name, **bounds)
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from None
+
+
+def _as_int(v: Any, name: str, minimum: int | None = None) -> int:
+    v = _parsed(v, name, int)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)  # TOML 3.0
+    return int(_checked(check_int, v, name, low=minimum))
 
 
 def _as_float(v: Any, name: str, low: float | None = None, *, low_open: bool = False,
               high: float | None = None, high_open: bool = False) -> float:
-    if isinstance(v, bool):
-        raise UsageError(f"{name} must be a number, got {v!r}")
-    if isinstance(v, str):
-        try:
-            v = float(v.strip())
-        except ValueError:
-            raise UsageError(f"{name} must be a number, got {v!r}") from None
-    if not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise UsageError(f"{name} must be a finite number, got {v!r}")
-    v = float(v)
-    if low is not None and (v < low or (low_open and v == low)):
-        raise UsageError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {v:g}")
-    if high is not None and (v > high or (high_open and v == high)):
-        raise UsageError(f"{name} must be {'<' if high_open else '<='} {high:g}, got {v:g}")
-    return v
+    return float(_checked(check_real, _parsed(v, name, float), name, low=low, low_open=low_open,
+                          high=high, high_open=high_open))
 
 
 def _as_str(v: Any, name: str) -> str:
@@ -226,10 +224,13 @@ class Options:
     progress: bool
     resume: bool
     overwrite: bool = False
+    rank_band: float = 1e-3
 
     def fingerprint(self) -> str:
         """Hash of the settings that define the flows (not ``out``, ``threads``, ...)."""
         d = {k: v for k, v in asdict(self).items() if k not in NOT_FINGERPRINTED}
+        if d["rank_band"] == DEFAULTS["rank_band"]:  # option added later: at its default the
+            del d["rank_band"]  # fingerprint is that of the runs written before it existed
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def settings(self) -> dict[str, Any]:
@@ -237,12 +238,9 @@ class Options:
         return {**asdict(self), "fingerprint": self.fingerprint()}
 
 
-def resolve_options(values: dict[str, Any], explicit: set[str]) -> Options:
-    """Validate merged option values (defaults < config < command line)."""
-    from subriemann.app.datasets import BUILTIN, default_dataset
+def _model_options(v: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
     from subriemann.app.models import ACTIVATIONS, parse_spec
 
-    v = dict(values)
     if "model" in explicit and v.get("model_file") is not None:
         raise UsageError("give either --model or --model-file, not both")
     model = _as_str(v["model"], "model")
@@ -253,6 +251,12 @@ def resolve_options(values: dict[str, Any], explicit: set[str]) -> Options:
             f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}"
         )
     model_file = None if v["model_file"] is None else _as_str(v["model_file"], "model_file")
+    return {"model": model, "activation": activation, "model_file": model_file}
+
+
+def _data_options(v: dict[str, Any]) -> dict[str, Any]:
+    from subriemann.app.datasets import BUILTIN, default_dataset
+
     data = default_dataset() if v["data"] is None else _as_str(v["data"], "data")
     if data.lower() in BUILTIN:
         data = data.lower()
@@ -262,38 +266,55 @@ def resolve_options(values: dict[str, Any], explicit: set[str]) -> Options:
     loss = _as_str(v["loss"], "loss").lower().replace("-", "_")
     if loss not in LOSSES:
         raise UsageError(f"unknown loss {loss!r}: choose mse or cross_entropy")
-    label_smoothing = _as_float(v["label_smoothing"], "label_smoothing", 0.0, high=1.0,
-                                high_open=True)
+    smoothing = _as_float(v["label_smoothing"], "label_smoothing", 0.0, high=1.0, high_open=True)
+    return {"data": data, "n_samples": n_samples, "loss": loss, "label_smoothing": smoothing}
+
+
+def _flow_options(v: dict[str, Any]) -> dict[str, Any]:
     rtol = _as_float(v["rtol"], "rtol", 0.0, low_open=True, high=1.0, high_open=True)
     atol = rtol * 1e-2 if v["atol"] is None else _as_float(v["atol"], "atol", 0.0)
     max_time = None if v["max_time"] is None else _as_float(v["max_time"], "max_time", 0.0)
+    return {
+        "metrics": _as_metrics(v["metrics"]),
+        "s_end": _as_float(v["s_end"], "s_end", 0.0, low_open=True),
+        "rtol": rtol,
+        "atol": atol,
+        "rank_rtol": _as_float(v["rank_rtol"], "rank_rtol", 0.0, high=1.0, high_open=True),
+        "rank_band": _as_float(v.get("rank_band", DEFAULTS["rank_band"]), "rank_band", 0.0,
+                               high=1.0, high_open=True),
+        "max_time": max_time or None,  # 0: no budget
+        "seed": _as_int(v["seed"], "seed", 0),
+    }
+
+
+def _run_options(v: dict[str, Any]) -> dict[str, Any]:
     device = _as_str(v["device"], "device")
     check_device(device)
-    opts = Options(
-        model=model,
-        activation=activation,
-        model_file=model_file,
-        data=data,
-        n_samples=n_samples,
-        loss=loss,
-        label_smoothing=label_smoothing,
-        metrics=_as_metrics(v["metrics"]),
-        s_end=_as_float(v["s_end"], "s_end", 0.0, low_open=True),
-        rtol=rtol,
-        atol=atol,
-        rank_rtol=_as_float(v["rank_rtol"], "rank_rtol", 0.0, high=1.0, high_open=True),
-        max_time=None if not max_time else max_time,
-        seed=_as_int(v["seed"], "seed", 0),
-        out=_as_str(v["out"], "out"),
-        device=device,
-        threads=None if v["threads"] is None else _as_int(v["threads"], "threads", 1),
-        progress=_as_bool(v["progress"], "progress"),
-        resume=_as_bool(v["resume"], "resume"),
-        overwrite=_as_bool(v.get("overwrite", False), "overwrite"),
-    )
-    if opts.resume and opts.overwrite:
+    out = {
+        "out": _as_str(v["out"], "out"),
+        "device": device,
+        "threads": None if v["threads"] is None else _as_int(v["threads"], "threads", 1),
+        "progress": _as_bool(v["progress"], "progress"),
+        "resume": _as_bool(v["resume"], "resume"),
+        "overwrite": _as_bool(v.get("overwrite", False), "overwrite"),
+    }
+    if out["resume"] and out["overwrite"]:
         raise UsageError("give --resume (continue the run in --out) or --overwrite (replace "
                          "it), not both")
+    return out
+
+
+def resolve_options(values: dict[str, Any], explicit: set[str]) -> Options:
+    """Validate merged option values (defaults < config < command line).
+
+    Raises
+    ------
+    UsageError
+        Naming the first bad option.
+    """
+    v = dict(values)
+    opts = Options(**_model_options(v, explicit), **_data_options(v), **_flow_options(v),
+                   **_run_options(v))
     parse_metrics(opts.metrics)
     return opts
 
@@ -349,28 +370,29 @@ def load_config(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise UsageError(f"cannot parse config {p}: not a UTF-8 text file") from None
     out: dict[str, Any] = {}
-    base = p.parent
     for key, val in raw.items():
-        k = key.replace("-", "_")
-        if k == "no_progress":
-            out["progress"] = not _as_bool(val, f"{p}: no_progress")
-            continue
-        if k not in DEFAULTS:
-            raise UsageError(
-                f"{p}: unknown option {key!r} (known: {', '.join(sorted(DEFAULTS))})"
-            )
-        if isinstance(val, dict):
-            raise UsageError(f"{p}: option {key!r} must be a value, not a table")
-        if k in ("model_file", "out") and isinstance(val, str):
-            val = _relative_to(base, val, k)
-        if k == "data" and isinstance(val, str) and val.endswith(".npz"):
-            val = _relative_to(base, val, k)
+        k, val = _config_item(p, key, val)
         out[k] = val
     try:  # every value of the file on its own (over the defaults): errors name the file
         resolve_options({**DEFAULTS, **out}, set(out))
     except (UsageError, ValueError) as err:
         raise UsageError(f"{p}: {err}") from None
     return out
+
+
+def _config_item(p: Path, key: str, val: Any) -> tuple[str, Any]:
+    """One ``key = val`` of the config file ``p``: the option's name and its value."""
+    k = key.replace("-", "_")
+    if k == "no_progress":
+        return "progress", not _as_bool(val, f"{p}: no_progress")
+    if k not in DEFAULTS:
+        raise UsageError(f"{p}: unknown option {key!r} (known: {', '.join(sorted(DEFAULTS))})")
+    if isinstance(val, dict):
+        raise UsageError(f"{p}: option {key!r} must be a value, not a table")
+    if isinstance(val, str) and (k in ("model_file", "out") or (k == "data" and
+                                                                val.endswith(".npz"))):
+        val = _relative_to(p.parent, val, k)
+    return k, val
 
 
 def _relative_to(base: Path, val: str, key: str) -> str:
@@ -381,5 +403,3 @@ def _relative_to(base: Path, val: str, key: str) -> str:
         return val
     return val if Path(val).is_absolute() else str(base / val)
 
-
-# -- argparse -----------------------------------------------------------------------------
