@@ -24,7 +24,7 @@ from torch import Tensor
 
 from subriemann.flow.trajectory import Trajectory
 from subriemann.linalg import rank_threshold
-from subriemann.linalg.spectral import DENSE_LIMIT
+from subriemann.linalg.spectral import dense_svd_fits
 from subriemann.validation import check_real
 
 __all__ = [
@@ -101,7 +101,7 @@ def apriori_stopping_time(space, initial_point: Tensor, eps: float) -> float:
             "T_eps does not apply", UserWarning, stacklevel=2,
         )
     else:
-        s = st.singular_values("ntk" if space.output_dim * space.dim > DENSE_LIMIT else "svd")
+        s = st.singular_values("svd" if dense_svd_fits(space.output_dim, space.dim) else "ntk")
         metric = getattr(space, "metric", None)
         tau = rank_threshold(float(s[0]), getattr(metric, "rank_rtol", 1e-6),
                              getattr(metric, "rank_atol", None))
@@ -237,7 +237,7 @@ class InterpolationDeviation:
 def _range_basis(space, theta: Tensor) -> tuple[Tensor, Tensor]:
     """Left singular vectors of :math:`D[\\theta]` and its singular values (float64)."""
     st = space.point_state(theta)
-    if space.output_dim * space.dim <= 2_000_000:
+    if dense_svd_fits(space.output_dim, space.dim):
         u, s, _ = st.svd
     else:
         u, s = st.ntk_eigh

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from subriemann.integrators import TABLEAUS, rk_step
+from subriemann.linalg import rank_threshold
 from subriemann.metrics.interpolated import check_lam
 
 __all__ = ["OutputFlow", "output_flow", "kernel_eigh"]
@@ -56,7 +57,7 @@ def kernel_eigh(space, theta: Tensor, lam: float, rank_rtol: float = 1e-6) -> tu
     ntk = space.point_state(theta).ntk
     evals, u = torch.linalg.eigh(0.5 * (ntk + ntk.T))
     sig2 = evals.clamp_min(0.0)
-    tau2 = (rank_rtol**2) * float(sig2.max())
+    tau2 = rank_threshold(float(sig2.max()) ** 0.5, rank_rtol) ** 2
     denom = (1.0 - lam) + lam * sig2
     if lam == 1.0:
         keep = sig2 > tau2

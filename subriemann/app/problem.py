@@ -11,12 +11,11 @@ from subriemann.analysis.cross_entropy import asymptotic_rate, minimum_cost, pre
 from subriemann.app.config import Options, UsageError, parse_metrics
 from subriemann.app.datasets import Dataset, labels_to_one_hot, load_dataset, smooth_labels
 from subriemann.app.models import count_parameters, load_model_file, mlp
-from subriemann.linalg import rank_threshold
+from subriemann.linalg import dense_svd_fits, rank_threshold
 from subriemann.space import ParameterSpace
 
-__all__ = ["Problem", "build_problem", "say", "SVD_SIZE"]
+__all__ = ["Problem", "build_problem", "say"]
 
-SVD_SIZE = 8_000_000
 """QN·K up to which the initial singular values come from a full SVD of D (else the NTK)."""
 
 
@@ -85,7 +84,7 @@ def build_problem(opts: Options) -> Problem:
     model_desc += f", K = {count_parameters(model)}"
     space = ParameterSpace(model, ds.inputs, targets, loss=opts.loss, device=opts.device)
     theta0 = space.initial_point()
-    method = "svd" if space.output_dim * space.dim <= SVD_SIZE else "ntk"
+    method = "svd" if dense_svd_fits(space.output_dim, space.dim) else "ntk"
     sv = space.point_state(theta0).singular_values(method)
     tau = rank_threshold(float(sv[0]) if sv.numel() else 0.0, opts.rank_rtol)
     info = {

@@ -34,7 +34,6 @@ from subriemann.analysis.critical.spectrum import (
     hessian_spectrum,
 )
 from subriemann.linalg import rank_threshold
-from subriemann.linalg.spectral import DENSE_LIMIT
 from subriemann.space import ParameterSpace
 from subriemann.validation import check_int, check_optional, check_real
 
@@ -162,16 +161,9 @@ class EquilibriumReport:
 def singular_state(space: ParameterSpace, theta: Tensor) -> tuple[Tensor, Tensor]:
     """(left singular vectors U [QN, m], singular values [m]) of D, descending.
 
-    From the SVD of :math:`D` up to :data:`subriemann.linalg.spectral.DENSE_LIMIT`
-    entries, else from the eigendecomposition of :math:`DD^\\top`.
+    The size policy of :meth:`subriemann.linalg.PointState.output_spectrum`.
     """
-    st = space.point_state(theta)
-    if space.output_dim * space.dim <= DENSE_LIMIT:
-        u, s, _ = st.svd
-    else:
-        u, s = st.ntk_eigh
-    m = min(space.output_dim, space.dim)
-    return u[:, :m], s[:m]
+    return space.point_state(theta).output_spectrum()
 
 
 @dataclass
