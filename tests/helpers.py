@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from hypothesis import strategies as st
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 __all__ = [
+    "REPO_ROOT",
     "ACTIVATIONS",
     "MLPSpec",
     "Problem",
@@ -38,6 +40,9 @@ __all__ = [
     "mlp_specs",
     "mlp_problems",
 ]
+
+#: The repository root (test files in sub-folders find examples/, benchmarks/, docs/ here).
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "tanh": nn.Tanh,

@@ -16,7 +16,7 @@ import pytest
 
 import subriemann as sr
 from subriemann.app.cli import main
-from tests.test_cli import TINY, _interrupt_after, check_report
+from tests.app.test_cli import TINY, _interrupt_after, check_report
 
 
 def test_resume_alone_continues_with_the_stored_settings(tmp_path, monkeypatch, capsys):

@@ -31,8 +31,7 @@ from subriemann.app.sweep.cells import column_types  # noqa: E402
 from subriemann.app.sweep.config import load_sweep_config  # noqa: E402
 from subriemann.app.sweep.store import SweepStore  # noqa: E402
 from subriemann.app.sweep.table import read_table  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT as REPO
 
 # 16 small tanh nets on 6 teacher samples (QN = 6, K = 13 ... 121), ~15 steps each.
 GRID16 = {

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT as ROOT
+
 EXAMPLE = ROOT / "examples" / "cross_entropy_digits.py"
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT as ROOT
 
 
 def test_train_digits_fast(tmp_path):

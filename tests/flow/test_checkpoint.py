@@ -19,7 +19,7 @@ import torch
 import subriemann as sr
 from subriemann.flow.trajectory import Trajectory
 from subriemann.metrics import EuclideanMetric
-from tests.test_trajectory import (
+from tests.flow.test_trajectory import (
     ARRAYS,
     assert_same_arrays,
     event_space,

@@ -11,7 +11,6 @@ import importlib.util
 import math
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,10 +20,8 @@ from scipy.integrate import solve_ivp
 import subriemann as sr
 from subriemann.flow import continuation
 from subriemann.metrics import InterpolatedMetric, OutputMetric, OutputPullbackMetric
+from tests.helpers import REPO_ROOT as ROOT
 from tests.helpers import SquareAndLine
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 
 def square_and_line(metric, **kw) -> sr.ParameterSpace:

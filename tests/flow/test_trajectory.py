@@ -24,7 +24,7 @@ from subriemann.flow import engine as flow_module
 from subriemann.flow import events as events_module
 from subriemann.flow.trajectory import FORMAT, STATUS_CODES, FlowStatus, RankChange, Trajectory
 from subriemann.metrics import EuclideanMetric, OutputPullbackMetric
-from tests.helpers import MLPSpec, SquareAndLine, make_problem
+from tests.helpers import REPO_ROOT, MLPSpec, SquareAndLine, make_problem
 
 ARRAYS = ("s", "theta", "outputs", "cost", "grad_norm", "singular_values", "rank", "targets")
 
@@ -137,7 +137,7 @@ def test_status_codes_are_complete_and_documented():
 
 
 def test_every_status_code_is_documented():
-    page = (Path(__file__).resolve().parents[1] / "docs" / "flows.md").read_text()
+    page = (REPO_ROOT / "docs" / "flows.md").read_text()
     for code in STATUS_CODES:
         assert f"`{code}`" in page, code
 

@@ -22,7 +22,7 @@ from torch.func import jacrev
 import subriemann as sr  # noqa: F401  (selects geomstats' pytorch backend)
 from subriemann._geomstats import default_dtype
 from subriemann.metrics import BundleMetric, OutputPullbackMetric
-from tests.test_metrics import EPS, Case, Ref, _rank_deficient_case, rel, tanh_mlp
+from tests.metrics.test_builtin import EPS, Case, Ref, _rank_deficient_case, rel, tanh_mlp
 
 
 class NetworkImmersion(ImmersedSet):
