@@ -26,8 +26,6 @@ agree on the rank).
 
 from __future__ import annotations
 
-import copy
-import math
 import warnings
 
 import numpy as np
@@ -35,8 +33,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from torch import nn
-from torch.func import functional_call, jacrev
+from torch.func import jacrev
 
 import subriemann as sr
 from subriemann.linalg import ConvergenceWarning, RankThresholdWarning
@@ -51,11 +48,17 @@ from subriemann.metrics import (
     SoftmaxFisherMetric,
     SumMetric,
 )
+from tests.cases import (
+    Designed,
+    MetricCase,
+    designed_case,
+    metric_cases,
+    rank_deficient_case,
+    tanh_case,
+)
+from tests.references import EPS, RANK_RTOL, C, DenseMetricReference, rel
 
-EPS = float(np.finfo(np.float64).eps)
-C = 100.0  # constant in front of the floating-point error bounds (see module docstring)
-RTOL = 1e-6  # default rank_rtol of the metrics
-KAPPA_MAX = 1e4
+RTOL = RANK_RTOL  # default rank_rtol of the metrics
 SOLVERS = ("svd", "ntk", "lstsq", "matrix_free")
 MF_RTOL = 1e-12  # default solver_rtol of the matrix-free solvers
 
@@ -66,177 +69,6 @@ HYP = settings(
 )
 
 
-# ----------------------------------------------------------------------------------------
-# models and an independent dense reference
-# ----------------------------------------------------------------------------------------
-def tanh_mlp(widths: tuple[int, ...], seed: int, gain: float = 2.0) -> nn.Module:
-    """A float64 tanh MLP with weights N(0, gain^2/fan_in) and biases N(0, 1/4)."""
-    gen = torch.Generator().manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        lin = nn.Linear(a, b).double()
-        with torch.no_grad():
-            lin.weight.copy_(
-                torch.randn(b, a, generator=gen, dtype=torch.float64) * gain / math.sqrt(a)
-            )
-            lin.bias.copy_(0.5 * torch.randn(b, generator=gen, dtype=torch.float64))
-        layers.append(lin)
-        if i < len(widths) - 2:
-            layers.append(nn.Tanh())
-    return nn.Sequential(*layers)
-
-
-class Ref:
-    """Dense reference at one point, built without subriemann.
-
-    ``D`` by ``jacrev`` of ``functional_call`` on a copy of the model, the
-    output gradient by hand (MSE: x - y, summed cost; CE: softmax(x) - y).
-    """
-
-    def __init__(
-        self, model: nn.Module, inputs, targets, theta, loss: str = "mse", rtol: float = RTOL
-    ) -> None:
-        self.model = copy.deepcopy(model).double()
-        self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        self.shapes = [p.shape for n, p in self.model.named_parameters() if p.requires_grad]
-        self.inputs = inputs.double()
-        self.theta = theta.detach().clone()
-        self.y = targets.double().reshape(-1)
-        x = self.outputs(self.theta)
-        d = jacrev(self.outputs)(self.theta)
-        self.x = x.detach().numpy()
-        self.D = d.detach().numpy()
-        q = targets.shape[1] if targets.ndim == 2 else 1
-        if loss == "mse":
-            self.g = self.x - self.y.numpy()
-        else:
-            xs = torch.as_tensor(self.x).reshape(-1, q)
-            self.g = (torch.softmax(xs, -1) - targets.double()).reshape(-1).numpy()
-        self.U, self.s, vt = np.linalg.svd(self.D, full_matrices=False)
-        self.V = vt.T
-        self.tau = rtol * self.s[0]
-        self.r = int((self.s > self.tau).sum())
-        self.kappa = float(self.s[0] / self.s[-1]) if self.s[-1] > 0 else float("inf")
-        ur = self.U[:, : self.r]
-        self.P = ur @ ur.T
-        self.Vr = self.V[:, : self.r]
-        self.K = self.D.shape[1]
-        self.QN = self.D.shape[0]
-        self.rtol = rtol
-
-    def outputs(self, theta):
-        params, i = {}, 0
-        for n, shp in zip(self.names, self.shapes):
-            k = int(np.prod(shp))
-            params[n] = theta[i : i + k].reshape(shp)
-            i += k
-        return functional_call(self.model, params, (self.inputs,)).reshape(-1)
-
-    # closed forms of docs/theory.md §2 -----------------------------------------------------------
-    def g_lam(self, lam: float) -> np.ndarray:
-        return (1 - lam) * np.eye(self.K) + lam * self.D.T @ self.D
-
-    def euclidean(self) -> np.ndarray:
-        return self.D.T @ self.g
-
-    def pullback(self) -> np.ndarray:
-        return np.linalg.pinv(self.D, rcond=self.rtol) @ self.g
-
-    def interpolated(self, lam: float) -> np.ndarray:
-        if lam == 1.0:
-            return self.pullback()
-        return np.linalg.solve(self.g_lam(lam), self.D.T @ self.g)
-
-    def bundle(self, lam: float) -> np.ndarray:
-        """g_lam restricted to ran D^T (frame V_r): V_r (V_r^T g V_r)^{-1} V_r^T D^T g."""
-        vr = self.Vr
-        return vr @ np.linalg.solve(vr.T @ self.g_lam(lam) @ vr, vr.T @ self.D.T @ self.g)
-
-    def sharp_interpolated(self, xi: np.ndarray, lam: float) -> np.ndarray:
-        if lam == 1.0:
-            return np.linalg.pinv(self.D.T @ self.D, rcond=self.rtol**2, hermitian=True) @ xi
-        return np.linalg.solve(self.g_lam(lam), xi)
-
-    def sharp_bundle(self, xi: np.ndarray, lam: float) -> np.ndarray:
-        vr = self.Vr
-        return vr @ np.linalg.solve(vr.T @ self.g_lam(lam) @ vr, vr.T @ xi)
-
-    # error scales ---------------------------------------------------------------------------
-    def tan_theta(self) -> float:
-        pg = np.linalg.norm(self.P @ self.g)
-        return float(np.linalg.norm(self.g - self.P @ self.g) / pg) if pg > 0 else 0.0
-
-    def kappa_g(self, lam: float) -> float:
-        """Condition number of g_lam on the subspace where the solve acts."""
-        if lam == 1.0:
-            return self.kappa**2
-        smin = self.s[-1] if self.QN >= self.K else 0.0
-        return float(((1 - lam) + lam * self.s[0] ** 2) / ((1 - lam) + lam * smin**2))
-
-    def tol(self, lam: float) -> float:
-        """Forward-error bound of the gradient V_lam (see the module docstring)."""
-        if lam == 1.0:
-            return C * EPS * self.kappa * (2 + self.kappa * self.tan_theta())
-        return C * EPS * self.kappa_g(lam)
-
-
-def rel(a, b) -> float:
-    a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-    b = b.detach().cpu().numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
-    nb = float(np.linalg.norm(b))
-    return float(np.linalg.norm(a - b)) / (nb if nb > 0 else 1.0)
-
-
-class Case:
-    """A drawn problem: model, data, space, point and its reference."""
-
-    def __init__(
-        self, model, inputs, targets, loss: str = "mse", rtol: float = RTOL, backend: str = "auto"
-    ) -> None:
-        self.model, self.inputs, self.targets, self.loss = model, inputs, targets, loss
-        self.backend = backend
-        self.space = self.fresh()
-        self.theta = self.space.initial_point()
-        self.ref = Ref(model, inputs, targets, self.theta, loss=loss, rtol=rtol)
-
-    def fresh(self) -> sr.ParameterSpace:
-        """A new space on the same problem (metrics with different options side by side)."""
-        return sr.ParameterSpace(
-            self.model, self.inputs, self.targets, loss=self.loss, backend=self.backend
-        )
-
-    def metric(self, cls, **kw):
-        return self.fresh().equip_with_metric(cls, **kw).metric
-
-
-@st.composite
-def cases(draw, regime: str | None = None, loss: str = "mse", kappa_max: float = KAPPA_MAX):
-    """Random small tanh MLPs, overparametrized (K > QN) or underparametrized (K < QN)."""
-    regime = regime or draw(st.sampled_from(["over", "under"]))
-    m = draw(st.integers(1, 3))
-    q = draw(st.integers(2, 3)) if loss == "cross_entropy" else draw(st.integers(1, 2))
-    if regime == "over":
-        hidden = draw(st.lists(st.integers(2, 6), min_size=1, max_size=2))
-    else:
-        hidden = [draw(st.integers(2, 4))]
-    widths = (m, *hidden, q)
-    k = sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
-    if regime == "over":
-        n = draw(st.integers(1, min(8, (k - 1) // q)))
-    else:
-        n = k // q + draw(st.integers(1, 5))
-    seed = draw(st.integers(0, 2**20))
-    gen = torch.Generator().manual_seed(seed + 1)
-    inputs = torch.randn(n, m, generator=gen, dtype=torch.float64)
-    targets = torch.randn(n, q, generator=gen, dtype=torch.float64)
-    if loss == "cross_entropy":
-        targets = torch.softmax(2 * targets, -1)
-    case = Case(tanh_mlp(widths, seed), inputs, targets, loss=loss)
-    assert (case.space.dim > case.space.output_dim) == (regime == "over")
-    assume(case.ref.kappa <= kappa_max)
-    return case
-
-
 def grad_np(metric, theta) -> np.ndarray:
     return metric.gradient(theta).detach().numpy()
 
@@ -245,7 +77,7 @@ def grad_np(metric, theta) -> np.ndarray:
 # docs/theory.md §2: every metric's gradient against its closed form
 # ----------------------------------------------------------------------------------------
 @HYP
-@given(case=cases(), lam=st.sampled_from([0.0, 0.3, 0.5, 0.9, 1.0]))
+@given(case=metric_cases(), lam=st.sampled_from([0.0, 0.3, 0.5, 0.9, 1.0]))
 def test_gradients_match_closed_forms(case, lam):
     ref, th = case.ref, case.theta
     # Euclidean: D^T grad_x C
@@ -271,7 +103,7 @@ def test_gradients_match_closed_forms(case, lam):
 # docs/theory.md §8 item 1, horizontality, item 4
 # ----------------------------------------------------------------------------------------
 @HYP
-@given(case=cases())
+@given(case=metric_cases())
 def test_output_velocities_item1(case):
     """D V_0 = -D D^T grad_x C (1e-12) and D V_1 = -P grad_x C (1e-9); V = -gradient."""
     ref, th = case.ref, case.theta
@@ -285,7 +117,7 @@ def test_output_velocities_item1(case):
 
 
 @HYP
-@given(case=cases(), lam=st.sampled_from([0.0, 0.5, 1.0]))
+@given(case=metric_cases(), lam=st.sampled_from([0.0, 0.5, 1.0]))
 def test_horizontality(case, lam):
     """Every V_lam lies in ran D^T: |(1 - V_r V_r^T) V| is at rounding level."""
     ref, th = case.ref, case.theta
@@ -302,7 +134,7 @@ def _item4_tol(ref) -> float:
 
 
 @HYP
-@given(case=cases(), lam=st.sampled_from([0.0, 0.3, 1.0]))
+@given(case=metric_cases(), lam=st.sampled_from([0.0, 0.3, 1.0]))
 def test_characterization_item4(case, lam):
     """g_lam(V_lam, w) = dC(w) for w in the distribution (1e-9), densely and via check_gradient."""
     ref, th = case.ref, case.theta
@@ -326,58 +158,10 @@ def test_characterization_item4(case, lam):
 # ----------------------------------------------------------------------------------------
 # docs/theory.md §8 item 3: equal zeros for every lam, on a rank-deficient model x = F(B theta)
 # ----------------------------------------------------------------------------------------
-class Reparametrized(nn.Module):
-    """x = F(B theta): an MLP F whose r parameters are B theta (rank D <= r everywhere)."""
-
-    def __init__(self, inner: nn.Module, k: int, seed: int) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self._inner = [inner]  # hidden from named_parameters: only theta is trainable
-        self._names = [n for n, _ in inner.named_parameters()]
-        self._shapes = [p.shape for _, p in inner.named_parameters()]
-        r = sum(p.numel() for p in inner.parameters())
-        self.register_buffer(
-            "B", torch.randn(r, k, generator=gen, dtype=torch.float64) / math.sqrt(k)
-        )
-        self.theta = nn.Parameter(torch.randn(k, generator=gen, dtype=torch.float64))
-
-    def forward(self, x):
-        z, params, i = self.B @ self.theta, {}, 0
-        for n, shp in zip(self._names, self._shapes):
-            params[n] = z[i : i + shp.numel()].reshape(shp)
-            i += shp.numel()
-        return functional_call(self._inner[0], params, (x,))
-
-
-def _rank_deficient_case(seed: int, critical: bool):
-    inner = tanh_mlp((2, 2, 1), seed)  # r = 9 parameters
-    model = Reparametrized(inner, k=20, seed=seed)  # K = 20 > QN = 12 > r = 9
-    gen = torch.Generator().manual_seed(seed + 7)
-    inputs = torch.randn(12, 2, generator=gen, dtype=torch.float64)
-    probe = Ref(
-        model,
-        inputs,
-        torch.zeros(12, 1, dtype=torch.float64),
-        torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
-    )
-    assert probe.r <= 9 < 12
-    left_null = probe.U[:, probe.r :] if probe.U.shape[1] > probe.r else None
-    if left_null is None:  # thin SVD: complete the left null space
-        q, _ = np.linalg.qr(
-            np.c_[probe.U[:, : probe.r], np.random.default_rng(seed).standard_normal((12, 12))]
-        )
-        left_null = q[:, probe.r :]
-    gvec = left_null @ np.random.default_rng(seed).standard_normal(left_null.shape[1])
-    if not critical:
-        gvec = gvec + probe.U[:, 0]  # a component in ran D
-    targets = torch.as_tensor(probe.x - gvec).reshape(12, 1)  # so that grad_x C = x - y = gvec
-    return Case(model, inputs, targets, backend="func")  # a custom module: generic engine
-
-
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(seed=st.integers(0, 1000))
 def test_equal_zeros_rank_deficient(seed):
-    crit, noncrit = _rank_deficient_case(seed, True), _rank_deficient_case(seed, False)
+    crit, noncrit = rank_deficient_case(seed, True), rank_deficient_case(seed, False)
     ref = crit.ref
     assert ref.r < ref.QN < ref.K  # rank loss in the overparametrized regime
     kr = ref.s[0] / ref.s[ref.r - 1]  # condition of D on its numerical range
@@ -400,7 +184,7 @@ def test_equal_zeros_rank_deficient(seed):
 # solvers agree with the dense SVD path
 # ----------------------------------------------------------------------------------------
 def solver_tol(
-    ref: Ref, solver: str, lam: float, what: str = "gradient", bundle: bool = False
+    ref: DenseMetricReference, solver: str, lam: float, what: str = "gradient", bundle: bool = False
 ) -> float:
     """Agreement bound of ``solver`` with the SVD path.
 
@@ -432,7 +216,7 @@ def solver_tol(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 @pytest.mark.parametrize("solver", SOLVERS[1:])
-@given(case=cases(), lam=st.sampled_from([0.3, 0.5, 1.0]))
+@given(case=metric_cases(), lam=st.sampled_from([0.3, 0.5, 1.0]))
 def test_solvers_agree_with_svd(solver, case, lam):
     ref, th = case.ref, case.theta
     xi = torch.as_tensor(np.random.default_rng(1).standard_normal(ref.K))
@@ -451,30 +235,6 @@ def test_solvers_agree_with_svd(solver, case, lam):
             ref.sharp_bundle(xi.numpy(), lam) if bundle else ref.sharp_interpolated(xi.numpy(), lam)
         )
         assert rel(s_svd, expected) <= solver_tol(ref, "svd", lam, "sharp")
-
-
-class Designed(nn.Module):
-    """x_j = tanh(<a_j, theta>) at small theta: D = diag(sech^2) A, A's spectrum prescribed."""
-
-    def __init__(self, k: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(k, 1, bias=False).double()
-        with torch.no_grad():
-            self.lin.weight.mul_(1e-3)  # tanh' ~ 1: the spectrum of D is that of A
-
-    def forward(self, x):
-        return torch.tanh(self.lin(x))
-
-
-def designed_case(sigmas, k: int, seed: int = 0, rtol: float = RTOL) -> Case:
-    """A model whose Jacobian has (nearly) the singular values ``sigmas`` (QN = len(sigmas))."""
-    rng = np.random.default_rng(seed)
-    n = len(sigmas)
-    u = np.linalg.qr(rng.standard_normal((n, n)))[0]
-    v = np.linalg.qr(rng.standard_normal((k, n)))[0]
-    a = torch.as_tensor(u @ np.diag(sigmas) @ v.T)
-    targets = torch.as_tensor(rng.standard_normal((n, 1)))
-    return Case(Designed(k), a, targets, rtol=rtol, backend="func")
 
 
 NEAR_SINGULAR = [
@@ -568,7 +328,7 @@ def test_ntk_certified_cholesky(ratio, rank_atol, certified):
 @pytest.mark.parametrize("lam", [0.5, 1.0])
 def test_rank_deficient_solvers(lam):
     """Exactly rank-deficient D (x = F(B theta)): every solver, matrix-free included, agrees."""
-    case = _rank_deficient_case(3, critical=False)
+    case = rank_deficient_case(3, critical=False)
     ref, th = case.ref, case.theta
     xi = torch.as_tensor(np.random.default_rng(3).standard_normal(ref.K))
     kr = ref.s[0] / ref.s[ref.r - 1]  # condition of D on its numerical range
@@ -614,7 +374,7 @@ class DiagonalPlusPullback(ParameterMetric):
 
 
 @HYP
-@given(case=cases())
+@given(case=metric_cases())
 def test_recipe_a_subclass_with_metric_matrix(case):
     ref, th = case.ref, case.theta
     space = case.fresh().equip_with_metric(DiagonalPlusPullback)
@@ -630,7 +390,7 @@ def test_recipe_a_subclass_with_metric_matrix(case):
 
 
 @HYP
-@given(case=cases())
+@given(case=metric_cases())
 def test_recipe_b_output_metric(case):
     """(b) D^T G D with a user G(x) (per-sample weights): gradient = pinv(D^T G D) D^T g."""
     ref, th = case.ref, case.theta
@@ -654,7 +414,7 @@ def test_recipe_b_output_metric(case):
 
 
 @HYP
-@given(case=cases(), mu=st.sampled_from([0.1, 1.0, 3.0]), c=st.sampled_from([0.5, 2.0]))
+@given(case=metric_cases(), mu=st.sampled_from([0.1, 1.0, 3.0]), c=st.sampled_from([0.5, 2.0]))
 def test_recipe_c_sums_and_damping(case, mu, c):
     ref, th = case.ref, case.theta
     space = case.fresh()
@@ -688,7 +448,7 @@ def test_recipe_c_sums_and_damping(case, mu, c):
 
 
 @HYP
-@given(case=cases(loss="cross_entropy", kappa_max=1e3))
+@given(case=metric_cases(loss="cross_entropy", kappa_max=1e3))
 def test_softmax_fisher(case):
     """Singular along 1 per sample; gradient = dense pinv(D^T G D) D^T g."""
     ref, th = case.ref, case.theta
@@ -737,56 +497,20 @@ def test_softmax_fisher(case):
 # ----------------------------------------------------------------------------------------
 # geodesics
 # ----------------------------------------------------------------------------------------
-def _tiny_case(n: int = 4, seed: int = 0) -> Case:
-    gen = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(n, 2, generator=gen, dtype=torch.float64)
-    targets = torch.randn(n, 1, generator=gen, dtype=torch.float64)
-    return Case(tanh_mlp((2, 2, 1), seed), inputs, targets)  # K = 9
-
-
-def _reference_geodesic(ref: Ref, lam: float, theta, v, steps: int):
-    """RK4 on the geodesic equation with Christoffels from autodiff of a dense g(theta)."""
-
-    def metric(t):
-        d = jacrev(ref.outputs)(t)
-        return (1 - lam) * torch.eye(t.shape[0], dtype=t.dtype) + lam * d.T @ d
-
-    def accel(t, u):
-        g = metric(t)
-        dg = torch.func.jacfwd(metric)(t)  # dg[i, j, l] = d_l g_ij
-        # Gamma^k_ij u^i u^j = g^{kl} (d_i g_lj + d_j g_li - d_l g_ij) u^i u^j / 2
-        first = torch.einsum("lji,i,j->l", dg, u, u) - 0.5 * torch.einsum("ijl,i,j->l", dg, u, u)
-        return -torch.linalg.solve(g, first)
-
-    h = 1.0 / steps
-    q, u = theta.clone(), v.clone()
-    energies = []
-    for _ in range(steps):
-        energies.append(float(u @ metric(q) @ u))
-        k1 = (u, accel(q, u))
-        k2 = (u + 0.5 * h * k1[1], accel(q + 0.5 * h * k1[0], u + 0.5 * h * k1[1]))
-        k3 = (u + 0.5 * h * k2[1], accel(q + 0.5 * h * k2[0], u + 0.5 * h * k2[1]))
-        k4 = (u + h * k3[1], accel(q + h * k3[0], u + h * k3[1]))
-        q = q + h / 6 * (k1[0] + 2 * k2[0] + 2 * k3[0] + k4[0])
-        u = u + h / 6 * (k1[1] + 2 * k2[1] + 2 * k3[1] + k4[1])
-    energies.append(float(u @ metric(q) @ u))
-    return q, np.array(energies)
-
-
 def test_geodesic_interpolated_matches_independent_rk4():
-    case = _tiny_case()
+    case = tanh_case((2, 2, 1), 4, seed=0)
     ref, th = case.ref, case.theta
     steps = 12
     metric = case.metric(InterpolatedMetric, lam=0.5, exp_steps=steps)
     v = 0.4 * torch.as_tensor(np.random.default_rng(4).standard_normal(ref.K))
     end = metric.exp(v, th)
-    end_ref, energies = _reference_geodesic(ref, 0.5, th, v, steps)
+    end_ref, energies = ref.geodesic(0.5, th, v, steps)
     # the same RK4 scheme on the same ODE: agreement to rounding, not to the step size
     assert rel(end - th, end_ref - th) <= 1e-10
     # the discrete geodesic conserves g(u, u) to RK4 accuracy O(h^4) ~ 1e-4 * |u|^2
     assert np.ptp(energies) <= 1e-4 * energies[0]
     # and converges: halving the step changes the end point by O(h^4)
-    fine, _ = _reference_geodesic(ref, 0.5, th, v, 2 * steps)
+    fine, _ = ref.geodesic(0.5, th, v, 2 * steps)
     assert rel(end - th, fine - th) <= 1e-4
     # analytic Christoffels against autodiff of the dense metric (geomstats' formula)
     gam = metric.christoffels(th)
@@ -811,7 +535,7 @@ def test_generic_geodesic_equation_matches_builtin():
             d = self.space.jacobian(base_point)
             return 0.5 * torch.eye(d.shape[1], dtype=d.dtype) + 0.5 * d.T @ d
 
-    case = _tiny_case(seed=1)
+    case = tanh_case((2, 2, 1), 4, seed=1)
     th = case.theta
     v = 0.3 * torch.as_tensor(np.random.default_rng(5).standard_normal(case.ref.K))
     a = case.metric(Half, exp_steps=6).exp(v, th)
@@ -820,7 +544,7 @@ def test_generic_geodesic_equation_matches_builtin():
 
 
 def test_euclidean_exp_is_a_straight_line():
-    case = _tiny_case()
+    case = tanh_case((2, 2, 1), 4, seed=0)
     metric = case.metric(EuclideanMetric)
     v = torch.randn(case.ref.K, dtype=torch.float64)
     assert torch.equal(metric.exp(v, case.theta), case.theta + v)
@@ -832,8 +556,8 @@ def test_euclidean_exp_is_a_straight_line():
 # bad input
 # ----------------------------------------------------------------------------------------
 @pytest.fixture
-def small_case() -> Case:
-    return _tiny_case()
+def small_case() -> MetricCase:
+    return tanh_case((2, 2, 1), 4, seed=0)
 
 
 @pytest.mark.parametrize("lam", [1.5, -0.1, 1 + 1e-12])
@@ -1063,7 +787,7 @@ def test_ntk_lam1_tall_d_ill_conditioned():
     u = np.linalg.qr(rng.standard_normal((n, k)))[0]
     v = np.linalg.qr(rng.standard_normal((k, k)))[0]
     a = torch.as_tensor(u @ np.diag(np.geomspace(1.0, 1e-5, k)) @ v.T)
-    case = Case(Designed(k), a, torch.as_tensor(rng.standard_normal((n, 1))), backend="func")
+    case = MetricCase(Designed(k), a, torch.as_tensor(rng.standard_normal((n, 1))), backend="func")
     m = case.metric(InterpolatedMetric, lam=1.0, solver="ntk")
     g = m.gradient(case.theta)
     # least squares with a residual: C eps kappa (2 + kappa tan) (module docstring)

@@ -22,13 +22,14 @@ from torch.func import jacrev
 import subriemann as sr  # noqa: F401  (selects geomstats' pytorch backend)
 from subriemann._geomstats import default_dtype
 from subriemann.metrics import BundleMetric, OutputPullbackMetric
-from tests.metrics.test_builtin import EPS, Case, Ref, _rank_deficient_case, rel, tanh_mlp
+from tests.cases import rank_deficient_case, tanh_case
+from tests.references import EPS, DenseMetricReference, rel
 
 
 class NetworkImmersion(ImmersedSet):
     """Parameter space immersed in output space by theta -> x[theta] (independent outputs)."""
 
-    def __init__(self, ref: Ref) -> None:
+    def __init__(self, ref: DenseMetricReference) -> None:
         self._ref = ref
         super().__init__(dim=ref.K, equip=False)
 
@@ -41,15 +42,8 @@ class NetworkImmersion(ImmersedSet):
         return torch.stack([self._ref.outputs(p) for p in point])
 
 
-def _case(widths, n, seed) -> Case:
-    gen = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(n, widths[0], generator=gen, dtype=torch.float64)
-    targets = torch.randn(n, widths[-1], generator=gen, dtype=torch.float64)
-    return Case(tanh_mlp(widths, seed), inputs, targets)
-
-
 def test_output_pullback_matches_geomstats_pullback_metric():
-    case = _case((1, 2, 1), n=10, seed=0)  # K = 7 < QN = 10: D^T D is a Riemannian metric
+    case = tanh_case((1, 2, 1), n=10, seed=0)  # K = 7 < QN = 10: D^T D is a Riemannian metric
     ref, th = case.ref, case.theta
     assert ref.K < ref.QN and ref.r == ref.K
     ours = case.metric(OutputPullbackMetric)
@@ -72,7 +66,7 @@ def test_output_pullback_matches_geomstats_pullback_metric():
 
 
 def _bundle_setup(lam: float):
-    case = _case((2, 6, 1), n=3, seed=1)  # K = 25 > QN = 3: sub-Riemannian
+    case = tanh_case((2, 6, 1), n=3, seed=1)  # K = 25 > QN = 3: sub-Riemannian
     metric = case.metric(BundleMetric, lam=lam, exp_steps=10)
     th = case.theta
     gen = torch.Generator().manual_seed(2)
@@ -81,15 +75,6 @@ def _bundle_setup(lam: float):
     v = 0.5 * v / metric.inner_product(v, v, th).sqrt()  # H(theta, p) = |v|_g^2 / 2 = 1/8
     p = metric.metric_vec(v, th)
     return case, metric, v, p
-
-
-def _reference_hamiltonian(ref: Ref, q, p, lam: float, rank: int) -> float:
-    d = jacrev(ref.outputs)(q).detach().numpy()
-    _, _, vt = np.linalg.svd(d, full_matrices=False)
-    vr = vt[:rank].T
-    g = (1 - lam) * np.eye(d.shape[1]) + lam * d.T @ d
-    pr = vr.T @ p.numpy()
-    return 0.5 * float(pr @ np.linalg.solve(vr.T @ g @ vr, pr))
 
 
 def test_bundle_hamiltonian_and_sharp_against_reference():
@@ -102,7 +87,7 @@ def test_bundle_hamiltonian_and_sharp_against_reference():
             h = float(exported.hamiltonian(torch.stack([th, p])))
             dq = exported.sr_sharp(th, p)
             frame = exported.frame(th)
-        assert abs(h - _reference_hamiltonian(ref, th, p, lam, ref.r)) <= 1e3 * EPS
+        assert abs(h - ref.bundle_hamiltonian(th, p, lam, ref.r)) <= 1e3 * EPS
         assert abs(h - 0.125) <= 1e3 * EPS
         assert (
             rel(dq, v) <= 1e3 * EPS * ref.kappa**2
@@ -120,8 +105,8 @@ def test_bundle_hamiltonian_and_sharp_against_reference():
         fd = np.array(
             [
                 (
-                    _reference_hamiltonian(ref, th + step * e, p, lam, ref.r)
-                    - _reference_hamiltonian(ref, th - step * e, p, lam, ref.r)
+                    ref.bundle_hamiltonian(th + step * e, p, lam, ref.r)
+                    - ref.bundle_hamiltonian(th - step * e, p, lam, ref.r)
                 )
                 / (2 * step)
                 for e in torch.eye(ref.K, dtype=torch.float64)
@@ -133,7 +118,7 @@ def test_bundle_hamiltonian_and_sharp_against_reference():
 
 def test_bundle_hamiltonian_gradient_under_rank_loss():
     """Rank-deficient D (repeated zero singular values): the Hamiltonian stays differentiable."""
-    case = _rank_deficient_case(5, critical=False)
+    case = rank_deficient_case(5, critical=False)
     ref, th = case.ref, case.theta
     metric = case.metric(BundleMetric, lam=1.0)
     p = torch.as_tensor(np.random.default_rng(0).standard_normal(ref.K))
@@ -144,8 +129,8 @@ def test_bundle_hamiltonian_gradient_under_rank_loss():
     fd = np.array(
         [
             (
-                _reference_hamiltonian(ref, th + step * e, p, 1.0, ref.r)
-                - _reference_hamiltonian(ref, th - step * e, p, 1.0, ref.r)
+                ref.bundle_hamiltonian(th + step * e, p, 1.0, ref.r)
+                - ref.bundle_hamiltonian(th - step * e, p, 1.0, ref.r)
             )
             / (2 * step)
             for e in torch.eye(ref.K, dtype=torch.float64)
