@@ -18,6 +18,7 @@ Models are seeded with their own generators, never torch's global RNG.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +30,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import subriemann as sr
+from subriemann.flow.trajectory import Trajectory
+from subriemann.metrics import EuclideanMetric, OutputPullbackMetric
 from tests.references import RANK_RTOL, DenseMetricReference
 
 __all__ = [
@@ -45,6 +48,11 @@ __all__ = [
     "ProblemCase",
     "CASES",
     "case_named",
+    "flow_problem",
+    "one_sample_space",
+    "SQUARE_AND_LINE_START",
+    "event_space",
+    "run_event_flow",
     "MetricCase",
     "tanh_case",
     "rank_deficient_case",
@@ -287,6 +295,58 @@ def case_named(name: str) -> Problem:
     """A fresh :class:`Problem` of the case called ``name`` in :data:`CASES`."""
     (found,) = [c for c in CASES if c.name == name]
     return found.build()
+
+
+# -- spaces equipped for flows ---------------------------------------------------------------
+def flow_problem(
+    widths: tuple[int, ...] | list[int],
+    n: int,
+    seed: int = 0,
+    metric: type = OutputPullbackMetric,
+    *,
+    loss: str = "mse",
+    dtype: torch.dtype = torch.float64,
+    **metric_kw,
+) -> tuple[sr.ParameterSpace, Problem]:
+    """A tanh MLP of ``widths`` on ``n`` samples, its space equipped with ``metric``."""
+    p = make_problem(MLPSpec(tuple(widths), "tanh", num_samples=n, seed=seed), loss=loss)
+    space = p.space(dtype=dtype)
+    space.equip_with_metric(metric, **metric_kw)
+    return space, p
+
+
+def one_sample_space(model: nn.Module, y, metric: type | None = None, **metric_kw):
+    """One sample (input 1) with targets ``y`` (Q numbers), float64, the generic engine.
+
+    For the constructed modules of the flow tests (``SquareAndLine`` and others),
+    which the structured engine does not support: its warning is silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        space = sr.ParameterSpace(
+            model,
+            torch.ones(1, 1, dtype=torch.float64),
+            torch.tensor(y, dtype=torch.float64).reshape(1, -1),
+        )
+    if metric is not None:
+        space.equip_with_metric(metric, **metric_kw)
+    return space
+
+
+#: the start (a, b) = (0, 1) of the :class:`SquareAndLine` flows
+SQUARE_AND_LINE_START = (0.0, 1.0)
+
+
+def event_space(metric: type = EuclideanMetric) -> sr.ParameterSpace:
+    """:class:`SquareAndLine`, ``y = (1, 0)``, ``τ = 1/2``: one rank event (s = 3 at λ = 0)."""
+    return one_sample_space(SquareAndLine(), [1.0, 0.0], metric, rank_atol=0.5)
+
+
+def run_event_flow(**kw) -> Trajectory:
+    """The flow of :func:`event_space` (or ``space=``) from (0, 1) to s = 4 at ``rtol=1e-8``."""
+    space = kw.pop("space", None) or event_space()
+    start = torch.tensor(SQUARE_AND_LINE_START, dtype=torch.float64)
+    return sr.gradient_flow(space, start, 4.0, rtol=1e-8, **kw)  # type: ignore[return-value]
 
 
 # -- drawn problems at a point, with their dense metric reference ------------------------

@@ -37,14 +37,8 @@ from subriemann.analysis import (
     output_flow,
 )
 from subriemann.metrics import InterpolatedMetric, OutputPullbackMetric
-from tests.helpers import MLPSpec, make_problem, mse_by_hand, reference_outputs
-
-
-def mlp(widths, n, seed, metric=OutputPullbackMetric, loss="mse", **kw):
-    p = make_problem(MLPSpec(tuple(widths), "tanh", num_samples=n, seed=seed), loss=loss)
-    space = sr.ParameterSpace(p.model, p.inputs, p.targets, loss=loss)
-    space.equip_with_metric(metric, **kw)
-    return space, p
+from tests.cases import SquareAndLine, flow_problem, one_sample_space
+from tests.references import mse_by_hand, reference_outputs
 
 
 # -- §8 item 2: exponential decay and the straight line -------------------------------------
@@ -55,7 +49,7 @@ def mlp(widths, n, seed, metric=OutputPullbackMetric, loss="mse", **kw):
 )
 def adapted(request):
     widths, n, seed = request.param
-    space, p = mlp(widths, n, seed)
+    space, p = flow_problem(widths, n, seed)
     assert space.dim > space.output_dim  # overparametrized
     traj = sr.gradient_flow(space, space.initial_point(), 4.0, rtol=1e-11, atol=1e-13,
                             min_saves=21)
@@ -102,7 +96,7 @@ def test_full_rank_flow_has_no_rank_loss_bend(adapted):
 
 def test_other_lambdas_bend_and_decay_differently():
     # negative control: lambda = 1/2 is not the adapted flow
-    space, _ = mlp((3, 16, 1), 6, 0, metric=InterpolatedMetric, lam=0.5)
+    space, _ = flow_problem((3, 16, 1), 6, 0, metric=InterpolatedMetric, lam=0.5)
     traj = sr.gradient_flow(space, space.initial_point(), 3.0, rtol=1e-8)
     assert linear_interpolation_residual(traj) > 1e-3
     assert abs(decay_rate(traj).rate - 2.0) > 0.1
@@ -131,17 +125,17 @@ def test_apriori_stopping_time(adapted):
 
 
 def test_apriori_stopping_time_warns_and_validates():
-    space, _ = mlp((3, 16, 1), 6, 0)
+    space, _ = flow_problem((3, 16, 1), 6, 0)
     with pytest.raises(ValueError, match="eps must be a positive"):
         apriori_stopping_time(space, space.initial_point(), 0.0)
-    under, _ = mlp((2, 2, 1), 10, 0)  # K = 9 < QN = 10
+    under, _ = flow_problem((2, 2, 1), 10, 0)  # K = 9 < QN = 10
     with pytest.warns(UserWarning, match="cannot have rank QN"):
         apriori_stopping_time(under, under.initial_point(), 1e-3)
     x_in = torch.tensor([[1.0, 2.0], [1.0, 2.0], [0.0, 1.0]])  # K = 3 = QN, rank 2
     lin = sr.ParameterSpace(nn.Linear(2, 1), x_in, torch.randn(3, 1))
     with pytest.warns(UserWarning, match=r"rank-deficient .*rank 2 < QN = 3"):
         apriori_stopping_time(lin, lin.initial_point(), 1e-3)
-    ce, _ = mlp((2, 4, 3), 3, 0, loss="cross_entropy")
+    ce, _ = flow_problem((2, 4, 3), 3, 0, loss="cross_entropy")
     with pytest.raises(ValueError, match="MSE"):
         apriori_stopping_time(ce, ce.initial_point(), 1e-3)
 
@@ -289,20 +283,7 @@ def test_constant_projector_gives_an_exact_straight_deviation():
 def test_deviation_across_a_rank_event():
     # x = (a, b^2/2), y = (1, 0), tau = 1/2: rank 2 -> 1 at s* = 2 ln 2, then b = 1/2 frozen:
     # z = 0 before s*, z = (0, 1/8 - e^{-s}/2) after (a = 1 - e^{-s} throughout).
-    class SquareAndLine(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Parameter(torch.zeros(1, dtype=torch.float64))
-            self.b = nn.Parameter(torch.ones(1, dtype=torch.float64))
-
-        def forward(self, x):
-            return torch.stack([self.a, 0.5 * self.b**2], dim=1) * x
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        space = sr.ParameterSpace(SquareAndLine(), torch.ones(1, 1, dtype=torch.float64),
-                                  torch.tensor([[1.0, 0.0]], dtype=torch.float64))
-    space.equip_with_metric(OutputPullbackMetric, rank_atol=0.5)
+    space = one_sample_space(SquareAndLine(), [1.0, 0.0], OutputPullbackMetric, rank_atol=0.5)
     traj = sr.gradient_flow(space, space.initial_point(), 5.0, save_at=np.linspace(0, 5, 11),
                             rtol=1e-10, atol=1e-12)
     assert len(traj.events) == 1
@@ -349,7 +330,7 @@ def test_output_flow_is_the_closed_form_and_the_linear_model_flow(lam):
 
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
 def test_output_flow_is_the_network_flow_to_first_order(lam):
-    space, _ = mlp((3, 16, 1), 6, 0, metric=InterpolatedMetric, lam=lam)
+    space, _ = flow_problem((3, 16, 1), 6, 0, metric=InterpolatedMetric, lam=lam)
     theta0 = space.initial_point()
     s = [0.001, 0.002, 0.004]  # s * sigma_max^2 ~ 0.1: the small-s regime (NTK up to ~35)
     lin = output_flow(space, theta0, s, lam=lam).outputs
@@ -368,7 +349,7 @@ def test_output_flow_is_the_network_flow_to_first_order(lam):
 
 
 def test_output_flow_cross_entropy_and_errors():
-    space, _ = mlp((2, 5, 3), 3, 1, loss="cross_entropy", metric=InterpolatedMetric, lam=0.5)
+    space, _ = flow_problem((2, 5, 3), 3, 1, InterpolatedMetric, loss="cross_entropy", lam=0.5)
     theta0 = space.initial_point()
     out = output_flow(space, theta0, [1.0, 0.5], lam=0.5, n_steps=400)
     u, kappa = kernel_eigh(space, theta0, 0.5)

@@ -19,13 +19,8 @@ import torch
 import subriemann as sr
 from subriemann.flow.trajectory import Trajectory
 from subriemann.metrics import EuclideanMetric
-from tests.flow.test_trajectory import (
-    ARRAYS,
-    assert_same_arrays,
-    event_space,
-    mlp_space,
-    run_event_flow,
-)
+from tests.cases import event_space, flow_problem, run_event_flow
+from tests.helpers import ARRAYS, assert_same_arrays
 
 THETA0 = torch.tensor([0.0, 1.0], dtype=torch.float64)
 
@@ -126,7 +121,7 @@ def test_resume_refuses_another_problem(partial):
 
 
 def test_resume_refuses_another_model_and_loss(tmp_path):
-    space = mlp_space()
+    space = flow_problem((2, 5, 1), 3, seed=11)[0]
     ckpt = tmp_path / "c"
     theta0 = space.initial_point()
     sr.gradient_flow(space, theta0, 1.0, checkpoint=ckpt, max_steps=2)

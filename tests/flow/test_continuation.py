@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -20,16 +19,8 @@ from scipy.integrate import solve_ivp
 import subriemann as sr
 from subriemann.flow import continuation
 from subriemann.metrics import InterpolatedMetric, OutputMetric, OutputPullbackMetric
+from tests.cases import SquareAndLine, one_sample_space
 from tests.helpers import REPO_ROOT as ROOT
-from tests.helpers import SquareAndLine
-
-
-def square_and_line(metric, **kw) -> sr.ParameterSpace:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        space = sr.ParameterSpace(SquareAndLine(), torch.ones(1, 1, dtype=torch.float64),
-                                  torch.tensor([[1.0, 0.0]], dtype=torch.float64))
-    return space.equip_with_metric(metric, **kw)
 
 
 # -- the filter itself ----------------------------------------------------------------------
@@ -110,7 +101,7 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_constructed_case_follows_the_filtered_ode(name, monkeypatch):
     metric, kw, rate, filtered = CASES[name]
-    space = square_and_line(metric, rank_atol=TAU, **kw)
+    space = one_sample_space(SquareAndLine(), [1.0, 0.0], metric, rank_atol=TAU, **kw)
     calls = []
     real = continuation.filtered_gradient
     monkeypatch.setattr(continuation, "filtered_gradient",
@@ -143,7 +134,7 @@ def test_constructed_case_follows_the_filtered_ode(name, monkeypatch):
 
 
 def test_hard_threshold_is_rank_band_zero():
-    space = square_and_line(OutputPullbackMetric, rank_atol=TAU)
+    space = one_sample_space(SquareAndLine(), [1.0, 0.0], OutputPullbackMetric, rank_atol=TAU)
     traj = sr.gradient_flow(space, space.initial_point(), 12.0, rtol=1e-10, atol=1e-12,
                             rank_band=0.0, stall_tol=1e-6)
     # b = exp(-s/2) crosses tau at s = 2 ln(100); the rank-1 field then leaves b alone
@@ -156,7 +147,7 @@ def test_hard_threshold_is_rank_band_zero():
 
 
 def test_segments_are_saved_and_resumed_bit_exactly(tmp_path):
-    space = square_and_line(OutputPullbackMetric, rank_atol=TAU)
+    space = one_sample_space(SquareAndLine(), [1.0, 0.0], OutputPullbackMetric, rank_atol=TAU)
     theta0 = space.initial_point()
     opts = dict(rtol=1e-10, atol=1e-12, rank_band=BAND)
     full = sr.gradient_flow(space, theta0, S_END, **opts)

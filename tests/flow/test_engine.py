@@ -19,7 +19,6 @@ is ~1e-9, hence 1e-7.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -33,15 +32,13 @@ import subriemann as sr
 from subriemann.flow import batch as batch_module
 from subriemann.flow import events as events_module
 from subriemann.metrics import EuclideanMetric, InterpolatedMetric, OutputPullbackMetric
-from tests.helpers import (
-    MLPSpec,
+from tests.cases import (
     SquareAndLine,
-    flat_params,
-    make_problem,
+    flow_problem,
     mlp_problems,
-    mse_by_hand,
-    reference_outputs,
+    one_sample_space,
 )
+from tests.references import flat_params, mse_by_hand, reference_outputs
 
 CLOSE = dict(rtol=1e-10, atol=1e-12)  # global error ~1e-9 on these O(1) problems
 
@@ -89,26 +86,6 @@ class Dip(nn.Module):
     def forward(self, x):
         c = (self.a - 0.5) ** 2 + self.m
         return torch.stack([self.a, c * self.b], dim=1) * x
-
-
-def custom_space(model: nn.Module, q: int, y, metric=None, **metric_kw) -> sr.ParameterSpace:
-    """One sample (input 1) with targets ``y``; the generic engine (a custom module)."""
-    with warnings.catch_warnings():  # "structured engine does not support ...": fine here
-        warnings.simplefilter("ignore", UserWarning)
-        space = sr.ParameterSpace(
-            model, torch.ones(1, 1, dtype=torch.float64),
-            torch.tensor([y], dtype=torch.float64).reshape(1, q),
-        )
-    if metric is not None:
-        space.equip_with_metric(metric, **metric_kw)
-    return space
-
-
-def mlp_space(widths, n, seed=0, metric=OutputPullbackMetric, **kw):
-    p = make_problem(MLPSpec(tuple(widths), "tanh", num_samples=n, seed=seed))
-    space = sr.ParameterSpace(p.model, p.inputs, p.targets)
-    space.equip_with_metric(metric, **kw)
-    return space, p
 
 
 # -- a dense numpy re-implementation of a one-hidden-layer tanh MLP ------------------------
@@ -173,7 +150,7 @@ def numpy_reference(space, p, lam: float, s_eval):
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
 def test_flow_matches_solve_ivp_on_numpy_mlp(lam):
     # K = 3*5+5+5*2+2 = 32 > QN = 8, full rank: no rank events.
-    space, p = mlp_space((3, 5, 2), 4, seed=3, metric=InterpolatedMetric, lam=lam)
+    space, p = flow_problem((3, 5, 2), 4, seed=3, metric=InterpolatedMetric, lam=lam)
     s_eval = np.linspace(0.0, 0.6, 4)
     traj = sr.gradient_flow(space, space.initial_point(), 0.6, save_at=s_eval, **CLOSE)
     assert traj.status.code == "s_end_reached"
@@ -191,7 +168,7 @@ def test_flow_matches_solve_ivp_on_numpy_mlp(lam):
 @settings(max_examples=3, deadline=None)
 @given(problem=mlp_problems(max_depth=2, max_width=4, max_samples=4, max_outputs=2))
 def test_cost_non_increasing(problem):
-    space = sr.ParameterSpace(problem.model, problem.inputs, problem.targets)
+    space = problem.space()
     theta0 = space.initial_point()
     for metric, kw in ((EuclideanMetric, {}), (InterpolatedMetric, {"lam": 0.5}),
                        (OutputPullbackMetric, {})):
@@ -257,7 +234,7 @@ def test_euler_step_is_damped_gauss_newton_on_linear_model():
 
 def test_euler_step_is_levenberg_marquardt():
     # lambda = 1/2: theta_{n+1} = theta_n - (eta/lam)(eps 1 + D^T D)^{-1} D^T (x - y), eps = 1.
-    space, p = mlp_space((2, 4, 1), 3, seed=5, metric=InterpolatedMetric, lam=0.5)
+    space, p = flow_problem((2, 4, 1), 3, seed=5, metric=InterpolatedMetric, lam=0.5)
     traj = sr.gradient_flow(space, space.initial_point(), 0.3, method="euler", step_size=0.1,
                             min_saves=2)
     ref = NumpyMLP(2, 4, 1, p.inputs.double().numpy(), space.y.numpy())
@@ -270,7 +247,7 @@ def test_euler_step_is_levenberg_marquardt():
 
 
 def test_rk4_is_fourth_order():
-    space, p = mlp_space((2, 6, 1), 4, seed=2, metric=InterpolatedMetric, lam=0.5)
+    space, p = flow_problem((2, 6, 1), 4, seed=2, metric=InterpolatedMetric, lam=0.5)
     theta0 = space.initial_point()
     exact = numpy_reference(space, p, 0.5, [0.0, 1.0])[0][-1]  # solve_ivp, rtol 1e-12
     errors = []
@@ -289,7 +266,7 @@ def test_rk4_is_fourth_order():
     [(0.0, 3.0, "s_end_reached"), (1.0, 2 * math.log(2), "equilibrium_reached")],
 )
 def test_rank_drop_one_to_zero(lam, s_star, final):
-    space = custom_space(HalfSquare(), 1, 0.0, InterpolatedMetric, lam=lam, rank_atol=0.5)
+    space = one_sample_space(HalfSquare(), 0.0, InterpolatedMetric, lam=lam, rank_atol=0.5)
     traj = sr.gradient_flow(space, space.initial_point(), 5.0, rtol=1e-10, atol=1e-12)
     assert traj.status.code == final, traj.status
     assert len(traj.events) == 1
@@ -312,8 +289,8 @@ def test_rank_drop_one_to_zero(lam, s_star, final):
 
 @pytest.mark.parametrize("lam, s_star", [(0.0, 3.0), (1.0, 2 * math.log(2))])
 def test_two_output_rank_two_to_one(lam, s_star):
-    space = custom_space(SquareAndLine(), 2, [1.0, 0.0], InterpolatedMetric, lam=lam,
-                         rank_atol=0.5)
+    space = one_sample_space(SquareAndLine(), [1.0, 0.0], InterpolatedMetric, lam=lam,
+                             rank_atol=0.5)
     traj = sr.gradient_flow(space, space.initial_point(), 20.0, rtol=1e-10, atol=1e-12,
                             stall_tol=1e-6)
     assert [(e.rank_before, e.rank_after, e.index) for e in traj.events] == [(2, 1, 1)]
@@ -332,7 +309,7 @@ def test_two_output_rank_two_to_one(lam, s_star):
 
 
 def test_stop_on_rank_change():
-    space = custom_space(SquareAndLine(), 2, [1.0, 0.0], OutputPullbackMetric, rank_atol=0.5)
+    space = one_sample_space(SquareAndLine(), [1.0, 0.0], OutputPullbackMetric, rank_atol=0.5)
     traj = sr.gradient_flow(space, space.initial_point(), 5.0, stop_on_rank_change=True,
                             rtol=1e-10, atol=1e-12)
     assert traj.status.code == "rank_change"
@@ -346,7 +323,7 @@ def test_stop_on_rank_change():
 
 
 def test_without_rank_monitor_singular_values_are_computed_at_saved_points():
-    space = custom_space(SquareAndLine(), 2, [1.0, 0.0], EuclideanMetric, rank_atol=0.5)
+    space = one_sample_space(SquareAndLine(), [1.0, 0.0], EuclideanMetric, rank_atol=0.5)
     traj = sr.gradient_flow(space, space.initial_point(), 4.0, monitor_rank=False,
                             save_at=[1.0, 2.0, 4.0])
     assert traj.events == []
@@ -363,7 +340,7 @@ def test_steps_are_capped_so_a_dip_below_tau_is_seen(lam, monkeypatch):
     tau = m / (1 - depth)
     half = math.sqrt(tau - m)
     expected = [-math.log(0.5 + half), -math.log(0.5 - half)]
-    space = custom_space(Dip(m), 2, [0.0, 0.0], InterpolatedMetric, lam=lam, rank_atol=tau)
+    space = one_sample_space(Dip(m), [0.0, 0.0], InterpolatedMetric, lam=lam, rank_atol=tau)
 
     def run():
         return sr.gradient_flow(space, space.initial_point(), 3.0, rtol=1e-8, atol=1e-12,
@@ -399,7 +376,7 @@ class Slide(nn.Module):
 
 def test_sliding_on_a_rank_boundary_reports_chattering():
     # the hard threshold (rank_band=0): the last resort of the continuation
-    space = custom_space(Slide(), 2, [1.0, -1.0], OutputPullbackMetric, rank_rtol=1e-4)
+    space = one_sample_space(Slide(), [1.0, -1.0], OutputPullbackMetric, rank_rtol=1e-4)
     traj = sr.gradient_flow(space, space.initial_point(), 2.0, min_saves=2, rank_band=0.0)
     assert traj.status.code == "rank_chattering", traj.status
     assert not traj.status.successful
@@ -442,7 +419,7 @@ def _fixed_step_reference(method: str, h: float, nan_below: float) -> list[float
 def test_nan_stops_with_last_good_state(method):
     # lambda = 0: theta^2 = 1/(1+s); the model is NaN once theta < 0.6, i.e. s > 1/0.36 - 1
     s_nan = 1 / 0.36 - 1
-    space = custom_space(HalfSquare(nan_below=0.6), 1, 0.0, EuclideanMetric)
+    space = one_sample_space(HalfSquare(nan_below=0.6), 0.0, EuclideanMetric)
     h = 0.01
     traj = sr.gradient_flow(space, space.initial_point(), 4.0, method=method,
                             **({"step_size": h} if method != "dopri5" else {}))
@@ -463,7 +440,7 @@ def test_nan_stops_with_last_good_state(method):
 
 
 def test_nan_from_the_metric_keeps_the_trajectory(monkeypatch):
-    space, _ = mlp_space((2, 4, 1), 3, seed=1)
+    space, _ = flow_problem((2, 4, 1), 3, seed=1)
     metric = space.metric
     calls = {"n": 0}
     original = metric.gradient
@@ -482,7 +459,7 @@ def test_nan_from_the_metric_keeps_the_trajectory(monkeypatch):
 
 
 def test_nonfinite_initial_point_raises():
-    space, _ = mlp_space((2, 4, 1), 3)
+    space, _ = flow_problem((2, 4, 1), 3)
     theta = space.initial_point()
     theta[0] = float("nan")
     with pytest.raises(ValueError, match="cannot start"):
@@ -490,7 +467,7 @@ def test_nonfinite_initial_point_raises():
 
 
 def test_cost_tol_stall_and_budgets():
-    space, _ = mlp_space((2, 6, 1), 3, seed=4)
+    space, _ = flow_problem((2, 6, 1), 3, seed=4)
     theta0 = space.initial_point()
     c0 = float(space.cost(theta0))
 
@@ -520,7 +497,7 @@ def test_cost_tol_stall_and_budgets():
 
 
 def test_equilibrium_at_the_start():
-    space, _ = mlp_space((2, 4, 1), 3)
+    space, _ = flow_problem((2, 4, 1), 3)
     space_y = sr.ParameterSpace(space.module, space.inputs, space.outputs(space.initial_point())
                                 .reshape(3, 1))
     traj = sr.gradient_flow(space_y, space_y.initial_point(), 1.0)
@@ -528,7 +505,7 @@ def test_equilibrium_at_the_start():
 
 
 def test_saving():
-    space, _ = mlp_space((2, 4, 1), 3)
+    space, _ = flow_problem((2, 4, 1), 3)
     theta0 = space.initial_point()
     # default: every accepted step, and at least 50 evenly spaced times
     traj = sr.gradient_flow(space, theta0, 1.0, rtol=1e-6)
@@ -571,7 +548,7 @@ def test_saving():
     ],
 )
 def test_bad_options(kwargs, exc, match):
-    space, _ = mlp_space((2, 3, 1), 2)
+    space, _ = flow_problem((2, 3, 1), 2)
     kwargs = {"s_end": 1.0} | kwargs
     s_end = kwargs.pop("s_end")
     with pytest.raises(exc, match=match):
@@ -579,7 +556,7 @@ def test_bad_options(kwargs, exc, match):
 
 
 def test_bad_points():
-    space, _ = mlp_space((2, 3, 1), 2)
+    space, _ = flow_problem((2, 3, 1), 2)
     theta = space.initial_point()
     with pytest.raises(ValueError, match=r"shape \(13,\)"):
         sr.gradient_flow(space, theta[:-1], 1.0)
@@ -611,7 +588,7 @@ def test_batch_integrated_together_equals_individual_runs(monkeypatch, metric, k
     where a relative step change of 1e-9 moves the result by 1e-9 of the
     local error, far below the 1e-10 asserted.
     """
-    space, _ = mlp_space((2, 4, 1), 3, seed=7, metric=metric, **kw)
+    space, _ = flow_problem((2, 4, 1), 3, seed=7, metric=metric, **kw)
     theta0 = space.initial_point()
     batch = torch.stack([theta0, 0.9 * theta0, 1.1 * theta0])
     widths: list[int] = []
@@ -645,7 +622,7 @@ def test_batch_integrated_together_equals_individual_runs(monkeypatch, metric, k
 
 def test_batch_interrupt_keeps_every_trajectory(monkeypatch):
     """Ctrl-C during a batch: every flow stops at its last accepted step, nothing is lost."""
-    space, _ = mlp_space((2, 4, 1), 3, seed=7)
+    space, _ = flow_problem((2, 4, 1), 3, seed=7)
     theta0 = space.initial_point()
     batch = torch.stack([theta0, 0.9 * theta0])
     serve = batch_module.serve_round
@@ -668,7 +645,7 @@ def test_batch_interrupt_keeps_every_trajectory(monkeypatch):
 
 
 def test_batch_member_error_is_raised():
-    space, _ = mlp_space((2, 4, 1), 3, seed=7)
+    space, _ = flow_problem((2, 4, 1), 3, seed=7)
     theta0 = space.initial_point()
     bad = theta0.clone()
     bad[0] = float("nan")
@@ -678,7 +655,7 @@ def test_batch_member_error_is_raised():
 
 
 def test_threshold_fixed_and_metric_restored():
-    space, _ = mlp_space((2, 4, 1), 3)
+    space, _ = flow_problem((2, 4, 1), 3)
     metric = space.metric
     assert metric.rank_atol is None
     traj = sr.gradient_flow(space, space.initial_point(), 1.0)
@@ -690,7 +667,7 @@ def test_threshold_fixed_and_metric_restored():
 
 
 def test_euclidean_rank_monitor_uses_ntk_eigenvalues():
-    space, _ = mlp_space((2, 6, 1), 4, metric=EuclideanMetric)
+    space, _ = flow_problem((2, 6, 1), 4, metric=EuclideanMetric)
     traj = sr.gradient_flow(space, space.initial_point(), 0.5, min_saves=3)
     assert traj.settings["rank_method"] == "auto"
     ref = torch.stack([torch.linalg.svdvals(space.jacobian(t)) for t in traj.theta])
@@ -704,7 +681,7 @@ def test_euclidean_rank_monitor_uses_ntk_eigenvalues():
 
 
 def test_progress_bar(capsys):
-    space, _ = mlp_space((2, 3, 1), 2)
+    space, _ = flow_problem((2, 3, 1), 2)
     traj = sr.gradient_flow(space, space.initial_point(), 0.5, progress=True)
     assert traj.status.code == "s_end_reached"
     assert "s=" in capsys.readouterr().err
@@ -719,9 +696,8 @@ def test_float32_adapted_flow(solver):
     so the decay law holds to ~1e-4 relative instead of float64's 1e-8; the
     rank threshold must sit above what float32 resolves (rank_rtol 1e-3).
     """
-    p = make_problem(MLPSpec((2, 8, 1), "tanh", num_samples=4, seed=3))
-    space = sr.ParameterSpace(p.model, p.inputs, p.targets, dtype=torch.float32)
-    space.equip_with_metric(OutputPullbackMetric, solver=solver, rank_rtol=1e-3)
+    space, _ = flow_problem((2, 8, 1), 4, seed=3, metric=OutputPullbackMetric,
+                            dtype=torch.float32, solver=solver, rank_rtol=1e-3)
     theta0 = space.initial_point()
     assert theta0.dtype == torch.float32
     traj = sr.gradient_flow(space, theta0, 2.0, rtol=1e-5, atol=1e-7)

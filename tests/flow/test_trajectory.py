@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,44 +21,10 @@ import torch
 import subriemann as sr
 from subriemann.flow import engine as flow_module
 from subriemann.flow import events as events_module
-from subriemann.flow.trajectory import FORMAT, STATUS_CODES, FlowStatus, RankChange, Trajectory
-from subriemann.metrics import EuclideanMetric, OutputPullbackMetric
-from tests.helpers import REPO_ROOT, MLPSpec, SquareAndLine, make_problem
-
-ARRAYS = ("s", "theta", "outputs", "cost", "grad_norm", "singular_values", "rank", "targets")
-
-
-
-def event_space(metric=EuclideanMetric) -> sr.ParameterSpace:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # generic engine for a custom module
-        space = sr.ParameterSpace(SquareAndLine(), torch.ones(1, 1, dtype=torch.float64),
-                                  torch.tensor([[1.0, 0.0]], dtype=torch.float64))
-    return space.equip_with_metric(metric, rank_atol=0.5)
-
-
-def mlp_space(dtype=torch.float64) -> sr.ParameterSpace:
-    p = make_problem(MLPSpec((2, 5, 1), "tanh", num_samples=3, seed=11))
-    space = sr.ParameterSpace(p.model, p.inputs, p.targets, dtype=dtype)
-    return space.equip_with_metric(OutputPullbackMetric)
-
-
-def assert_same_arrays(a: Trajectory, b: Trajectory, names=ARRAYS) -> None:
-    for name in names:
-        x, y = getattr(a, name), getattr(b, name)
-        assert x.dtype == y.dtype, name
-        assert torch.equal(x, y), name
-
-
-def assert_same_events(a: list[RankChange], b: list[RankChange]) -> None:
-    assert len(a) == len(b)
-    for e, f in zip(a, b):
-        assert (e.s, e.rank_before, e.rank_after, e.index, e.tau, e.s_bracket) == (
-            f.s, f.rank_before, f.rank_after, f.index, f.tau, f.s_bracket
-        )
-        assert torch.equal(e.theta, f.theta)
-        assert torch.equal(e.singular_values_before, f.singular_values_before)
-        assert torch.equal(e.singular_values_after, f.singular_values_after)
+from subriemann.flow.trajectory import FORMAT, STATUS_CODES, FlowStatus, Trajectory
+from subriemann.metrics import OutputPullbackMetric
+from tests.cases import event_space, flow_problem, run_event_flow
+from tests.helpers import ARRAYS, REPO_ROOT, assert_same_arrays, assert_same_events
 
 
 # -- the file format ------------------------------------------------------------------------
@@ -88,7 +53,7 @@ def test_save_load_round_trip_is_bit_exact(event_traj, tmp_path):
 
 
 def test_round_trip_float32_and_suffix(tmp_path):
-    space = mlp_space(torch.float32)
+    space = flow_problem((2, 5, 1), 3, seed=11, dtype=torch.float32)[0]
     traj = sr.gradient_flow(space, space.initial_point(), 0.5, rtol=1e-5, atol=1e-7)
     path = traj.save(tmp_path / "f32")  # ".npz" is appended
     assert path == tmp_path / "f32.npz" and path.exists()
@@ -151,12 +116,6 @@ def test_trajectory_conveniences(event_traj):
 
 
 # -- checkpoints and resumption -------------------------------------------------------------
-def run_event_flow(**kw) -> Trajectory:
-    space = kw.pop("space", None) or event_space()
-    return sr.gradient_flow(space, torch.tensor([0.0, 1.0], dtype=torch.float64), 4.0,
-                            rtol=1e-8, **kw)  # type: ignore[return-value]
-
-
 @pytest.mark.parametrize("save_at", [None, [0.5, 1.0, 2.0, 3.5]], ids=["default", "save_at"])
 def test_resume_after_a_step_budget(tmp_path, event_traj, save_at):
     ref = event_traj if save_at is None else run_event_flow(save_at=save_at)
@@ -231,7 +190,7 @@ def test_interrupt_while_locating_an_event(tmp_path, monkeypatch, event_traj):
 
 
 def test_interrupt_without_checkpoint(monkeypatch):
-    space = mlp_space()
+    space = flow_problem((2, 5, 1), 3, seed=11)[0]
     interrupt_after(monkeypatch, space.metric, 30)
     traj = sr.gradient_flow(space, space.initial_point(), 3.0)
     assert traj.status.code == "interrupted" and len(traj) > 1
