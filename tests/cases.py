@@ -53,6 +53,7 @@ __all__ = [
     "SQUARE_AND_LINE_START",
     "event_space",
     "run_event_flow",
+    "TINY",
     "MetricCase",
     "tanh_case",
     "rank_deficient_case",
@@ -347,6 +348,14 @@ def run_event_flow(**kw) -> Trajectory:
     space = kw.pop("space", None) or event_space()
     start = torch.tensor(SQUARE_AND_LINE_START, dtype=torch.float64)
     return sr.gradient_flow(space, start, 4.0, rtol=1e-8, **kw)  # type: ignore[return-value]
+
+
+# -- `subriemann run` on a tiny problem -------------------------------------------------------
+#: Flags of a tiny run: teacher–student data, a 6-unit MLP, N = 5, s_end = 0.5 (about 1 s).
+TINY = [
+    "--data", "teacher", "--model", "mlp:6", "--n-samples", "5", "--s-end", "0.5",
+    "--metrics", "euclidean,pullback", "--rtol", "1e-7", "--max-time", "60", "--no-progress",
+]
 
 
 # -- drawn problems at a point, with their dense metric reference ------------------------

@@ -3,6 +3,8 @@
 * :data:`REPO_ROOT`, for test files that run the examples, benchmarks or docs;
 * :func:`assert_same_arrays` and :func:`assert_same_events`: two trajectories agree
   bit for bit;
+* :func:`interrupt_after`: a Ctrl-C at the n-th evaluation of a vector field;
+* :func:`check_report`: the report folder of a completed ``subriemann run``;
 * the names that lived here before ``tests/references.py`` and ``tests/cases.py``
   existed, re-exported so that ``from tests.helpers import make_problem`` keeps
   working (new code imports from :mod:`tests.references` and :mod:`tests.cases`).
@@ -10,10 +12,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import matplotlib.image
+import numpy as np
+import pytest
 import torch
 
+from subriemann.app.report import SUMMARY_SCHEMA, validate_summary
 from subriemann.flow.trajectory import RankChange, Trajectory
 from tests.cases import (
     ACTIVATIONS,
@@ -41,6 +48,10 @@ __all__ = [
     "ARRAYS",
     "assert_same_arrays",
     "assert_same_events",
+    "interrupt_after",
+    "FIGURES",
+    "check_schema",
+    "check_report",
     "ACTIVATIONS",
     "MLPSpec",
     "Problem",
@@ -84,3 +95,64 @@ def assert_same_events(a: list[RankChange], b: list[RankChange]) -> None:
         assert torch.equal(e.theta, f.theta)
         assert torch.equal(e.singular_values_before, f.singular_values_before)
         assert torch.equal(e.singular_values_after, f.singular_values_after)
+
+
+def interrupt_after(monkeypatch, owner, calls: int) -> dict[str, int]:
+    """Make ``owner.gradient`` raise KeyboardInterrupt at its ``calls``-th call (a Ctrl-C).
+
+    ``owner`` is a metric (that instance only) or a metric class (every instance).
+    Returns the call counter ``{"n": ...}``.
+    """
+    original = owner.gradient
+    count = {"n": 0}
+
+    def gradient(*args):
+        count["n"] += 1
+        if count["n"] == calls:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(owner, "gradient", gradient)
+    return count
+
+
+# -- the report folder of `subriemann run` ---------------------------------------------------
+FIGURES = ("cost", "output_path", "singular_values", "deviation")
+
+
+def check_schema(summary: dict) -> None:
+    """Validate with the built-in validator and, when installed, with jsonschema."""
+    validate_summary(summary)
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    jsonschema.validate(summary, SUMMARY_SCHEMA)
+
+
+def check_report(out: Path, flows: tuple[str, ...] = ("euclidean", "pullback")) -> dict:
+    """The report folder of a completed run: every file there and sound."""
+    summary = json.loads((out / "summary.json").read_text())
+    check_schema(summary)
+    assert summary["complete"] is True
+    assert [f["name"] for f in summary["flows"]] == list(flows)
+    for key in ("subriemann", "torch", "geomstats", "numpy", "python"):
+        assert summary["versions"][key]
+    assert isinstance(summary["settings"]["seed"], int)
+    assert set(summary["figures"]) == set(FIGURES)
+    for rel in summary["figures"].values():
+        png = out / rel
+        assert png.stat().st_size > 5_000
+        img = matplotlib.image.imread(png)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
+        assert float(np.std(img)) > 0.01  # not a blank canvas
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4
+    assert '<table id="flows">' in html
+    for f in summary["flows"]:
+        assert f["completed"] and f["checkpoint"] is None
+        traj = Trajectory.load(out / f["trajectory"])
+        assert len(traj) == f["points"] >= 2
+        assert float(traj.cost[-1]) == pytest.approx(f["final_cost"])
+        assert not (out / "flows" / f"{f['name']}.ckpt.npz").exists()
+    return summary

@@ -16,19 +16,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import matplotlib.image
 import numpy as np
 import pytest
 import torch
 
 import subriemann as sr
 from subriemann.app.cli import main
-from subriemann.app.report import SUMMARY_SCHEMA, SchemaError, validate_summary
+from subriemann.app.report import SchemaError, validate_summary
+from tests.cases import TINY
+from tests.helpers import check_report, check_schema, interrupt_after
 
-TINY = [
-    "--data", "teacher", "--model", "mlp:6", "--n-samples", "5", "--s-end", "0.5",
-    "--metrics", "euclidean,pullback", "--rtol", "1e-7", "--max-time", "60", "--no-progress",
-]
 TINY_TOML = """
 data = "data.npz"
 model_file = "net.py:build"
@@ -46,47 +43,6 @@ def build(in_dim, out_dim):
     return torch.nn.Sequential(torch.nn.Linear(in_dim, 7), torch.nn.Softplus(),
                                torch.nn.Linear(7, out_dim))
 """
-FIGURES = ("cost", "output_path", "singular_values", "deviation")
-
-
-def check_schema(summary: dict) -> None:
-    """Validate with the built-in validator and, when installed, with jsonschema."""
-    validate_summary(summary)
-    try:
-        import jsonschema
-    except ImportError:
-        return
-    jsonschema.validate(summary, SUMMARY_SCHEMA)
-
-
-def check_report(out: Path, flows: tuple[str, ...] = ("euclidean", "pullback")) -> dict:
-    """The report folder of a completed run: every file there and sound."""
-    summary = json.loads((out / "summary.json").read_text())
-    check_schema(summary)
-    assert summary["complete"] is True
-    assert [f["name"] for f in summary["flows"]] == list(flows)
-    for key in ("subriemann", "torch", "geomstats", "numpy", "python"):
-        assert summary["versions"][key]
-    assert isinstance(summary["settings"]["seed"], int)
-    assert set(summary["figures"]) == set(FIGURES)
-    for rel in summary["figures"].values():
-        png = out / rel
-        assert png.stat().st_size > 5_000
-        img = matplotlib.image.imread(png)
-        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
-        assert float(np.std(img)) > 0.01  # not a blank canvas
-    html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4
-    assert '<table id="flows">' in html
-    for f in summary["flows"]:
-        assert f["completed"] and f["checkpoint"] is None
-        traj = sr.Trajectory.load(out / f["trajectory"])
-        assert len(traj) == f["points"] >= 2
-        assert float(traj.cost[-1]) == pytest.approx(f["final_cost"])
-        assert not (out / "flows" / f"{f['name']}.ckpt.npz").exists()
-    return summary
-
-
 @pytest.fixture(scope="module")
 def flags_run(tmp_path_factory) -> tuple[Path, str]:
     """One tiny run with command-line flags (shared by the tests that only read it)."""
@@ -279,26 +235,12 @@ def test_schema_validator_rejects():
 
 
 # -- Ctrl-C -------------------------------------------------------------------------------
-def _interrupt_after(monkeypatch, cls, calls: int) -> None:
-    """Make ``cls.gradient`` raise KeyboardInterrupt at its ``calls``-th call (a Ctrl-C)."""
-    original = cls.gradient
-    count = {"n": 0}
-
-    def gradient(self, base_point):
-        count["n"] += 1
-        if count["n"] == calls:
-            raise KeyboardInterrupt
-        return original(self, base_point)
-
-    monkeypatch.setattr(cls, "gradient", gradient)
-
-
 def test_ctrl_c_keeps_completed_flow_and_checkpoint_then_resume(tmp_path, monkeypatch, capsys):
     out = tmp_path / "r"
     argv = ["run", *TINY, "--metrics", "pullback,euclidean", "--out", str(out)]
     with monkeypatch.context() as mp:
         # the first flow (pullback) runs through; the second (Euclidean) is interrupted
-        _interrupt_after(mp, sr.metrics.EuclideanMetric, 60)
+        interrupt_after(mp, sr.metrics.EuclideanMetric, 60)
         assert main(argv) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err

@@ -16,14 +16,15 @@ import pytest
 
 import subriemann as sr
 from subriemann.app.cli import main
-from tests.app.test_cli import TINY, _interrupt_after, check_report
+from tests.cases import TINY
+from tests.helpers import check_report, interrupt_after
 
 
 def test_resume_alone_continues_with_the_stored_settings(tmp_path, monkeypatch, capsys):
     out = tmp_path / "r"
     argv = ["run", *TINY, "--metrics", "pullback,euclidean", "--seed", "3", "--out", str(out)]
     with monkeypatch.context() as mp:
-        _interrupt_after(mp, sr.metrics.EuclideanMetric, 60)
+        interrupt_after(mp, sr.metrics.EuclideanMetric, 60)
         assert main(argv) == 130
     err = capsys.readouterr().err
     hint = f"--resume --out {out}"
@@ -40,7 +41,7 @@ def test_resume_names_the_options_that_differ(tmp_path, monkeypatch, capsys):
     out = tmp_path / "r"
     argv = ["run", *TINY, "--metrics", "pullback,euclidean", "--out", str(out)]
     with monkeypatch.context() as mp:
-        _interrupt_after(mp, sr.metrics.EuclideanMetric, 40)
+        interrupt_after(mp, sr.metrics.EuclideanMetric, 40)
         assert main(argv) == 130
     capsys.readouterr()
     assert main(["run", "--resume", "--out", str(out), "--seed", "1", "--s-end", "2"]) == 2

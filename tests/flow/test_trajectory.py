@@ -24,7 +24,13 @@ from subriemann.flow import events as events_module
 from subriemann.flow.trajectory import FORMAT, STATUS_CODES, FlowStatus, Trajectory
 from subriemann.metrics import OutputPullbackMetric
 from tests.cases import event_space, flow_problem, run_event_flow
-from tests.helpers import ARRAYS, REPO_ROOT, assert_same_arrays, assert_same_events
+from tests.helpers import (
+    ARRAYS,
+    REPO_ROOT,
+    assert_same_arrays,
+    assert_same_events,
+    interrupt_after,
+)
 
 
 # -- the file format ------------------------------------------------------------------------
@@ -133,20 +139,6 @@ def test_resume_after_a_step_budget(tmp_path, event_traj, save_at):
     for key in ("nfev", "n_steps", "n_rejected"):
         assert full.counters[key] == ref.counters[key], key
     assert Trajectory.load(ckpt).status.code == "s_end_reached"
-
-
-def interrupt_after(monkeypatch, metric, n: int) -> dict[str, int]:
-    calls = {"n": 0}
-    original = metric.gradient
-
-    def gradient(theta):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return original(theta)
-
-    monkeypatch.setattr(metric, "gradient", gradient)
-    return calls
 
 
 @pytest.mark.parametrize("n", [40, 97])
