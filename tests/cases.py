@@ -41,6 +41,7 @@ __all__ = [
     "make_mlp",
     "make_problem",
     "random_simplex",
+    "perturbed_point",
     "tanh_mlp",
     "SquareAndLine",
     "Reparametrized",
@@ -192,6 +193,16 @@ def make_problem(spec: MLPSpec, loss: str = "mse") -> Problem:
     else:
         targets = random_simplex(spec.num_samples, spec.num_outputs, seed=spec.seed)
     return Problem(model, inputs, targets, spec, loss)
+
+
+def perturbed_point(space: sr.ParameterSpace, scale: float = 0.3, seed: int | None = 0) -> Tensor:
+    """The space's initial point plus ``scale`` times a standard normal vector.
+
+    ``seed=None`` draws from torch's global RNG (seeded per test by ``tests/conftest.py``).
+    """
+    theta = space.initial_point()
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    return theta + scale * torch.randn(space.dim, generator=gen, dtype=theta.dtype)
 
 
 # -- models with a known geometry ------------------------------------------------------------

@@ -11,7 +11,6 @@ import copy
 import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -19,11 +18,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import subriemann as sr
-from subriemann.engines.func import FuncBackend
 from tests.helpers import (
     MLPSpec,
     ce_by_hand,
-    central_fd_jacobian,
     flat_params,
     make_mlp,
     make_problem,
@@ -133,141 +130,6 @@ def test_float32_space():
     assert space.jacobian(theta).dtype == torch.float32
     with pytest.raises(TypeError, match="dtype"):
         space.outputs(theta.double())
-
-
-# -- the Jacobian --------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
-@given(p=mlp_problems())
-def test_jacobian_matches_jacrev_on_whole_batch(backend, p):
-    space = _space(p, backend=backend)
-    theta = _perturbed(space, seed=p.spec.seed)
-    d = space.jacobian(theta)
-    assert d.shape == (space.output_dim, space.dim) and d.dtype == F64
-    torch.testing.assert_close(
-        d, reference_jacobian(p.model, p.inputs, theta), rtol=1e-10, atol=1e-12
-    )
-
-
-@given(p=mlp_problems(max_depth=2, max_width=4, max_samples=4))
-def test_jacobian_matches_central_finite_differences(p):
-    # Central differences in float64 with h = 1e-6: the truncation error is
-    # h²/6·|∂³x| ≲ 1e-12 for these O(1) tanh/softplus/sigmoid/GELU nets (weights
-    # ~ N(0, 1/fan_in), inputs ~ N(0, 1)), and the rounding error is
-    # ≈ eps·|x|/h ≈ 2e-16·10/1e-6 = 2e-9.  An absolute tolerance of 1e-7 (plus
-    # 1e-6 relative) leaves a margin of 50 over that bound, while a wrong
-    # entry of D (a transposed block, a wrong sample order) is off by O(1).
-    space = _space(p)
-    theta = _perturbed(space, scale=0.2, seed=p.spec.seed)
-    fd = central_fd_jacobian(space.outputs, theta, h=1e-6)
-    torch.testing.assert_close(space.jacobian(theta), fd, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize("chunk_size", [None, 1, 3])
-def test_func_backend_reverse_and_forward_modes(mlp_problem, tall_problem, chunk_size):
-    for p in (mlp_problem, tall_problem):
-        space = _space(p, backend="func", chunk_size=chunk_size)
-        be = space.backend
-        assert isinstance(be, FuncBackend)
-        theta = _perturbed(space)
-        ref = reference_jacobian(p.model, p.inputs, theta)
-        rev = be._jacobian_reverse(theta)
-        fwd = be._jacobian_forward(theta)
-        torch.testing.assert_close(rev, ref, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(fwd, ref, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(space.jacobian(theta), ref, rtol=1e-10, atol=1e-12)
-        # The dense Jacobian picks the cheaper mode per sample: Q backward passes (reverse)
-        # against K tangents (forward), so reverse iff Q <= K.
-        picked = rev if space.num_outputs <= space.dim else fwd
-        torch.testing.assert_close(space.jacobian(theta), picked, rtol=0, atol=0)
-    assert mlp_problem.spec.num_params > 10 and tall_problem.spec.num_params < 40
-
-
-def test_chunked_equals_unchunked(mlp_problem):
-    full = _space(mlp_problem, backend="func")
-    chunked = _space(mlp_problem, backend="func", chunk_size=2)
-    assert chunked.backend.chunk_size == 2
-    theta = _perturbed(full)
-    for name in ("outputs", "jacobian", "ntk", "cost", "cost_grad", "output_cost_grad"):
-        torch.testing.assert_close(
-            getattr(chunked, name)(theta), getattr(full, name)(theta), rtol=1e-12, atol=1e-12
-        )
-
-
-def test_jacobian_of_a_model_with_integer_inputs():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(7, 3), nn.Tanh(), nn.Flatten(), nn.Linear(6, 2))
-    X = torch.randint(0, 7, (5, 2))
-    Y = torch.randn(5, 2)
-    for backend in BACKENDS:
-        space = sr.ParameterSpace(model, X, Y, backend=backend)
-        theta = _perturbed(space)
-        torch.testing.assert_close(
-            space.jacobian(theta), reference_jacobian(model, X, theta), rtol=1e-10, atol=1e-12
-        )
-
-
-# -- products ------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("chunk_size", [None, 2])
-@given(p=mlp_problems(max_samples=5))
-def test_jvp_vjp_ntk_against_dense_jacobian(backend, chunk_size, p):
-    space = _space(p, backend=backend, chunk_size=chunk_size)
-    theta = _perturbed(space, seed=p.spec.seed)
-    d = reference_jacobian(p.model, p.inputs, theta)
-    gen = torch.Generator().manual_seed(p.spec.seed)
-    v = torch.randn(space.dim, generator=gen, dtype=F64)
-    u = torch.randn(space.output_dim, generator=gen, dtype=F64)
-    tol = {"rtol": 1e-10, "atol": 1e-11}
-    torch.testing.assert_close(space.jvp(theta, v), d @ v, **tol)
-    torch.testing.assert_close(space.vjp(theta, u), d.T @ u, **tol)
-    # batched [..., K] and [..., QN]
-    vb = torch.randn(2, 3, space.dim, generator=gen, dtype=F64)
-    ub = torch.randn(2, 3, space.output_dim, generator=gen, dtype=F64)
-    jv, vj = space.jvp(theta, vb), space.vjp(theta, ub)
-    assert jv.shape == (2, 3, space.output_dim) and vj.shape == (2, 3, space.dim)
-    torch.testing.assert_close(jv, vb @ d.T, **tol)
-    torch.testing.assert_close(vj, ub @ d, **tol)
-    torch.testing.assert_close(space.ntk(theta), d @ d.T, **tol)
-
-
-def test_empty_batches_of_vectors(space):
-    theta = space.initial_point()
-    assert space.jvp(theta, torch.zeros(0, space.dim, dtype=F64)).shape == (0, space.output_dim)
-    assert space.vjp(theta, torch.zeros(0, space.output_dim, dtype=F64)).shape == (0, space.dim)
-
-
-def test_ntk_in_parameter_blocks(mlp_problem):
-    """The NTK accumulated over parameter groups (bounded memory) equals D Dᵀ."""
-    space = _space(mlp_problem, backend="func")
-    theta = _perturbed(space)
-    d = reference_jacobian(mlp_problem.model, mlp_problem.inputs, theta)
-    space.backend.ntk_block_entries = 30 * space.output_dim  # blocks of <= 30 parameters
-    torch.testing.assert_close(space.ntk(theta), d @ d.T, rtol=1e-10, atol=1e-12)
-    # underparametrized: through the forward-mode D
-    tall = make_problem(MLPSpec((2, 2, 1), "gelu", num_samples=12, seed=4))
-    ts = _space(tall, backend="func")
-    th = _perturbed(ts)
-    dt = reference_jacobian(tall.model, tall.inputs, th)
-    torch.testing.assert_close(ts.ntk(th), dt @ dt.T, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("entries,samples_per_block", [(50, 1), (130, 3), (200, 4)])
-def test_ntk_tensor_larger_than_budget(entries, samples_per_block):
-    """A single tensor larger than the block budget: row blocks × forward mode, = D Dᵀ."""
-    p = make_problem(MLPSpec((3, 7, 2), "tanh", num_samples=5, seed=2))
-    space = _space(p, backend="func")
-    theta = _perturbed(space)
-    d = reference_jacobian(p.model, p.inputs, theta)
-    be = space.backend
-    be.ntk_block_entries = entries  # QN = 10: at most entries // 10 < 21 parameters per block
-    big = [n for n, k in zip(space.layout.names, space.layout.numels) if k > entries // 10]
-    assert "0.weight" in big  # the 7x3 first weight is split into row blocks
-    assert entries // (21 * 2) == samples_per_block
-    calls = []
-    orig = be._ntk_one_tensor
-    be._ntk_one_tensor = lambda t, n: calls.append(n) or orig(t, n)
-    torch.testing.assert_close(space.ntk(theta), d @ d.T, rtol=1e-10, atol=1e-12)
-    assert sorted(calls) == sorted(big)
 
 
 # -- cost ----------------------------------------------------------------------------
@@ -593,64 +455,6 @@ def test_specs_strategy_draws_valid_models(spec):
     assert sum(t.numel() for t in p.model.parameters()) == spec.num_params
 
 
-def test_prefill_states_matches_single_points():
-    """The vectorised states (vmap over points, batched QR/SVD) equal the single-point ones.
-
-    References: ``space.cost_grad``/``space.outputs`` per point and numpy's SVD
-    of the per-point dense ``jacrev`` Jacobian; agreement to rounding
-    (1e-12 relative; kappa(D) is below 1e2 here).
-    """
-    from subriemann.linalg import prefill_states
-
-    torch.manual_seed(3)
-    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
-    space = sr.ParameterSpace(net, torch.randn(4, 3), torch.randn(4, 2))
-    thetas = space.initial_point() + 0.3 * torch.randn(5, space.dim, dtype=torch.float64)
-    space._state_cache_size = 10
-    states = prefill_states(space, thetas, "svd")
-    for th, state in zip(thetas, states):
-        assert space.point_state(th) is state  # served from the cache afterwards
-        ref_d = space.backend.jacobian(th).numpy()
-        s_ref = np.linalg.svd(ref_d, compute_uv=False)
-        u, s, v = state._cache["svd"]
-        assert np.allclose(s.numpy(), s_ref, rtol=1e-12, atol=1e-14 * s_ref[0])
-        # U diag(s) V^T reassembles D
-        assert np.allclose((u * s) @ v.T, ref_d, atol=1e-12 * s_ref[0])
-        assert torch.allclose(state._cache["x"], space.outputs(th), rtol=1e-13, atol=1e-14)
-        # served from the prefilled D (no network pass)
-        assert torch.allclose(state.cost_grad, space.cost_grad(th), rtol=1e-12, atol=1e-14)
-    fresh = sr.ParameterSpace(net, space.inputs, space.targets)
-    fresh._state_cache_size = 10
-    for th, state in zip(thetas, prefill_states(fresh, thetas, "cost_grad")):
-        assert "D" not in state._cache  # the fused pass only
-        assert torch.allclose(state._cache["dC"], space.cost_grad(th), rtol=1e-12, atol=1e-14)
-        assert torch.allclose(state._cache["x"], space.outputs(th), rtol=1e-13, atol=1e-14)
-    with pytest.raises(ValueError, match="need must be"):
-        prefill_states(space, thetas, "eigh")
-
-
-def test_coupling_seen_only_in_the_whole_batch_is_refused():
-    """Per-sample and small-batch evaluations agree, the engine's whole batch does not."""
-
-    class CoupledWhenLarge(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 2)
-
-        def forward(self, x):
-            y = self.lin(x)
-            return y + (x.shape[0] > 3) * y.mean(0)
-
-    X, Y = torch.randn(10, 3), torch.randn(10, 2)
-    with pytest.raises(ValueError, match="couples samples: CoupledWhenLarge .* whole batch"):
-        sr.ParameterSpace(CoupledWhenLarge(), X, Y, backend="func")
-    # chunks of 3 never see the coupling: the engine's function is the per-sample one
-    space = sr.ParameterSpace(CoupledWhenLarge(), X, Y, backend="func", chunk_size=3)
-    theta = space.initial_point()
-    ref = reference_jacobian(space.module, X[:1], theta)
-    torch.testing.assert_close(space.jacobian(theta)[:2], ref)
-
-
 @pytest.mark.parametrize(
     "layer, inputs",
     [
@@ -761,19 +565,6 @@ def test_a_model_that_cannot_be_copied_gets_a_one_line_error():
     with pytest.raises(ValueError, match="cannot be copied.*parametrizations.weight_norm") as info:
         sr.ParameterSpace(model, torch.randn(5, 3), torch.randn(5, 2))
     assert "\n" not in str(info.value)
-
-
-def test_a_random_model_is_refused():
-    class Noisy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 2)
-
-        def forward(self, x):
-            return torch.nn.functional.dropout(self.lin(x), 0.5, training=True)
-
-    with pytest.raises(ValueError, match="not deterministic"):
-        sr.ParameterSpace(Noisy(), torch.randn(5, 3), torch.randn(5, 2))
 
 
 def test_point_state_follows_values_and_in_place_changes():
