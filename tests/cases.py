@@ -273,6 +273,18 @@ def _rank_deficient_problem() -> Problem:
     return Problem(model, inputs, torch.randn(12, 1, generator=gen, dtype=torch.float64))
 
 
+def _frozen_problem() -> Problem:
+    """LayerNorm, a frozen bias and a buffer: only trainable parameters are coordinates."""
+    gen = torch.Generator().manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    model[0].bias.requires_grad_(False)
+    model.register_buffer("shift", torch.tensor(0.5))
+    return Problem(model, torch.randn(6, 3, generator=gen), torch.randn(6, 2, generator=gen))
+
+
 def _float32_problem() -> Problem:
     p = make_problem(MLPSpec((3, 5, 2), "tanh", 4, seed=7))
     p.dtype = torch.float32
@@ -285,8 +297,6 @@ class ProblemCase:
 
     name: str
     build: Callable[[], Problem] = field(repr=False)
-    #: whether the model is a plain ``Sequential`` the structured engine handles
-    structured: bool = True
 
 
 CASES: list[ProblemCase] = [
@@ -298,8 +308,9 @@ CASES: list[ProblemCase] = [
     ),
     ProblemCase("mlp-float32", _float32_problem),
     ProblemCase("conv", _conv_problem),
-    ProblemCase("embedding", _embedding_problem, structured=False),
-    ProblemCase("rank-deficient", _rank_deficient_problem, structured=False),
+    ProblemCase("frozen-and-buffers", _frozen_problem),
+    ProblemCase("embedding", _embedding_problem),
+    ProblemCase("rank-deficient", _rank_deficient_problem),
 ]
 
 

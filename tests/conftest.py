@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import subriemann as sr
-from tests.cases import CASES, Problem, case_named
+from tests.cases import CASES, MLPSpec, Problem, case_named, make_problem
 
 # Fast, deterministic hypothesis runs: at most 25 examples, no deadline (the
 # first call of torch.func transforms is slow), derandomized in CI.
@@ -66,6 +66,12 @@ def tall_problem() -> Problem:
 def ce_problem() -> Problem:
     """A softplus MLP with Q = 3 classes and probability-vector targets."""
     return case_named("mlp-ce")
+
+
+@pytest.fixture
+def small_problem() -> Problem:
+    """A 3-4-2 tanh MLP on N = 5 samples: the model and data of the bad-input tests."""
+    return make_problem(MLPSpec((3, 4, 2), "tanh", num_samples=5, seed=0))
 
 
 @pytest.fixture

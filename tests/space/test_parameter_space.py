@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,14 +19,18 @@ from hypothesis import strategies as st
 from torch import nn
 
 import subriemann as sr
-from tests.helpers import (
+from tests.cases import (
     MLPSpec,
-    ce_by_hand,
-    flat_params,
+    case_named,
     make_mlp,
     make_problem,
     mlp_problems,
     mlp_specs,
+    perturbed_point,
+)
+from tests.references import (
+    ce_by_hand,
+    flat_params,
     mse_by_hand,
     reference_jacobian,
     reference_outputs,
@@ -37,18 +42,9 @@ F64 = torch.float64
 BACKENDS = ["func", "auto"]
 
 
-def _space(p, loss="mse", **kw):
-    return sr.ParameterSpace(p.model, p.inputs, p.targets, loss, **kw)
-
-
-def _perturbed(space, scale=0.3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return space.initial_point() + scale * torch.randn(space.dim, generator=gen, dtype=F64)
-
-
 # -- sizes and the geomstats side ---------------------------------------------------
 def test_sizes_and_vector_space(mlp_problem):
-    space = _space(mlp_problem)
+    space = mlp_problem.space()
     spec = mlp_problem.spec
     assert space.dim == spec.num_params == 3 * 8 + 8 + 8 * 2 + 2
     assert space.num_samples == 5 and space.num_outputs == 2
@@ -63,7 +59,7 @@ def test_sizes_and_vector_space(mlp_problem):
 
 
 def test_initial_point_is_named_parameter_order_and_a_copy(mlp_problem):
-    space = _space(mlp_problem)
+    space = mlp_problem.space()
     theta = space.initial_point()
     torch.testing.assert_close(theta, flat_params(mlp_problem.model), rtol=0, atol=0)
     theta[0] += 1.0
@@ -75,16 +71,13 @@ def test_initial_point_is_named_parameter_order_and_a_copy(mlp_problem):
 
 
 def test_frozen_parameters_and_buffers_are_held_fixed():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 2))
-    model[0].bias.requires_grad_(False)
-    model.register_buffer("shift", torch.tensor(0.5))
-    X, Y = torch.randn(6, 3), torch.randn(6, 2)
-    space = sr.ParameterSpace(model, X, Y)
+    p = case_named("frozen-and-buffers")  # LayerNorm, a frozen bias, a buffer
+    model, X = p.model, p.inputs
+    space = p.space()
     names = list(space.unflatten(space.initial_point()))
     assert "0.bias" not in names
     assert space.dim == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    theta = _perturbed(space)
+    theta = perturbed_point(space)
     torch.testing.assert_close(
         space.jacobian(theta), reference_jacobian(model, X, theta), rtol=1e-10, atol=1e-12
     )
@@ -93,12 +86,12 @@ def test_frozen_parameters_and_buffers_are_held_fixed():
 # -- outputs -------------------------------------------------------------------------
 @given(mlp_problems())
 def test_outputs_match_model_called_directly(p):
-    space = _space(p)
+    space = p.space()
     x = space.outputs(space.initial_point())
     ref = reference_outputs(p.model, p.inputs)
     assert x.shape == (space.output_dim,) and x.dtype == F64
     torch.testing.assert_close(x, ref, rtol=1e-12, atol=1e-12)
-    theta = _perturbed(space)
+    theta = perturbed_point(space)
     torch.testing.assert_close(
         space.outputs(theta), reference_outputs(p.model, p.inputs, theta), rtol=1e-12, atol=1e-12
     )
@@ -106,7 +99,7 @@ def test_outputs_match_model_called_directly(p):
 
 def test_outputs_are_sample_major(mlp_problem):
     p = mlp_problem
-    space = _space(p)
+    space = p.space()
     x = space.outputs(space.initial_point())
     m64 = copy.deepcopy(p.model).to(F64)
     q = space.num_outputs
@@ -120,7 +113,7 @@ def test_outputs_are_sample_major(mlp_problem):
 
 def test_float32_space():
     p = make_problem(MLPSpec((3, 5, 2), "tanh", 4, seed=7))
-    space = _space(p, dtype=torch.float32)
+    space = p.space(dtype=torch.float32)
     theta = space.initial_point()
     assert theta.dtype == torch.float32
     x = space.outputs(theta)
@@ -153,8 +146,8 @@ def _autograd_cost_grad(model, inputs, targets, theta, by_hand):
 def test_cost_and_cost_grad_against_autograd(chunk_size, loss, data):
     p = data.draw(mlp_problems(loss))
     by_hand = mse_by_hand if loss == "mse" else ce_by_hand
-    space = _space(p, loss, chunk_size=chunk_size)
-    theta = _perturbed(space, seed=p.spec.seed)
+    space = p.space(loss, chunk_size=chunk_size)
+    theta = perturbed_point(space, seed=p.spec.seed)
     y = p.targets.to(F64)
     if loss != "mse":  # float32 softmax rows, made exact in float64 (as documented)
         y = y / y.sum(1, keepdim=True)
@@ -171,8 +164,8 @@ def test_cost_and_cost_grad_against_autograd(chunk_size, loss, data):
 def test_cost_hessian_through_cost_grad(mlp_problem):
     """cost_grad stays differentiable: jacfwd/jacrev of it is the autograd Hessian of C."""
     p = mlp_problem
-    space = _space(p)
-    theta = _perturbed(space)
+    space = p.space()
+    theta = perturbed_point(space)
     m = copy.deepcopy(p.model).to(F64)
 
     def cost(t):
@@ -185,7 +178,7 @@ def test_cost_hessian_through_cost_grad(mlp_problem):
 
 
 def test_output_space_cost_helpers(ce_problem):
-    space = _space(ce_problem, "cross_entropy")
+    space = ce_problem.space("cross_entropy")
     x = space.outputs(space.initial_point())
     y = ce_problem.targets.to(F64)
     y = y / y.sum(1, keepdim=True)
@@ -200,8 +193,8 @@ def test_output_space_cost_helpers(ce_problem):
 # -- back to torch -------------------------------------------------------------------
 def test_to_model_and_load_into_round_trip(mlp_problem):
     p = mlp_problem
-    space = _space(p)
-    theta = _perturbed(space)
+    space = p.space()
+    theta = perturbed_point(space)
     model = space.to_model(theta)  # in the user's float32
     assert isinstance(model, nn.Module) and not model.training
     with torch.no_grad():
@@ -211,7 +204,7 @@ def test_to_model_and_load_into_round_trip(mlp_problem):
     m64 = copy.deepcopy(p.model).to(F64)
     assert space.load_into(m64, theta) is m64
     torch.testing.assert_close(flat_params(m64), theta, rtol=0, atol=0)
-    again = sr.ParameterSpace(m64, p.inputs, p.targets)
+    again = replace(p, model=m64).space()
     torch.testing.assert_close(again.initial_point(), theta, rtol=0, atol=0)
     # into a float32 model: cast, dtype kept
     m32 = copy.deepcopy(p.model)
@@ -226,8 +219,8 @@ def test_user_model_is_not_mutated(mlp_problem):
     p = mlp_problem
     p.model.train()
     before = {n: t.detach().clone() for n, t in p.model.state_dict().items()}
-    space = _space(p)
-    theta = _perturbed(space)
+    space = p.space()
+    theta = perturbed_point(space)
     space.jacobian(theta), space.cost_grad(theta), space.ntk(theta), space.to_model(theta)
     assert p.model.training
     for n, t in p.model.state_dict().items():
@@ -249,7 +242,7 @@ def test_train_mode_layers_warn_and_give_deterministic_jacobian(layer):
     with pytest.warns(UserWarning, match="train mode"):
         space = sr.ParameterSpace(model, X, Y)
     assert model.training and model[1].training  # the user's module is untouched
-    theta = _perturbed(space)
+    theta = perturbed_point(space)
     d1, d2 = space.jacobian(theta), space.jacobian(theta)
     assert torch.equal(d1, d2)
     # D is that of the eval-mode network
@@ -282,12 +275,8 @@ def test_one_output_model_returning_a_vector_and_1d_targets():
 
 
 # -- bad input -----------------------------------------------------------------------
-def _mlp():
-    return make_mlp((3, 4, 2), seed=0)
-
-
-def test_bad_sizes():
-    model = _mlp()
+def test_bad_sizes(small_problem):
+    model = small_problem.model
     with pytest.raises(ValueError, match="disagree on N"):
         sr.ParameterSpace(model, torch.randn(5, 3), torch.randn(4, 2))
     with pytest.raises(ValueError, match="model has 2 outputs per sample but targets have 3"):
@@ -303,9 +292,8 @@ def test_bad_sizes():
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_non_finite_inputs_and_targets(bad):
-    model = _mlp()
-    X, Y = torch.randn(5, 3), torch.randn(5, 2)
+def test_non_finite_inputs_and_targets(bad, small_problem):
+    model, X, Y = small_problem.model, small_problem.inputs, small_problem.targets
     Xb, Yb = X.clone(), Y.clone()
     Xb[2, 1] = bad
     Yb[4, 0] = bad
@@ -315,10 +303,9 @@ def test_non_finite_inputs_and_targets(bad):
         sr.ParameterSpace(model, X, Yb)
 
 
-def test_non_finite_outputs():
-    model = _mlp()
-    X, Y = torch.randn(5, 3), torch.randn(5, 2)
-    space = sr.ParameterSpace(model, X, Y)
+def test_non_finite_outputs(small_problem):
+    model, X, Y = small_problem.model, small_problem.inputs, small_problem.targets
+    space = small_problem.space()
     theta = space.initial_point()
     theta[0] = math.nan
     for method in ("outputs", "cost", "cost_grad", "output_cost_grad"):
@@ -368,8 +355,8 @@ def test_cross_entropy_targets_off_the_simplex():
     sr.ParameterSpace(model, X, off, "mse")
 
 
-def test_no_trainable_parameters():
-    model = _mlp().requires_grad_(False)
+def test_no_trainable_parameters(small_problem):
+    model = small_problem.model.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         sr.ParameterSpace(model, torch.randn(5, 3), torch.randn(5, 2))
     with pytest.raises(ValueError, match="no trainable parameters"):
@@ -431,20 +418,20 @@ def test_unsupported_models():
         sr.ParameterSpace(BatchMean(), X, torch.randn(5, 1))
 
 
-def test_bad_types_and_options():
-    X, Y = torch.randn(5, 3), torch.randn(5, 2)
+def test_bad_types_and_options(small_problem):
+    model, X, Y = small_problem.model, small_problem.inputs, small_problem.targets
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         sr.ParameterSpace(lambda x: x, X, Y)
     with pytest.raises(TypeError, match="inputs must be a torch.Tensor"):
-        sr.ParameterSpace(_mlp(), X.numpy(), Y)
+        sr.ParameterSpace(model, X.numpy(), Y)
     with pytest.raises(TypeError, match="targets must be a torch.Tensor"):
-        sr.ParameterSpace(_mlp(), X, Y.tolist())
+        sr.ParameterSpace(model, X, Y.tolist())
     with pytest.raises(TypeError, match="dtype must be"):
-        sr.ParameterSpace(_mlp(), X, Y, dtype=torch.float16)
+        sr.ParameterSpace(model, X, Y, dtype=torch.float16)
     with pytest.raises(ValueError, match="unknown loss"):
-        sr.ParameterSpace(_mlp(), X, Y, "hinge")
+        sr.ParameterSpace(model, X, Y, "hinge")
     with pytest.raises(ValueError, match="backend must be"):
-        sr.ParameterSpace(_mlp(), X, Y, backend="magic")
+        sr.ParameterSpace(model, X, Y, backend="magic")
 
 
 @given(mlp_specs(max_depth=1))
@@ -515,8 +502,8 @@ def test_train_mode_dropout_inside_attention_and_rnns_warns(model):
 
 
 # -- point 7 of issue 13: bad-input leftovers ----------------------------------------
-def test_jacobian_and_ntk_at_a_nan_theta_raise_like_outputs():
-    space = sr.ParameterSpace(_mlp(), torch.randn(5, 3), torch.randn(5, 2))
+def test_jacobian_and_ntk_at_a_nan_theta_raise_like_outputs(small_problem):
+    space = small_problem.space()
     theta = space.initial_point()
     theta[0] = math.nan
     for method in ("outputs", "jacobian", "ntk"):
@@ -525,27 +512,26 @@ def test_jacobian_and_ntk_at_a_nan_theta_raise_like_outputs():
 
 
 @pytest.mark.parametrize("which", ["targets", "inputs"])
-def test_complex_data_is_refused(which):
-    X, Y = torch.randn(5, 3), torch.randn(5, 2)
+def test_complex_data_is_refused(which, small_problem):
+    X, Y = small_problem.inputs, small_problem.targets
     if which == "targets":
         Y = Y.to(torch.complex64)
     else:
         X = X.to(torch.complex64)
     with pytest.raises(TypeError, match=f"{which} must be real.*complex64"):
-        sr.ParameterSpace(_mlp(), X, Y)
+        sr.ParameterSpace(small_problem.model, X, Y)
 
 
 @pytest.mark.parametrize("chunk_size", [0, -3, 2.5, True])
-def test_bad_chunk_size_is_refused(chunk_size):
+def test_bad_chunk_size_is_refused(chunk_size, small_problem):
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
-        sr.ParameterSpace(_mlp(), torch.randn(5, 3), torch.randn(5, 2), chunk_size=chunk_size)
+        small_problem.space(chunk_size=chunk_size)
 
 
-def test_to_model_has_the_users_dtype():
-    model = _mlp()  # float32, as users build them
-    X = torch.randn(5, 3)
-    space = sr.ParameterSpace(model, X, torch.randn(5, 2))
-    theta = _perturbed(space)
+def test_to_model_has_the_users_dtype(small_problem):
+    model, X = small_problem.model, small_problem.inputs  # float32, as users build them
+    space = small_problem.space()
+    theta = perturbed_point(space)
     back = space.to_model(theta)
     assert all(p.dtype == torch.float32 for p in back.parameters())
     with torch.no_grad():
@@ -553,7 +539,7 @@ def test_to_model_has_the_users_dtype():
     torch.testing.assert_close(out.reshape(-1), space.outputs(theta).float())
     torch.testing.assert_close(flat_params(back, torch.float32), theta.float(), rtol=0, atol=0)
     # a float64 model stays float64, bit-exact
-    space64 = sr.ParameterSpace(copy.deepcopy(model).double(), X, torch.randn(5, 2))
+    space64 = replace(small_problem, model=copy.deepcopy(model).double()).space()
     back64 = space64.to_model(theta)
     torch.testing.assert_close(flat_params(back64), theta, rtol=0, atol=0)
 
@@ -571,17 +557,15 @@ def test_point_state_follows_values_and_in_place_changes():
     """The point cache is keyed on the values of theta: a copy finds the state, an in-place
     change (the tensor that found it before) gets a new state at the new values, and the
     cost gradient served from it matches a fresh space's (the reference)."""
-    torch.manual_seed(4)
-    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
-    x, y = torch.randn(6, 3), torch.randn(6, 2)
-    space = sr.ParameterSpace(net, x, y)
+    problem = make_problem(MLPSpec((3, 5, 2), "tanh", num_samples=6, seed=4))
+    space = problem.space()
     th = space.initial_point()
     state = space.point_state(th)
     assert space.point_state(th) is state and space.point_state(th.clone()) is state
     th[0] += 0.25  # in place: the same tensor now names another point
     moved = space.point_state(th)
     assert moved is not state and torch.equal(moved.theta, th)
-    ref = sr.ParameterSpace(net, x, y).cost_grad(th.clone())
+    ref = problem.space().cost_grad(th.clone())
     assert torch.equal(moved.cost_grad, ref)
     th[0] -= 0.25
     back = space.point_state(th)
