@@ -27,7 +27,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev
 
 import subriemann as sr
 from subriemann import _warnings
@@ -38,6 +37,9 @@ from subriemann.engines.structured import (
     UnsupportedModuleError,
 )
 from subriemann.nn import Residual
+from tests.cases import perturbed_point
+from tests.helpers import close_to_max
+from tests.references import reference_jacobian
 
 RTOL = 1e-12
 DT = torch.float64
@@ -45,33 +47,9 @@ DT = torch.float64
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
 
 
-# -- the dense reference --------------------------------------------------------
+# -- helpers --------------------------------------------------------
 def _trainable(model: nn.Module) -> list[tuple[str, Tensor]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def reference_jacobian(model: nn.Module, inputs: Tensor, theta: Tensor) -> Tensor:
-    """D = d vec(f(X; theta)) / d theta, ``[QN, K]``, by ``jacrev`` of the whole batch."""
-    named = _trainable(model)
-    fixed = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-    fixed.update(dict(model.named_buffers()))
-
-    def f(t: Tensor) -> Tensor:
-        params, start = {}, 0
-        for n, p in named:
-            params[n] = t[start : start + p.numel()].view(p.shape)
-            start += p.numel()
-        out = functional_call(model, {**fixed, **params}, (inputs,))
-        return out.reshape(-1)
-
-    return jacrev(f)(theta)
-
-
-def close(actual: Tensor, expected: Tensor, rtol: float = RTOL) -> None:
-    scale = float(expected.abs().max()) if expected.numel() else 1.0
-    err = float((actual - expected).abs().max()) if expected.numel() else 0.0
-    assert actual.shape == expected.shape
-    assert err <= rtol * max(scale, 1e-300), f"max error {err:.3e} vs scale {scale:.3e}"
 
 
 def structured_space(model: nn.Module, inputs: Tensor, q: int, **kw) -> sr.ParameterSpace:
@@ -90,26 +68,21 @@ def check_all(space: sr.ParameterSpace, theta: Tensor, rtol: float = RTOL) -> Te
     v = torch.randn(3, k, dtype=theta.dtype)
     # uncached products (the fallback engine)
     be._cache = None
-    close(be.vjp(theta, u[0]), d.T @ u[0], rtol)
-    close(be.jvp(theta, v[0]), d @ v[0], rtol)
+    close_to_max(be.vjp(theta, u[0]), d.T @ u[0], rtol)
+    close_to_max(be.jvp(theta, v[0]), d @ v[0], rtol)
     gram = be.ntk(theta)
-    close(gram, d @ d.T, rtol)
+    close_to_max(gram, d @ d.T, rtol)
     assert torch.equal(gram, gram.T)
     # products from the factors cached by ntk
     assert be._cached(theta) is not None
-    close(be.outputs(theta), space.backend.fallback.outputs(theta), rtol)
-    close(be.vjp(theta, u[0]), d.T @ u[0], rtol)
-    close(be.jvp(theta, v[0]), d @ v[0], rtol)
-    close(be.vjp(theta, u), u @ d, rtol)
-    close(be.jvp(theta, v), v @ d.T, rtol)
+    close_to_max(be.outputs(theta), space.backend.fallback.outputs(theta), rtol)
+    close_to_max(be.vjp(theta, u[0]), d.T @ u[0], rtol)
+    close_to_max(be.jvp(theta, v[0]), d @ v[0], rtol)
+    close_to_max(be.vjp(theta, u), u @ d, rtol)
+    close_to_max(be.jvp(theta, v), v @ d.T, rtol)
     x, g = be.pullback(theta, lambda x: 2.0 * x)
-    close(g, d.T @ (2.0 * x), rtol)
+    close_to_max(g, d.T @ (2.0 * x), rtol)
     return gram
-
-
-def perturbed(space: sr.ParameterSpace, scale: float = 0.3) -> Tensor:
-    theta = space.initial_point()
-    return theta + scale * torch.randn_like(theta)
 
 
 # -- the table of cases --------------------------------------------------------
@@ -238,7 +211,7 @@ def test_against_dense_reference(name):
     model = build(q).to(DT)
     inputs = torch.randn(*shape, dtype=DT)
     space = structured_space(model, inputs, q, chunk_size=chunk)
-    check_all(space, perturbed(space))
+    check_all(space, perturbed_point(space, seed=None))
 
 
 @pytest.mark.parametrize("route", ["jacobian", "structured"])
@@ -260,7 +233,7 @@ def test_both_position_routes(name, route):
     positional = [layer for layer in be.layers if getattr(layer, "positions", 1) > 1]
     assert positional and all(layer.route == route for layer in positional)
     space.backend = be
-    check_all(space, perturbed(space))
+    check_all(space, perturbed_point(space, seed=None))
 
 
 def test_structured_sub_blocks(monkeypatch):
@@ -281,7 +254,7 @@ def test_structured_sub_blocks(monkeypatch):
         fallback=space.backend.fallback,
         route="structured",
     )
-    check_all(space, perturbed(space))
+    check_all(space, perturbed_point(space, seed=None))
 
 
 @pytest.mark.parametrize("chunk", [None, 70])
@@ -291,7 +264,7 @@ def test_diagonal_block_in_strips(chunk):
     torch.manual_seed(3)
     model = _mlp([3, 5, 4, 2]).to(DT)
     space = structured_space(model, torch.randn(300, 3, dtype=DT), 2, chunk_size=chunk)
-    check_all(space, perturbed(space))
+    check_all(space, perturbed_point(space, seed=None))
 
 
 def test_mirror_upper():
@@ -308,7 +281,7 @@ def test_mirror_upper():
 def test_every_elementwise_activation(act):
     model = nn.Sequential(nn.Linear(3, 5), act(), nn.Linear(5, 2)).to(DT)
     space = structured_space(model, torch.randn(4, 3, dtype=DT), 2)
-    check_all(space, perturbed(space))
+    check_all(space, perturbed_point(space, seed=None))
 
 
 def test_frozen_parameters_are_held_fixed():
@@ -318,7 +291,7 @@ def test_frozen_parameters_are_held_fixed():
     model[4].weight.requires_grad_(False)  # only the last bias trains in the last layer
     space = structured_space(model, torch.randn(5, 3, dtype=DT), 2)
     assert space.dim == 6 * 6 + 2
-    check_all(space, perturbed(space))
+    check_all(space, perturbed_point(space, seed=None))
 
 
 def test_rank_deficient_point_dead_relu():
@@ -355,21 +328,24 @@ def test_float32():
     gram = space.ntk(theta)
     assert gram.dtype == torch.float32
     d = reference_jacobian(space.module, space.inputs, theta)
-    close(gram, d @ d.T, rtol=1e-5)
+    close_to_max(gram, d @ d.T, rtol=1e-5)
 
 
 def test_cache_is_keyed_on_theta():
     model = _mlp([3, 6, 2]).to(DT)
     space = structured_space(model, torch.randn(5, 3, dtype=DT), 2)
     be = space.backend
-    theta = perturbed(space)
+    theta = perturbed_point(space, seed=None)
     be.ntk(theta)
     u = torch.randn(space.output_dim, dtype=DT)
     other = theta + 0.1
-    close(be.vjp(other, u), reference_jacobian(space.module, space.inputs, other).T @ u)
-    close(be.vjp(theta.clone(), u), reference_jacobian(space.module, space.inputs, theta).T @ u)
+    def ref_vjp(t):
+        return reference_jacobian(space.module, space.inputs, t).T @ u
+
+    close_to_max(be.vjp(other, u), ref_vjp(other))
+    close_to_max(be.vjp(theta.clone(), u), ref_vjp(theta))
     theta.add_(0.1)  # modified in place after ntk: the cache must not be used
-    close(be.vjp(theta, u), reference_jacobian(space.module, space.inputs, theta).T @ u)
+    close_to_max(be.vjp(theta, u), ref_vjp(theta))
     assert be._cache is None
 
 
@@ -378,12 +354,12 @@ def test_differentiable_through_the_fallback():
     model = _mlp([2, 5, 2]).to(DT)
     space = structured_space(model, torch.randn(3, 2, dtype=DT), 2)
     func = FuncBackend(space._apply, space.layout, space.inputs, 2)
-    theta, v = perturbed(space), torch.randn(space.dim, dtype=DT)
+    theta, v = perturbed_point(space, seed=None), torch.randn(space.dim, dtype=DT)
     space.backend.ntk(theta)  # factors cached at theta must not leak into the derivative
     second = torch.func.jvp(lambda t: space.backend.jvp(t, v), (theta,), (v,))[1]
-    close(second, torch.func.jvp(lambda t: func.jvp(t, v), (theta,), (v,))[1])
+    close_to_max(second, torch.func.jvp(lambda t: func.jvp(t, v), (theta,), (v,))[1])
     dntk = torch.func.jvp(space.backend.ntk, (theta,), (v,))[1]
-    close(dntk, torch.func.jvp(func.ntk, (theta,), (v,))[1])
+    close_to_max(dntk, torch.func.jvp(func.ntk, (theta,), (v,))[1])
 
 
 def test_ntk_memory_stays_with_the_factors():
@@ -396,7 +372,7 @@ def test_ntk_memory_stays_with_the_factors():
     theta = space.initial_point()
     gram = be.ntk(theta)
     d = reference_jacobian(space.module, space.inputs, theta)
-    close(gram, d @ d.T)
+    close_to_max(gram, d @ d.T)
 
 
 # -- hypothesis: random small MLPs -----------------------------------------------
@@ -417,7 +393,7 @@ def test_random_mlps(widths, act, n, q, chunk, bias, seed):
     torch.manual_seed(seed)
     model = _mlp([3, *widths, q], act, bias=bias).to(DT)
     space = structured_space(model, torch.randn(n, 3, dtype=DT), q, chunk_size=chunk)
-    check_all(space, perturbed(space, 0.5))
+    check_all(space, perturbed_point(space, 0.5, seed=None))
 
 
 # -- unsupported modules fall back -------------------------------------------------
@@ -480,7 +456,7 @@ def test_unsupported_module_falls_back_with_warning(name, monkeypatch):
     assert isinstance(space.backend, FuncBackend)
     theta = space.initial_point()
     d = reference_jacobian(space.module, space.inputs, theta)
-    close(space.ntk(theta), d @ d.T)
+    close_to_max(space.ntk(theta), d @ d.T)
     with pytest.raises(ValueError, match="does not support"):
         sr.ParameterSpace(model, inputs, targets, backend="structured")
 
@@ -550,9 +526,9 @@ def test_fallback_ntk_in_bounded_blocks(monkeypatch):
     be = space.backend
     assert isinstance(be, FuncBackend)
     monkeypatch.setattr(be, "ntk_block_entries", 10 * space.output_dim, raising=False)
-    theta = perturbed(space)
+    theta = perturbed_point(space, seed=None)
     d = reference_jacobian(space.module, space.inputs, theta)
-    close(be.ntk(theta), d @ d.T)
+    close_to_max(be.ntk(theta), d @ d.T)
 
 
 def test_residual_module_is_a_plain_module():
@@ -568,6 +544,6 @@ def test_cuda():
     model = _conv2d_net(2).to(DT)
     inputs = torch.randn(5, 2, 7, 7, dtype=DT)
     space = sr.ParameterSpace(model, inputs, torch.zeros(5, 2), backend="structured", device="cuda")
-    theta = perturbed(space)
+    theta = perturbed_point(space, seed=None)
     assert theta.is_cuda
     check_all(space, theta)

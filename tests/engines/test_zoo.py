@@ -3,7 +3,7 @@
 Every case is a small network (convolutions, pooling, normalization layers,
 residual blocks, embeddings, RNNs, PReLU, attention, weight normalization,
 tied weights) built in float64.  The reference is
-:func:`tests.helpers.reference_jacobian`: :func:`torch.func.jacrev` of the
+:func:`tests.references.reference_jacobian`: :func:`torch.func.jacrev` of the
 *whole batch* ``model(X)``, flattened from ``model.named_parameters()``
 independently of subriemann.  Each case runs in the two regimes of the
 generic engine: ``wide`` (:math:`QN \\le K`, reverse mode) and ``tall``
@@ -46,7 +46,8 @@ from torch import Tensor, nn
 
 import subriemann as sr
 from subriemann.nn import Residual
-from tests.helpers import flat_params, reference_jacobian, reference_outputs
+from tests.helpers import close_to_max
+from tests.references import flat_params, reference_jacobian, reference_outputs, svd_gradient
 
 F64 = torch.float64
 SOLVERS = ("svd", "ntk", "lstsq", "matrix_free")
@@ -269,27 +270,6 @@ def _problem(case: Case, regime: str, seed: int = 0):
     return model, inputs, targets
 
 
-def _close(actual: Tensor, expected: Tensor, rtol: float) -> float:
-    """Largest error relative to the largest reference entry; asserts it is below rtol."""
-    err = float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
-    assert err <= rtol, f"relative error {err:.3g} > {rtol:.1g}"
-    return err
-
-
-def _reference_gradient(
-    d: np.ndarray, r: np.ndarray, lam: float, tau: float
-) -> tuple[np.ndarray, float]:
-    """The gradient from numpy's SVD of the reference D, and the condition number that
-    bounds its error: kappa(D) on the kept part at lam = 1, sqrt(kappa(g_lam)) below."""
-    u, s, vt = np.linalg.svd(d, full_matrices=False)
-    if lam == 1.0:
-        keep = s > tau
-        w = np.where(keep, 1.0 / np.where(keep, s, 1.0), 0.0)
-        return vt.T @ (w * (u.T @ r)), float(s[0] / s[keep][-1])
-    w = s / ((1 - lam) + lam * s**2)
-    return vt.T @ (w * (u.T @ r)), float(np.sqrt(1 + lam * s[0] ** 2 / (1 - lam)))
-
-
 @pytest.fixture(scope="module", params=["wide", "tall"])
 def regime(request):
     return request.param
@@ -308,18 +288,18 @@ def test_zoo_routes_match_full_batch_jacrev(case, regime):
         space.dim, generator=torch.Generator().manual_seed(5), dtype=F64
     )
     ref = reference_jacobian(model, X, theta)
-    _close(space.outputs(theta), reference_outputs(model, X, theta), 1e-12)
-    _close(space.jacobian(theta), ref, 1e-10)
-    _close(space.ntk(theta), ref @ ref.T, 1e-10)
+    close_to_max(space.outputs(theta), reference_outputs(model, X, theta), 1e-12)
+    close_to_max(space.jacobian(theta), ref, 1e-10)
+    close_to_max(space.ntk(theta), ref @ ref.T, 1e-10)
     gen = torch.Generator().manual_seed(7)
     v = torch.randn(2, space.dim, generator=gen, dtype=F64)
     u = torch.randn(2, space.output_dim, generator=gen, dtype=F64)
-    _close(space.jvp(theta, v[0]), ref @ v[0], 1e-10)
-    _close(space.jvp(theta, v), v @ ref.T, 1e-10)
-    _close(space.vjp(theta, u[0]), ref.T @ u[0], 1e-10)
-    _close(space.vjp(theta, u), u @ ref, 1e-10)
+    close_to_max(space.jvp(theta, v[0]), ref @ v[0], 1e-10)
+    close_to_max(space.jvp(theta, v), v @ ref.T, 1e-10)
+    close_to_max(space.vjp(theta, u[0]), ref.T @ u[0], 1e-10)
+    close_to_max(space.vjp(theta, u), u @ ref, 1e-10)
     r = space.output_cost_grad(theta)
-    _close(space.cost_grad(theta), ref.T @ r, 1e-10)
+    close_to_max(space.cost_grad(theta), ref.T @ r, 1e-10)
     # the generic engine left its fast routes only where torch.func cannot take them
     func = getattr(space.backend, "fallback", space.backend)
     expected = FALLBACKS.get(case.name, set())
@@ -346,10 +326,10 @@ def test_zoo_solver_gradients_and_check_gradient(case, regime):
             # tau only separates the exact null directions of D (symmetries of the
             # norm layers, attention, weight_norm: sigma ~ 1e-16) from sigma >= 1e-3
             tau = sp.metric.rank_threshold(theta)
-            expected, kappa = _reference_gradient(ref, r, lam, tau)
+            expected, kappa = svd_gradient(ref, r, lam, tau)
             assert kappa < 1e3, f"zoo case too ill-conditioned (kappa {kappa:.3g})"
             grad = sp.metric.gradient(theta)
-            err = _close(grad, torch.from_numpy(expected), 1e-9 + 1e-13 * kappa**2)
+            err = close_to_max(grad, torch.from_numpy(expected), 1e-9 + 1e-13 * kappa**2)
             print(f"{case.name} {regime} lam={lam} {solver}: kappa {kappa:.3g} err {err:.2e}")
         assert sr.check_gradient(sp, theta).passed
 
@@ -371,10 +351,10 @@ def test_chunked_rnn_routes_match_full_batch_jacrev():
         space = sr.ParameterSpace(model, X, Y, chunk_size=2)
     theta = space.initial_point()
     ref = reference_jacobian(model, X, theta)
-    _close(space.jacobian(theta), ref, 1e-10)
-    _close(space.ntk(theta), ref @ ref.T, 1e-10)
+    close_to_max(space.jacobian(theta), ref, 1e-10)
+    close_to_max(space.ntk(theta), ref @ ref.T, 1e-10)
     u = torch.randn(2, space.output_dim, dtype=F64)
-    _close(space.vjp(theta, u), u @ ref, 1e-10)
+    close_to_max(space.vjp(theta, u), u @ ref, 1e-10)
 
 
 MODEL_FILE = """
@@ -434,4 +414,4 @@ def test_ntk_in_blocks_on_models_torch_func_cannot_batch(name):
     space.backend.ntk_block_entries = 3 * space.output_dim  # 3 parameters per block
     theta = space.initial_point()
     ref = reference_jacobian(model, X, theta)
-    _close(space.ntk(theta), ref @ ref.T, 1e-10)
+    close_to_max(space.ntk(theta), ref @ ref.T, 1e-10)
