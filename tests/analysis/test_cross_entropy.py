@@ -3,7 +3,7 @@
 The flows run on random small MLP classifiers with smoothed labels, in float64,
 overparametrized (K ≥ QN) and of full rank QN along the orbit.  Every reference
 is computed outside :mod:`subriemann.analysis.cross_entropy`: the final outputs
-by calling the model directly (:func:`tests.helpers.reference_outputs`), the
+by calling the model directly (:func:`tests.references.reference_outputs`), the
 sums, the limit, the softmax, the rate and the entropy with numpy, and the
 Fisher gradient with ``numpy.linalg.pinv`` of the dense :math:`D^\\top G D`
 (:math:`D` from ``torch.func.jacrev``).
@@ -30,7 +30,8 @@ from torch import nn
 import subriemann as sr
 from subriemann.analysis import cross_entropy as ce
 from subriemann.metrics import EuclideanMetric, InterpolatedMetric, SoftmaxFisherMetric
-from tests.helpers import make_mlp, reference_jacobian, reference_outputs
+from tests.cases import make_mlp
+from tests.references import reference_jacobian, reference_outputs
 
 TIGHT = dict(rtol=1e-11, atol=1e-12)
 

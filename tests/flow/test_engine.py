@@ -8,7 +8,7 @@ independently of the library:
 * :func:`scipy.integrate.solve_ivp` (DOP853, rtol 1e-12) on a dense numpy
   re-implementation of a one-hidden-layer tanh MLP, its Jacobian and
   :math:`V_\\lambda` (thin SVD);
-* forward passes of :mod:`tests.helpers` (the torch model called directly).
+* forward passes of :mod:`tests.references` (the torch model called directly).
 
 Tolerances: at ``rtol=1e-10`` dopri5's global error on these O(1) problems is
 about 1e-9, so trajectories are compared to 1e-8 (an order of margin);

@@ -1,6 +1,6 @@
 """ParameterSpace: every quantity against an independent computation (issue 2).
 
-References (see :mod:`tests.helpers`) call the torch model directly, flatten
+References (see :mod:`tests.references`) call the torch model directly, flatten
 its parameters themselves, and differentiate with ``torch.func.jacrev`` /
 ``torch.autograd`` on the whole batch, or with central finite differences.
 """
