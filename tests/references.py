@@ -96,17 +96,29 @@ def reference_outputs(model: nn.Module, inputs: Tensor, theta: Tensor | None = N
     return out.reshape(inputs.shape[0], -1).reshape(-1)
 
 
-def reference_jacobian(model: nn.Module, inputs: Tensor, theta: Tensor) -> Tensor:
+def reference_jacobian(
+    model: nn.Module, inputs: Tensor, theta: Tensor, names: list[str] | None = None
+) -> Tensor:
     """:func:`torch.func.jacrev` of the *batched* model call, shape ``[QN, K]``.
 
-    Computed in ``theta``'s dtype, on an eval-mode copy of ``model`` (frozen
-    parameters and buffers from the model), columns in ``named_parameters()`` order.
+    Computed in ``theta``'s dtype, on an eval-mode copy of ``model``; the columns are
+    those of the parameters ``names`` (default: the trainable ones) in
+    ``named_parameters()`` order, the other parameters and the buffers held at the
+    model's values.
     """
     m = _eval_copy(model, theta.dtype)
     x = _cast_inputs(inputs, theta.dtype)
+    params = dict(m.named_parameters())
+    if names is None:
+        names = [n for n, p in params.items() if p.requires_grad]
 
     def f(t: Tensor) -> Tensor:
-        return functional_call(m, unflat_params(m, t), (x,)).reshape(-1)
+        split, i = {}, 0
+        for n in names:
+            split[n] = t[i : i + params[n].numel()].view(params[n].shape)
+            i += params[n].numel()
+        assert i == t.numel(), "theta does not match the parameters"
+        return functional_call(m, split, (x,)).reshape(-1)
 
     return jacrev(f)(theta)
 
