@@ -42,6 +42,7 @@ __all__ = [
     "make_problem",
     "random_simplex",
     "perturbed_point",
+    "dead_units_space",
     "tanh_mlp",
     "SquareAndLine",
     "Reparametrized",
@@ -203,6 +204,25 @@ def perturbed_point(space: sr.ParameterSpace, scale: float = 0.3, seed: int | No
     theta = space.initial_point()
     gen = None if seed is None else torch.Generator().manual_seed(seed)
     return theta + scale * torch.randn(space.dim, generator=gen, dtype=theta.dtype)
+
+
+def dead_units_space(n: int, width: int, *, dead: int = 0, seed: int = 0) -> sr.ParameterSpace:
+    """A float64 3-width-2 tanh MLP on ``n`` samples, the generic engine.
+
+    ``dead`` hidden units with zero incoming and outgoing weights make D rank-deficient.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Linear(3, width), nn.Tanh(), nn.Linear(width, 2)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) / 2)
+        if dead:
+            net[2].weight[:, :dead] = 0.0
+            net[0].weight[:dead] = 0.0
+            net[0].bias[:dead] = 0.0
+    x = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    return sr.ParameterSpace(net, x, y, backend="func")
 
 
 # -- models with a known geometry ------------------------------------------------------------

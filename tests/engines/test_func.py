@@ -231,3 +231,62 @@ def test_ntk_tensor_larger_than_budget(entries, samples_per_block):
     be._ntk_one_tensor = lambda t, n: calls.append(n) or orig(t, n)
     torch.testing.assert_close(space.ntk(theta), d @ d.T, rtol=1e-10, atol=1e-12)
     assert sorted(calls) == sorted(big)
+
+
+def test_jacobian_chunks_within_a_tiny_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A small CNN; a budget of a few kB forces one sample per chunk.  Reference: jacrev of
+    # the full batch (same arithmetic per entry, so agreement to round-off, 1e-12).
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Unflatten(1, (1, 4, 4)),
+        torch.nn.Conv2d(1, 3, 3, padding=1),
+        torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(48, 3),
+    ).double()
+    sp = sr.ParameterSpace(net, torch.randn(7, 16), torch.randn(7, 3), backend="func")
+    th = sp.initial_point()
+    ref = reference_jacobian(net, sp.inputs, th)
+    be = sp.backend
+    assert isinstance(be, FuncBackend)
+    monkeypatch.setattr(FuncBackend, "memory_budget", 4096)
+    assert len(be._chunks(3 * 8 * 3 * (sp.dim + be.activation_entries(th)))) == 7
+    assert torch.allclose(be.jacobian(th), ref, rtol=0, atol=1e-12)
+    assert torch.allclose(be._jacobian_forward(th), ref, rtol=0, atol=1e-12)
+    assert be.rows_per_pass(th) == 1
+
+
+@pytest.mark.parametrize("n", [6, 20])  # QN = 18 <= K = 44 (reverse), QN = 60 > K (forward)
+def test_jacobian_without_per_sample_vmap_within_a_tiny_budget(
+    monkeypatch: pytest.MonkeyPatch, n: int
+) -> None:
+    # PReLU cannot be vmapped per sample: the rows come from reverse passes over the whole
+    # chunk (engine fallback), now in chunks and row blocks below the memory budget.
+    # Reference: jacrev of the full batch; same arithmetic per entry, so 1e-12.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.PReLU(), torch.nn.Linear(5, 3)
+    ).double()
+    sp = sr.ParameterSpace(net, torch.randn(n, 4), torch.randn(n, 3), backend="func")
+    th = sp.initial_point()
+    ref = reference_jacobian(net, sp.inputs, th)
+    be = sp.backend
+    assert isinstance(be, FuncBackend)
+    monkeypatch.setattr(FuncBackend, "memory_budget", 4096)
+    batches: list[int] = []
+    real_map = FuncBackend._map
+
+    def recording(self, fn, batch):
+        batches.append(int(batch.shape[0]))
+        return real_map(self, fn, batch)
+
+    monkeypatch.setattr(FuncBackend, "_map", recording)
+    rev = be._jacobian_reverse(th)
+    assert "per_sample" in be.unavailable
+    assert torch.allclose(rev, ref, rtol=0, atol=1e-12)
+    # one row (or tangent) per vectorised pass: a row block costs more than 4 kB
+    assert batches and max(batches) == 1
+    # without per-sample vmap reverse mode costs QN passes: forward mode once QN > K
+    assert torch.allclose(be.jacobian(th), ref, rtol=0, atol=1e-12)
+    picked = be._jacobian_reverse(th) if sp.output_dim <= sp.dim else be._jacobian_forward(th)
+    assert torch.equal(be.jacobian(th), picked)

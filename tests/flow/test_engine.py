@@ -33,6 +33,7 @@ from subriemann.flow import events as events_module
 from subriemann.metrics import EuclideanMetric, InterpolatedMetric, OutputPullbackMetric
 from tests.cases import (
     SquareAndLine,
+    dead_units_space,
     flow_problem,
     mlp_problems,
     one_sample_space,
@@ -622,3 +623,41 @@ def test_float32_adapted_flow(solver):
     ratio = traj.cost.double() / float(traj.cost[0])
     expected = torch.exp(-2.0 * traj.s.double())
     assert float((ratio - expected).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("lam, at_rejections", [(0.5, False), (1.0, True)])
+def test_rank_monitor_skips_rejected_steps_where_the_field_is_continuous(
+    monkeypatch: pytest.MonkeyPatch, lam: float, at_rejections: bool
+) -> None:
+    # A first step far too long forces rejections.  For lam < 1 the field is continuous
+    # across rank changes: singular values only at s = 0, at accepted steps and saved rows.
+    from subriemann.flow import engine as flow_mod
+
+    sp = dead_units_space(6, 8)
+    sp.equip_with_metric(InterpolatedMetric, lam=lam, solver="svd")
+    assert sp.metric.field_may_jump is at_rejections
+    calls = []
+    real = flow_mod.Flow.sv
+
+    def counting(self, theta):
+        calls.append(1)
+        return real(self, theta)
+
+    monkeypatch.setattr(flow_mod.Flow, "sv", counting)
+    traj = flow_mod.gradient_flow(sp, sp.initial_point(), 0.5, first_step=50.0, min_saves=0)
+    n_steps, n_rej = traj.counters["n_steps"], traj.counters["n_rejected"]
+    assert n_rej > 0 and not traj.events
+    expected = 1 + n_steps + (n_rej if at_rejections else 0)
+    assert len(calls) == expected
+
+
+def test_field_may_jump_by_metric() -> None:
+    # the flow's rank monitor skips rejected steps only where the gradient is continuous
+    # across rank changes: Euclidean and g_lam (lam < 1); bundle metrics drop sigma <= tau
+    sp = dead_units_space(6, 8)
+    m = sr.metrics
+    assert sp.equip_with_metric(m.EuclideanMetric).metric.field_may_jump is False
+    assert sp.equip_with_metric(InterpolatedMetric, lam=0.0).metric.field_may_jump is False
+    assert sp.equip_with_metric(InterpolatedMetric, lam=1.0).metric.field_may_jump is True
+    assert sp.equip_with_metric(m.OutputPullbackMetric).metric.field_may_jump is True
+    assert sp.equip_with_metric(m.BundleMetric, lam=0.5).metric.field_may_jump is True

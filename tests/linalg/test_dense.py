@@ -34,6 +34,7 @@ from subriemann.linalg import (
     prefill_states,
     r_svd,
 )
+from tests.cases import dead_units_space
 from tests.references import EPS
 
 F64 = torch.float64
@@ -224,3 +225,17 @@ def test_prefill_states_matches_single_points():
         assert torch.allclose(state._cache["x"], space.outputs(th), rtol=1e-13, atol=1e-14)
     with pytest.raises(ValueError, match="need must be"):
         prefill_states(space, thetas, "eigh")
+
+
+@pytest.mark.parametrize("n, width", [(30, 12), (4, 24)])
+def test_gram_singular_values_match_svd(n: int, width: int) -> None:
+    # eigenvalues of the Gram matrix carry an absolute error ~ eps sigma_max^2, so sigma_i
+    # agree with the SVD to eps sigma_max^2 / sigma_i; compare where sigma_i > 1e-4 sigma_max.
+    sp = dead_units_space(n, width, dead=3)
+    th = sp.initial_point()
+    st = sp.point_state(th)
+    ref = torch.linalg.svdvals(sp.jacobian(th))
+    got = st.gram_singular_values[: ref.numel()]
+    big = ref > 1e-4 * ref[0]
+    assert torch.allclose(got[big], ref[big], rtol=1e-8, atol=0)
+    assert bool((got[~big] < 1e-4 * ref[0]).all())
