@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from hypothesis import assume
+from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.func import functional_call
 
 import subriemann as sr
 from subriemann.flow.trajectory import Trajectory
-from subriemann.metrics import EuclideanMetric, OutputPullbackMetric
+from subriemann.metrics import EuclideanMetric, OutputPullbackMetric, ParameterMetric
 from tests.references import RANK_RTOL, DenseMetricReference
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "SquareAndLine",
     "Reparametrized",
     "Designed",
+    "DiagonalPlusPullback",
     "ProblemCase",
     "CASES",
     "case_named",
@@ -63,6 +64,8 @@ __all__ = [
     "mlp_specs",
     "mlp_problems",
     "metric_cases",
+    "HYP",
+    "KAPPA_MAX",
 ]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -260,6 +263,14 @@ class Designed(nn.Module):
 
     def forward(self, x):
         return torch.tanh(self.lin(x))
+
+
+class DiagonalPlusPullback(ParameterMetric):
+    """Recipe (a): only metric_matrix, g = D^T D + diag(1 + theta^2)."""
+
+    def metric_matrix(self, base_point):
+        d = self.space.jacobian(base_point)
+        return d.T @ d + torch.diag(1.0 + base_point**2)
 
 
 # -- the table of problems every engine test runs on ----------------------------------------
@@ -507,6 +518,13 @@ def mlp_problems(loss: str = "mse", **kwargs: int) -> st.SearchStrategy[Problem]
         kwargs.setdefault("min_outputs", 2)
     return mlp_specs(**kwargs).map(lambda spec: make_problem(spec, loss))
 
+
+#: hypothesis settings of the tests drawing :func:`metric_cases` (each draw runs solves)
+HYP = settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 
 #: drawn networks are kept when kappa(D) <= KAPPA_MAX (see tests/metrics/test_builtin.py)
 KAPPA_MAX = 1e4

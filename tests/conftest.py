@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import subriemann as sr
-from tests.cases import CASES, MLPSpec, Problem, case_named, make_problem
+from tests.cases import CASES, MetricCase, MLPSpec, Problem, case_named, make_problem, tanh_case
 
 # Fast, deterministic hypothesis runs: at most 25 examples, no deadline (the
 # first call of torch.func transforms is slow), derandomized in CI.
@@ -72,6 +72,12 @@ def ce_problem() -> Problem:
 def small_problem() -> Problem:
     """A 3-4-2 tanh MLP on N = 5 samples: the model and data of the bad-input tests."""
     return make_problem(MLPSpec((3, 4, 2), "tanh", num_samples=5, seed=0))
+
+
+@pytest.fixture
+def small_case() -> MetricCase:
+    """A float64 2-2-1 tanh MLP (K = 9) on 4 samples at its point, with its dense reference."""
+    return tanh_case((2, 2, 1), 4, seed=0)
 
 
 @pytest.fixture

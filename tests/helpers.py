@@ -3,6 +3,7 @@
 * :data:`REPO_ROOT`, for test files that run the examples, benchmarks or docs;
 * :func:`assert_same_arrays` and :func:`assert_same_events`: two trajectories agree
   bit for bit;
+* :func:`grad_np`: a metric's gradient as a numpy array;
 * :func:`close_to_max`: an error relative to the largest reference entry;
 * :func:`interrupt_after`: a Ctrl-C at the n-th evaluation of a vector field;
 * :func:`check_report`: the report folder of a completed ``subriemann run``;
@@ -49,6 +50,7 @@ __all__ = [
     "ARRAYS",
     "assert_same_arrays",
     "assert_same_events",
+    "grad_np",
     "close_to_max",
     "interrupt_after",
     "FIGURES",
@@ -97,6 +99,11 @@ def assert_same_events(a: list[RankChange], b: list[RankChange]) -> None:
         assert torch.equal(e.theta, f.theta)
         assert torch.equal(e.singular_values_before, f.singular_values_before)
         assert torch.equal(e.singular_values_after, f.singular_values_after)
+
+
+def grad_np(metric, theta) -> np.ndarray:
+    """``metric.gradient(theta)`` as a numpy array."""
+    return metric.gradient(theta).detach().numpy()
 
 
 def close_to_max(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-12) -> float:

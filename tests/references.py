@@ -308,6 +308,14 @@ class DenseMetricReference:
         smin = self.s[-1] if self.QN >= self.K else 0.0
         return float(((1 - lam) + lam * self.s[0] ** 2) / ((1 - lam) + lam * smin**2))
 
+    def characterization_tol(self) -> float:
+        """Bound of ``|g(V, w) - dC(w)| / (|dC||w|)`` (docs/theory.md §8 item 4).
+
+        The error of ``D V`` (``eps kappa |g|``) against ``|Dᵀg| >= sigma_min |P g|``.
+        """
+        pg = np.linalg.norm(self.P @ self.g)
+        return max(1e-9, C * EPS * self.kappa**2 * np.linalg.norm(self.g) / pg)
+
     def tol(self, lam: float) -> float:
         """Forward-error bound of the gradient V_lam (backward-stable solve; tests/metrics)."""
         if lam == 1.0:

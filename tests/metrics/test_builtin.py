@@ -1,4 +1,4 @@
-"""Metrics on parameter space against independent dense references (issue 3).
+"""The built-in metrics (:mod:`subriemann.metrics.builtin`) against independent dense references.
 
 Every reference here is computed *outside* subriemann: the outputs come from
 ``torch.func.functional_call`` on a separate copy of the model, ``D`` from
@@ -42,35 +42,27 @@ from subriemann.metrics import (
     DampedMetric,
     EuclideanMetric,
     InterpolatedMetric,
-    OutputMetric,
     OutputPullbackMetric,
     ParameterMetric,
     SoftmaxFisherMetric,
     SumMetric,
 )
 from tests.cases import (
+    HYP,
     Designed,
+    DiagonalPlusPullback,
     MetricCase,
     designed_case,
     metric_cases,
     rank_deficient_case,
     tanh_case,
 )
+from tests.helpers import grad_np
 from tests.references import EPS, RANK_RTOL, C, DenseMetricReference, rel
 
 RTOL = RANK_RTOL  # default rank_rtol of the metrics
 SOLVERS = ("svd", "ntk", "lstsq", "matrix_free")
 MF_RTOL = 1e-12  # default solver_rtol of the matrix-free solvers
-
-HYP = settings(
-    max_examples=12,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-
-
-def grad_np(metric, theta) -> np.ndarray:
-    return metric.gradient(theta).detach().numpy()
 
 
 # ----------------------------------------------------------------------------------------
@@ -128,17 +120,12 @@ def test_horizontality(case, lam):
         assert np.linalg.norm(off) <= C * EPS * ref.kappa * np.linalg.norm(v) + 1e-300
 
 
-def _item4_tol(ref) -> float:
-    # |g(V, w) - dC(w)| / (|dC||w|): error of D V (eps kappa |g|) against |D^T g| >= sigma_min |P g|
-    return max(1e-9, C * EPS * ref.kappa**2 * np.linalg.norm(ref.g) / np.linalg.norm(ref.P @ ref.g))
-
-
 @HYP
 @given(case=metric_cases(), lam=st.sampled_from([0.0, 0.3, 1.0]))
 def test_characterization_item4(case, lam):
     """g_lam(V_lam, w) = dC(w) for w in the distribution (1e-9), densely and via check_gradient."""
     ref, th = case.ref, case.theta
-    tol = _item4_tol(ref)
+    tol = ref.characterization_tol()
     dc = ref.D.T @ ref.g
     rng = np.random.default_rng(0)
     for cls in (InterpolatedMetric, BundleMetric):
@@ -363,138 +350,6 @@ def test_solver_choice_and_report():
 
 
 # ----------------------------------------------------------------------------------------
-# custom recipes
-# ----------------------------------------------------------------------------------------
-class DiagonalPlusPullback(ParameterMetric):
-    """Recipe (a): only metric_matrix, g = D^T D + diag(1 + theta^2)."""
-
-    def metric_matrix(self, base_point):
-        d = self.space.jacobian(base_point)
-        return d.T @ d + torch.diag(1.0 + base_point**2)
-
-
-@HYP
-@given(case=metric_cases())
-def test_recipe_a_subclass_with_metric_matrix(case):
-    ref, th = case.ref, case.theta
-    space = case.fresh().equip_with_metric(DiagonalPlusPullback)
-    m = ref.D.T @ ref.D + np.diag(1.0 + th.numpy() ** 2)
-    v = grad_np(space.metric, th)
-    assert rel(v, np.linalg.solve(m, ref.D.T @ ref.g)) <= C * EPS * np.linalg.cond(m)
-    a, b = torch.randn(2, ref.K, dtype=torch.float64)
-    assert abs(
-        float(space.metric.inner_product(a, b, th)) - a.numpy() @ m @ b.numpy()
-    ) <= C * EPS * np.linalg.norm(m, 2) * float(a.norm() * b.norm())
-    assert sr.check_gradient(space, th, rtol=1e-9).passed
-    space.metric.check(th)
-
-
-@HYP
-@given(case=metric_cases())
-def test_recipe_b_output_metric(case):
-    """(b) D^T G D with a user G(x) (per-sample weights): gradient = pinv(D^T G D) D^T g."""
-    ref, th = case.ref, case.theta
-    q = case.space.num_outputs
-    weights = torch.linspace(
-        0.5, 2.0, case.space.num_samples, dtype=torch.float64
-    ).repeat_interleave(q)
-    space = case.fresh().equip_with_metric(
-        OutputMetric, output_metric=lambda x: torch.diag(weights)
-    )
-    gm = ref.D.T @ np.diag(weights.numpy()) @ ref.D
-    expected = np.linalg.pinv(gm, rcond=RTOL**2, hermitian=True) @ ref.D.T @ ref.g
-    v = grad_np(space.metric, th)
-    # cond(D^T G D) on its range <= 4 kappa^2; pinv of a Gram squares the conditioning
-    tol = C * EPS * 4 * ref.kappa**2 * (2 + ref.kappa * ref.tan_theta())
-    assert rel(v, expected) <= tol
-    assert sr.check_gradient(space, th, rtol=_item4_tol(ref) * 4).passed
-    # the identity G reproduces the output pullback (through the reduced Gram: kappa^2 again)
-    plain = case.fresh().equip_with_metric(OutputMetric).metric
-    assert rel(plain.gradient(th), ref.pullback()) <= tol
-
-
-@HYP
-@given(case=metric_cases(), mu=st.sampled_from([0.1, 1.0, 3.0]), c=st.sampled_from([0.5, 2.0]))
-def test_recipe_c_sums_and_damping(case, mu, c):
-    ref, th = case.ref, case.theta
-    space = case.fresh()
-    a = InterpolatedMetric(space, lam=0.3)
-    b = OutputPullbackMetric(space)
-    s = a + b
-    assert isinstance(s, SumMetric)
-    gm = ref.g_lam(0.3) + ref.D.T @ ref.D
-    assert rel(s.metric_matrix(th), gm) <= C * EPS
-    space.metric = s
-    assert rel(s.gradient(th), np.linalg.solve(gm, ref.D.T @ ref.g)) <= C * EPS * np.linalg.cond(gm)
-    assert sr.check_gradient(space, th, rtol=1e-9).passed
-    # c * a: gradient scales by 1/c
-    sc = c * a
-    assert rel(sc.gradient(th), ref.interpolated(0.3) / c) <= ref.tol(0.3) + C * EPS
-    ws = SumMetric(space, [a, b], weights=[c, 1.0])
-    assert rel(ws.metric_matrix(th), c * ref.g_lam(0.3) + ref.D.T @ ref.D) <= C * EPS
-    # damping: D^T D + mu 1 = (1 + mu) g_lam with lam = 1/(1 + mu)
-    d = DampedMetric(space, OutputPullbackMetric(space), damping=mu)
-    lam = 1.0 / (1.0 + mu)
-    assert rel(d.metric_matrix(th), (1 + mu) * ref.g_lam(lam)) <= C * EPS
-    assert rel(d.gradient(th), ref.interpolated(lam) / (1 + mu)) <= ref.tol(lam)
-    generic = SumMetric(space, [OutputPullbackMetric(space), EuclideanMetric(space)], [1.0, mu])
-    assert rel(d.gradient(th), generic.gradient(th)) <= 2 * ref.tol(lam)
-    space.metric = d
-    assert sr.check_gradient(space, th, rtol=1e-9).passed
-    # the family identity for an interpolated base: g_0.3 + mu 1 = (1 + mu) g_{0.3/(1+mu)}
-    d3 = DampedMetric(space, InterpolatedMetric(space, lam=0.3), damping=mu)
-    assert rel(d3.metric_matrix(th), (1 + mu) * ref.g_lam(0.3 / (1 + mu))) <= C * EPS
-    assert rel(d3.gradient(th), ref.interpolated(0.3 / (1 + mu)) / (1 + mu)) <= ref.tol(0.3)
-
-
-@HYP
-@given(case=metric_cases(loss="cross_entropy", kappa_max=1e3))
-def test_softmax_fisher(case):
-    """Singular along 1 per sample; gradient = dense pinv(D^T G D) D^T g."""
-    ref, th = case.ref, case.theta
-    q, n = case.space.num_outputs, case.space.num_samples
-    space = case.fresh().equip_with_metric(SoftmaxFisherMetric)
-    x = torch.as_tensor(ref.x).reshape(n, q)
-    p = torch.softmax(x, -1)
-    blocks = [torch.diag(pj) - torch.outer(pj, pj) for pj in p]
-    gmat = torch.block_diag(*blocks).numpy()
-    for j in range(n):  # G annihilates the all-ones vector of each sample
-        one = np.zeros(q * n)
-        one[j * q : (j + 1) * q] = 1
-        assert np.linalg.norm(gmat @ one) <= C * EPS
-    fisher = ref.D.T @ gmat @ ref.D
-    evals = np.linalg.eigvalsh(fisher)
-    top = evals.max()
-    cut = RTOL**2 * top  # the metric's cut on eigenvalues of D^T G D (they scale like sigma^2)
-    kept = evals[evals > cut]
-    # require a clear gap at the cut, so that the reference and the metric cut at the same place
-    assume(kept.min() > 100 * cut and (evals[evals <= cut] < 1e-2 * cut).all())
-    expected = np.linalg.pinv(fisher, rcond=RTOL**2, hermitian=True) @ ref.D.T @ ref.g
-    v = grad_np(space.metric, th)
-    kf = top / kept.min()
-    # two eigendecompositions (of the reduced metric here, of D^T G D in the reference):
-    # backward errors O(K eps), amplified by the condition kf of the Fisher matrix on its
-    # range, and the Gram structure squares kappa(D)
-    tol = C * EPS * ref.K * kf * ref.kappa**2
-    assert rel(v, expected) <= tol
-    assert sr.check_gradient(space, th, rtol=max(1e-9, tol)).passed
-    if ref.r == ref.QN:
-        # D onto: w_j = D^+ 1_j shifts sample j's logits by a constant; it is a null direction
-        # of the metric (g(w_j, w_j) = 1_j^T G 1_j = 0), orthogonal to its distribution
-        frame = space.metric.distribution(th).numpy()
-        assert frame.shape[1] == ref.QN - n
-        for j in range(n):
-            one = np.zeros(q * n)
-            one[j * q : (j + 1) * q] = 1
-            wj = torch.as_tensor(np.linalg.pinv(ref.D, rcond=RTOL) @ one)
-            scale = ref.s[0] ** 2 * float(wj @ wj)
-            assert abs(float(space.metric.inner_product(wj, wj, th))) <= C * EPS * scale
-            # eigenvectors of the reduced metric: error O(K eps) / relative gap (1 / kf)
-            frame_tol = C * EPS * ref.K * kf * ref.kappa
-            assert np.linalg.norm(frame.T @ wj.numpy()) <= frame_tol * float(wj.norm())
-
-
-# ----------------------------------------------------------------------------------------
 # geodesics
 # ----------------------------------------------------------------------------------------
 def test_geodesic_interpolated_matches_independent_rk4():
@@ -555,11 +410,6 @@ def test_euclidean_exp_is_a_straight_line():
 # ----------------------------------------------------------------------------------------
 # bad input
 # ----------------------------------------------------------------------------------------
-@pytest.fixture
-def small_case() -> MetricCase:
-    return tanh_case((2, 2, 1), 4, seed=0)
-
-
 @pytest.mark.parametrize("lam", [1.5, -0.1, 1 + 1e-12])
 def test_lam_outside_unit_interval(small_case, lam):
     with pytest.raises(ValueError, match=r"lam must lie in \[0, 1\]"):
@@ -595,53 +445,6 @@ def test_bad_solver_and_options(small_case):
         SumMetric(space, [EuclideanMetric(space)], weights=[float("nan")])
     with pytest.raises(ValueError, match="Q >= 2"):
         SoftmaxFisherMetric(space)
-
-
-class NotSymmetric(ParameterMetric):
-    def metric_matrix(self, base_point):
-        k = base_point.shape[-1]
-        return torch.eye(k, dtype=base_point.dtype) + torch.triu(
-            torch.ones(k, k, dtype=base_point.dtype), 1
-        )
-
-
-class Indefinite(ParameterMetric):
-    def metric_matrix(self, base_point):
-        k = base_point.shape[-1]
-        return torch.diag(torch.linspace(-1.0, 1.0, k, dtype=base_point.dtype))
-
-
-class ClaimsTooMuch(ParameterMetric):
-    """PSD with a null direction, but claims all of R^K as its distribution."""
-
-    def metric_matrix(self, base_point):
-        k = base_point.shape[-1]
-        return torch.diag(torch.linspace(0.0, 1.0, k, dtype=base_point.dtype))
-
-    def distribution(self, base_point):
-        return torch.eye(base_point.shape[-1], dtype=base_point.dtype)
-
-
-class Inconsistent(ParameterMetric):
-    def metric_matrix(self, base_point):
-        return torch.eye(base_point.shape[-1], dtype=base_point.dtype)
-
-    def inner_product(self, tangent_vec_a, tangent_vec_b, base_point):
-        return 2.0 * (tangent_vec_a * tangent_vec_b).sum(-1)
-
-
-def test_custom_metric_check_detects_problems(small_case):
-    th = small_case.theta
-    with pytest.raises(ValueError, match="not symmetric"):
-        small_case.metric(NotSymmetric).check(th)
-    with pytest.raises(ValueError, match="not positive semidefinite"):
-        small_case.metric(Indefinite).check(th)
-    with pytest.raises(ValueError, match="not positive definite on its distribution"):
-        small_case.metric(ClaimsTooMuch).check(th)
-    with pytest.raises(ValueError, match="inner_product disagrees with metric_matrix"):
-        small_case.metric(Inconsistent).check(th)
-    small_case.metric(DiagonalPlusPullback).check(th)  # a good one passes
-    small_case.metric(BundleMetric, lam=0.5).check(th)
 
 
 def test_point_of_wrong_shape(small_case):
