@@ -44,9 +44,13 @@ def _seed_torch():
     torch.random.set_rng_state(state)
 
 
-@pytest.fixture(params=CASES, ids=[c.name for c in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
 def case(request) -> Problem:
-    """Every problem of :data:`tests.cases.CASES` (a fresh model each time)."""
+    """Every problem of :data:`tests.cases.CASES`, built once per test module.
+
+    Shared by the tests of a module: they must not change the model or the data
+    (build a fresh one with ``tests.cases.case_named`` for that).
+    """
     return request.param.build()
 
 

@@ -20,13 +20,22 @@ these sizes) and is compared with the float64 reference at the same point:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from hypothesis import given
 
 import subriemann as sr
 from subriemann.engines.func import FuncBackend
-from tests.cases import MLPSpec, case_named, make_problem, mlp_problems, perturbed_point
+from tests.cases import (
+    MLPSpec,
+    Problem,
+    case_named,
+    make_problem,
+    mlp_problems,
+    perturbed_point,
+)
 from tests.references import central_fd_jacobian, reference_jacobian, reference_outputs
 
 F64 = torch.float64
@@ -35,37 +44,51 @@ BACKENDS = ["func", "auto"]
 TOL = {F64: {"rtol": 1e-10, "atol": 1e-12}, torch.float32: {"rtol": 1e-4, "atol": 1e-5}}
 
 
-def _func_space(problem) -> tuple[sr.ParameterSpace, torch.Tensor, torch.Tensor]:
-    """The problem's space on the generic engine, a perturbed point and D there (float64)."""
+@dataclass
+class FuncCase:
+    """A problem of :data:`tests.cases.CASES` on the generic engine, at a perturbed point."""
+
+    problem: Problem
+    space: sr.ParameterSpace
+    theta: torch.Tensor
+    d: torch.Tensor  # the reference D at theta, float64
+    dtype: torch.dtype
+    tol: dict
+
+
+@pytest.fixture(scope="module")
+def func_case(case: Problem) -> FuncCase:
+    """Built once per case for the read-only tests below (none changes the space)."""
+    problem = case
     space = problem.space(backend="func")
     assert isinstance(space.backend, FuncBackend)
     theta = perturbed_point(space)
     d = reference_jacobian(problem.model, problem.inputs, theta.double())
-    return space, theta, d
+    return FuncCase(problem, space, theta, d, problem.dtype, TOL[problem.dtype])
 
 
 # -- every case against the dense reference -----------------------------------------------
-def test_outputs_match_the_model(case):
-    space, theta, _ = _func_space(case)
-    x = space.backend.outputs(theta)
-    assert x.shape == (space.output_dim,) and x.dtype == case.dtype
-    ref = reference_outputs(case.model, case.inputs, theta.double())
-    torch.testing.assert_close(x.double(), ref, **TOL[case.dtype])
+def test_outputs_match_the_model(func_case):
+    c = func_case
+    x = c.space.backend.outputs(c.theta)
+    assert x.shape == (c.space.output_dim,) and x.dtype == c.dtype
+    ref = reference_outputs(c.problem.model, c.problem.inputs, c.theta.double())
+    torch.testing.assert_close(x.double(), ref, **c.tol)
 
 
-def test_jacobian_matches_jacrev(case):
-    space, theta, d = _func_space(case)
-    jac = space.backend.jacobian(theta)
-    assert jac.shape == (space.output_dim, space.dim) and jac.dtype == case.dtype
-    torch.testing.assert_close(jac.double(), d, **TOL[case.dtype])
+def test_jacobian_matches_jacrev(func_case):
+    c = func_case
+    jac = c.space.backend.jacobian(c.theta)
+    assert jac.shape == (c.space.output_dim, c.space.dim) and jac.dtype == c.dtype
+    torch.testing.assert_close(jac.double(), c.d, **c.tol)
 
 
-def test_jvp_and_vjp_match_the_dense_jacobian(case):
-    space, theta, d = _func_space(case)
-    be, tol = space.backend, TOL[case.dtype]
+def test_jvp_and_vjp_match_the_dense_jacobian(func_case):
+    space, theta, d, tol = func_case.space, func_case.theta, func_case.d, func_case.tol
+    be = space.backend
     gen = torch.Generator().manual_seed(1)
-    v = torch.randn(3, space.dim, generator=gen, dtype=case.dtype)
-    u = torch.randn(3, space.output_dim, generator=gen, dtype=case.dtype)
+    v = torch.randn(3, space.dim, generator=gen, dtype=func_case.dtype)
+    u = torch.randn(3, space.output_dim, generator=gen, dtype=func_case.dtype)
     torch.testing.assert_close(be.jvp(theta, v[0]).double(), d @ v[0].double(), **tol)
     torch.testing.assert_close(be.vjp(theta, u[0]).double(), d.T @ u[0].double(), **tol)
     # batched [..., K] and [..., QN]
@@ -75,29 +98,29 @@ def test_jvp_and_vjp_match_the_dense_jacobian(case):
     torch.testing.assert_close(vj.double(), u.double() @ d, **tol)
 
 
-def test_pullback_returns_outputs_and_the_pulled_covector(case):
-    space, theta, d = _func_space(case)
-    x, pulled = space.backend.pullback(theta, lambda x: 2.0 * x)
-    ref_x = reference_outputs(case.model, case.inputs, theta.double())
-    torch.testing.assert_close(x.double(), ref_x, **TOL[case.dtype])
-    torch.testing.assert_close(pulled.double(), d.T @ (2.0 * ref_x), **TOL[case.dtype])
+def test_pullback_returns_outputs_and_the_pulled_covector(func_case):
+    c = func_case
+    x, pulled = c.space.backend.pullback(c.theta, lambda x: 2.0 * x)
+    ref_x = reference_outputs(c.problem.model, c.problem.inputs, c.theta.double())
+    torch.testing.assert_close(x.double(), ref_x, **c.tol)
+    torch.testing.assert_close(pulled.double(), c.d.T @ (2.0 * ref_x), **c.tol)
 
 
-def test_ntk_matches_the_dense_gram(case):
-    space, theta, d = _func_space(case)
-    gram = space.backend.ntk(theta)
-    assert gram.shape == (space.output_dim, space.output_dim)
-    torch.testing.assert_close(gram.double(), d @ d.T, **TOL[case.dtype])
+def test_ntk_matches_the_dense_gram(func_case):
+    c = func_case
+    gram = c.space.backend.ntk(c.theta)
+    assert gram.shape == (c.space.output_dim, c.space.output_dim)
+    torch.testing.assert_close(gram.double(), c.d @ c.d.T, **c.tol)
 
 
-def test_chunks_of_one_sample_give_the_same_products(case):
+def test_chunks_of_one_sample_give_the_same_products(func_case):
     """chunk_size=1 (one sample per vmap) agrees with the whole batch: no sample mixing."""
-    space, theta, d = _func_space(case)
-    one = case.space(backend="func", chunk_size=1).backend
+    c = func_case
+    one = c.problem.space(backend="func", chunk_size=1).backend
     assert one.chunk_size == 1
-    u = torch.ones(space.output_dim, dtype=case.dtype)
-    torch.testing.assert_close(one.jacobian(theta).double(), d, **TOL[case.dtype])
-    torch.testing.assert_close(one.vjp(theta, u).double(), d.T @ u.double(), **TOL[case.dtype])
+    u = torch.ones(c.space.output_dim, dtype=c.dtype)
+    torch.testing.assert_close(one.jacobian(c.theta).double(), c.d, **c.tol)
+    torch.testing.assert_close(one.vjp(c.theta, u).double(), c.d.T @ u.double(), **c.tol)
 
 
 # -- the engine's routes (through ParameterSpace) ------------------------------------------
