@@ -1,7 +1,7 @@
 """AdaptedGD against tuned Adam, SGD+momentum, LBFGS (and heavyball's SOAP) in one run.
 
     python benchmarks/optim.py --threads 1   # full run (about 15-20 min on 2 cores)
-    python benchmarks/optim.py --quick    # smoke run (tests/test_optim_benchmark.py)
+    python benchmarks/optim.py --quick    # smoke run (tests/benchmarks/test_optim.py)
 
 Tasks: scikit-learn digits (all 1,797 samples, fixed stratified 80/20 split) with an MLP
 and a small CNN, cross-entropy, mini-batch 256 and full batch; the CLI's regression

@@ -70,4 +70,6 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def install() -> None:
     """Put the alias finder on :data:`sys.meta_path` (once)."""
     if not any(isinstance(f, _Alias) for f in sys.meta_path):
-        sys.meta_path.append(_Alias())
+        # first: an old submodule name (``subriemann.sweep.cells``) must not be found by
+        # the path finder under its moved parent's __path__ and executed a second time
+        sys.meta_path.insert(0, _Alias())

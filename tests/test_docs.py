@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT as ROOT
 
 pytest.importorskip("mkdocs", reason="mkdocs is not installed (pip install -e '.[docs]')")
 pytest.importorskip("mkdocstrings", reason="mkdocstrings is not installed")

@@ -14,7 +14,9 @@ import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO_ROOT
+
+ROOT = str(REPO_ROOT)
 
 
 def _run(code: str, backend: str | None = None) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from subriemann.losses import CrossEntropyLoss, Loss, MSELoss, get_loss
-from tests.helpers import ce_by_hand, mse_by_hand
+from tests.references import ce_by_hand, mse_by_hand
 
 F64 = torch.float64
 

@@ -78,7 +78,7 @@ def apriori_stopping_time(space, initial_point: Tensor, eps: float) -> float:
     ``initial_point`` (threshold: the space's metric's ``rank_atol``, or its
     ``rank_rtol`` :math:`\sigma_{\max}`, default :math:`10^{-6}\sigma_{\max}`).
     The bound is checked, not assumed, by comparing with a flow's ``cost``
-    (``tests/test_interpolation.py``).
+    (``tests/analysis/test_interpolation.py``).
 
     Parameters
     ----------

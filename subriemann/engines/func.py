@@ -85,7 +85,7 @@ class FuncBackend:
     * ``vmap`` over a batch of vectors fails: a loop over the vectors.
 
     These models are compared with a full-batch ``jacrev`` in the test zoo
-    (``tests/test_zoo.py``).  Models that *couple* samples are refused earlier,
+    (``tests/engines/test_zoo.py``).  Models that *couple* samples are refused earlier,
     by :class:`~subriemann.ParameterSpace`.
 
     Reverse-mode products differentiate with respect to the *dictionary* of

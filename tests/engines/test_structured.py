@@ -1,0 +1,549 @@
+"""The structured NTK engine (:mod:`subriemann.engines.structured`) against dense references.
+
+Every route (dense ``Linear``, the ``"jacobian"`` and ``"structured"`` routes of
+layers with positions, normalization layers, residual blocks, chunked and
+tiled assembly, the cached ``vjp``/``jvp``) is compared in float64 with
+:math:`DD^\\top`, :math:`D^\\top u` and :math:`Dv` where :math:`D` is computed
+by ``torch.func.jacrev`` of the whole batch, flattening the parameters
+directly from ``model.named_parameters()`` (independently of
+:class:`~subriemann.engines.func.ParameterLayout`).
+
+Tolerance: ``1e-12`` relative to ``max |reference|``.  Both sides are
+float64 sums of at most a few thousand products of O(1) numbers computed by
+different contraction orders; their rounding errors are
+:math:`O(\\sqrt{K}\\,\\varepsilon)\\approx 10^{-14}` relative (observed:
+below ``2e-15``).  A missing or doubled term (a position pair, a bias, a
+layer, a sample block) changes entries by O(1) relative amounts, so
+``1e-12`` separates the two by many orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import subriemann as sr
+from subriemann import _warnings
+from subriemann.engines import FuncBackend, make_backend
+from subriemann.engines.structured import (
+    ELEMENTWISE,
+    StructuredBackend,
+    UnsupportedModuleError,
+)
+from subriemann.nn import Residual
+from tests.cases import perturbed_point
+from tests.helpers import close_to_max
+from tests.references import reference_jacobian
+
+RTOL = 1e-12
+DT = torch.float64
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
+
+
+# -- helpers --------------------------------------------------------
+def _trainable(model: nn.Module) -> list[tuple[str, Tensor]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def structured_space(model: nn.Module, inputs: Tensor, q: int, **kw) -> sr.ParameterSpace:
+    targets = torch.zeros(inputs.shape[0], q, dtype=DT)
+    space = sr.ParameterSpace(model, inputs, targets, backend="structured", **kw)
+    assert isinstance(space.backend, StructuredBackend)
+    return space
+
+
+def check_all(space: sr.ParameterSpace, theta: Tensor, rtol: float = RTOL) -> Tensor:
+    """ntk, outputs, cached and uncached vjp/jvp (single and batched) against D."""
+    be = space.backend
+    d = reference_jacobian(space.module, space.inputs, theta)
+    k, qn = space.dim, space.output_dim
+    u = torch.randn(3, qn, dtype=theta.dtype)
+    v = torch.randn(3, k, dtype=theta.dtype)
+    # uncached products (the fallback engine)
+    be._cache = None
+    close_to_max(be.vjp(theta, u[0]), d.T @ u[0], rtol)
+    close_to_max(be.jvp(theta, v[0]), d @ v[0], rtol)
+    gram = be.ntk(theta)
+    close_to_max(gram, d @ d.T, rtol)
+    assert torch.equal(gram, gram.T)
+    # products from the factors cached by ntk
+    assert be._cached(theta) is not None
+    close_to_max(be.outputs(theta), space.backend.fallback.outputs(theta), rtol)
+    close_to_max(be.vjp(theta, u[0]), d.T @ u[0], rtol)
+    close_to_max(be.jvp(theta, v[0]), d @ v[0], rtol)
+    close_to_max(be.vjp(theta, u), u @ d, rtol)
+    close_to_max(be.jvp(theta, v), v @ d.T, rtol)
+    x, g = be.pullback(theta, lambda x: 2.0 * x)
+    close_to_max(g, d.T @ (2.0 * x), rtol)
+    return gram
+
+
+# -- the table of cases --------------------------------------------------------
+def _mlp(widths, act=nn.Tanh, bias=True) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(widths) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def _conv2d_net(q: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="circular"),
+        nn.GroupNorm(2, 4),
+        nn.SiLU(),
+        nn.Conv2d(4, 4, 2, groups=2, dilation=1),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4, q),
+    )
+
+
+def _conv1d_net(q: int) -> nn.Module:
+    first = nn.Conv1d(3, 4, 3, padding="same", dilation=2)
+    first.weight.requires_grad_(False)  # frozen weight, trainable bias
+    return nn.Sequential(
+        first,
+        nn.Tanh(),
+        nn.Conv1d(4, 4, 2, groups=2, padding="same", bias=False),
+        nn.ELU(),
+        nn.Conv1d(4, 2, 3, stride=2, padding=1, padding_mode="reflect"),
+        nn.AdaptiveAvgPool1d(2),
+        nn.Flatten(),
+        nn.Linear(4, q),
+    )
+
+
+def _residual_net(q: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(4, 6),
+        nn.LayerNorm(6),
+        Residual(nn.Sequential(nn.Linear(6, 6), nn.ReLU(inplace=True), nn.Linear(6, 6))),
+        nn.Tanh(),
+        Residual(nn.Sequential(nn.Linear(6, 5), nn.GELU()), shortcut=nn.Linear(6, 5, bias=False)),
+        nn.Linear(5, q),
+    )
+
+
+def _sequence_net(q: int) -> nn.Module:
+    # Linear layers on [N, T, d] inputs: P = T positions
+    return nn.Sequential(
+        nn.Linear(3, 5),
+        nn.RMSNorm(5),
+        nn.Softplus(),
+        nn.Linear(5, 2),
+        nn.Flatten(),
+        nn.Linear(8, q),
+    )
+
+
+def _norm_net(q: int) -> nn.Module:
+    bn = nn.BatchNorm1d(6)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return nn.Sequential(
+        nn.Linear(4, 6),
+        bn,
+        nn.PReLU(6),
+        nn.Sigmoid(),
+        nn.LayerNorm(6, elementwise_affine=False),
+        nn.Linear(6, 6),
+        nn.LayerNorm(6, bias=False),
+        nn.Dropout(0.5),
+        nn.PReLU(),
+        nn.Linear(6, q),
+        nn.LogSoftmax(dim=-1),
+    ).eval()
+
+
+CASES = {
+    # name: (model builder, input shape (N, ...), Q, chunk_size)
+    "mlp-tanh-q1": (lambda q: _mlp([3, 8, 8, q]), (6, 3), 1, None),
+    "mlp-relu-q3": (lambda q: _mlp([4, 10, q], nn.ReLU), (5, 4), 3, None),
+    "mlp-deep-mixed": (
+        lambda q: nn.Sequential(
+            nn.Linear(3, 7),
+            nn.GELU(),
+            nn.Linear(7, 7),
+            nn.SiLU(),
+            nn.Linear(7, 5),
+            nn.Softplus(),
+            nn.Linear(5, 5),
+            nn.LeakyReLU(0.1),
+            nn.Linear(5, q),
+        ),
+        (6, 3),
+        2,
+        None,
+    ),
+    "mlp-no-bias-sigmoid-out": (
+        lambda q: nn.Sequential(_mlp([3, 6, q], nn.ELU, bias=False), nn.Sigmoid()),
+        (5, 3),
+        2,
+        None,
+    ),
+    "one-sample-q4": (lambda q: _mlp([3, 6, 6, q]), (1, 3), 4, None),
+    "chunked-q2": (lambda q: _mlp([3, 6, 5, q]), (7, 3), 2, 3),
+    "chunk-of-one": (lambda q: _mlp([2, 4, q]), (4, 2), 3, 1),
+    "tiled-diagonal": (lambda q: _mlp([3, 5, q]), (70, 3), 2, None),
+    "conv2d": (_conv2d_net, (5, 2, 7, 7), 3, None),
+    "conv1d": (_conv1d_net, (4, 3, 9), 2, None),
+    "residual": (_residual_net, (6, 4), 2, 4),
+    "sequence-linear": (_sequence_net, (5, 4, 3), 3, None),
+    "norms-dropout-logsoftmax": (_norm_net, (6, 4), 3, None),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_against_dense_reference(name):
+    build, shape, q, chunk = CASES[name]
+    model = build(q).to(DT)
+    inputs = torch.randn(*shape, dtype=DT)
+    space = structured_space(model, inputs, q, chunk_size=chunk)
+    check_all(space, perturbed_point(space, seed=None))
+
+
+@pytest.mark.parametrize("route", ["jacobian", "structured"])
+@pytest.mark.parametrize("name", ["conv2d", "conv2d-chunked", "conv1d", "sequence-linear"])
+def test_both_position_routes(name, route):
+    build, shape, q, chunk = {**CASES, "conv2d-chunked": (_conv2d_net, (5, 2, 7, 7), 2, 2)}[name]
+    model = build(q).to(DT)
+    inputs = torch.randn(*shape, dtype=DT)
+    space = structured_space(model, inputs, q, chunk_size=chunk)
+    be = StructuredBackend(
+        space.module,
+        space.layout,
+        space.inputs,
+        q,
+        chunk,
+        fallback=space.backend.fallback,
+        route=route,
+    )
+    positional = [layer for layer in be.layers if getattr(layer, "positions", 1) > 1]
+    assert positional and all(layer.route == route for layer in positional)
+    space.backend = be
+    check_all(space, perturbed_point(space, seed=None))
+
+
+def test_structured_sub_blocks(monkeypatch):
+    """The ``"structured"`` route split into sub-blocks of a bounded temporary."""
+    import subriemann.engines.structured as mod
+
+    monkeypatch.setattr(mod, "_BLOCK_ENTRIES", 64)
+    build, shape, q, _ = CASES["conv1d"]
+    model = build(q).to(DT)
+    inputs = torch.randn(*shape, dtype=DT)
+    space = structured_space(model, inputs, q)
+    space.backend = StructuredBackend(
+        space.module,
+        space.layout,
+        space.inputs,
+        q,
+        None,
+        fallback=space.backend.fallback,
+        route="structured",
+    )
+    check_all(space, perturbed_point(space, seed=None))
+
+
+@pytest.mark.parametrize("chunk", [None, 70])
+def test_diagonal_block_in_strips(chunk):
+    """QN = 600: the diagonal block in four strips and mirrored over several 128-row strips;
+    one chunk or several (off-diagonal blocks)."""
+    torch.manual_seed(3)
+    model = _mlp([3, 5, 4, 2]).to(DT)
+    space = structured_space(model, torch.randn(300, 3, dtype=DT), 2, chunk_size=chunk)
+    check_all(space, perturbed_point(space, seed=None))
+
+
+def test_mirror_upper():
+    """Lower triangle := upper triangle transposed, strip by strip, against ``triu``."""
+    from subriemann.engines.structured import _mirror_upper
+
+    m = torch.randn(11, 11, dtype=DT)
+    expected = torch.triu(m) + torch.triu(m, 1).T
+    _mirror_upper(m, tile=4)
+    assert torch.equal(m, expected)
+
+
+@pytest.mark.parametrize("act", ELEMENTWISE, ids=lambda c: c.__name__)
+def test_every_elementwise_activation(act):
+    model = nn.Sequential(nn.Linear(3, 5), act(), nn.Linear(5, 2)).to(DT)
+    space = structured_space(model, torch.randn(4, 3, dtype=DT), 2)
+    check_all(space, perturbed_point(space, seed=None))
+
+
+def test_frozen_parameters_are_held_fixed():
+    model = _mlp([3, 6, 6, 2]).to(DT)
+    model[0].requires_grad_(False)  # a frozen first layer
+    model[2].bias.requires_grad_(False)  # a frozen bias
+    model[4].weight.requires_grad_(False)  # only the last bias trains in the last layer
+    space = structured_space(model, torch.randn(5, 3, dtype=DT), 2)
+    assert space.dim == 6 * 6 + 2
+    check_all(space, perturbed_point(space, seed=None))
+
+
+def test_rank_deficient_point_dead_relu():
+    """A dead ReLU layer: D and the NTK lose rank, and still match the reference."""
+    model = _mlp([3, 8, 8, 2], nn.ReLU).to(DT)
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[2].bias.fill_(-1.0)  # second hidden layer dead for every input
+    inputs = torch.randn(6, 3, dtype=DT)
+    space = structured_space(model, inputs, 2)
+    theta = space.initial_point()
+    gram = check_all(space, theta)
+    # only the last layer's bias-free part and its bias see a signal: rank <= 2 < QN = 12
+    assert int(torch.linalg.matrix_rank(gram)) <= 2 < space.output_dim
+
+
+def test_rank_deficient_point_zero_weights():
+    model = _mlp([2, 5, 5, 3]).to(DT)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    space = structured_space(model, torch.randn(4, 2, dtype=DT), 3)
+    gram = check_all(space, space.initial_point())
+    assert int(torch.linalg.matrix_rank(gram)) < space.output_dim
+
+
+def test_float32():
+    model = _mlp([3, 16, 16, 2])
+    inputs = torch.randn(8, 3)
+    space = sr.ParameterSpace(
+        model, inputs, torch.zeros(8, 2), backend="structured", dtype=torch.float32
+    )
+    theta = space.initial_point()
+    gram = space.ntk(theta)
+    assert gram.dtype == torch.float32
+    d = reference_jacobian(space.module, space.inputs, theta)
+    close_to_max(gram, d @ d.T, rtol=1e-5)
+
+
+def test_cache_is_keyed_on_theta():
+    model = _mlp([3, 6, 2]).to(DT)
+    space = structured_space(model, torch.randn(5, 3, dtype=DT), 2)
+    be = space.backend
+    theta = perturbed_point(space, seed=None)
+    be.ntk(theta)
+    u = torch.randn(space.output_dim, dtype=DT)
+    other = theta + 0.1
+    def ref_vjp(t):
+        return reference_jacobian(space.module, space.inputs, t).T @ u
+
+    close_to_max(be.vjp(other, u), ref_vjp(other))
+    close_to_max(be.vjp(theta.clone(), u), ref_vjp(theta))
+    theta.add_(0.1)  # modified in place after ntk: the cache must not be used
+    close_to_max(be.vjp(theta, u), ref_vjp(theta))
+    assert be._cache is None
+
+
+def test_differentiable_through_the_fallback():
+    """Under torch.func transforms jvp/ntk go through the differentiable generic engine."""
+    model = _mlp([2, 5, 2]).to(DT)
+    space = structured_space(model, torch.randn(3, 2, dtype=DT), 2)
+    func = FuncBackend(space._apply, space.layout, space.inputs, 2)
+    theta, v = perturbed_point(space, seed=None), torch.randn(space.dim, dtype=DT)
+    space.backend.ntk(theta)  # factors cached at theta must not leak into the derivative
+    second = torch.func.jvp(lambda t: space.backend.jvp(t, v), (theta,), (v,))[1]
+    close_to_max(second, torch.func.jvp(lambda t: func.jvp(t, v), (theta,), (v,))[1])
+    dntk = torch.func.jvp(space.backend.ntk, (theta,), (v,))[1]
+    close_to_max(dntk, torch.func.jvp(func.ntk, (theta,), (v,))[1])
+
+
+def test_ntk_memory_stays_with_the_factors():
+    """At K >> QN the engine never allocates anything of the size of D."""
+    model = _mlp([16, 256, 256, 1]).to(DT)  # K = 70k, QN = 8: D would be 560k entries
+    space = structured_space(model, torch.randn(8, 16, dtype=DT), 1)
+    be = space.backend
+    per_sample = sum(layer.feature_numel(1) for layer in be.layers)
+    assert per_sample * 8 < space.dim * space.output_dim / 50
+    theta = space.initial_point()
+    gram = be.ntk(theta)
+    d = reference_jacobian(space.module, space.inputs, theta)
+    close_to_max(gram, d @ d.T)
+
+
+# -- hypothesis: random small MLPs -----------------------------------------------
+_ACTS = [nn.Tanh, nn.ReLU, nn.GELU, nn.Softplus, nn.Sigmoid, nn.SiLU, nn.Identity]
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    act=st.sampled_from(_ACTS),
+    n=st.integers(1, 6),
+    q=st.integers(1, 3),
+    chunk=st.one_of(st.none(), st.integers(1, 6)),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_mlps(widths, act, n, q, chunk, bias, seed):
+    torch.manual_seed(seed)
+    model = _mlp([3, *widths, q], act, bias=bias).to(DT)
+    space = structured_space(model, torch.randn(n, 3, dtype=DT), q, chunk_size=chunk)
+    check_all(space, perturbed_point(space, 0.5, seed=None))
+
+
+# -- unsupported modules fall back -------------------------------------------------
+class MyOddBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x) * 2.0
+
+
+class MySequential(nn.Sequential):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) + 1.0
+
+
+def _shared() -> nn.Module:
+    lin = nn.Linear(3, 3)
+    return nn.Sequential(lin, nn.Tanh(), lin)
+
+
+def _tied() -> nn.Module:
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    b.weight = a.weight
+    return nn.Sequential(a, nn.Tanh(), b)
+
+
+def _hooked() -> nn.Module:
+    m = _mlp([3, 4, 2])
+    m[0].register_forward_hook(lambda mod, inp, out: out * 2)
+    return m
+
+
+UNSUPPORTED = {
+    "custom-module": (lambda: nn.Sequential(MyOddBlock(), nn.Tanh()), "MyOddBlock"),
+    "custom-root": (lambda: MyOddBlock(), "MyOddBlock"),
+    "sequential-subclass": (lambda: MySequential(nn.Linear(3, 2)), "MySequential"),
+    "tied-weights": (_tied, "Linear at '2'"),
+    "hooks": (_hooked, "Linear at '0'"),
+    "conv-transpose": (
+        lambda: nn.Sequential(
+            nn.Unflatten(1, (1, 3)), nn.ConvTranspose1d(1, 1, 2), nn.Flatten(), nn.Linear(4, 2)
+        ),
+        "ConvTranspose1d at '1'",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(UNSUPPORTED))
+def test_unsupported_module_falls_back_with_warning(name, monkeypatch):
+    build, module_name = UNSUPPORTED[name]
+    monkeypatch.setattr(_warnings, "_SEEN", set())
+    model = build().to(DT)
+    inputs = torch.randn(4, 3, dtype=DT)
+    targets = torch.zeros(4, 3 if name == "tied-weights" else 2, dtype=DT)
+    with pytest.warns(UserWarning, match=module_name.split(" ")[0]) as record:
+        space = sr.ParameterSpace(model, inputs, targets)
+    assert any(module_name in str(w.message) for w in record)
+    assert isinstance(space.backend, FuncBackend)
+    theta = space.initial_point()
+    d = reference_jacobian(space.module, space.inputs, theta)
+    close_to_max(space.ntk(theta), d @ d.T)
+    with pytest.raises(ValueError, match="does not support"):
+        sr.ParameterSpace(model, inputs, targets, backend="structured")
+
+
+def test_warning_is_issued_once(monkeypatch):
+    monkeypatch.setattr(_warnings, "_SEEN", set())
+    model = nn.Sequential(MyOddBlock()).to(DT)
+    inputs, targets = torch.randn(3, 3, dtype=DT), torch.zeros(3, 2, dtype=DT)
+    with pytest.warns(UserWarning, match="MyOddBlock"):
+        sr.ParameterSpace(model, inputs, targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sr.ParameterSpace(model, inputs, targets)
+
+
+@pytest.mark.parametrize(
+    "model, module_name",
+    [
+        (nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1), nn.Linear(4, 2)).train(), "Dropout"),
+        (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train(), "BatchNorm1d"),
+        (nn.Sequential(nn.Linear(3, 2), nn.Softmax(dim=0)), "Softmax"),
+        (nn.Sequential(nn.Linear(3, 2), nn.Softmax(dim=-2)), "Softmax"),
+        (nn.Sequential(nn.Linear(3, 2), nn.Softmax()), "Softmax"),
+        (nn.Sequential(nn.Linear(3, 2), nn.Flatten(0)), "Flatten"),
+        # (ParameterSpace cannot be used here: torch.func.functional_call leaves plain
+        # tensors in place of the parameters of a module listed twice)
+        (_shared(), "Linear at '2'"),
+    ],
+    ids=[
+        "dropout-train",
+        "batchnorm-train",
+        "softmax-dim0",
+        "softmax-dim-2",
+        "softmax-implicit",
+        "flatten-dim0",
+        "same-module-twice",
+    ],
+)
+def test_sample_mixing_layers_are_refused_by_the_engine(model, module_name):
+    """Direct construction: modules that are not per-sample maps are refused."""
+    from subriemann.engines import ParameterLayout
+
+    model = model.to(DT)
+    named = _trainable(model)
+    layout = ParameterLayout([n for n, _ in named], [p.shape for _, p in named])
+    with pytest.raises(UnsupportedModuleError) as err:
+        StructuredBackend(model, layout, torch.randn(4, 3, dtype=DT), 2)
+    assert err.value.module_name.startswith(module_name)
+
+
+def test_make_backend_auto_and_bad_route():
+    model = _mlp([3, 4, 2]).to(DT)
+    space = sr.ParameterSpace(model, torch.randn(4, 3, dtype=DT), torch.zeros(4, 2, dtype=DT))
+    assert space.backend.name == "structured"  # "auto" picks the structured engine
+    be = make_backend("func", space.module, space._apply, space.layout, space.inputs, 2)
+    assert be.name == "func"
+    with pytest.raises(ValueError, match="route"):
+        StructuredBackend(space.module, space.layout, space.inputs, 2, route="fast")
+
+
+def test_fallback_ntk_in_bounded_blocks(monkeypatch):
+    """The generic engine accumulates DD^T over parameter groups of bounded size."""
+    model = MySequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).to(DT)
+    inputs = torch.randn(5, 3, dtype=DT)
+    with pytest.warns(UserWarning):
+        space = sr.ParameterSpace(model, inputs, torch.zeros(5, 2, dtype=DT), chunk_size=2)
+    be = space.backend
+    assert isinstance(be, FuncBackend)
+    monkeypatch.setattr(be, "ntk_block_entries", 10 * space.output_dim, raising=False)
+    theta = perturbed_point(space, seed=None)
+    d = reference_jacobian(space.module, space.inputs, theta)
+    close_to_max(be.ntk(theta), d @ d.T)
+
+
+def test_residual_module_is_a_plain_module():
+    block = Residual(nn.Linear(3, 3), shortcut=nn.Identity()).to(DT)
+    x = torch.randn(2, 3, dtype=DT)
+    assert torch.allclose(block(x), x + block.body(x))
+    clone = copy.deepcopy(block)
+    assert [n for n, _ in clone.named_parameters()] == ["body.weight", "body.bias"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda():
+    model = _conv2d_net(2).to(DT)
+    inputs = torch.randn(5, 2, 7, 7, dtype=DT)
+    space = sr.ParameterSpace(model, inputs, torch.zeros(5, 2), backend="structured", device="cuda")
+    theta = perturbed_point(space, seed=None)
+    assert theta.is_cuda
+    check_all(space, theta)
