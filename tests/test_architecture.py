@@ -11,12 +11,6 @@
 * (e) nothing below ``subriemann/app`` imports ``subriemann.app``;
 * (f) the old module names of ``subriemann/_compat.py`` still import, and give the very
   module objects of their new homes.
-
-(c) and (d) have known offenders on main while issue 14's cleanup is under way: they are
-listed by name in :data:`KNOWN_PRIVATE` and :data:`KNOWN_LONG`, and only their modules
-are expected to fail (``xfail(strict=False)``, and only with :class:`KnownOffence`: a
-*new* offence in any module, listed or not, fails for real).  Remove an entry once its
-module is clean (the test then passes instead of xpassing).
 """
 
 from __future__ import annotations
@@ -154,15 +148,15 @@ def test_cycle_finder_finds_a_cycle():
 def test_import_finder_counts_local_imports_and_skips_type_checking():
     tree = ast.parse(
         "from typing import TYPE_CHECKING\n"
-        "from subriemann.linalg.dense import PointState\n"
+        "from subriemann.linalg.state import PointState\n"
         "from . import events\n"
         "if TYPE_CHECKING:\n    from subriemann.space import ParameterSpace\n"
-        "def f():\n    import subriemann.metrics.builtin as b\n    from ..app import cli\n"
+        "def f():\n    import subriemann.metrics.interpolated as b\n    from ..app import cli\n"
     )
     assert module_imports("subriemann.flow.batch", tree) == {
-        "subriemann.linalg.dense",
+        "subriemann.linalg.state",
         "subriemann.flow.events",
-        "subriemann.metrics.builtin",
+        "subriemann.metrics.interpolated",
         "subriemann.app.cli",
     }
 
@@ -283,63 +277,20 @@ def private_offences(name: str, tree: ast.Module | None = None) -> set[str]:
     return found
 
 
-#: Offences on main today (issue 14 cleanup in progress); expected to disappear.
-KNOWN_PRIVATE: dict[str, set[str]] = {
-    "subriemann.analysis.critical": {"space._check_vec"},
-    "subriemann.app.sweep.runner": {"from subriemann.app.sweep.cells import _one_line"},
-    "subriemann.flow.batch": {
-        "m._lam0_is_euclidean",
-        "space._state_cache_size",
-    },
-    "subriemann.linalg.dense": {"self.space._finite_outputs"},
-    "subriemann.linalg.nystrom": {"state._cache"},
-    "subriemann.metrics.base": {"self._space._check_vec", "st._cache", "m._space", "other._space"},
-    "subriemann.metrics.builtin": {
-        "from subriemann.linalg.dense import _rounding",
-        "self._space._check_vec",
-        "sp._check_vec",
-        "st._cache",
-    },
-    "subriemann.metrics.custom": {"self._space._check_vec", "st._cache"},
-}
-
-#: The reason of every expected failure.
-CLEANUP = "issue 14 cleanup in progress"
+def check_offences(name: str, found: set[str], what: str) -> None:
+    """Fail, naming the module and every offence found in it."""
+    assert not found, f"{RELPATHS[name]}: {what}: {sorted(found)}"
 
 
-class KnownOffence(Exception):
-    """Raised only for the offences listed in KNOWN_PRIVATE / KNOWN_LONG."""
-
-
-def _with_known(known: dict) -> list:
-    return [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(strict=False, raises=KnownOffence, reason=CLEANUP),
-        )
-        if name in known
-        else name
-        for name in FILES
-    ]
-
-
-def check_offences(name: str, found: set[str], known: dict[str, set[str]], what: str) -> None:
-    """Fail on an offence not in ``known[name]``; raise KnownOffence while listed ones remain."""
-    new = sorted(found - known.get(name, set()))
-    assert not new, f"{RELPATHS[name]}: {what}: {new}"
-    if found:
-        raise KnownOffence(f"{RELPATHS[name]}: {sorted(found)}")
-
-
-@pytest.mark.parametrize("name", _with_known(KNOWN_PRIVATE))
+@pytest.mark.parametrize("name", FILES)
 def test_no_private_access_across_modules(name):
-    check_offences(name, private_offences(name), KNOWN_PRIVATE, "private names of other modules")
+    check_offences(name, private_offences(name), "private names of other modules")
 
 
 def test_private_access_finder():
     """The heuristic on a tiny module: what it flags and what it lets through."""
     source = (
-        "from subriemann.linalg.dense import _rounding, PointState\n"
+        "from subriemann.linalg.spectral import _rounding, rank_threshold\n"
         "from subriemann import _compat\n"
         "class A:\n"
         "    def __init__(self, other):\n"
@@ -351,7 +302,7 @@ def test_private_access_finder():
     )
     found = private_offences("subriemann.probe", ast.parse(source))
     assert found == {
-        "from subriemann.linalg.dense import _rounding",
+        "from subriemann.linalg.spectral import _rounding",
         "other._y",
         "self._space._check_vec",
     }
@@ -393,20 +344,10 @@ def long_functions(name: str) -> dict[str, int]:
     return out
 
 
-#: Functions over the limit on main today (issue 14 cleanup in progress).
-KNOWN_LONG: dict[str, set[str]] = {
-    "subriemann.analysis.critical": {"_lanczos_spectrum", "_report", "track_critical_set"},
-    "subriemann.analysis.strata": {"strata_graph", "sample_strata"},
-    "subriemann.app.cli": {"_run_flows"},
-    "subriemann.app.report": {"analyse_flow", "write_html"},
-    "subriemann.space.parameter_space": {"ParameterSpace.__init__"},
-}
-
-
-@pytest.mark.parametrize("name", _with_known(KNOWN_LONG))
+@pytest.mark.parametrize("name", FILES)
 def test_functions_are_at_most_80_lines_of_code(name):
     lines = long_functions(name)
-    check_offences(name, set(lines), KNOWN_LONG, f"over {MAX_LINES} lines of code ({lines})")
+    check_offences(name, set(lines), f"over {MAX_LINES} lines of code ({lines})")
 
 
 def test_code_line_counter():

@@ -114,7 +114,7 @@ def test_resume_after_an_overwrite_run(tmp_path, monkeypatch, capsys):
     (out / "flows" / "old.npz").write_text("stale")
     argv = ["run", *TINY, "--metrics", "pullback,euclidean", "--out", str(out), "--overwrite"]
     with monkeypatch.context() as mp:
-        _interrupt_after(mp, sr.metrics.EuclideanMetric, 40)
+        interrupt_after(mp, sr.metrics.EuclideanMetric, 40)
         assert main(argv) == 130
     capsys.readouterr()
     assert main(["run", "--resume", "--out", str(out), "--no-progress"]) == 0
