@@ -6,10 +6,9 @@
 * :func:`grad_np`: a metric's gradient as a numpy array;
 * :func:`close_to_max`: an error relative to the largest reference entry;
 * :func:`interrupt_after`: a Ctrl-C at the n-th evaluation of a vector field;
-* :func:`check_report`: the report folder of a completed ``subriemann run``;
-* the names that lived here before ``tests/references.py`` and ``tests/cases.py``
-  existed, re-exported so that ``from tests.helpers import make_problem`` keeps
-  working (new code imports from :mod:`tests.references` and :mod:`tests.cases`).
+* :func:`check_report`: the report folder of a completed ``subriemann run``.
+
+Dense references are in :mod:`tests.references`, problem cases in :mod:`tests.cases`.
 """
 
 from __future__ import annotations
@@ -24,26 +23,6 @@ import torch
 
 from subriemann.app.report import SUMMARY_SCHEMA, validate_summary
 from subriemann.flow.trajectory import RankChange, Trajectory
-from tests.cases import (
-    ACTIVATIONS,
-    MLPSpec,
-    Problem,
-    SquareAndLine,
-    make_mlp,
-    make_problem,
-    mlp_problems,
-    mlp_specs,
-    random_simplex,
-)
-from tests.references import (
-    ce_by_hand,
-    central_fd_jacobian,
-    flat_params,
-    mse_by_hand,
-    reference_jacobian,
-    reference_outputs,
-    unflat_params,
-)
 
 __all__ = [
     "REPO_ROOT",
@@ -56,22 +35,6 @@ __all__ = [
     "FIGURES",
     "check_schema",
     "check_report",
-    "ACTIVATIONS",
-    "MLPSpec",
-    "Problem",
-    "SquareAndLine",
-    "make_mlp",
-    "make_problem",
-    "random_simplex",
-    "flat_params",
-    "unflat_params",
-    "reference_outputs",
-    "reference_jacobian",
-    "central_fd_jacobian",
-    "mse_by_hand",
-    "ce_by_hand",
-    "mlp_specs",
-    "mlp_problems",
 ]
 
 #: The repository root (test files in sub-folders find examples/, benchmarks/, docs/ here).
