@@ -263,11 +263,8 @@ def test_both_position_routes(name, route):
     check_all(space, perturbed(space))
 
 
-def test_structured_sub_blocks(monkeypatch):
-    """The ``"structured"`` route split into sub-blocks of a bounded temporary."""
-    import subriemann.engines.structured as mod
-
-    monkeypatch.setattr(mod, "_BLOCK_ENTRIES", 64)
+def test_structured_sub_blocks():
+    """The ``"structured"`` route split into sub-blocks of a bounded temporary (64 entries)."""
     build, shape, q, _ = CASES["conv1d"]
     model = build(q).to(DT)
     inputs = torch.randn(*shape, dtype=DT)
@@ -281,6 +278,8 @@ def test_structured_sub_blocks(monkeypatch):
         fallback=space.backend.fallback,
         route="structured",
     )
+    for layer in space.backend.layers:
+        layer.block_entries = 64
     check_all(space, perturbed(space))
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from subriemann.engines.base import ParameterLayout
+from subriemann.engines.base import MEMORY_BUDGET, ParameterLayout, items_within
 
 __all__ = ["FuncBackend"]
 
@@ -99,12 +99,13 @@ class FuncBackend:
     name = "func"
     #: ``jvp`` and ``vjp`` accept batches ``[..., K]`` / ``[..., QN]``.
     batched = True
-    #: Largest block :math:`D_p` (in entries) that ``ntk`` forms at once:
-    #: :math:`2^{27}` float64 entries are 1 GiB.
+    #: Largest block :math:`D_p` (in entries) that ``ntk`` forms at once (and at
+    #: most ``memory_budget`` bytes): :math:`2^{27}` float64 entries are 1 GiB.
     ntk_block_entries: int = 1 << 27
     #: Bytes that one vectorised pass of ``jacobian``, ``jvp`` or ``vjp`` may
-    #: allocate; samples (and batched rows) are processed in chunks below it.
-    memory_budget: int = 1 << 30
+    #: allocate; samples (and batched rows) are processed in chunks below it
+    #: (:data:`~subriemann.engines.base.MEMORY_BUDGET` unless set).
+    memory_budget: int = MEMORY_BUDGET
 
     def __init__(
         self,
@@ -133,9 +134,7 @@ class FuncBackend:
     # -- helpers ---------------------------------------------------------------
     def _chunks(self, per_sample: int = 0) -> list[Tensor]:
         """Sample chunks of ``chunk_size``, smaller if ``per_sample`` bytes exceed the budget."""
-        size = self.chunk_size
-        if per_sample > 0:
-            size = max(1, min(size, self.memory_budget // per_sample))
+        size = items_within(self.memory_budget, per_sample, self.chunk_size)
         return list(torch.split(self.inputs, size))
 
     def activation_entries(self, theta: Tensor) -> int:
@@ -171,7 +170,7 @@ class FuncBackend:
         """How many batched JVP/VJP rows over all samples fit in ``memory_budget``."""
         item = theta.element_size()
         per_row = 3 * item * self.activation_entries(theta) * int(self.inputs.shape[0])
-        return max(1, self.memory_budget // max(per_row, 1))
+        return items_within(self.memory_budget, per_row, 1 << 62)
 
     def _flat_apply(self, theta: Tensor, inputs: Tensor) -> Tensor:
         return self.apply(self.layout.unflatten(theta), inputs).reshape(-1)
@@ -388,7 +387,7 @@ class FuncBackend:
         rows = inputs.shape[0] * self.num_outputs
         k = sum(p.numel() for p in wrt.values())
         per_row = 3 * theta.element_size() * (k + inputs.shape[0] * self.activation_entries(theta))
-        block = max(1, min(256, self.memory_budget // per_row))
+        block = items_within(self.memory_budget, per_row, 256)
         eye = torch.eye(rows, dtype=theta.dtype, device=theta.device)
         one = lambda e: self._cat(fn(e)[0], order, 0)  # noqa: E731
         return torch.cat([self._map(one, eye[a : a + block]) for a in range(0, rows, block)])
@@ -398,7 +397,7 @@ class FuncBackend:
         k = theta.shape[0]
         qn = int(self.inputs.shape[0]) * self.num_outputs
         col_bytes = 3 * qn * theta.element_size()  # one tangent's outputs and their copies
-        eye_chunk = max(1, min(256, self.rows_per_pass(theta), self.memory_budget // col_bytes))
+        eye_chunk = min(items_within(self.memory_budget, col_bytes, 256), self.rows_per_pass(theta))
         cols = []
         for a in range(0, k, eye_chunk):
             b = min(k, a + eye_chunk)
@@ -425,13 +424,17 @@ class FuncBackend:
         qn = int(self.inputs.shape[0]) * self.num_outputs
         return self._jacobian_reverse(theta) if qn <= k else self._jacobian_forward(theta)
 
+    def _block_entries(self, theta: Tensor) -> int:
+        """Largest block of :math:`D` that ``ntk`` forms: ``ntk_block_entries``, within budget."""
+        return min(self.ntk_block_entries, self.memory_budget // theta.element_size())
+
     def ntk(self, theta: Tensor) -> Tensor:
         qn = self.inputs.shape[0] * self.num_outputs
         if qn > theta.shape[0]:
             d = self.jacobian(theta)
             return d @ d.T
-        # Group parameter tensors into blocks of bounded size.
-        budget = max(1, self.ntk_block_entries // max(qn, 1))  # parameters per block
+        # Group parameter tensors into blocks of bounded size (entries and bytes).
+        budget = max(1, self._block_entries(theta) // max(qn, 1))  # parameters per block
         groups: list[list[str]] = []
         size = 0
         for name, n in zip(self.layout.names, self.layout.numels):
@@ -469,7 +472,7 @@ class FuncBackend:
         n_total = int(self.inputs.shape[0])
         qn = n_total * q
         numel = self.layout.numels[self.layout.names.index(name)]
-        per = max(1, self.ntk_block_entries // max(numel * q, 1))  # samples per row block
+        per = items_within(self._block_entries(theta), numel * q, n_total)  # samples per block
         params = self.layout.unflatten(theta)
         w = params[name]
         rest = {n: p for n, p in params.items() if n != name}

@@ -92,6 +92,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -99,11 +100,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from subriemann.engines.base import ParameterLayout
+from subriemann.engines.base import ParameterLayout, items_within
 from subriemann.engines.func import FuncBackend
 from subriemann.nn import Residual
+from subriemann.validation import check_int
 
-__all__ = ["StructuredBackend", "UnsupportedModuleError", "PARAMETER_FREE"]
+__all__ = [
+    "StructuredBackend",
+    "UnsupportedModuleError",
+    "PARAMETER_FREE",
+    "MemoryPlan",
+    "chunk_plan",
+]
 
 
 class UnsupportedModuleError(TypeError):
@@ -169,10 +177,6 @@ PARAMETER_FREE: tuple[type[nn.Module], ...] = (
     ELEMENTWISE + _DROPOUT + _POOL + (nn.Flatten, nn.Unflatten, nn.Softmax, nn.LogSoftmax)
 )
 """Parameter-free per-sample modules the engine differentiates through."""
-
-_FEATURE_BUDGET = 1 << 28  # bytes of per-layer factors for one sample chunk
-_STORE_BUDGET = 1 << 29  # bytes of factors kept for all chunks (and for vjp/jvp reuse)
-_BLOCK_ENTRIES = 1 << 24  # entries of the largest temporary in a "structured" patch gram
 
 
 def _describe(module: nn.Module, path: str) -> str:
@@ -284,6 +288,8 @@ class _Layer(_Node):
 
     index: int
     refs: list[_ParamRef]
+    #: entries of the largest temporary of a Gram block (set from the memory plan)
+    block_entries: int = 1 << 24
 
     def compute(self, x: Tensor, state: _Pass) -> tuple[Tensor, Any]:
         raise NotImplementedError
@@ -307,6 +313,10 @@ class _Layer(_Node):
     def feature_numel(self, q: int) -> int:
         """Entries of the factors per sample."""
         raise NotImplementedError
+
+    def row_numel(self, n: int, q: int) -> int:
+        """Entries of the temporaries of one row of a batched product on ``n`` samples."""
+        return n * q + sum(r.shape.numel() for r in self.trainable)
 
     def features(self, record: Tensor, g: Tensor) -> Any:
         raise NotImplementedError
@@ -353,17 +363,19 @@ class _JacobianLayer(_Layer):
             out2.addmm_(fa.reshape(na * q, -1), fb.reshape(nb * q, -1).T)
 
     def vjp_into(self, f: Tensor, u: Tensor, views: dict[str, Tensor]) -> None:
-        flat = torch.einsum("nqk,nq->k", f, u)
+        n, q, k = f.shape
+        flat = u.reshape(-1, n * q) @ f.reshape(n * q, k)  # [b, P_l]
         start = 0
         for r in self.trainable:
             size = r.shape.numel()
             assert r.name is not None
-            views[r.name].add_(flat[start : start + size].view(r.shape))
+            views[r.name].add_(flat[:, start : start + size].view(-1, *r.shape))
             start += size
 
     def jvp(self, f: Tensor, v: dict[str, Tensor]) -> Tensor:
-        vec = torch.cat([v[r.name].reshape(-1) for r in self.trainable if r.name is not None])
-        return f @ vec
+        vec = torch.cat([v[r.name].flatten(1) for r in self.trainable if r.name is not None], 1)
+        n, q, k = f.shape
+        return (vec @ f.reshape(n * q, k).T).view(-1, n, q)
 
 
 class _AffineNormLayer(_JacobianLayer):
@@ -487,6 +499,12 @@ class _PatchLayer(_Layer):
         else:
             self.route = route
 
+    def row_numel(self, n: int, q: int) -> int:
+        if self.route == "jacobian" and not self.dense:
+            return super().row_numel(n, q)
+        gr, p, fo = self.groups, self.positions, self.fan_out
+        return n * q + (n * fo if self.dense else gr * n * p * fo) + super().row_numel(0, q)
+
     def feature_numel(self, q: int) -> int:
         gr, p, fi, fo = self.groups, self.positions, self.fan_in, self.fan_out
         if self.route == "jacobian" and not self.dense:
@@ -553,8 +571,8 @@ class _PatchLayer(_Layer):
         nb = gb.shape[1]
         # Sub-blocks keep the [groups, sa, Q, P, sb, Q, P] temporary bounded.
         per_pair = gr * q * q * p * p
-        sb = max(1, min(nb, _BLOCK_ENTRIES // per_pair))
-        sa = max(1, min(na, _BLOCK_ENTRIES // (per_pair * sb)))
+        sb = items_within(self.block_entries, per_pair, nb)
+        sa = items_within(self.block_entries, per_pair * sb, na)
         for i in range(0, na, sa):
             i1 = min(na, i + sa)
             for j in range(0, nb, sb):
@@ -578,54 +596,55 @@ class _PatchLayer(_Layer):
                 _write(out[i:i1, :, j:j1, :], blk, first)
 
     def vjp_into(self, f: Any, u: Tensor, views: dict[str, Tensor]) -> None:
+        # u: [b, n, Q]; views: [b, *shape]
         if self.route == "jacobian" and not self.dense:
             _JacobianLayer.vjp_into(self, f, u, views)  # type: ignore[arg-type]
             return
         a, g = f
         if self.dense:
             # g: [n, Q, c];  D_W^T u = sum_j (sum_q u_jq g_jq) a_j^T
-            gu = g[:, 0] * u if g.shape[1] == 1 else torch.einsum("nqc,nq->nc", g, u)
+            gu = torch.einsum("nqc,bnq->bnc", g, u)
             if self.has_w:
                 assert self.weight.name is not None
-                views[self.weight.name].addmm_(gu.T, a)
+                views[self.weight.name].add_(gu.transpose(1, 2) @ a)
             if self.has_b:
                 assert self.bias is not None and self.bias.name is not None
-                views[self.bias.name].add_(gu.sum(0))
+                views[self.bias.name].add_(gu.sum(1))
             return
-        gu = torch.einsum("gnqpc,nq->gnpc", g, u)
+        gu = torch.einsum("gnqpc,bnq->bgnpc", g, u)
         if self.has_w:
             assert self.weight.name is not None
-            dw = torch.einsum("gnpc,gnpf->gcf", gu, a)
-            views[self.weight.name].add_(dw.reshape(self.weight.shape))
+            dw = torch.einsum("bgnpc,gnpf->bgcf", gu, a)
+            views[self.weight.name].add_(dw.reshape(-1, *self.weight.shape))
         if self.has_b:
             assert self.bias is not None and self.bias.name is not None
-            views[self.bias.name].add_(gu.sum(dim=(1, 2)).reshape(-1))
+            views[self.bias.name].add_(gu.sum(dim=(2, 3)).flatten(1))
 
     def jvp(self, f: Any, v: dict[str, Tensor]) -> Tensor:
+        # v: [b, *shape]; returns [b, n, Q]
         if self.route == "jacobian" and not self.dense:
             return _JacobianLayer.jvp(self, f, v)  # type: ignore[arg-type]
         a, g = f
         if self.dense:
-            z = None
+            n, _, c = g.shape
+            z = g.new_zeros(1, n, c)
             if self.has_w:
                 assert self.weight.name is not None
-                z = a @ v[self.weight.name].T
+                z = a @ v[self.weight.name].transpose(1, 2)  # [b, n, c]
             if self.has_b:
                 assert self.bias is not None and self.bias.name is not None
-                vb = v[self.bias.name]
-                z = vb.expand(g.shape[0], -1) if z is None else z + vb
-            assert z is not None
-            return torch.einsum("nqc,nc->nq", g, z)
+                z = z + v[self.bias.name].unsqueeze(1)
+            return torch.einsum("nqc,bnc->bnq", g, z)
         gr, n, q, p, fo = g.shape
-        z = g.new_zeros(gr, n, p, fo)
+        z = g.new_zeros(1, gr, n, p, fo)
         if self.has_w:
             assert self.weight.name is not None
-            w = v[self.weight.name].reshape(gr, fo, -1)
-            z = z + torch.einsum("gnpf,gcf->gnpc", a, w)
+            w = v[self.weight.name].reshape(-1, gr, fo, a.shape[-1])
+            z = torch.einsum("gnpf,bgcf->bgnpc", a, w)
         if self.has_b:
             assert self.bias is not None and self.bias.name is not None
-            z = z + v[self.bias.name].reshape(gr, 1, 1, fo)
-        return torch.einsum("gnqpc,gnpc->nq", g, z)
+            z = z + v[self.bias.name].reshape(-1, gr, 1, 1, fo)
+        return torch.einsum("gnqpc,bgnpc->bnq", g, z)
 
 
 class _LinearLayer(_PatchLayer):
@@ -860,6 +879,96 @@ def _default_apply(module: nn.Module) -> Callable[[dict[str, Tensor], Tensor], T
     return apply
 
 
+@dataclass(frozen=True)
+class MemoryPlan:
+    r"""How :class:`StructuredBackend` splits its work to stay within ``budget`` bytes.
+
+    The budget is shared out as follows (the results that a caller asks for,
+    :math:`DD^\top` of ``[QN, QN]``, :math:`D` of ``[QN, K]``, a batch of
+    products, are not counted: their size is the caller's choice):
+
+    * one sample chunk's factors and the activations of its backward pass:
+      at most ``budget / 4`` (:attr:`chunk` samples);
+    * the factors of all samples, kept for :meth:`StructuredBackend.jvp`,
+      :meth:`~StructuredBackend.vjp` and :meth:`~StructuredBackend.ntk` at the
+      same point, only when they take at most ``budget / 2`` (:attr:`store`);
+    * the largest temporary of a Gram block or of a batch of products: at most
+      ``budget / 8`` (:meth:`temp_entries`).
+
+    Attributes
+    ----------
+    budget : int
+        Bytes.
+    itemsize : int
+        Bytes per entry (4 for float32, 8 for float64).
+    chunk : int
+        Samples per chunk.
+    factor_bytes : int
+        Bytes of the layer factors of one sample (at the chosen chunk size).
+    activation_bytes : int
+        Bytes of the backward pass's activations per sample
+        (about :math:`Q + 2` copies of the layer outputs).
+    n_samples : int
+    """
+
+    budget: int
+    itemsize: int
+    chunk: int
+    factor_bytes: int
+    activation_bytes: int
+    n_samples: int
+
+    @property
+    def store(self) -> bool:
+        """Whether the factors of all samples are kept (at most ``budget / 2``)."""
+        return self.n_samples * self.factor_bytes <= self.budget // 2
+
+    def temp_entries(self) -> int:
+        """Entries of the largest temporary: ``budget / 8`` bytes."""
+        return max(1, self.budget // (8 * self.itemsize))
+
+    def rows(self, per_row: int, total: int) -> int:
+        """Rows of a batched product per pass, ``per_row`` entries of temporaries each."""
+        return items_within(self.temp_entries(), per_row, total)
+
+
+def chunk_plan(
+    budget: int,
+    itemsize: int,
+    n_samples: int,
+    per_sample: Callable[[int], tuple[int, int]],
+    chunk_size: int | None = None,
+) -> MemoryPlan:
+    r"""The :class:`MemoryPlan` of a network: the largest chunk within ``budget / 4``.
+
+    Parameters
+    ----------
+    budget, itemsize, n_samples : int
+    per_sample : callable
+        ``per_sample(chunk) -> (factor entries, activation entries)`` per sample
+        when the samples are processed ``chunk`` at a time (the per-layer route,
+        hence the factor size, may depend on the chunk).
+    chunk_size : int, optional
+        A fixed chunk (the caller's choice; the budget then only decides
+        :attr:`MemoryPlan.store`).
+
+    Examples
+    --------
+    >>> plan = chunk_plan(1 << 20, 8, 1000, lambda n: (100, 28))
+    >>> plan.chunk, plan.chunk * 8 * (100 + 28) <= (1 << 20) // 4, plan.store
+    (256, True, False)
+    """
+    n_total = max(1, int(n_samples))
+    chunk = n_total if chunk_size is None else max(1, min(int(chunk_size), n_total))
+    feat, act = per_sample(chunk)
+    if chunk_size is None:
+        fit = items_within(budget // 4, itemsize * (feat + act), n_total)
+        if fit < chunk:
+            chunk = fit
+            feat, act = per_sample(chunk)
+    return MemoryPlan(int(budget), itemsize, chunk, itemsize * feat, itemsize * act, n_total)
+
+
 class StructuredBackend:
     r"""Per-layer structured engine for :math:`x[\theta]`, :math:`D` and :math:`DD^\top`.
 
@@ -879,15 +988,20 @@ class StructuredBackend:
     num_outputs : int
         Q.
     chunk_size : int or None
-        Samples per chunk; ``None`` chooses it from a memory budget
-        (all samples when their layer factors take at most 256 MiB).
+        Samples per chunk; ``None`` chooses it from the memory budget
+        (:class:`MemoryPlan`).
     fallback : FuncBackend, optional
         Engine used for ``outputs``, ``jacobian`` and for ``jvp``/``vjp``
-        at points where the layer factors are not cached.  Built from
+        at points where the layer factors are not kept.  Built from
         ``module`` when omitted.
     route : {"auto", "jacobian", "structured"}
         Route for layers with positions (convolutions, ``Linear`` on
         sequences); ``"auto"`` picks the cheaper per layer.
+    memory_budget : int, optional
+        Bytes of temporaries (:class:`MemoryPlan`); default: the fallback's
+        ``memory_budget`` (:data:`~subriemann.engines.base.MEMORY_BUDGET`),
+        which is then set to the same value, so that the two engines share one
+        budget.
 
     Raises
     ------
@@ -897,12 +1011,16 @@ class StructuredBackend:
 
     Notes
     -----
-    After :meth:`ntk`, the layer factors and outputs at that :math:`\theta`
-    are kept when they fit in 512 MiB, so that :meth:`outputs`, :meth:`vjp`
+    The layer factors at one :math:`\theta` are kept when they fit in half the
+    budget (:attr:`MemoryPlan.store`): after :meth:`ntk`, and after the second
+    product (:meth:`jvp`, :meth:`vjp`, or one batched call) at the same point,
+    so that :meth:`outputs`, :meth:`vjp`
     (:math:`D^\top u = \sum_l G_l^\top\mathrm{diag}(u) A_l`), :meth:`jvp` and
-    :meth:`pullback` at the same point cost a few matrix products and no
-    network evaluation.  The cache is keyed on the tensor ``theta`` (and
-    dropped when it is modified in place).
+    :meth:`pullback` there cost a few matrix products and no network
+    evaluation (a Krylov solve makes many).  A single product at a new point
+    goes through the fallback (one pass instead of :math:`Q` backward passes).
+    The cache is keyed on the tensor ``theta`` (and dropped when it is
+    modified in place).
 
     The structured computations are not differentiable in :math:`\theta`:
     when ``theta`` is traced by autograd or a :mod:`torch.func` transform,
@@ -923,6 +1041,7 @@ class StructuredBackend:
         fallback: FuncBackend | None = None,
         *,
         route: str = "auto",
+        memory_budget: int | None = None,
     ) -> None:
         if route not in ("auto", "jacobian", "structured"):
             raise ValueError(f"route must be 'auto', 'jacobian' or 'structured', got {route!r}")
@@ -941,12 +1060,31 @@ class StructuredBackend:
         self.fallback = fallback or FuncBackend(
             _default_apply(module), layout, inputs, num_outputs, chunk_size
         )
+        if memory_budget is not None:
+            check_int(memory_budget, "memory_budget", low=1)
+            self.fallback.memory_budget = int(memory_budget)
         self._cache: tuple[Tensor, int, list[list[Any]], list[Tensor]] | None = None
-        self._probe(module, route, chunk_size)
+        self._miss: tuple[Tensor, int] | None = None  # the last point of an uncached product
+        shapes = self._probe(module)
+        self._plan_chunks(shapes, route, chunk_size)
+
+    @property
+    def memory_budget(self) -> int:
+        """Bytes of temporaries, shared with the fallback engine (:class:`MemoryPlan`)."""
+        return int(self.fallback.memory_budget)
+
+    @memory_budget.setter
+    def memory_budget(self, value: int) -> None:
+        check_int(value, "memory_budget", low=1)
+        self.fallback.memory_budget = int(value)
+        self.plan = replace(self.plan, budget=int(value))
+        for layer in self.layers:
+            layer.block_entries = self.plan.temp_entries()
+        self._cache = None
 
     # -- construction helpers ----------------------------------------------------
-    def _probe(self, module: nn.Module, route: str, chunk_size: int | None) -> None:
-        """Run the interpreter on two samples: shapes, and agreement with the module."""
+    def _probe(self, module: nn.Module) -> list[Any]:
+        """Run the interpreter on two samples: per-layer shapes, and agreement with the module."""
         named = dict(module.named_parameters())
         theta0 = self.layout.flatten({n: named[n].detach() for n in self.layout.names})
         x = self.inputs[:2]
@@ -970,27 +1108,32 @@ class StructuredBackend:
             raise UnsupportedModuleError(
                 _describe(module, ""), "the interpreted forward pass disagrees with the module"
             )
-        n_total = int(self.inputs.shape[0])
+        self.itemsize = torch.finfo(ref.dtype).bits // 8
+        return shapes
+
+    def _plan_chunks(self, shapes: list[Any], route: str, chunk_size: int | None) -> None:
+        """Per-layer routes and the chunk of samples within the budget (:func:`chunk_plan`)."""
         q = self.num_outputs
         self.out_shapes = [s_out for _, s_out in shapes]
+        # activations of the vectorised backward: about (Q + 2) copies of the layer outputs
+        act = (q + 2) * sum(int(s.numel()) for s in self.out_shapes)
 
-        def setup(n: int) -> None:
+        def per_sample(n: int) -> tuple[int, int]:
             for layer, (s_in, s_out) in zip(self.layers, shapes):
                 layer.setup(s_in, s_out, n, q, route)
+            return self._feature_numel(), act
 
-        chunk = n_total if chunk_size is None else max(1, min(int(chunk_size), n_total))
-        setup(chunk)
-        itemsize = torch.finfo(ref.dtype).bits // 8
-        feat = itemsize * self._feature_numel()
-        # activations of the vectorised backward: about (Q + 2) copies of the layer outputs
-        act = itemsize * (q + 2) * sum(int(s.numel()) for s in self.out_shapes)
-        if chunk_size is None and chunk * (feat + act) > _FEATURE_BUDGET:
-            chunk = max(1, _FEATURE_BUDGET // (feat + act))
-            setup(chunk)
-            feat = itemsize * self._feature_numel()
-        self.chunk_size = chunk
-        self.bounds = [(a, min(n_total, a + chunk)) for a in range(0, n_total, chunk)]
-        self.store_all = n_total * feat <= _STORE_BUDGET
+        n_total = int(self.inputs.shape[0])
+        self.plan = chunk_plan(self.memory_budget, self.itemsize, n_total, per_sample, chunk_size)
+        self.chunk_size = size = self.plan.chunk
+        self.bounds = [(a, min(n_total, a + size)) for a in range(0, n_total, size)]
+        for layer in self.layers:
+            layer.block_entries = self.plan.temp_entries()
+
+    @property
+    def store_all(self) -> bool:
+        """Whether the factors of all samples are kept at a point (:attr:`MemoryPlan.store`)."""
+        return self.plan.store
 
     def _feature_numel(self) -> int:
         q = self.num_outputs
@@ -1045,20 +1188,42 @@ class StructuredBackend:
         return feats, y.detach()
 
     def _cached(self, theta: Tensor) -> tuple[list[list[Any]], list[Tensor]] | None:
-        """The factors kept by the last :meth:`ntk`, if it was at this very ``theta``."""
+        """The factors kept at this very ``theta`` (by :meth:`ntk` or :meth:`factors`)."""
         if self._cache is None or not _plain(theta):
             return None
         key, version, feats, ys = self._cache
         if key._version != version:  # the tensor we keyed on was modified in place
             self._cache = None
             return None
-        if theta is key or (
-            key.shape == theta.shape
-            and key.device == theta.device
-            and key.dtype == theta.dtype
-            and torch.equal(key, theta)
-        ):
-            return feats, ys
+        return (feats, ys) if _same_point(key, theta) else None
+
+    def factors(self, theta: Tensor) -> tuple[list[list[Any]], list[Tensor]] | None:
+        """The layer factors and outputs of all sample chunks at ``theta``, kept.
+
+        Computed once per point (one forward and one reverse pass per chunk),
+        when they fit in half the memory budget (:attr:`MemoryPlan.store`);
+        ``None`` otherwise, and for a ``theta`` that autograd traces.
+        """
+        hit = self._cached(theta)
+        if hit is not None or not self.store_all or not _plain(theta):
+            return hit
+        computed = [self._features(theta, a, b) for a, b in self.bounds]
+        self._cache = (theta, theta._version, [f for f, _ in computed], [y for _, y in computed])
+        return self._cache[2], self._cache[3]
+
+    def _product_factors(self, theta: Tensor, batched: bool):
+        """Factors for a product at ``theta``: kept ones, or new ones for a batch of products or
+        at the second product with the same (unmodified) tensor ``theta``."""
+        hit = self._cached(theta)
+        if hit is not None or not self.store_all or not _plain(theta):
+            return hit
+        # the same tensor, unmodified, a second time: a solver is at work at this point
+        miss = self._miss
+        again = miss is not None and miss[0] is theta and miss[1] == theta._version
+        if batched or again:
+            self._miss = None
+            return self.factors(theta)
+        self._miss = (theta, theta._version)
         return None
 
     # -- interface ----------------------------------------------------------------
@@ -1070,56 +1235,80 @@ class StructuredBackend:
         return self.fallback.outputs(theta)
 
     def jacobian(self, theta: Tensor) -> Tensor:
-        r"""Dense :math:`D`, shape ``[QN, K]`` (delegated to the fallback engine)."""
+        r"""Dense :math:`D`, shape ``[QN, K]`` (delegated to the fallback engine, same budget)."""
         return self.fallback.jacobian(theta)
+
+    def _trainable_layers(self) -> list[_Layer]:
+        return [layer for layer in self.layers if layer.trainable]
+
+    def _product_rows(self, total: int) -> int:
+        """Rows of a batched product per pass: temporaries within the budget."""
+        q = self.num_outputs
+        per_row = max(
+            sum(layer.row_numel(b - a, q) for layer in self._trainable_layers())
+            for a, b in self.bounds
+        )
+        return self.plan.rows(2 * per_row, total)
 
     def jvp(self, theta: Tensor, tangent_vec: Tensor) -> Tensor:
         r""":math:`Dv`, shape ``[..., QN]`` for ``tangent_vec`` of shape ``[..., K]``.
 
-        From the layer factors cached by :meth:`ntk` at this ``theta`` when
-        available, :math:`(Dv)_{jq} = \sum_l g^l_{jq}\cdot(V_l a^l_j + v_{b,l})`;
-        otherwise (and under :mod:`torch.func` transforms) by the fallback.
+        From the layer factors when they are kept at this ``theta``
+        (:meth:`factors`), :math:`(Dv)_{jq} = \sum_l g^l_{jq}\cdot(V_l a^l_j + v_{b,l})`,
+        a batch in passes whose temporaries stay within the budget; otherwise
+        (and under :mod:`torch.func` transforms) by the fallback.
         """
-        hit = self._cached(theta)
+        hit = self._product_factors(theta, tangent_vec.ndim > 1)
         if hit is None:
             return _rowwise(self.fallback, "jvp", theta, tangent_vec)
-        if tangent_vec.ndim > 1:
-            flat = tangent_vec.reshape(-1, tangent_vec.shape[-1])
-            out = torch.stack([self.jvp(theta, r) for r in flat])
-            return out.reshape(*tangent_vec.shape[:-1], out.shape[-1])
-        v = self.layout.unflatten(tangent_vec)
+        flat = tangent_vec.reshape(-1, tangent_vec.shape[-1])
+        rows = self._product_rows(flat.shape[0])
+        out = torch.cat(
+            [self._jvp_rows(hit[0], flat[i : i + rows]) for i in range(0, flat.shape[0], rows)]
+        )
+        return out.reshape(*tangent_vec.shape[:-1], out.shape[-1])
+
+    def _jvp_rows(self, feats: list[list[Any]], v: Tensor) -> Tensor:
+        views = self.layout.unflatten(v)
         parts = []
-        for (a, b), fs in zip(self.bounds, hit[0]):
-            acc = torch.zeros(b - a, self.num_outputs, dtype=theta.dtype, device=theta.device)
+        for fs in feats:
+            acc = None
             for layer, f in zip(self.layers, fs):
                 if layer.trainable:
-                    acc = acc + layer.jvp(f, v)
-            parts.append(acc.reshape(-1))
-        return torch.cat(parts)
+                    z = layer.jvp(f, views)
+                    acc = z if acc is None else acc + z
+            assert acc is not None
+            parts.append(acc.reshape(v.shape[0], -1))
+        return torch.cat(parts, dim=1)
 
     def vjp(self, theta: Tensor, output_covec: Tensor) -> Tensor:
         r""":math:`D^\top u`, shape ``[..., K]`` for ``output_covec`` of shape ``[..., QN]``.
 
-        From the layer factors cached by :meth:`ntk` at this ``theta`` when
-        available, :math:`D^\top u = \sum_l \sum_{jq} u_{jq}\, g^l_{jq}\otimes
-        (a^l_j, 1)` (a few matrix products, no network evaluation);
-        otherwise (and under :mod:`torch.func` transforms) by the fallback.
+        From the layer factors when they are kept at this ``theta``
+        (:meth:`factors`), :math:`D^\top u = \sum_l \sum_{jq} u_{jq}\, g^l_{jq}\otimes
+        (a^l_j, 1)` (a few matrix products, no network evaluation), a batch in
+        passes within the budget; otherwise (and under :mod:`torch.func`
+        transforms) by the fallback.
         """
-        hit = self._cached(theta)
+        hit = self._product_factors(theta, output_covec.ndim > 1)
         if hit is None:
             return _rowwise(self.fallback, "vjp", theta, output_covec)
-        if output_covec.ndim > 1:
-            flat = output_covec.reshape(-1, output_covec.shape[-1])
-            out = torch.stack([self.vjp(theta, r) for r in flat])
-            return out.reshape(*output_covec.shape[:-1], out.shape[-1])
+        flat = output_covec.reshape(-1, output_covec.shape[-1])
+        rows = self._product_rows(flat.shape[0])
+        out = torch.cat(
+            [self._vjp_rows(hit[0], flat[i : i + rows]) for i in range(0, flat.shape[0], rows)]
+        )
+        return out.reshape(*output_covec.shape[:-1], out.shape[-1])
+
+    def _vjp_rows(self, feats: list[list[Any]], u: Tensor) -> Tensor:
         q = self.num_outputs
-        res = torch.zeros_like(theta)
+        res = u.new_zeros(u.shape[0], self.layout.dim)
         views = self.layout.unflatten(res)
-        for (a, b), fs in zip(self.bounds, hit[0]):
-            u = output_covec[a * q : b * q].view(b - a, q)
+        for (a, b), fs in zip(self.bounds, feats):
+            ub = u[:, a * q : b * q].reshape(-1, b - a, q)
             for layer, f in zip(self.layers, fs):
                 if layer.trainable:
-                    layer.vjp_into(f, u, views)
+                    layer.vjp_into(f, ub, views)
         return res
 
     def pullback(
@@ -1127,8 +1316,8 @@ class StructuredBackend:
     ) -> tuple[Tensor, Tensor]:
         r"""``(x, D^T covec_fn(x))`` (see :meth:`FuncBackend.pullback`).
 
-        Served from the cached factors when :meth:`ntk` was just evaluated at
-        this ``theta``; otherwise by the fallback.
+        Served from the kept factors when there are some at this ``theta``;
+        otherwise by the fallback.
         """
         if self._cached(theta) is not None:
             x = self.outputs(theta)
@@ -1145,52 +1334,68 @@ class StructuredBackend:
         The upper triangle of a block on the diagonal is assembled in strips
         from the diagonal to the right (which saves up to 3/8 of the matrix
         products); the lower part is then filled by transposition, so that
-        the result is exactly symmetric.
+        the result is exactly symmetric.  The factors are kept
+        (:meth:`factors`) when they fit in half the budget, and recomputed per
+        block otherwise.
         """
         q = self.num_outputs
         qn = int(self.inputs.shape[0]) * q
-        layers = [layer for layer in self.layers if layer.trainable]
+        layers = self._trainable_layers()
+        if not _plain(theta) and layers:  # differentiated through: the generic engine is
+            return self.fallback.ntk(theta)  # differentiable
         gram = torch.empty(qn, qn, dtype=theta.dtype, device=theta.device)
         if not layers:
             return gram.zero_()
-        if not _plain(theta):  # differentiated through: the generic engine is differentiable
-            return self.fallback.ntk(theta)
-        feats: list[list[Any]] | None = None
-        if self.store_all:
-            hit = self._cached(theta)
-            if hit is None:
-                computed = [self._features(theta, a, b) for a, b in self.bounds]
-                hit = [f for f, _ in computed], [y for _, y in computed]
-                self._cache = (theta, theta._version, hit[0], hit[1])
-            feats = hit[0]
+        kept = self.factors(theta)
+        feats = None if kept is None else kept[0]
 
-        def block(fa: list[Any], fb: list[Any], ra: tuple[int, int], rb: tuple[int, int]) -> None:
-            # rows ra, columns rb (samples, absolute), rb[0] >= ra[0]; factors of those samples.
-            # The transposed block is mirrored below the diagonal.
-            out = gram[ra[0] * q : ra[1] * q, rb[0] * q : rb[1] * q]
-            out4 = out.view(ra[1] - ra[0], q, rb[1] - rb[0], q)
-            for k, layer in enumerate(layers):
-                layer.gram_into(out4, fa[k], fb[k], first=k == 0)
-            if rb[0] != ra[0]:
-                gram[rb[0] * q : rb[1] * q, ra[0] * q : ra[1] * q] = out.T
+        def chunk(i: int) -> list[Any]:
+            fs = feats[i] if feats is not None else self._features(theta, *self.bounds[i])[0]
+            return [f for f, layer in zip(fs, self.layers) if layer.trainable]
 
         for i, (a0, a1) in enumerate(self.bounds):
-            fa = feats[i] if feats is not None else self._features(theta, a0, a1)[0]
-            fa = [f for f, layer in zip(fa, self.layers) if layer.trainable]
-            n_a = a1 - a0
+            fa = chunk(i)
             # the diagonal block: its upper triangle in strips from the diagonal to the
             # right (one per row tile), then mirrored (exactly symmetric; A A^T need not be)
-            for s0, s1 in _tiles(n_a, q):
+            for s0, s1 in _tiles(a1 - a0, q):
                 ft = [layer.take(f, s0, s1) for layer, f in zip(layers, fa)]
-                fr = [layer.take(f, s0, n_a) for layer, f in zip(layers, fa)]
-                block(ft, fr, (a0 + s0, a0 + s1), (a0 + s0, a1))
+                fr = [layer.take(f, s0, a1 - a0) for layer, f in zip(layers, fa)]
+                _gram_block(gram, layers, q, ft, fr, (a0 + s0, a0 + s1), (a0 + s0, a1))
             _mirror_upper(gram[a0 * q : a1 * q, a0 * q : a1 * q])
             for j in range(i + 1, len(self.bounds)):
-                b0, b1 = self.bounds[j]
-                fb = feats[j] if feats is not None else self._features(theta, b0, b1)[0]
-                fb = [f for f, layer in zip(fb, self.layers) if layer.trainable]
-                block(fa, fb, (a0, a1), (b0, b1))
+                _gram_block(gram, layers, q, fa, chunk(j), (a0, a1), self.bounds[j])
         return gram
+
+
+def _gram_block(
+    gram: Tensor,
+    layers: list[_Layer],
+    q: int,
+    fa: list[Any],
+    fb: list[Any],
+    ra: tuple[int, int],
+    rb: tuple[int, int],
+) -> None:
+    """Rows ``ra``, columns ``rb`` (samples) of :math:`DD^\\top` from the factors of those samples.
+
+    ``rb[0] >= ra[0]``; an off-diagonal block is mirrored below the diagonal.
+    """
+    out = gram[ra[0] * q : ra[1] * q, rb[0] * q : rb[1] * q]
+    out4 = out.view(ra[1] - ra[0], q, rb[1] - rb[0], q)
+    for k, layer in enumerate(layers):
+        layer.gram_into(out4, fa[k], fb[k], first=k == 0)
+    if rb[0] != ra[0]:
+        gram[rb[0] * q : rb[1] * q, ra[0] * q : ra[1] * q] = out.T
+
+
+def _same_point(key: Tensor, theta: Tensor) -> bool:
+    """Whether ``theta`` is the tensor ``key`` or equal to it (same shape, device and dtype)."""
+    return theta is key or (
+        key.shape == theta.shape
+        and key.device == theta.device
+        and key.dtype == theta.dtype
+        and torch.equal(key, theta)
+    )
 
 
 def _plain(theta: Tensor) -> bool:
