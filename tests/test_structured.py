@@ -295,7 +295,7 @@ def test_diagonal_block_in_strips(chunk):
 
 def test_mirror_upper():
     """Lower triangle := upper triangle transposed, strip by strip, against ``triu``."""
-    from subriemann.engines.structured import _mirror_upper
+    from subriemann.engines.kspace import mirror_upper as _mirror_upper
 
     m = torch.randn(11, 11, dtype=DT)
     expected = torch.triu(m) + torch.triu(m, 1).T

@@ -102,6 +102,15 @@ from torch.func import functional_call
 
 from subriemann.engines.base import ParameterLayout, items_within
 from subriemann.engines.func import FuncBackend
+from subriemann.engines.kspace import (
+    KronForm,
+    RowsForm,
+    diagonal_kron,
+    mirror_upper,
+    param_gram,
+    solve_shifted,
+    tiles,
+)
 from subriemann.nn import Residual
 from subriemann.validation import check_int
 
@@ -334,6 +343,10 @@ class _Layer(_Node):
     def jvp(self, f: Any, v: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
 
+    def gram_form(self, f: Any) -> RowsForm | KronForm:
+        """The rows of :math:`D` of this layer on a chunk, for :mod:`~subriemann.engines.kspace`."""
+        return RowsForm(f)
+
 
 def _write(out: Tensor, t: Tensor, first: bool) -> None:
     if first:
@@ -529,6 +542,24 @@ class _PatchLayer(_Layer):
         a_s = None if a is None else a.transpose(0, 1).contiguous()  # [groups, n, P, fan_in]
         g_s = gg.permute(2, 1, 0, 3, 4).contiguous()  # [groups, n, Q, P, fan_out]
         return a_s, g_s
+
+    def gram_form(self, f: Any) -> RowsForm | KronForm:
+        if self.route == "jacobian" and not self.dense:
+            return RowsForm(f)
+        a, g = f
+        if self.dense:  # [n, m] and [n, Q, c]: Kronecker rows g_jq (x) (a_j, 1)
+            cols = [a] if self.has_w else []
+            if self.has_b:
+                cols.append(g.new_ones(g.shape[0], 1))
+            at = cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+            return KronForm(at, g, a.shape[1] if self.has_w else 0, self.has_b)
+        n, q = g.shape[1:3]  # a: [groups, n, P, fan_in], g: [groups, n, Q, P, fan_out]
+        parts = []
+        if self.has_w:
+            parts.append(torch.einsum("gnqpc,gnpf->nqgcf", g, a).reshape(n, q, -1))
+        if self.has_b:
+            parts.append(g.sum(dim=3).permute(1, 2, 0, 3).reshape(n, q, -1))
+        return RowsForm(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
 
     def take(self, f: Any, a: int, b: int) -> Any:
         if self.dense:
@@ -1328,6 +1359,83 @@ class StructuredBackend:
         x = self.fallback.outputs(theta)
         return x, _rowwise(self.fallback, "vjp", theta, covec_fn(x))
 
+    # -- parameter space: D^T D and shifted solves ---------------------------------------
+    def _layer_ranges(self) -> list[tuple[int, int]]:
+        """Layout range of each trainable layer (its trainable tensors are adjacent)."""
+        offsets = dict(zip(self.layout.names, self.layout.offsets))
+        ranges = []
+        for layer in self._trainable_layers():
+            refs = [r for r in layer.refs if r.name is not None]
+            start = offsets[refs[0].name]
+            end = start
+            for r in refs:
+                if offsets[r.name] != end:  # pragma: no cover - layouts follow named_parameters
+                    raise ValueError("the trainable tensors of a layer are not adjacent in theta")
+                end += r.shape.numel()
+            ranges.append((start, end))
+        return ranges
+
+    def _chunk_forms(self, theta: Tensor) -> Callable[[], Any]:
+        """A callable giving, per sample chunk, the layers' rows of D (kept or recomputed)."""
+        kept = self.factors(theta)
+        layers = self._trainable_layers()
+
+        def forms():
+            for i, (a, b) in enumerate(self.bounds):
+                fs = kept[0][i] if kept is not None else self._features(theta, a, b)[0]
+                trainable = [f for f, layer in zip(fs, self.layers) if layer.trainable]
+                yield [layer.gram_form(f) for layer, f in zip(layers, trainable)]
+
+        return forms
+
+    def _output_layer(self, theta: Tensor) -> int | None:
+        r"""The largest trainable layer whose Gram block is block diagonal (:math:`G_j^\top G_j`
+        diagonal on every sample: a ``Linear`` whose outputs are the network's), if the
+        factors are kept; ``None`` otherwise."""
+        kept = self.factors(theta)
+        layers = self._trainable_layers()
+        if kept is None or len(layers) < 2:
+            return None
+        best, size = None, 0
+        for k, layer in enumerate(layers):
+            forms = [layer.gram_form(fs[layer.index]) for fs in kept[0]]
+            if forms[0].size > size and diagonal_kron(forms):
+                best, size = k, forms[0].size
+        return best
+
+    def param_gram(self, theta: Tensor) -> Tensor:
+        r""":math:`D^\top D`, ``[K, K]``, exactly symmetric, without forming :math:`D`.
+
+        Layer block by layer block from the factors (:mod:`~subriemann.engines.kspace`):
+        a dense layer's Kronecker rows make its blocks :math:`Q` times cheaper
+        than from the rows of :math:`D`.  Temporaries stay within the memory
+        budget; the result takes :math:`K^2` entries.
+        """
+        if not _plain(theta):
+            d = self.fallback.jacobian(theta)
+            return d.T @ d
+        q, temp = self.num_outputs, self.plan.temp_entries()
+        forms = self._chunk_forms(theta)()
+        return param_gram(forms, self._layer_ranges(), self.layout.dim, theta, q, temp)
+
+    def solve_param_gram(self, theta: Tensor, rhs: Tensor, shift: float) -> Tensor:
+        r""":math:`(D^\top D + \mu 1)^{-1}r` for ``rhs`` ``[K]`` or ``[K, b]`` and :math:`\mu > 0`.
+
+        Exact (Cholesky factorizations of symmetric positive definite matrices).
+        When the network ends with a ``Linear`` layer whose outputs are the
+        network's, its Gram block is block diagonal and is eliminated first
+        (:func:`~subriemann.engines.kspace.solve_shifted`): the one dense
+        factorization then has the size of the *other* parameters, and the
+        largest matrices are :math:`|C|\times K` instead of :math:`K\times K`.
+        """
+        if not _plain(theta):
+            raise ValueError("solve_param_gram is not differentiable in theta")
+        rhs = rhs.to(dtype=theta.dtype, device=theta.device)
+        return solve_shifted(
+            self._chunk_forms(theta), self._layer_ranges(), self.layout.dim, rhs,
+            float(shift), self.num_outputs, self.plan.temp_entries(), self._output_layer(theta),
+        )  # fmt: skip
+
     def ntk(self, theta: Tensor) -> Tensor:
         r"""Empirical NTK :math:`DD^\top = \sum_l (A_lA_l^\top)\circ(G_lG_l^\top)`, ``[QN, QN]``.
 
@@ -1357,11 +1465,11 @@ class StructuredBackend:
             fa = chunk(i)
             # the diagonal block: its upper triangle in strips from the diagonal to the
             # right (one per row tile), then mirrored (exactly symmetric; A A^T need not be)
-            for s0, s1 in _tiles(a1 - a0, q):
+            for s0, s1 in tiles(a1 - a0, q):
                 ft = [layer.take(f, s0, s1) for layer, f in zip(layers, fa)]
                 fr = [layer.take(f, s0, a1 - a0) for layer, f in zip(layers, fa)]
                 _gram_block(gram, layers, q, ft, fr, (a0 + s0, a0 + s1), (a0 + s0, a1))
-            _mirror_upper(gram[a0 * q : a1 * q, a0 * q : a1 * q])
+            mirror_upper(gram[a0 * q : a1 * q, a0 * q : a1 * q])
             for j in range(i + 1, len(self.bounds)):
                 _gram_block(gram, layers, q, fa, chunk(j), (a0, a1), self.bounds[j])
         return gram
@@ -1413,24 +1521,3 @@ def _rowwise(backend: Any, method: str, theta: Tensor, vec: Tensor) -> Tensor:
     flat = vec.reshape(-1, vec.shape[-1])
     out = torch.stack([fn(theta, r) for r in flat])
     return out.reshape(*vec.shape[:-1], out.shape[-1])
-
-
-def _tiles(n: int, q: int) -> list[tuple[int, int]]:
-    """Split ``n`` samples into up to 4 tiles of at least 64 rows (``Q`` rows per sample)."""
-    count = max(1, min(4, (n * q) // 64))
-    size = -(-n // count)
-    return [(a, min(n, a + size)) for a in range(0, n, size)]
-
-
-def _mirror_upper(m: Tensor, tile: int = 128) -> None:
-    """Copy the upper triangle of the square ``m`` onto its lower triangle, in place.
-
-    Strip by strip (``tile`` rows), so that the transposed reads stay in cache.
-    """
-    n = m.shape[0]
-    for i in range(0, n, tile):
-        i1 = min(n, i + tile)
-        blk = m[i:i1, i:i1]
-        blk.copy_(torch.triu(blk) + torch.triu(blk, 1).mT)
-        if i1 < n:
-            m[i1:, i:i1].copy_(m[i:i1, i1:].mT)
