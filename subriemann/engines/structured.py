@@ -1360,40 +1360,39 @@ class StructuredBackend:
         return x, _rowwise(self.fallback, "vjp", theta, covec_fn(x))
 
     # -- parameter space: D^T D and shifted solves ---------------------------------------
-    def _layer_ranges(self) -> list[tuple[int, int]]:
-        """Layout range of each trainable layer (its trainable tensors are adjacent)."""
+    def _kspace_layers(self) -> tuple[list[_Layer], list[tuple[int, int]]]:
+        """Trainable layers in the order of their parameters in theta, with their ranges."""
         offsets = dict(zip(self.layout.names, self.layout.offsets))
-        ranges = []
+        found = []
         for layer in self._trainable_layers():
             refs = [r for r in layer.refs if r.name is not None]
-            start = offsets[refs[0].name]
-            end = start
+            start = end = offsets[refs[0].name]
             for r in refs:
                 if offsets[r.name] != end:  # pragma: no cover - layouts follow named_parameters
                     raise ValueError("the trainable tensors of a layer are not adjacent in theta")
                 end += r.shape.numel()
-            ranges.append((start, end))
-        return ranges
+            found.append((start, end, layer))
+        found.sort(key=lambda t: t[0])
+        return [t[2] for t in found], [(t[0], t[1]) for t in found]
 
     def _chunk_forms(self, theta: Tensor) -> Callable[[], Any]:
         """A callable giving, per sample chunk, the layers' rows of D (kept or recomputed)."""
         kept = self.factors(theta)
-        layers = self._trainable_layers()
+        layers = self._kspace_layers()[0]
 
         def forms():
             for i, (a, b) in enumerate(self.bounds):
                 fs = kept[0][i] if kept is not None else self._features(theta, a, b)[0]
-                trainable = [f for f, layer in zip(fs, self.layers) if layer.trainable]
-                yield [layer.gram_form(f) for layer, f in zip(layers, trainable)]
+                yield [layer.gram_form(fs[layer.index]) for layer in layers]
 
         return forms
 
     def _output_layer(self, theta: Tensor) -> int | None:
         r"""The largest trainable layer whose Gram block is block diagonal (:math:`G_j^\top G_j`
-        diagonal on every sample: a ``Linear`` whose outputs are the network's), if the
-        factors are kept; ``None`` otherwise."""
+        diagonal on every sample: a ``Linear`` whose outputs are the network's), by its
+        position in :meth:`_kspace_layers`, if the factors are kept; ``None`` otherwise."""
         kept = self.factors(theta)
-        layers = self._trainable_layers()
+        layers = self._kspace_layers()[0]
         if kept is None or len(layers) < 2:
             return None
         best, size = None, 0
@@ -1416,7 +1415,7 @@ class StructuredBackend:
             return d.T @ d
         q, temp = self.num_outputs, self.plan.temp_entries()
         forms = self._chunk_forms(theta)()
-        return param_gram(forms, self._layer_ranges(), self.layout.dim, theta, q, temp)
+        return param_gram(forms, self._kspace_layers()[1], self.layout.dim, theta, q, temp)
 
     def solve_param_gram(self, theta: Tensor, rhs: Tensor, shift: float) -> Tensor:
         r""":math:`(D^\top D + \mu 1)^{-1}r` for ``rhs`` ``[K]`` or ``[K, b]`` and :math:`\mu > 0`.
@@ -1432,7 +1431,7 @@ class StructuredBackend:
             raise ValueError("solve_param_gram is not differentiable in theta")
         rhs = rhs.to(dtype=theta.dtype, device=theta.device)
         return solve_shifted(
-            self._chunk_forms(theta), self._layer_ranges(), self.layout.dim, rhs,
+            self._chunk_forms(theta), self._kspace_layers()[1], self.layout.dim, rhs,
             float(shift), self.num_outputs, self.plan.temp_entries(), self._output_layer(theta),
         )  # fmt: skip
 
