@@ -759,3 +759,26 @@ def test_sub_chunks_split_the_samples():
     parts = sub_chunks([rows, kron], 2, 7 * 3 * 3)  # rows x kron: 21 entries per sample
     assert [p[0].j.shape[0] for p in parts] == [3, 3, 3, 1]
     assert torch.equal(torch.cat([p[1].a for p in parts]), kron.a)
+
+
+@pytest.mark.parametrize("name", ["mlp-relu-q3", "conv2d", "conv1d", "residual", "chunked-q2"])
+@pytest.mark.parametrize("route", ["auto", "structured", "jacobian"])
+def test_ntk_with_an_output_basis(name, route):
+    """ntk(theta, output_basis=T) = T^T D D^T T (T block diagonal, R = Q - 1 columns per
+    sample, as AdaptedGD's Fisher whitening) from the mixed factors, against jacrev's D."""
+    torch.manual_seed(6)
+    build, shape, q, chunk = CASES[name]
+    model = build(q).to(DT)
+    space = structured_space(model, torch.randn(*shape, dtype=DT), q, chunk_size=chunk)
+    be = StructuredBackend(
+        space.module, space.layout, space.inputs, q, chunk, fallback=space.backend.fallback,
+        route=route,
+    )  # fmt: skip
+    theta = perturbed(space)
+    n = space.inputs.shape[0]
+    t = torch.randn(n, q, max(1, q - 1), dtype=DT)
+    d = reference_jacobian(space.module, space.inputs, theta)
+    dt = torch.einsum("nqr,nqk->nrk", t, d.view(n, q, -1)).reshape(-1, space.dim)
+    gram = be.ntk(theta, output_basis=t)
+    close(gram, dt @ dt.T)
+    assert torch.equal(gram, gram.T)

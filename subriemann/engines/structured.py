@@ -347,6 +347,10 @@ class _Layer(_Node):
         """The rows of :math:`D` of this layer on a chunk, for :mod:`~subriemann.engines.kspace`."""
         return RowsForm(f)
 
+    def mix(self, f: Any, t: Tensor) -> Any:
+        r"""The factors of the rows :math:`T_j^\top D_j` (``t``: ``[n, Q, R]``; ``R`` outputs)."""
+        return torch.bmm(t.transpose(1, 2), f)  # [n, R, P_l]
+
 
 def _write(out: Tensor, t: Tensor, first: bool) -> None:
     if first:
@@ -542,6 +546,14 @@ class _PatchLayer(_Layer):
         a_s = None if a is None else a.transpose(0, 1).contiguous()  # [groups, n, P, fan_in]
         g_s = gg.permute(2, 1, 0, 3, 4).contiguous()  # [groups, n, Q, P, fan_out]
         return a_s, g_s
+
+    def mix(self, f: Any, t: Tensor) -> Any:
+        if self.route == "jacobian" and not self.dense:
+            return super().mix(f, t)
+        a, g = f
+        if self.dense:
+            return a, torch.bmm(t.transpose(1, 2), g)
+        return a, torch.einsum("gnqpc,nqr->gnrpc", g, t)
 
     def gram_form(self, f: Any) -> RowsForm | KronForm:
         if self.route == "jacobian" and not self.dense:
@@ -1435,7 +1447,7 @@ class StructuredBackend:
             float(shift), self.num_outputs, self.plan.temp_entries(), self._output_layer(theta),
         )  # fmt: skip
 
-    def ntk(self, theta: Tensor) -> Tensor:
+    def ntk(self, theta: Tensor, output_basis: Tensor | None = None) -> Tensor:
         r"""Empirical NTK :math:`DD^\top = \sum_l (A_lA_l^\top)\circ(G_lG_l^\top)`, ``[QN, QN]``.
 
         The upper triangle of a block on the diagonal is assembled in strips
@@ -1444,13 +1456,26 @@ class StructuredBackend:
         the result is exactly symmetric.  The factors are kept
         (:meth:`factors`) when they fit in half the budget, and recomputed per
         block otherwise.
+
+        Parameters
+        ----------
+        theta : Tensor, shape=[K]
+        output_basis : Tensor, shape=[N, Q, R], optional
+            Per-sample output bases :math:`T_j`: then the result is
+            :math:`T^\top DD^\top T` (``[NR, NR]``, :math:`T` block diagonal),
+            assembled from the layer factors mixed by :math:`T_j` (a whitened
+            Gram matrix at the cost of one of size :math:`NR`; used by
+            :class:`~subriemann.optim.AdaptedGD` for the Fisher metric of
+            cross-entropy).
         """
-        q = self.num_outputs
-        qn = int(self.inputs.shape[0]) * q
         layers = self._trainable_layers()
         if not _plain(theta) and layers:  # differentiated through: the generic engine is
-            return self.fallback.ntk(theta)  # differentiable
-        gram = torch.empty(qn, qn, dtype=theta.dtype, device=theta.device)
+            if output_basis is not None:  # differentiable
+                raise ValueError("output_basis needs a plain theta (not traced by autograd)")
+            return self.fallback.ntk(theta)
+        q = self.num_outputs if output_basis is None else int(output_basis.shape[2])
+        gram = torch.empty(int(self.inputs.shape[0]) * q, int(self.inputs.shape[0]) * q,
+                           dtype=theta.dtype, device=theta.device)  # fmt: skip
         if not layers:
             return gram.zero_()
         kept = self.factors(theta)
@@ -1458,7 +1483,11 @@ class StructuredBackend:
 
         def chunk(i: int) -> list[Any]:
             fs = feats[i] if feats is not None else self._features(theta, *self.bounds[i])[0]
-            return [f for f, layer in zip(fs, self.layers) if layer.trainable]
+            fs = [f for f, layer in zip(fs, self.layers) if layer.trainable]
+            if output_basis is None:
+                return fs
+            t = output_basis[self.bounds[i][0] : self.bounds[i][1]]
+            return [layer.mix(f, t) for layer, f in zip(layers, fs)]
 
         for i, (a0, a1) in enumerate(self.bounds):
             fa = chunk(i)

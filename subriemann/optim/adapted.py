@@ -64,11 +64,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from subriemann._warnings import warn_once
-from subriemann.engines import ParameterLayout, make_backend
-from subriemann.linalg import PointState
+from subriemann.engines import ParameterLayout, StructuredBackend, make_backend
+from subriemann.linalg import PointState, rank_threshold
 from subriemann.losses import CrossEntropyLoss, Loss, MSELoss, get_loss
 from subriemann.metrics.builtin import check_lam
 from subriemann.space import NonFiniteError, output_matrix
+from subriemann.validation import check_choice, check_optional, check_real
 
 __all__ = ["AdaptedGD", "StepInfo"]
 
@@ -103,22 +104,12 @@ class StepInfo:
 
 
 def _check_lr(lr: Any) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-    if lr < 0:
-        raise ValueError(f"lr must be >= 0, got {lr}")
-    return float(lr)
+    return check_real(lr, "lr", low=0.0)
 
 
 def _check_rtol(rank_rtol: Any, rank_atol: Any) -> None:
-    if rank_rtol is not None and not (
-        isinstance(rank_rtol, (int, float)) and 0.0 <= rank_rtol < 1.0
-    ):
-        raise ValueError(f"rank_rtol must be None or a number in [0, 1), got {rank_rtol!r}")
-    if rank_atol is not None and not (
-        isinstance(rank_atol, (int, float)) and rank_atol >= 0.0 and math.isfinite(rank_atol)
-    ):
-        raise ValueError(f"rank_atol must be None or a finite number >= 0, got {rank_atol!r}")
+    check_optional(check_real, rank_rtol, "rank_rtol", low=0.0, high=1.0, high_open=True)
+    check_optional(check_real, rank_atol, "rank_atol", low=0.0)
 
 
 class _GramView:
@@ -154,31 +145,65 @@ def _chol_solve(chol: Tensor, rhs: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(chol.mT, z, upper=True).squeeze(1)
 
 
+def _shifted_solve(gram: Tensor, rhs: Tensor, lam: float) -> Tensor:
+    r""":math:`w = ((1-\lambda)1 + \lambda M)^{-1}r`, :math:`\lambda < 1`, in the dtype of ``gram``.
+
+    One Cholesky factorization in the precision :math:`M` was formed in, then one
+    step of iterative refinement in the same precision.  :math:`M` carries the
+    rounding of its dtype, a relative perturbation of order :math:`\epsilon`,
+    which bounds the accuracy of :math:`w` by :math:`\kappa\epsilon` whatever
+    precision factorizes it; one refinement step brings Cholesky's backward error
+    (up to :math:`c\,n\,\epsilon` in the worst case) down to :math:`O(\epsilon)`
+    (Skeel, Math. Comp. 35, 1980), so a float32 factorization of a float32
+    :math:`M` loses nothing against a float64 one, at half the cost.  If the
+    factorization fails (:math:`\kappa \gtrsim 1/\epsilon`), it is redone in float64.
+    """
+    a = gram * lam
+    a.diagonal().add_(1.0 - lam)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0 and a.dtype != torch.float64:
+        a, rhs = a.double(), rhs.double()
+        chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        raise torch.linalg.LinAlgError(
+            f"AdaptedGD: the Cholesky factorization of (1-lam)1 + lam M failed (lam={lam})"
+        )
+    r = rhs.to(a.dtype)
+    w = _chol_solve(chol, r)
+    return (w + _chol_solve(chol, r - a @ w)).to(gram.dtype)
+
+
 def _solve(
     gram: Tensor,
     rhs: Tensor,
     lam: float,
     num_params: int,
     rank_rtol: float,
-    rank_atol,
-    eps: float,
+    rank_atol: float | None,
 ) -> tuple[Tensor, dict[str, Any]]:
-    r""":math:`w = ((1-\lambda)1 + \lambda M)^{+}r` (thresholded at :math:`\lambda = 1`)."""
+    r""":math:`w = ((1-\lambda)1 + \lambda M)^{+}r` (thresholded at :math:`\lambda = 1`).
+
+    :math:`\lambda < 1`: :func:`_shifted_solve`.  :math:`\lambda = 1`, in float64
+    (LAPACK's float32 eigh can fail to converge on these Gram matrices): the
+    certified Cholesky factor, else the thresholded eigendecomposition, with
+    :math:`\tau` from :func:`~subriemann.linalg.rank_threshold`; the threshold stays
+    that of the dtype :math:`M` was formed in.
+    """
     size = int(gram.shape[0])
-    st = PointState(_GramView(gram, num_params), rhs)  # type: ignore[arg-type]
     if lam < 1.0:
-        chol = st.cholesky(lam)
-        w = _chol_solve(chol, rhs)
+        w = _shifted_solve(gram, rhs, lam)
         return w, {"route": "cholesky", "size": size, "rank": size, "tau": float("nan")}
+    eps = torch.finfo(gram.dtype).eps
+    m, r = gram.double(), rhs.double()
+    st = PointState(_GramView(m, num_params), r)  # type: ignore[arg-type]
     cert = st.certified_cholesky(rank_atol, rank_rtol)
-    if cert is not None:
-        fro = float(torch.linalg.matrix_norm(gram))
-        tau = rank_atol if rank_atol is not None else rank_rtol * math.sqrt(fro)
-        w = _chol_solve(cert, rhs)
+    if cert is not None:  # it certifies sigma_min > tau for sigma_max <= |M|_F^(1/2)
+        tau = rank_threshold(math.sqrt(float(torch.linalg.matrix_norm(m))), rank_rtol, rank_atol)
+        w = _chol_solve(cert, r).to(gram.dtype)
         return w, {"route": "certified_cholesky", "size": size, "rank": size, "tau": tau}
     u, s = st.ntk_eigh
     smax = float(s[0]) if s.numel() else 0.0
-    tau = float(rank_atol) if rank_atol is not None else rank_rtol * smax
+    tau = rank_threshold(smax, rank_rtol, rank_atol)
     if smax > 0 and tau < math.sqrt(eps) * smax:  # eps: of the dtype M was formed in
         warn_once(
             f"AdaptedGD: the rank threshold tau = {tau:.3g} is below what an eigendecomposition "
@@ -186,9 +211,9 @@ def _solve(
             f"{math.sqrt(eps) * smax:.3g}); raise rank_rtol"
         )
     keep = s > tau
-    coef = torch.where(keep, (u.T @ rhs) / torch.where(keep, s**2, 1.0), 0.0)
+    coef = torch.where(keep, (u.T @ r) / torch.where(keep, s**2, 1.0), 0.0)
     info = {"route": "eigh", "size": size, "rank": int(keep.sum()), "tau": tau}
-    return u @ coef, info
+    return (u @ coef).to(gram.dtype), info
 
 
 def _output_factor(loss: Loss, out: Tensor, targets: Tensor) -> tuple[Tensor | None, Tensor]:
@@ -345,8 +370,7 @@ class AdaptedGD(torch.optim.Optimizer):
                 f"AdaptedGD supports loss='mse' or 'cross_entropy', got {self.loss!r} "
                 "(the output metric G of another loss is not defined here)"
             )
-        if backend not in ("auto", "structured", "func"):
-            raise ValueError(f"backend must be 'auto', 'structured' or 'func', got {backend!r}")
+        check_choice(backend, "backend", ("auto", "structured", "func"))
         _check_rtol(rank_rtol, rank_atol)
         self.model = model
         self.backend = backend
@@ -477,24 +501,13 @@ class AdaptedGD(torch.optim.Optimizer):
         theta = torch.cat([p.detach().reshape(-1) for p in params])
         n, q = y.shape
         engine = make_backend(self.backend, self.model, self._apply, layout, x, q)
-        ntk = engine.ntk(theta)
-        out = engine.outputs(theta).reshape(n, q)
-        if not (torch.isfinite(out).all() and torch.isfinite(ntk).all()):
-            raise NonFiniteError("model outputs or their Jacobian contain NaN or inf on this batch")
+        out, gram, t, r = self._batch_gram(engine, theta, y)
         cost = self.loss.value(out, y)
-        t, r = _output_factor(self.loss, out, y)
-        gram = _whiten(ntk, t, n, q)
         lam = group["lam"]
         rtol = group["rank_rtol"]
         if rtol is None:
             rtol = 10.0 * math.sqrt(torch.finfo(theta.dtype).eps)
-        # The factorization runs in float64 (LAPACK's float32 eigh can fail to converge on
-        # these Gram matrices); the threshold stays that of the dtype M was formed in.
-        eps = torch.finfo(theta.dtype).eps
-        w, info = _solve(
-            gram.double(), r.double(), lam, theta.numel(), rtol, group["rank_atol"], eps
-        )
-        w = w.to(theta.dtype)
+        w, info = _solve(gram, r, lam, theta.numel(), rtol, group["rank_atol"])
         u = w if t is None else torch.einsum("nqa,na->nq", t, w.reshape(n, -1)).reshape(-1)
         delta = engine.vjp(theta, u)
         info["engine"] = engine.name
@@ -502,6 +515,36 @@ class AdaptedGD(torch.optim.Optimizer):
             info["mu"] = _rate(gram, lam, info)
         dirs = [d.view_as(p) for d, p in zip(layout.unflatten(delta).values(), params)]
         return dirs, cost.detach(), info
+
+    def _batch_gram(
+        self, engine: Any, theta: Tensor, y: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        r"""``(x, M, T, r)``: outputs ``[n, Q]``, :math:`M = T^\top DD^\top T`, ``T`` and ``r``.
+
+        With the structured engine the layer factors are computed first (one
+        forward and one vectorised reverse pass); :math:`x`, then :math:`T`, come
+        from them, and :math:`M` is assembled from the factors mixed by
+        :math:`T_j` (size :math:`R`, never :math:`QN_B`).  Otherwise the NTK is
+        whitened afterwards (:func:`_whiten`).
+        """
+        n, q = y.shape
+        mixed = isinstance(engine, StructuredBackend)
+        if mixed:
+            engine.factors(theta)
+        else:
+            ntk = engine.ntk(theta)
+        out = engine.outputs(theta).reshape(n, q)
+        if not torch.isfinite(out).all():
+            raise NonFiniteError("model outputs contain NaN or inf on this batch")
+        t, r = _output_factor(self.loss, out, y)
+        if mixed:
+            gram = engine.ntk(theta, output_basis=t)
+        else:
+            gram = _whiten(ntk, t, n, q)
+        # a NaN or inf entry of D makes the diagonal entry of its row non-finite
+        if not torch.isfinite(gram.diagonal()).all():
+            raise NonFiniteError("model outputs or their Jacobian contain NaN or inf on this batch")
+        return out, gram, t, r
 
     def _research(self, params: list[Tensor], x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
         from subriemann.space import ParameterSpace
