@@ -413,3 +413,24 @@ def test_saturated_softmax_gives_a_finite_step():
     for _ in range(2):
         assert math.isfinite(opt.step(x.float(), labels))
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_engine_is_reused_across_batches_of_one_shape():
+    """The structured engine of a step serves the next batch of the same shape (set_inputs):
+    the steps are bit-identical to steps with a fresh engine each time; a batch of another
+    shape gets its own engine."""
+    net = _mlp(q=3)
+    twin = copy.deepcopy(net)
+    opt = AdaptedGD(net, lam=0.5, lr=0.5, loss="cross_entropy")
+    ref = AdaptedGD(twin, lam=0.5, lr=0.5, loss="cross_entropy")
+    g = torch.Generator().manual_seed(3)
+    for n in (6, 6, 6, 4):
+        x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        labels = torch.randint(0, 3, (n,), generator=g)
+        ref._engines.clear()
+        assert opt.step(x, labels) == ref.step(x, labels)
+        assert torch.equal(_flat(net), _flat(twin))
+    assert sorted(key[1][0] for key in opt._engines) == [4, 6]
+    engine = next(iter(opt._engines.values()))
+    with pytest.raises(ValueError, match="set_inputs needs a batch like"):
+        engine.set_inputs(torch.randn(5, 3, dtype=torch.float64))

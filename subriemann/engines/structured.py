@@ -1111,6 +1111,25 @@ class StructuredBackend:
         shapes = self._probe(module)
         self._plan_chunks(shapes, route, chunk_size)
 
+    def set_inputs(self, inputs: Tensor) -> None:
+        """Evaluate on a new batch of the same shape, dtype and device (e.g. the next
+        mini-batch of a training loop): the compiled network, its routes and the memory
+        plan are kept, the factors of the old batch are dropped.
+
+        Raises
+        ------
+        ValueError
+            A batch of another shape, dtype or device (build a new engine for it).
+        """
+        old = self.inputs
+        if (inputs.shape, inputs.dtype, inputs.device) != (old.shape, old.dtype, old.device):
+            raise ValueError(
+                f"set_inputs needs a batch like the engine's ({tuple(old.shape)}, {old.dtype}, "
+                f"{old.device}), got ({tuple(inputs.shape)}, {inputs.dtype}, {inputs.device})"
+            )
+        self.inputs = self.fallback.inputs = inputs
+        self._cache = self._miss = None
+
     @property
     def memory_budget(self) -> int:
         """Bytes of temporaries, shared with the fallback engine (:class:`MemoryPlan`)."""

@@ -379,6 +379,7 @@ class AdaptedGD(torch.optim.Optimizer):
         self.record_spectrum = bool(record_spectrum)
         self.last_step: StepInfo | None = None
         self._names = {id(p): n for n, p in model.named_parameters()}
+        self._engines: dict[tuple, Any] = {}  # per group and batch shape (see _engine)
         defaults = dict(
             lr=_check_lr(lr), lam=check_lam(lam), rank_rtol=rank_rtol, rank_atol=rank_atol
         )
@@ -500,7 +501,7 @@ class AdaptedGD(torch.optim.Optimizer):
         layout = ParameterLayout(names, [p.shape for p in params])
         theta = torch.cat([p.detach().reshape(-1) for p in params])
         n, q = y.shape
-        engine = make_backend(self.backend, self.model, self._apply, layout, x, q)
+        engine = self._engine(names, layout, x, q)
         out, gram, t, r = self._batch_gram(engine, theta, y)
         cost = self.loss.value(out, y)
         lam = group["lam"]
@@ -515,6 +516,22 @@ class AdaptedGD(torch.optim.Optimizer):
             info["mu"] = _rate(gram, lam, info)
         dirs = [d.view_as(p) for d, p in zip(layout.unflatten(delta).values(), params)]
         return dirs, cost.detach(), info
+
+    def _engine(self, names: list[str], layout: ParameterLayout, x: Tensor, q: int) -> Any:
+        """The Jacobian engine of a group on this batch: the structured engine of the last step
+        with the same parameters and batch shape, pointed at the new batch (its compilation
+        and checks cost about an Adam step), or a new one (:func:`make_backend`)."""
+        key = (tuple(names), tuple(x.shape), x.dtype, x.device, q, self.backend)
+        engine = self._engines.get(key)
+        if isinstance(engine, StructuredBackend):
+            engine.set_inputs(x)
+            return engine
+        engine = make_backend(self.backend, self.model, self._apply, layout, x, q)
+        if isinstance(engine, StructuredBackend):
+            if len(self._engines) >= 4:  # a few batch shapes (e.g. the last, partial batch)
+                self._engines.pop(next(iter(self._engines)))
+            self._engines[key] = engine
+        return engine
 
     def _batch_gram(
         self, engine: Any, theta: Tensor, y: Tensor
