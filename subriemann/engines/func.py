@@ -207,8 +207,18 @@ class FuncBackend:
         return torch.stack([fn(b) for b in batch])
 
     # -- interface -------------------------------------------------------------
+    def _pass_chunks(self, theta: Tensor) -> list[Tensor]:
+        """Sample chunks whose pass (activations, kept for a backward: 3 copies) fits the budget."""
+        return self._chunks(3 * theta.element_size() * self.activation_entries(theta))
+
+    def _rows_within(self, theta: Tensor, rows: int, chunk: int, extra: int = 0) -> int:
+        """Rows of a vectorised product per pass: each row's activations on a sample chunk of
+        ``chunk`` samples (plus ``extra`` entries) within the budget."""
+        per_row = theta.element_size() * (3 * self.activation_entries(theta) * chunk + extra)
+        return items_within(self.memory_budget, per_row, rows)
+
     def outputs(self, theta: Tensor) -> Tensor:
-        return torch.cat([self._flat_apply(theta, c) for c in self._chunks()])
+        return torch.cat([self._flat_apply(theta, c) for c in self._pass_chunks(theta)])
 
     def jvp(self, theta: Tensor, tangent_vec: Tensor) -> Tensor:
         r""":math:`Dv`; ``tangent_vec`` of shape ``[K]`` or ``[..., K]`` (vectorised).
@@ -219,22 +229,28 @@ class FuncBackend:
         and its VJP with cotangent :math:`v` is :math:`Dv`.
         """
         flat = tangent_vec.reshape(-1, tangent_vec.shape[-1])
+        chunk = int(self._pass_chunks(theta)[0].shape[0])
+        step = self._rows_within(theta, flat.shape[0], chunk)
+        blocks = [self._jvp_rows(theta, flat[i : i + step]) for i in range(0, len(flat), step)]
+        res = torch.cat(blocks)
+        return res.reshape(*tangent_vec.shape[:-1], res.shape[-1])
+
+    def _jvp_rows(self, theta: Tensor, flat: Tensor) -> Tensor:
+        """:math:`Dv` for the rows of ``flat`` ``[b, K]``: forward mode, else the double VJP."""
         if "forward" not in self.unavailable:
             try:
-                res = self._jvp_forward(theta, flat)
+                return self._jvp_forward(theta, flat)
             except NotImplementedError as err:
                 if not _forward_ad_missing(err):
                     raise
                 self.unavailable.add("forward")
-        if "forward" in self.unavailable:
-            res = self._jvp_reverse(theta, flat)
-        return res.reshape(*tangent_vec.shape[:-1], res.shape[-1])
+        return self._jvp_reverse(theta, flat)
 
     def _jvp_forward(self, theta: Tensor, flat: Tensor) -> Tensor:
         def one(v: Tensor) -> Tensor:
             out = [
                 jvp(lambda t, c=c: self._flat_apply(t, c), (theta,), (v,))[1]
-                for c in self._chunks()
+                for c in self._pass_chunks(theta)
             ]
             return torch.cat(out)
 
@@ -245,7 +261,7 @@ class FuncBackend:
         names = self.layout.names
         wrt, _ = self._split(theta)
         out = []
-        for c in self._chunks():
+        for c in self._pass_chunks(theta):
             pull = vjp(lambda w, c=c: self.apply(w, c).reshape(-1), wrt)[1]
             u0 = flat.new_zeros(c.shape[0] * self.num_outputs)
             push = vjp(lambda u, pull=pull: self._cat(pull(u)[0], names, 0), u0)[1]
@@ -281,14 +297,17 @@ class FuncBackend:
         pulled : Tensor, shape=[K] or [..., K]
         """
         names = self.layout.names
-        chunks = self._chunks()
+        chunks = self._pass_chunks(theta)
         wrt, _ = self._split(theta)
+        # rows of a vectorised VJP per pass: a row's gradient (K) and backward activations
+        step = self._rows_within(theta, 1 << 62, int(chunks[0].shape[0]), int(theta.shape[0]))
 
         def pull(fn: Callable, u: Tensor) -> Tensor:
             if u.ndim == 1:
                 return self._cat(fn(u)[0], names, 0)
             flat = u.reshape(-1, u.shape[-1])
-            g = self._map(lambda r: self._cat(fn(r)[0], names, 0), flat)
+            one = lambda r: self._cat(fn(r)[0], names, 0)  # noqa: E731
+            g = torch.cat([self._map(one, flat[i : i + step]) for i in range(0, len(flat), step)])
             return g.reshape(*u.shape[:-1], g.shape[-1])
 
         if len(chunks) == 1:
@@ -479,7 +498,7 @@ class FuncBackend:
         gram = torch.empty(qn, qn, dtype=theta.dtype, device=theta.device)
 
         def f_all(wp: Tensor) -> Tensor:
-            outs = [self.apply({**rest, name: wp}, c).reshape(-1) for c in self._chunks()]
+            outs = [self.apply({**rest, name: wp}, c).reshape(-1) for c in self._pass_chunks(theta)]
             return torch.cat(outs)
 
         sl = self.layout.slices()[self.layout.names.index(name)]
