@@ -183,23 +183,35 @@ def _solve(
 ) -> tuple[Tensor, dict[str, Any]]:
     r""":math:`w = ((1-\lambda)1 + \lambda M)^{+}r` (thresholded at :math:`\lambda = 1`).
 
-    :math:`\lambda < 1`: :func:`_shifted_solve`.  :math:`\lambda = 1`, in float64
-    (LAPACK's float32 eigh can fail to converge on these Gram matrices): the
-    certified Cholesky factor, else the thresholded eigendecomposition, with
-    :math:`\tau` from :func:`~subriemann.linalg.rank_threshold`; the threshold stays
-    that of the dtype :math:`M` was formed in.
+    :math:`\lambda < 1`: :func:`_shifted_solve`.  :math:`\lambda = 1`: the certified
+    Cholesky factor, else the thresholded eigendecomposition, with :math:`\tau` from
+    :func:`~subriemann.linalg.rank_threshold` (:func:`_pseudo_solve`), in the dtype
+    :math:`M` was formed in: its eigenvalues carry the absolute error
+    :math:`\epsilon\|M\|` of that dtype's rounding either way, which the default
+    :math:`\tau = 10\sqrt\epsilon\,\sigma_{\max}` resolves.  LAPACK's float32 eigh can
+    fail to converge on these matrices; it is then redone in float64.
     """
     size = int(gram.shape[0])
     if lam < 1.0:
         w = _shifted_solve(gram, rhs, lam)
         return w, {"route": "cholesky", "size": size, "rank": size, "tau": float("nan")}
     eps = torch.finfo(gram.dtype).eps
-    m, r = gram.double(), rhs.double()
+    try:
+        return _pseudo_solve(gram, rhs, num_params, rank_rtol, rank_atol, eps)
+    except torch.linalg.LinAlgError:  # LAPACK's float32 eigh did not converge: float64
+        return _pseudo_solve(gram.double(), rhs.double(), num_params, rank_rtol, rank_atol, eps)
+
+
+def _pseudo_solve(
+    m: Tensor, r: Tensor, num_params: int, rank_rtol: float, rank_atol: float | None, eps: float
+) -> tuple[Tensor, dict[str, Any]]:
+    r""":math:`M^{+}r` thresholded at :math:`\tau`, in the dtype of ``m`` (``eps``: the model's)."""
+    size, dtype = int(m.shape[0]), m.dtype
     st = PointState(_GramView(m, num_params), r)  # type: ignore[arg-type]
     cert = st.certified_cholesky(rank_atol, rank_rtol)
     if cert is not None:  # it certifies sigma_min > tau for sigma_max <= |M|_F^(1/2)
         tau = rank_threshold(math.sqrt(float(torch.linalg.matrix_norm(m))), rank_rtol, rank_atol)
-        w = _chol_solve(cert, r).to(gram.dtype)
+        w = _chol_solve(cert, r)
         return w, {"route": "certified_cholesky", "size": size, "rank": size, "tau": tau}
     u, s = st.ntk_eigh
     smax = float(s[0]) if s.numel() else 0.0
@@ -213,7 +225,7 @@ def _solve(
     keep = s > tau
     coef = torch.where(keep, (u.T @ r) / torch.where(keep, s**2, 1.0), 0.0)
     info = {"route": "eigh", "size": size, "rank": int(keep.sum()), "tau": tau}
-    return (u @ coef).to(gram.dtype), info
+    return (u @ coef).to(dtype), info
 
 
 def _output_factor(loss: Loss, out: Tensor, targets: Tensor) -> tuple[Tensor | None, Tensor]:
