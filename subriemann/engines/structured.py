@@ -822,45 +822,54 @@ class _Compiler:
         if _has_hooks(m):
             raise UnsupportedModuleError(desc, "it has hooks")
         t = type(m)
-        own = [n for n, _ in m.named_parameters(recurse=False)]
-        if t is nn.Sequential:
+        if t is nn.Sequential or t is Residual:
+            return self.container(m, path, desc)
+        if t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.PReLU):
+            return self.layer(m, path)
+        if t in (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d):
+            return self.norm(m, path, desc)
+        if t in PARAMETER_FREE:
+            return self.parameter_free(m, desc)
+        raise UnsupportedModuleError(desc, "not a supported layer type")
+
+    def container(self, m: nn.Module, path: str, desc: str) -> _Node:
+        """``nn.Sequential`` or :class:`Residual`: their children, compiled."""
+        if type(m) is nn.Sequential:
             # _modules, not named_children(): the latter skips a module listed twice
             children = list(m._modules.items())
             if any(c is None for _, c in children):
                 raise UnsupportedModuleError(desc, "a child module is None")
             return _SeqNode([self.compile(c, _join(path, n)) for n, c in children if c is not None])
-        if t is Residual:
-            res: Any = m
-            body = self.compile(res.body, _join(path, "body"))
-            short = None
-            if res.shortcut is not None:
-                short = self.compile(res.shortcut, _join(path, "shortcut"))
-            if own:
-                raise UnsupportedModuleError(desc, "Residual has parameters of its own")
-            return _ResidualNode(body, short)
-        if t is nn.Linear:
-            w = self.param(m, "weight", path)
-            assert w is not None
-            return self.add(_LinearLayer(w, self.param(m, "bias", path)))
-        if t in (nn.Conv1d, nn.Conv2d):
-            w = self.param(m, "weight", path)
-            assert w is not None
-            return self.add(_ConvLayer(m, w, self.param(m, "bias", path)))
-        if t in (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d):
-            return self.norm(m, path, desc)
-        if t is nn.PReLU:
-            w = self.param(m, "weight", path)
+        res: Any = m
+        body = self.compile(res.body, _join(path, "body"))
+        short = None
+        if res.shortcut is not None:
+            short = self.compile(res.shortcut, _join(path, "shortcut"))
+        if next(m.named_parameters(recurse=False), None) is not None:
+            raise UnsupportedModuleError(desc, "Residual has parameters of its own")
+        return _ResidualNode(body, short)
+
+    def layer(self, m: nn.Module, path: str) -> _Node:
+        """``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` and ``nn.PReLU``."""
+        w = self.param(m, "weight", path)
+        assert w is not None
+        if type(m) is nn.PReLU:
             neg = lambda x: torch.clamp(x, max=0.0)  # noqa: E731
             return self.add(_AffineNormLayer(neg, w, None, channel_dim=True, base=torch.relu))
-        if t in PARAMETER_FREE:
-            if own or next(m.children(), None) is not None:
-                raise UnsupportedModuleError(desc, "unexpected parameters or submodules")
-            if t in _DROPOUT and m.training:
-                raise UnsupportedModuleError(desc, "dropout in train mode is random")
-            if t in _POOL and getattr(m, "return_indices", False):
-                raise UnsupportedModuleError(desc, "return_indices=True")
-            return _FnNode(m, desc, _acting_dims(m))
-        raise UnsupportedModuleError(desc, "not a supported layer type")
+        if type(m) is nn.Linear:
+            return self.add(_LinearLayer(w, self.param(m, "bias", path)))
+        return self.add(_ConvLayer(m, w, self.param(m, "bias", path)))
+
+    def parameter_free(self, m: nn.Module, desc: str) -> _Node:
+        t = type(m)
+        own = next(m.named_parameters(recurse=False), None)
+        if own is not None or next(m.children(), None) is not None:
+            raise UnsupportedModuleError(desc, "unexpected parameters or submodules")
+        if t in _DROPOUT and m.training:
+            raise UnsupportedModuleError(desc, "dropout in train mode is random")
+        if t in _POOL and getattr(m, "return_indices", False):
+            raise UnsupportedModuleError(desc, "return_indices=True")
+        return _FnNode(m, desc, _acting_dims(m))
 
     def norm(self, m: nn.Module, path: str, desc: str) -> _Node:
         mm: Any = m

@@ -446,7 +446,12 @@ class AdaptedGD(torch.optim.Optimizer):
             raise ValueError("the batch inputs contain NaN or inf")
         with torch.no_grad(), self._geometry_mode([]):  # eval-mode BatchNorm: no stat update
             q = self._apply({}, x[:1]).shape[1]
-        y = targets.to(device=ref.device)
+        y = self._targets(targets.to(device=ref.device), q, ref.dtype)
+        self.loss.check_targets(y)
+        return x, self.loss.prepare_targets(y)
+
+    def _targets(self, y: Tensor, q: int, dtype: torch.dtype) -> Tensor:
+        """Targets ``[n, Q]`` in ``dtype``: class indices one-hot (cross-entropy), checked."""
         if isinstance(self.loss, CrossEntropyLoss) and not y.is_floating_point():
             if y.ndim != 1:
                 raise ValueError(f"class-index targets must have shape (n,), got {tuple(y.shape)}")
@@ -455,7 +460,7 @@ class AdaptedGD(torch.optim.Optimizer):
                     f"class indices must lie in [0, {q}), got {int(y.min())}..{int(y.max())}"
                 )
             y = torch.nn.functional.one_hot(y.long(), q)
-        y = y.to(ref.dtype)
+        y = y.to(dtype)
         if y.ndim == 1:
             y = y.unsqueeze(1)
         if not torch.isfinite(y).all():
@@ -464,8 +469,7 @@ class AdaptedGD(torch.optim.Optimizer):
             raise ValueError(
                 f"model has {q} outputs per sample but targets have shape {tuple(y.shape)}"
             )
-        self.loss.check_targets(y)
-        return x, self.loss.prepare_targets(y)
+        return y
 
     @contextmanager
     def _geometry_mode(self, params: Sequence[Tensor]) -> Iterator[None]:
@@ -662,27 +666,34 @@ class AdaptedGD(torch.optim.Optimizer):
         x, y = self._prepare(inputs, targets)
         return self._step(x, y)
 
+    def _direction(
+        self, group: dict[str, Any], params: list[Tensor], x: Tensor, y: Tensor
+    ) -> tuple[list[Tensor], Tensor, dict[str, Any]]:
+        """The direction of one group's parameters, the batch cost, and what the step did."""
+        info: dict[str, Any] = {"lam": group["lam"], "lr": group["lr"]}
+        with self._geometry_mode(params):
+            if self.metric is not None:
+                dirs, c = self._research(params, x, y)
+                info["route"] = "metric"
+            elif group["lam"] == 0.0:
+                dirs, c = self._gradient(params, x, y)
+                info.update(route="gradient", rank=float("nan"), tau=float("nan"))
+            else:
+                dirs, c, extra = self._adapted(group, params, x, y)
+                info.update(extra)
+        return dirs, c, info
+
     def _step(self, x: Tensor, y: Tensor) -> float:
         plans = []
         cost: Tensor | None = None
         groups_info: list[dict[str, Any]] = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.requires_grad]
-            info: dict[str, Any] = {"lam": group["lam"], "lr": group["lr"]}
-            groups_info.append(info)
             if not params:
-                info["route"] = "none"
+                groups_info.append({"lam": group["lam"], "lr": group["lr"], "route": "none"})
                 continue
-            with self._geometry_mode(params):
-                if self.metric is not None:
-                    dirs, c = self._research(params, x, y)
-                    info["route"] = "metric"
-                elif group["lam"] == 0.0:
-                    dirs, c = self._gradient(params, x, y)
-                    info.update(route="gradient", rank=float("nan"), tau=float("nan"))
-                else:
-                    dirs, c, extra = self._adapted(group, params, x, y)
-                    info.update(extra)
+            dirs, c, info = self._direction(group, params, x, y)
+            groups_info.append(info)
             cost = c if cost is None else cost
             plans.append((group, params, dirs))
         if cost is None:  # nothing trainable: evaluate the cost only
