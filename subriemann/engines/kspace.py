@@ -310,8 +310,8 @@ def _assemble_schur(
     """
     c_ranges = [r for i, r in enumerate(ranges) if i != last]
     starts = [0]
-    for a, b in c_ranges:
-        starts.append(starts[-1] + b - a)
+    for lo, hi in c_ranges:
+        starts.append(starts[-1] + hi - lo)
     f = like.new_zeros(starts[-1], starts[-1])
     e: Any = None
     blocks: dict[str, Tensor] = {}

@@ -1082,6 +1082,8 @@ class StructuredBackend:
     name = "structured"
     #: ``jvp`` and ``vjp`` accept batches ``[..., K]`` / ``[..., QN]``.
     batched = True
+    #: How the memory budget is shared out (set at construction).
+    plan: MemoryPlan
 
     def __init__(
         self,
@@ -1405,12 +1407,12 @@ class StructuredBackend:
         offsets = dict(zip(self.layout.names, self.layout.offsets))
         found = []
         for layer in self._trainable_layers():
-            refs = [r for r in layer.refs if r.name is not None]
-            start = end = offsets[refs[0].name]
-            for r in refs:
-                if offsets[r.name] != end:  # pragma: no cover - layouts follow named_parameters
+            refs = [(r.name, r.shape.numel()) for r in layer.refs if r.name is not None]
+            start = end = offsets[refs[0][0]]
+            for name, size in refs:
+                if offsets[name] != end:  # pragma: no cover - layouts follow named_parameters
                     raise ValueError("the trainable tensors of a layer are not adjacent in theta")
-                end += r.shape.numel()
+                end += size
             found.append((start, end, layer))
         found.sort(key=lambda t: t[0])
         return [t[2] for t in found], [(t[0], t[1]) for t in found]
