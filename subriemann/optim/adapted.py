@@ -199,7 +199,9 @@ def _solve(
     try:
         return _pseudo_solve(gram, rhs, num_params, rank_rtol, rank_atol, eps)
     except torch.linalg.LinAlgError:  # LAPACK's float32 eigh did not converge: float64
-        return _pseudo_solve(gram.double(), rhs.double(), num_params, rank_rtol, rank_atol, eps)
+        m, r = gram.double(), rhs.double()
+        w, info = _pseudo_solve(m, r, num_params, rank_rtol, rank_atol, eps)
+        return w.to(gram.dtype), info
 
 
 def _pseudo_solve(
