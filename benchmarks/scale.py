@@ -174,36 +174,59 @@ def flows(n_samples: int, s_end: float, budget: float) -> list[dict]:
     return [{"total_s": total, "n_samples": n_samples, "s_end": s_end, "report": str(out)}] + rows
 
 
+def _goal_lines(rows: list[dict]) -> list[str]:
+    """The CNN goal of issue 17 (λ = 0.5 gradient <= 2 s, peak < 2.5 GB) per measured route."""
+    out = []
+    for r in rows:
+        if r["problem"] != "digits-cnn" or "first_s" not in r:
+            continue
+        fast, lean = r["first_s"] <= 2.0, r["peak_mb"] < 2500.0
+        out.append(
+            f"- **digits-cnn, route {r['route']}**: λ = 0.5 gradient ≤ 2 s "
+            f"**{'met' if fast else 'missed'}** ({r['first_s']:.1f} s first, "
+            f"{r['second_s']:.1f} s second); peak < 2.5 GB **{'met' if lean else 'missed'}** "
+            f"({r['peak_mb'] / 1e3:.2f} GB)"
+        )
+    return out + [""] if out else out
+
+
+def _row(r: dict) -> str:
+    """One table row of a gradient measurement."""
+    notes = [r.get("skipped") or r.get("error") or ""]
+    if "rel_diff_auto" in r:
+        notes.append(f"rel. diff. to the default route {r['rel_diff_auto']:.1e}")
+    notes.append(r.get("note_prev", ""))
+    note = "; ".join(n for n in notes if n)
+    head = f"| {r['problem']} | {r.get('K', '')} | {r.get('QN', '')} | {r['route']} | "
+    if "first_s" not in r:
+        return head + f"— | — | — | — | — | — | {note} |"
+    its = " / ".join("" if i is None else str(i) for i in r.get("iterations") or [])
+    plain = f"{r['plain_ms']:.1f}" if "plain_ms" in r else ""
+    return head + (
+        f"{plain} | {r['first_s']:.3f} | {r['second_s']:.3f} | {its} | "
+        f"{r.get('precond_rank', '')} | {r['peak_mb']:.0f} | {note} |"
+    )
+
+
 def render(res: dict) -> str:
     lines = [
         BEGIN,
         "## Scale (issue 17): routes at λ = 0.5 and full-digits flows",
         "",
-        f"`python benchmarks/scale.py{' --quick' if res['quick'] else ''}` on "
+        f"`python benchmarks/scale.py {res.get('args', '--quick' if res['quick'] else '')}` on "
         f"{res['cores']} cores ({res['platform']}, torch {res['torch']}), float64.  "
         "One process per row (peak RSS includes ~0.3 GB of interpreter and torch).  "
         "*first*: a gradient at a new point (Nyström: with its preconditioner build); "
-        "*second*: at a nearby point (preconditioner reused).",
+        "*second*: at a nearby point (preconditioner reused)."
+        + (f"  {res['note']}" if res.get("note") else ""),
         "",
+        *_goal_lines(res["gradients"]),
         "| problem | K | QN | route | plain gradient (ms) | first (s) | second (s) | "
         "CG iterations | Nyström rank | peak RSS (MB) | notes |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["gradients"]:
-        note = r.get("skipped") or r.get("error") or ""
-        if "rel_diff_auto" in r:
-            note = f"rel. diff. to the default route {r['rel_diff_auto']:.1e}"
-        its = r.get("iterations") or []
-        lines.append(
-            f"| {r['problem']} | {r.get('K', '')} | {r.get('QN', '')} | {r['route']} | "
-            + (
-                f"{r['plain_ms']:.1f} | {r['first_s']:.3f} | {r['second_s']:.3f} | "
-                f"{' / '.join('' if i is None else str(i) for i in its)} | "
-                f"{r.get('precond_rank', '')} | {r['peak_mb']:.0f} | {note} |"
-                if "first_s" in r
-                else f"— | — | — | — | — | — | {note} |"
-            )
-        )
+        lines.append(_row(r))
     fl = res["flows"]
     if fl:
         head = fl[0]
@@ -272,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flow-budget", type=float, default=600.0, help="seconds per flow")
     p.add_argument("--no-flows", action="store_true")
     p.add_argument("--out", type=Path, default=HERE, help="folder of RESULTS.md and scale.json")
+    p.add_argument("--note", default="", help="a sentence added to the section (e.g. the load)")
+    p.add_argument(
+        "--from-json", type=Path, help="render RESULTS.md from an earlier run's scale.json"
+    )
     p.add_argument("--worker", nargs=2, metavar=("PROBLEM", "ROUTE"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
@@ -279,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    if a.from_json:
+        res = json.loads(a.from_json.read_text())
+        res["note"] = a.note or res.get("note", "")
+        write_results(res, a.out)
+        return 0
     problems = ["digits-cnn-small"] if a.quick else a.problems
     routes = ["ntk", "kspace"] if a.quick else a.routes
     res: dict = {
@@ -288,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "gradients": [],
         "flows": [],
+        "note": a.note,
+        "args": " ".join(sys.argv[1:] if argv is None else argv),
     }
     for prob in problems:
         for route in routes:

@@ -734,6 +734,7 @@ def test_a_tiny_budget_is_respected_and_changes_nothing():
     forms = next(iter(tiny._chunk_forms(theta)()))
     assert len(sub_chunks(forms, 3, tiny.plan.temp_entries())) == 1  # one sample: indivisible
     assert tiny._product_rows(5) < 5  # batched products in several passes
+    assert tiny.rows_per_pass(perturbed(space)) == tiny._product_rows(1 << 30)
     d = reference_jacobian(space.module, space.inputs, theta)
     close(tiny.ntk(theta), d @ d.T)
     v, u = torch.randn(5, space.dim, dtype=DT), torch.randn(5, space.output_dim, dtype=DT)

@@ -1323,6 +1323,14 @@ class StructuredBackend:
         )
         return self.plan.rows(2 * per_row, total)
 
+    def rows_per_pass(self, theta: Tensor) -> int:
+        """How many rows of a batched :meth:`jvp` / :meth:`vjp` one pass takes within the budget:
+        from the layer factors when they are kept (:attr:`MemoryPlan.store`), else the
+        fallback's (:meth:`FuncBackend.rows_per_pass`)."""
+        if self.store_all and _plain(theta):
+            return self._product_rows(1 << 30)
+        return self.fallback.rows_per_pass(theta)
+
     def jvp(self, theta: Tensor, tangent_vec: Tensor) -> Tensor:
         r""":math:`Dv`, shape ``[..., QN]`` for ``tangent_vec`` of shape ``[..., K]``.
 
