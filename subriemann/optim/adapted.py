@@ -59,6 +59,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import scipy.linalg
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -66,6 +67,7 @@ from torch.func import functional_call
 from subriemann._warnings import warn_once
 from subriemann.engines import ParameterLayout, StructuredBackend, make_backend
 from subriemann.linalg import PointState, rank_threshold
+from subriemann.linalg.scipy_adapter import to_numpy, to_torch
 from subriemann.losses import CrossEntropyLoss, Loss, MSELoss, get_loss
 from subriemann.metrics.builtin import check_lam
 from subriemann.space import NonFiniteError, output_matrix
@@ -184,38 +186,24 @@ def _solve(
     r""":math:`w = ((1-\lambda)1 + \lambda M)^{+}r` (thresholded at :math:`\lambda = 1`).
 
     :math:`\lambda < 1`: :func:`_shifted_solve`.  :math:`\lambda = 1`: the certified
-    Cholesky factor, else the thresholded eigendecomposition, with :math:`\tau` from
-    :func:`~subriemann.linalg.rank_threshold` (:func:`_pseudo_solve`), in the dtype
-    :math:`M` was formed in: its eigenvalues carry the absolute error
-    :math:`\epsilon\|M\|` of that dtype's rounding either way, which the default
-    :math:`\tau = 10\sqrt\epsilon\,\sigma_{\max}` resolves.  LAPACK's float32 eigh can
-    fail to converge on these matrices; it is then redone in float64.
+    Cholesky factor in the dtype :math:`M` was formed in (a factorization that fails
+    only withholds the certificate), else the thresholded eigendecomposition in
+    float64, with :math:`\tau` from :func:`~subriemann.linalg.rank_threshold`; the
+    threshold stays that of the dtype :math:`M` was formed in.
     """
     size = int(gram.shape[0])
     if lam < 1.0:
         w = _shifted_solve(gram, rhs, lam)
         return w, {"route": "cholesky", "size": size, "rank": size, "tau": float("nan")}
     eps = torch.finfo(gram.dtype).eps
-    try:
-        return _pseudo_solve(gram, rhs, num_params, rank_rtol, rank_atol, eps)
-    except torch.linalg.LinAlgError:  # LAPACK's float32 eigh did not converge: float64
-        m, r = gram.double(), rhs.double()
-        w, info = _pseudo_solve(m, r, num_params, rank_rtol, rank_atol, eps)
-        return w.to(gram.dtype), info
-
-
-def _pseudo_solve(
-    m: Tensor, r: Tensor, num_params: int, rank_rtol: float, rank_atol: float | None, eps: float
-) -> tuple[Tensor, dict[str, Any]]:
-    r""":math:`M^{+}r` thresholded at :math:`\tau`, in the dtype of ``m`` (``eps``: the model's)."""
-    size, dtype = int(m.shape[0]), m.dtype
-    st = PointState(_GramView(m, num_params), r)  # type: ignore[arg-type]
+    st = PointState(_GramView(gram, num_params), rhs)  # type: ignore[arg-type]
     cert = st.certified_cholesky(rank_atol, rank_rtol)
     if cert is not None:  # it certifies sigma_min > tau for sigma_max <= |M|_F^(1/2)
-        tau = rank_threshold(math.sqrt(float(torch.linalg.matrix_norm(m))), rank_rtol, rank_atol)
-        w = _chol_solve(cert, r)
+        fro = float(torch.linalg.matrix_norm(gram))
+        tau = rank_threshold(math.sqrt(fro), rank_rtol, rank_atol)
+        w = _chol_solve(cert, rhs)
         return w, {"route": "certified_cholesky", "size": size, "rank": size, "tau": tau}
-    u, s = st.ntk_eigh
+    u, s = _eigh64(gram)
     smax = float(s[0]) if s.numel() else 0.0
     tau = rank_threshold(smax, rank_rtol, rank_atol)
     if smax > 0 and tau < math.sqrt(eps) * smax:  # eps: of the dtype M was formed in
@@ -225,9 +213,30 @@ def _pseudo_solve(
             f"{math.sqrt(eps) * smax:.3g}); raise rank_rtol"
         )
     keep = s > tau
-    coef = torch.where(keep, (u.T @ r) / torch.where(keep, s**2, 1.0), 0.0)
+    coef = torch.where(keep, (u.T @ rhs.double()) / torch.where(keep, s**2, 1.0), 0.0)
     info = {"route": "eigh", "size": size, "rank": int(keep.sum()), "tau": tau}
-    return (u @ coef).to(dtype), info
+    return (u @ coef).to(gram.dtype), info
+
+
+def _eigh64(gram: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(U, sigma)``, :math:`M = U\operatorname{diag}(\sigma^2)U^\top`, descending, in float64.
+
+    In float64 because LAPACK's float32 eigh can fail to converge and MKL's ``ssyevd``
+    has returned NaN without an error on a rank-deficient batch Gram matrix.  MKL's
+    ``dsyevd`` has failed to converge on such matrices as well (one thread), where
+    SciPy's MRRR driver (``syevr``) succeeds: it is the fallback.
+    """
+    m = gram.double()
+    try:
+        evals, evecs = torch.linalg.eigh(m)
+        ok = bool(torch.isfinite(evals).all() and torch.isfinite(evecs).all())
+    except torch.linalg.LinAlgError:
+        ok = False
+    if not ok:
+        vals, vecs = scipy.linalg.eigh(to_numpy(m), driver="evr")
+        evals = to_torch(vals, m.dtype, m.device)
+        evecs = to_torch(vecs, m.dtype, m.device).reshape(vecs.shape)
+    return evecs.flip(1), evals.flip(0).clamp_min(0.0).sqrt()
 
 
 def _output_factor(loss: Loss, out: Tensor, targets: Tensor) -> tuple[Tensor | None, Tensor]:
