@@ -791,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         help="torch intra-op threads (default: torch's). On a loaded machine 1 avoids "
         "thread-pool stalls of ~20 ms per small operation",
     )
+    ap.add_argument("--note", default="", help="a sentence added to the section (e.g. the load)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -824,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "wall": time.perf_counter() - t0,
         "note": "Absolute times on a shared machine are upper bounds; methods of one task ran "
-        "in the same process one after the other.",
+        "in the same process one after the other." + (f" {args.note}" if args.note else ""),
         "tasks": [{"name": t.name, "description": t.description} for t in task_list],
         "rows": rows,
         "step_cost": cost_rows,
