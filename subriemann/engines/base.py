@@ -76,7 +76,7 @@ class ParameterLayout:
         """Views of ``theta`` (shape ``[..., K]``) as name → tensor ``[..., *shape]``."""
         lead = theta.shape[:-1]
         return {
-            name: theta[..., a:b].view(*lead, *shape)
+            name: theta[..., a:b].view(lead + shape)
             for name, shape, a, b in zip(self.names, self.shapes, self.offsets, self.offsets[1:])
         }
 
