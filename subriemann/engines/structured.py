@@ -1476,6 +1476,23 @@ class StructuredBackend:
         (:func:`~subriemann.engines.kspace.solve_shifted`): the one dense
         factorization then has the size of the *other* parameters, and the
         largest matrices are :math:`|C|\times K` instead of :math:`K\times K`.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from subriemann.engines import ParameterLayout, StructuredBackend
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+        ...                           torch.nn.Linear(4, 2)).double()
+        >>> named = dict(net.named_parameters())
+        >>> layout = ParameterLayout(list(named), [p.shape for p in named.values()])
+        >>> be = StructuredBackend(net, layout, torch.randn(20, 3, dtype=torch.float64), 2)
+        >>> theta = layout.flatten({n: p.detach() for n, p in named.items()})
+        >>> d = be.jacobian(theta)  # [QN, K] = [40, 26]: K < QN
+        >>> r = torch.randn(26, dtype=torch.float64)
+        >>> x = be.solve_param_gram(theta, r, 0.5)
+        >>> bool(torch.allclose(d.T @ (d @ x) + 0.5 * x, r))
+        True
         """
         if not _plain(theta):
             raise ValueError("solve_param_gram is not differentiable in theta")
