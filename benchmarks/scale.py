@@ -1,10 +1,12 @@
 """Geometry at data scale (issue 17): every solver route side by side, and full-digits flows.
 
     python benchmarks/scale.py            # S, M, L, digits-mlp, digits-cnn + 3 flows to s = 5
-    python benchmarks/scale.py --quick    # S and a 60-sample digits run (smoke test)
+    python benchmarks/scale.py --quick    # a small CNN (ntk, kspace) and a 60-sample digits run
 
 One λ = 0.5 Riemannian gradient per route (``ntk`` dense push-through, ``svd``,
-``cg`` = ``matrix_free`` unpreconditioned CG, ``nystrom`` = Nyström PCG), each in
+``cg`` = ``matrix_free`` unpreconditioned CG, ``nystrom`` = Nyström PCG, and
+``kspace``: the structured engine's exact shifted solve in parameter space,
+``StructuredBackend.solve_param_gram``, for :math:`K < QN`), each in
 its own process so that its peak RSS (``ru_maxrss``) is its own: the first
 gradient at a point (for ``nystrom`` including the preconditioner build) and a
 second one at a nearby point (the preconditioner reused), with CG iterations.
@@ -29,9 +31,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROUTES = ["ntk", "svd", "matrix_free", "nystrom"]
-PROBLEMS = ["S", "M", "L", "digits-mlp", "digits-cnn"]
-DENSE_BYTES = 3e9  # a dense route whose D and Gram exceed this is not run (memory budget)
+ROUTES = ["ntk", "svd", "matrix_free", "nystrom", "kspace"]
+PROBLEMS = ["S", "M", "L", "digits-mlp", "digits-cnn", "digits-cnn-small"]
+DENSE_BYTES = 4e9  # a dense route whose D and Gram exceed this is not run (memory budget)
 BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
 
 
@@ -44,19 +46,20 @@ def _space(problem: str):
         from subriemann.app.datasets import load_dataset
         from subriemann.app.models import mlp
 
-        n = 200 if problem.endswith("-small") else 1797
+        small = problem.endswith("-small")  # the --quick run: 300 samples, 2 channels
+        n, c = (300, 2) if small else (1797, 16)
         ds = load_dataset("digits", n, 0)
         torch.manual_seed(0)
         x = ds.inputs.reshape(n, -1)
         if "cnn" in problem:
             net = torch.nn.Sequential(
                 torch.nn.Unflatten(1, (1, 8, 8)),
-                torch.nn.Conv2d(1, 16, 3, padding=1),
+                torch.nn.Conv2d(1, c, 3, padding=1),
                 torch.nn.Tanh(),
-                torch.nn.Conv2d(16, 16, 3, padding=1),
+                torch.nn.Conv2d(c, c, 3, padding=1),
                 torch.nn.Tanh(),
                 torch.nn.Flatten(),
-                torch.nn.Linear(1024, 10),
+                torch.nn.Linear(64 * c, 10),
             )
         else:
             net = mlp("mlp:32,32", ds.input_dim, ds.num_outputs, "tanh")
@@ -68,7 +71,16 @@ def _space(problem: str):
     return sr.ParameterSpace(net, x, y)
 
 
-def worker(problem: str, route: str) -> dict:
+def kspace_gradient(sp, point, lam: float):
+    r"""The λ-gradient :math:`\lambda^{-1}(D^\top D + \mu 1)^{-1}D^\top\nabla_x C`,
+    :math:`\mu = (1-\lambda)/\lambda`, from the structured engine alone (``kspace``)."""
+    be = sp.backend
+    be.factors(point)  # one forward and one reverse pass per chunk; x and D^T u from them
+    u = be.vjp(point, sp.output_grad(be.outputs(point)))
+    return be.solve_param_gram(point, u, (1.0 - lam) / lam) / lam
+
+
+def worker(problem: str, route: str, check: bool = False) -> dict:
     import torch
 
     from subriemann.metrics import InterpolatedMetric
@@ -82,30 +94,36 @@ def worker(problem: str, route: str) -> dict:
         return {**row, "skipped": f"dense D and Gram need {dense / 1e9:.1f} GB"}
     if route == "svd" and qn * k > 8e7:
         return {**row, "skipped": "SVD of D: minutes"}
+    if route == "kspace" and (qn <= k or not hasattr(sp.backend, "solve_param_gram")):
+        return {**row, "skipped": "QN <= K (the solve is in output space)"}
     theta = sp.initial_point()
-    m = sp.equip_with_metric(InterpolatedMetric, lam=0.5, solver=route).metric
+    solver = "auto" if route == "kspace" else route  # kspace: the engine, not a metric route
+    m = sp.equip_with_metric(InterpolatedMetric, lam=0.5, solver=solver).metric
     sp.cost_grad(theta + 1.0)  # warm-up (imports, engine set-up)
     t0 = time.perf_counter()
     sp.cost_grad(theta)
     row["plain_ms"] = 1e3 * (time.perf_counter() - t0)
-    times, iters = [], []
+    times, iters, grads = [], [], []
     for i in range(2):
         point = theta + 1e-3 * i * torch.ones_like(theta)
         t0 = time.perf_counter()
-        m.gradient(point)
+        grads.append(kspace_gradient(sp, point, 0.5) if route == "kspace" else m.gradient(point))
         times.append(time.perf_counter() - t0)
-        info = m.last_solve
+        info = None if route == "kspace" else m.last_solve
         iters.append(None if info is None or route in ("ntk", "svd") else info.iterations)
     row.update(first_s=times[0], second_s=times[1], iterations=iters)
     nys = getattr(m, "_nystrom", None)
     if nys is not None and nys.precond is not None:
         row["precond_rank"] = nys.precond.rank
     row["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if check:  # against the metric's default route at the last point (after the peak)
+        ref = sp.equip_with_metric(InterpolatedMetric, lam=0.5).metric.gradient(point)
+        row["rel_diff_auto"] = float((grads[-1] - ref).norm() / ref.norm())
     return row
 
 
-def run_worker(problem: str, route: str, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--worker", problem, route]
+def run_worker(problem: str, route: str, timeout: float, check: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--worker", problem, route] + (["--check"] if check else [])
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     try:
         out = subprocess.run(
@@ -156,34 +174,59 @@ def flows(n_samples: int, s_end: float, budget: float) -> list[dict]:
     return [{"total_s": total, "n_samples": n_samples, "s_end": s_end, "report": str(out)}] + rows
 
 
+def _goal_lines(rows: list[dict]) -> list[str]:
+    """The CNN goal of issue 17 (λ = 0.5 gradient <= 2 s, peak < 2.5 GB) per measured route."""
+    out = []
+    for r in rows:
+        if r["problem"] != "digits-cnn" or "first_s" not in r:
+            continue
+        fast, lean = r["first_s"] <= 2.0, r["peak_mb"] < 2500.0
+        out.append(
+            f"- **digits-cnn, route {r['route']}**: λ = 0.5 gradient ≤ 2 s "
+            f"**{'met' if fast else 'missed'}** ({r['first_s']:.1f} s first, "
+            f"{r['second_s']:.1f} s second); peak < 2.5 GB **{'met' if lean else 'missed'}** "
+            f"({r['peak_mb'] / 1e3:.2f} GB)"
+        )
+    return out + [""] if out else out
+
+
+def _row(r: dict) -> str:
+    """One table row of a gradient measurement."""
+    notes = [r.get("skipped") or r.get("error") or ""]
+    if "rel_diff_auto" in r:
+        notes.append(f"rel. diff. to the default route {r['rel_diff_auto']:.1e}")
+    notes.append(r.get("note_prev", ""))
+    note = "; ".join(n for n in notes if n)
+    head = f"| {r['problem']} | {r.get('K', '')} | {r.get('QN', '')} | {r['route']} | "
+    if "first_s" not in r:
+        return head + f"— | — | — | — | — | — | {note} |"
+    its = " / ".join("" if i is None else str(i) for i in r.get("iterations") or [])
+    plain = f"{r['plain_ms']:.1f}" if "plain_ms" in r else ""
+    return head + (
+        f"{plain} | {r['first_s']:.3f} | {r['second_s']:.3f} | {its} | "
+        f"{r.get('precond_rank', '')} | {r['peak_mb']:.0f} | {note} |"
+    )
+
+
 def render(res: dict) -> str:
     lines = [
         BEGIN,
         "## Scale (issue 17): routes at λ = 0.5 and full-digits flows",
         "",
-        f"`python benchmarks/scale.py{' --quick' if res['quick'] else ''}` on "
+        f"`python benchmarks/scale.py {res.get('args', '--quick' if res['quick'] else '')}` on "
         f"{res['cores']} cores ({res['platform']}, torch {res['torch']}), float64.  "
         "One process per row (peak RSS includes ~0.3 GB of interpreter and torch).  "
         "*first*: a gradient at a new point (Nyström: with its preconditioner build); "
-        "*second*: at a nearby point (preconditioner reused).",
+        "*second*: at a nearby point (preconditioner reused)."
+        + (f"  {res['note']}" if res.get("note") else ""),
         "",
+        *_goal_lines(res["gradients"]),
         "| problem | K | QN | route | plain gradient (ms) | first (s) | second (s) | "
         "CG iterations | Nyström rank | peak RSS (MB) | notes |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["gradients"]:
-        note = r.get("skipped") or r.get("error") or ""
-        its = r.get("iterations") or []
-        lines.append(
-            f"| {r['problem']} | {r.get('K', '')} | {r.get('QN', '')} | {r['route']} | "
-            + (
-                f"{r['plain_ms']:.1f} | {r['first_s']:.3f} | {r['second_s']:.3f} | "
-                f"{' / '.join('' if i is None else str(i) for i in its)} | "
-                f"{r.get('precond_rank', '')} | {r['peak_mb']:.0f} | {note} |"
-                if "first_s" in r
-                else f"— | — | — | — | — | — | {note} |"
-            )
-        )
+        lines.append(_row(r))
     fl = res["flows"]
     if fl:
         head = fl[0]
@@ -240,20 +283,36 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="S and a 60-sample run (smoke test)")
+    p.add_argument(
+        "--quick", action="store_true", help="a small CNN, two routes, a 60-sample flow (smoke)"
+    )
     p.add_argument("--problems", nargs="+", choices=PROBLEMS, default=PROBLEMS)
+    p.add_argument("--routes", nargs="+", choices=ROUTES, default=ROUTES)
+    p.add_argument(
+        "--check", action="store_true", help="kspace rows: compare with the default route"
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per gradient row")
     p.add_argument("--flow-budget", type=float, default=600.0, help="seconds per flow")
     p.add_argument("--no-flows", action="store_true")
     p.add_argument("--out", type=Path, default=HERE, help="folder of RESULTS.md and scale.json")
+    p.add_argument("--note", default="", help="a sentence added to the section (e.g. the load)")
+    p.add_argument(
+        "--from-json", type=Path, help="render RESULTS.md from an earlier run's scale.json"
+    )
     p.add_argument("--worker", nargs=2, metavar=("PROBLEM", "ROUTE"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        print(json.dumps(worker(*a.worker)))
+        print(json.dumps(worker(*a.worker, check=a.check)))
         return 0
     import torch
 
-    problems = ["S"] if a.quick else a.problems
+    if a.from_json:
+        res = json.loads(a.from_json.read_text())
+        res["note"] = a.note or res.get("note", "")
+        write_results(res, a.out)
+        return 0
+    problems = ["digits-cnn-small"] if a.quick else a.problems
+    routes = ["ntk", "kspace"] if a.quick else a.routes
     res: dict = {
         "quick": a.quick,
         "cores": os.cpu_count(),
@@ -261,14 +320,16 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "gradients": [],
         "flows": [],
+        "note": a.note,
+        "args": " ".join(sys.argv[1:] if argv is None else argv),
     }
     for prob in problems:
-        for route in ROUTES:
-            row = run_worker(prob, route, a.timeout)
+        for route in routes:
+            row = run_worker(prob, route, a.timeout, (a.check or a.quick) and route == "kspace")
             print(json.dumps(row), flush=True)
             res["gradients"].append(row)
     if not a.no_flows:
-        res["flows"] = flows(60, 0.2, 20.0) if a.quick else flows(1797, 5.0, a.flow_budget)
+        res["flows"] = flows(60, 0.05, 10.0) if a.quick else flows(1797, 5.0, a.flow_budget)
         print(json.dumps(res["flows"]), flush=True)
     write_results(res, a.out)
     return 0

@@ -6,10 +6,14 @@ r"""Engines that evaluate the network and differentiate it: outputs, :math:`D`, 
   on :mod:`torch.func`;
 * :mod:`~subriemann.engines.structured`: :class:`StructuredBackend`, the
   per-layer structured NTK for common layers, never forming :math:`D`;
+* :mod:`~subriemann.engines.kspace`: :math:`D^\top D` and its shifted solves from
+  the structured engine's layer factors (the parameter-space route when :math:`K < QN`);
+* the one memory budget of the engines: :data:`MEMORY_BUDGET`, :func:`items_within`
+  (:class:`~subriemann.engines.structured.MemoryPlan` shares it out);
 * :mod:`~subriemann.engines.select`: :func:`make_backend` picks one.
 """
 
-from subriemann.engines.base import JacobianBackend, ParameterLayout
+from subriemann.engines.base import MEMORY_BUDGET, JacobianBackend, ParameterLayout, items_within
 from subriemann.engines.func import FuncBackend
 from subriemann.engines.select import make_backend
 from subriemann.engines.structured import StructuredBackend, UnsupportedModuleError
@@ -21,4 +25,6 @@ __all__ = [
     "StructuredBackend",
     "UnsupportedModuleError",
     "make_backend",
+    "MEMORY_BUDGET",
+    "items_within",
 ]

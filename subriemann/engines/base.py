@@ -14,7 +14,40 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["ParameterLayout", "JacobianBackend"]
+__all__ = ["ParameterLayout", "JacobianBackend", "MEMORY_BUDGET", "items_within"]
+
+MEMORY_BUDGET: int = 1 << 30
+"""Default bytes that one engine pass may allocate for its temporaries (1 GiB).
+
+The one memory budget of the engines: ``FuncBackend.memory_budget`` and
+``StructuredBackend.memory_budget`` default to it, and every chunked pass of
+either engine sizes its chunks with :func:`items_within`."""
+
+
+def items_within(budget: int, per_item: int, total: int) -> int:
+    """How many items of ``per_item`` bytes fit in ``budget`` bytes: in ``[1, total]``.
+
+    At least one item (a single item larger than the budget is still processed,
+    alone), at most ``total`` (``total >= 1``).
+
+    Parameters
+    ----------
+    budget : int
+        Bytes available.
+    per_item : int
+        Bytes one item needs (``<= 0``: no limit).
+    total : int
+        Number of items to split.
+
+    Examples
+    --------
+    >>> items_within(1000, 300, 10), items_within(1000, 0, 10), items_within(10, 300, 10)
+    (3, 10, 1)
+    """
+    total = max(1, int(total))
+    if per_item <= 0:
+        return total
+    return max(1, min(total, int(budget) // int(per_item)))
 
 
 class ParameterLayout:
@@ -40,9 +73,10 @@ class ParameterLayout:
         self.dim = self.offsets[-1]
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
-        """Views of ``theta`` (shape ``[K]``) as a name → tensor dictionary."""
+        """Views of ``theta`` (shape ``[..., K]``) as name → tensor ``[..., *shape]``."""
+        lead = theta.shape[:-1]
         return {
-            name: theta[a:b].view(shape)
+            name: theta[..., a:b].view(lead + shape)
             for name, shape, a, b in zip(self.names, self.shapes, self.offsets, self.offsets[1:])
         }
 

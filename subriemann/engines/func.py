@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from subriemann.engines.base import ParameterLayout
+from subriemann.engines.base import MEMORY_BUDGET, ParameterLayout, items_within
 from subriemann.validation import check_int, check_optional
 
 __all__ = ["FuncBackend"]
@@ -100,12 +100,13 @@ class FuncBackend:
     name = "func"
     #: ``jvp`` and ``vjp`` accept batches ``[..., K]`` / ``[..., QN]``.
     batched = True
-    #: Largest block :math:`D_p` (in entries) that ``ntk`` forms at once:
-    #: :math:`2^{27}` float64 entries are 1 GiB.
+    #: Largest block :math:`D_p` (in entries) that ``ntk`` forms at once (and at
+    #: most ``memory_budget`` bytes): :math:`2^{27}` float64 entries are 1 GiB.
     ntk_block_entries: int = 1 << 27
     #: Bytes that one vectorised pass of ``jacobian``, ``jvp`` or ``vjp`` may
-    #: allocate; samples (and batched rows) are processed in chunks below it.
-    memory_budget: int = 1 << 30
+    #: allocate; samples (and batched rows) are processed in chunks below it
+    #: (:data:`~subriemann.engines.base.MEMORY_BUDGET` unless set).
+    memory_budget: int = MEMORY_BUDGET
 
     def __init__(
         self,
@@ -131,9 +132,7 @@ class FuncBackend:
     # -- helpers ---------------------------------------------------------------
     def _chunks(self, per_sample: int = 0) -> list[Tensor]:
         """Sample chunks of ``chunk_size``, smaller if ``per_sample`` bytes exceed the budget."""
-        size = self.chunk_size
-        if per_sample > 0:
-            size = max(1, min(size, self.memory_budget // per_sample))
+        size = items_within(self.memory_budget, per_sample, self.chunk_size)
         return list(torch.split(self.inputs, size))
 
     def activation_entries(self, theta: Tensor) -> int:
@@ -169,7 +168,7 @@ class FuncBackend:
         """How many batched JVP/VJP rows over all samples fit in ``memory_budget``."""
         item = theta.element_size()
         per_row = 3 * item * self.activation_entries(theta) * int(self.inputs.shape[0])
-        return max(1, self.memory_budget // max(per_row, 1))
+        return items_within(self.memory_budget, per_row, 1 << 62)
 
     def _flat_apply(self, theta: Tensor, inputs: Tensor) -> Tensor:
         return self.apply(self.layout.unflatten(theta), inputs).reshape(-1)
@@ -206,8 +205,18 @@ class FuncBackend:
         return torch.stack([fn(b) for b in batch])
 
     # -- interface -------------------------------------------------------------
+    def _pass_chunks(self, theta: Tensor) -> list[Tensor]:
+        """Sample chunks whose pass (activations, kept for a backward: 3 copies) fits the budget."""
+        return self._chunks(3 * theta.element_size() * self.activation_entries(theta))
+
+    def _rows_within(self, theta: Tensor, rows: int, chunk: int, extra: int = 0) -> int:
+        """Rows of a vectorised product per pass: each row's activations on a sample chunk of
+        ``chunk`` samples (plus ``extra`` entries) within the budget."""
+        per_row = theta.element_size() * (3 * self.activation_entries(theta) * chunk + extra)
+        return items_within(self.memory_budget, per_row, rows)
+
     def outputs(self, theta: Tensor) -> Tensor:
-        return torch.cat([self._flat_apply(theta, c) for c in self._chunks()])
+        return torch.cat([self._flat_apply(theta, c) for c in self._pass_chunks(theta)])
 
     def jvp(self, theta: Tensor, tangent_vec: Tensor) -> Tensor:
         r""":math:`Dv`; ``tangent_vec`` of shape ``[K]`` or ``[..., K]`` (vectorised).
@@ -218,22 +227,28 @@ class FuncBackend:
         and its VJP with cotangent :math:`v` is :math:`Dv`.
         """
         flat = tangent_vec.reshape(-1, tangent_vec.shape[-1])
+        chunk = int(self._pass_chunks(theta)[0].shape[0])
+        step = self._rows_within(theta, flat.shape[0], chunk)
+        blocks = [self._jvp_rows(theta, flat[i : i + step]) for i in range(0, len(flat), step)]
+        res = torch.cat(blocks)
+        return res.reshape(*tangent_vec.shape[:-1], res.shape[-1])
+
+    def _jvp_rows(self, theta: Tensor, flat: Tensor) -> Tensor:
+        """:math:`Dv` for the rows of ``flat`` ``[b, K]``: forward mode, else the double VJP."""
         if "forward" not in self.unavailable:
             try:
-                res = self._jvp_forward(theta, flat)
+                return self._jvp_forward(theta, flat)
             except NotImplementedError as err:
                 if not _forward_ad_missing(err):
                     raise
                 self.unavailable.add("forward")
-        if "forward" in self.unavailable:
-            res = self._jvp_reverse(theta, flat)
-        return res.reshape(*tangent_vec.shape[:-1], res.shape[-1])
+        return self._jvp_reverse(theta, flat)
 
     def _jvp_forward(self, theta: Tensor, flat: Tensor) -> Tensor:
         def one(v: Tensor) -> Tensor:
             out = [
                 jvp(lambda t, c=c: self._flat_apply(t, c), (theta,), (v,))[1]
-                for c in self._chunks()
+                for c in self._pass_chunks(theta)
             ]
             return torch.cat(out)
 
@@ -244,7 +259,7 @@ class FuncBackend:
         names = self.layout.names
         wrt, _ = self._split(theta)
         out = []
-        for c in self._chunks():
+        for c in self._pass_chunks(theta):
             pull = vjp(lambda w, c=c: self.apply(w, c).reshape(-1), wrt)[1]
             u0 = flat.new_zeros(c.shape[0] * self.num_outputs)
             push = vjp(lambda u, pull=pull: self._cat(pull(u)[0], names, 0), u0)[1]
@@ -280,14 +295,17 @@ class FuncBackend:
         pulled : Tensor, shape=[K] or [..., K]
         """
         names = self.layout.names
-        chunks = self._chunks()
+        chunks = self._pass_chunks(theta)
         wrt, _ = self._split(theta)
+        # rows of a vectorised VJP per pass: a row's gradient (K) and backward activations
+        step = self._rows_within(theta, 1 << 62, int(chunks[0].shape[0]), int(theta.shape[0]))
 
         def pull(fn: Callable, u: Tensor) -> Tensor:
             if u.ndim == 1:
                 return self._cat(fn(u)[0], names, 0)
             flat = u.reshape(-1, u.shape[-1])
-            g = self._map(lambda r: self._cat(fn(r)[0], names, 0), flat)
+            one = lambda r: self._cat(fn(r)[0], names, 0)  # noqa: E731
+            g = torch.cat([self._map(one, flat[i : i + step]) for i in range(0, len(flat), step)])
             return g.reshape(*u.shape[:-1], g.shape[-1])
 
         if len(chunks) == 1:
@@ -386,7 +404,7 @@ class FuncBackend:
         rows = inputs.shape[0] * self.num_outputs
         k = sum(p.numel() for p in wrt.values())
         per_row = 3 * theta.element_size() * (k + inputs.shape[0] * self.activation_entries(theta))
-        block = max(1, min(256, self.memory_budget // per_row))
+        block = items_within(self.memory_budget, per_row, 256)
         eye = torch.eye(rows, dtype=theta.dtype, device=theta.device)
         one = lambda e: self._cat(fn(e)[0], order, 0)  # noqa: E731
         return torch.cat([self._map(one, eye[a : a + block]) for a in range(0, rows, block)])
@@ -396,7 +414,7 @@ class FuncBackend:
         k = theta.shape[0]
         qn = int(self.inputs.shape[0]) * self.num_outputs
         col_bytes = 3 * qn * theta.element_size()  # one tangent's outputs and their copies
-        eye_chunk = max(1, min(256, self.rows_per_pass(theta), self.memory_budget // col_bytes))
+        eye_chunk = min(items_within(self.memory_budget, col_bytes, 256), self.rows_per_pass(theta))
         cols = []
         for a in range(0, k, eye_chunk):
             b = min(k, a + eye_chunk)
@@ -423,13 +441,17 @@ class FuncBackend:
         qn = int(self.inputs.shape[0]) * self.num_outputs
         return self._jacobian_reverse(theta) if qn <= k else self._jacobian_forward(theta)
 
+    def _block_entries(self, theta: Tensor) -> int:
+        """Largest block of :math:`D` that ``ntk`` forms: ``ntk_block_entries``, within budget."""
+        return min(self.ntk_block_entries, self.memory_budget // theta.element_size())
+
     def ntk(self, theta: Tensor) -> Tensor:
         qn = self.inputs.shape[0] * self.num_outputs
         if qn > theta.shape[0]:
             d = self.jacobian(theta)
             return d @ d.T
-        # Group parameter tensors into blocks of bounded size.
-        budget = max(1, self.ntk_block_entries // max(qn, 1))  # parameters per block
+        # Group parameter tensors into blocks of bounded size (entries and bytes).
+        budget = max(1, self._block_entries(theta) // max(qn, 1))  # parameters per block
         groups: list[list[str]] = []
         size = 0
         for name, n in zip(self.layout.names, self.layout.numels):
@@ -467,14 +489,14 @@ class FuncBackend:
         n_total = int(self.inputs.shape[0])
         qn = n_total * q
         numel = self.layout.numels[self.layout.names.index(name)]
-        per = max(1, self.ntk_block_entries // max(numel * q, 1))  # samples per row block
+        per = items_within(self._block_entries(theta), numel * q, n_total)  # samples per block
         params = self.layout.unflatten(theta)
         w = params[name]
         rest = {n: p for n, p in params.items() if n != name}
         gram = torch.empty(qn, qn, dtype=theta.dtype, device=theta.device)
 
         def f_all(wp: Tensor) -> Tensor:
-            outs = [self.apply({**rest, name: wp}, c).reshape(-1) for c in self._chunks()]
+            outs = [self.apply({**rest, name: wp}, c).reshape(-1) for c in self._pass_chunks(theta)]
             return torch.cat(outs)
 
         sl = self.layout.slices()[self.layout.names.index(name)]

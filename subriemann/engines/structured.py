@@ -92,6 +92,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -99,11 +100,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from subriemann.engines.base import ParameterLayout
+from subriemann.engines.base import ParameterLayout, items_within
 from subriemann.engines.func import FuncBackend
+from subriemann.engines.kspace import (
+    KronForm,
+    RowsForm,
+    diagonal_kron,
+    mirror_upper,
+    param_gram,
+    solve_shifted,
+    tiles,
+)
 from subriemann.nn import Residual
+from subriemann.validation import check_int
 
-__all__ = ["StructuredBackend", "UnsupportedModuleError", "PARAMETER_FREE"]
+__all__ = [
+    "StructuredBackend",
+    "UnsupportedModuleError",
+    "PARAMETER_FREE",
+    "MemoryPlan",
+    "chunk_plan",
+]
 
 
 class UnsupportedModuleError(TypeError):
@@ -169,10 +186,6 @@ PARAMETER_FREE: tuple[type[nn.Module], ...] = (
     ELEMENTWISE + _DROPOUT + _POOL + (nn.Flatten, nn.Unflatten, nn.Softmax, nn.LogSoftmax)
 )
 """Parameter-free per-sample modules the engine differentiates through."""
-
-_FEATURE_BUDGET = 1 << 28  # bytes of per-layer factors for one sample chunk
-_STORE_BUDGET = 1 << 29  # bytes of factors kept for all chunks (and for vjp/jvp reuse)
-_BLOCK_ENTRIES = 1 << 24  # entries of the largest temporary in a "structured" patch gram
 
 
 def _describe(module: nn.Module, path: str) -> str:
@@ -284,6 +297,8 @@ class _Layer(_Node):
 
     index: int
     refs: list[_ParamRef]
+    #: entries of the largest temporary of a Gram block (set from the memory plan)
+    block_entries: int = 1 << 24
 
     def compute(self, x: Tensor, state: _Pass) -> tuple[Tensor, Any]:
         raise NotImplementedError
@@ -308,6 +323,10 @@ class _Layer(_Node):
         """Entries of the factors per sample."""
         raise NotImplementedError
 
+    def row_numel(self, n: int, q: int) -> int:
+        """Entries of the temporaries of one row of a batched product on ``n`` samples."""
+        return n * q + sum(r.shape.numel() for r in self.trainable)
+
     def features(self, record: Tensor, g: Tensor) -> Any:
         raise NotImplementedError
 
@@ -323,6 +342,14 @@ class _Layer(_Node):
 
     def jvp(self, f: Any, v: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
+
+    def gram_form(self, f: Any) -> RowsForm | KronForm:
+        """The rows of :math:`D` of this layer on a chunk, for :mod:`~subriemann.engines.kspace`."""
+        return RowsForm(f)
+
+    def mix(self, f: Any, t: Tensor) -> Any:
+        r"""The factors of the rows :math:`T_j^\top D_j` (``t``: ``[n, Q, R]``; ``R`` outputs)."""
+        return torch.bmm(t.transpose(1, 2), f)  # [n, R, P_l]
 
 
 def _write(out: Tensor, t: Tensor, first: bool) -> None:
@@ -353,17 +380,19 @@ class _JacobianLayer(_Layer):
             out2.addmm_(fa.reshape(na * q, -1), fb.reshape(nb * q, -1).T)
 
     def vjp_into(self, f: Tensor, u: Tensor, views: dict[str, Tensor]) -> None:
-        flat = torch.einsum("nqk,nq->k", f, u)
+        n, q, k = f.shape
+        flat = u.reshape(-1, n * q) @ f.reshape(n * q, k)  # [b, P_l]
         start = 0
         for r in self.trainable:
             size = r.shape.numel()
             assert r.name is not None
-            views[r.name].add_(flat[start : start + size].view(r.shape))
+            views[r.name].add_(flat[:, start : start + size].view(-1, *r.shape))
             start += size
 
     def jvp(self, f: Tensor, v: dict[str, Tensor]) -> Tensor:
-        vec = torch.cat([v[r.name].reshape(-1) for r in self.trainable if r.name is not None])
-        return f @ vec
+        vec = torch.cat([v[r.name].flatten(1) for r in self.trainable if r.name is not None], 1)
+        n, q, k = f.shape
+        return (vec @ f.reshape(n * q, k).T).view(-1, n, q)
 
 
 class _AffineNormLayer(_JacobianLayer):
@@ -487,6 +516,12 @@ class _PatchLayer(_Layer):
         else:
             self.route = route
 
+    def row_numel(self, n: int, q: int) -> int:
+        if self.route == "jacobian" and not self.dense:
+            return super().row_numel(n, q)
+        gr, p, fo = self.groups, self.positions, self.fan_out
+        return n * q + (n * fo if self.dense else gr * n * p * fo) + super().row_numel(0, q)
+
     def feature_numel(self, q: int) -> int:
         gr, p, fi, fo = self.groups, self.positions, self.fan_in, self.fan_out
         if self.route == "jacobian" and not self.dense:
@@ -511,6 +546,32 @@ class _PatchLayer(_Layer):
         a_s = None if a is None else a.transpose(0, 1).contiguous()  # [groups, n, P, fan_in]
         g_s = gg.permute(2, 1, 0, 3, 4).contiguous()  # [groups, n, Q, P, fan_out]
         return a_s, g_s
+
+    def mix(self, f: Any, t: Tensor) -> Any:
+        if self.route == "jacobian" and not self.dense:
+            return super().mix(f, t)
+        a, g = f
+        if self.dense:
+            return a, torch.bmm(t.transpose(1, 2), g)
+        return a, torch.einsum("gnqpc,nqr->gnrpc", g, t)
+
+    def gram_form(self, f: Any) -> RowsForm | KronForm:
+        if self.route == "jacobian" and not self.dense:
+            return RowsForm(f)
+        a, g = f
+        if self.dense:  # [n, m] and [n, Q, c]: Kronecker rows g_jq (x) (a_j, 1)
+            cols = [a] if self.has_w else []
+            if self.has_b:
+                cols.append(g.new_ones(g.shape[0], 1))
+            at = cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+            return KronForm(at, g, a.shape[1] if self.has_w else 0, self.has_b)
+        n, q = g.shape[1:3]  # a: [groups, n, P, fan_in], g: [groups, n, Q, P, fan_out]
+        parts = []
+        if self.has_w:
+            parts.append(torch.einsum("gnqpc,gnpf->nqgcf", g, a).reshape(n, q, -1))
+        if self.has_b:
+            parts.append(g.sum(dim=3).permute(1, 2, 0, 3).reshape(n, q, -1))
+        return RowsForm(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
 
     def take(self, f: Any, a: int, b: int) -> Any:
         if self.dense:
@@ -553,8 +614,8 @@ class _PatchLayer(_Layer):
         nb = gb.shape[1]
         # Sub-blocks keep the [groups, sa, Q, P, sb, Q, P] temporary bounded.
         per_pair = gr * q * q * p * p
-        sb = max(1, min(nb, _BLOCK_ENTRIES // per_pair))
-        sa = max(1, min(na, _BLOCK_ENTRIES // (per_pair * sb)))
+        sb = items_within(self.block_entries, per_pair, nb)
+        sa = items_within(self.block_entries, per_pair * sb, na)
         for i in range(0, na, sa):
             i1 = min(na, i + sa)
             for j in range(0, nb, sb):
@@ -578,54 +639,55 @@ class _PatchLayer(_Layer):
                 _write(out[i:i1, :, j:j1, :], blk, first)
 
     def vjp_into(self, f: Any, u: Tensor, views: dict[str, Tensor]) -> None:
+        # u: [b, n, Q]; views: [b, *shape]
         if self.route == "jacobian" and not self.dense:
             _JacobianLayer.vjp_into(self, f, u, views)  # type: ignore[arg-type]
             return
         a, g = f
         if self.dense:
             # g: [n, Q, c];  D_W^T u = sum_j (sum_q u_jq g_jq) a_j^T
-            gu = g[:, 0] * u if g.shape[1] == 1 else torch.einsum("nqc,nq->nc", g, u)
+            gu = torch.einsum("nqc,bnq->bnc", g, u)
             if self.has_w:
                 assert self.weight.name is not None
-                views[self.weight.name].addmm_(gu.T, a)
+                views[self.weight.name].add_(gu.transpose(1, 2) @ a)
             if self.has_b:
                 assert self.bias is not None and self.bias.name is not None
-                views[self.bias.name].add_(gu.sum(0))
+                views[self.bias.name].add_(gu.sum(1))
             return
-        gu = torch.einsum("gnqpc,nq->gnpc", g, u)
+        gu = torch.einsum("gnqpc,bnq->bgnpc", g, u)
         if self.has_w:
             assert self.weight.name is not None
-            dw = torch.einsum("gnpc,gnpf->gcf", gu, a)
-            views[self.weight.name].add_(dw.reshape(self.weight.shape))
+            dw = torch.einsum("bgnpc,gnpf->bgcf", gu, a)
+            views[self.weight.name].add_(dw.reshape(-1, *self.weight.shape))
         if self.has_b:
             assert self.bias is not None and self.bias.name is not None
-            views[self.bias.name].add_(gu.sum(dim=(1, 2)).reshape(-1))
+            views[self.bias.name].add_(gu.sum(dim=(2, 3)).flatten(1))
 
     def jvp(self, f: Any, v: dict[str, Tensor]) -> Tensor:
+        # v: [b, *shape]; returns [b, n, Q]
         if self.route == "jacobian" and not self.dense:
             return _JacobianLayer.jvp(self, f, v)  # type: ignore[arg-type]
         a, g = f
         if self.dense:
-            z = None
+            n, _, c = g.shape
+            z = g.new_zeros(1, n, c)
             if self.has_w:
                 assert self.weight.name is not None
-                z = a @ v[self.weight.name].T
+                z = a @ v[self.weight.name].transpose(1, 2)  # [b, n, c]
             if self.has_b:
                 assert self.bias is not None and self.bias.name is not None
-                vb = v[self.bias.name]
-                z = vb.expand(g.shape[0], -1) if z is None else z + vb
-            assert z is not None
-            return torch.einsum("nqc,nc->nq", g, z)
+                z = z + v[self.bias.name].unsqueeze(1)
+            return torch.einsum("nqc,bnc->bnq", g, z)
         gr, n, q, p, fo = g.shape
-        z = g.new_zeros(gr, n, p, fo)
+        z = g.new_zeros(1, gr, n, p, fo)
         if self.has_w:
             assert self.weight.name is not None
-            w = v[self.weight.name].reshape(gr, fo, -1)
-            z = z + torch.einsum("gnpf,gcf->gnpc", a, w)
+            w = v[self.weight.name].reshape(-1, gr, fo, a.shape[-1])
+            z = torch.einsum("gnpf,bgcf->bgnpc", a, w)
         if self.has_b:
             assert self.bias is not None and self.bias.name is not None
-            z = z + v[self.bias.name].reshape(gr, 1, 1, fo)
-        return torch.einsum("gnqpc,gnpc->nq", g, z)
+            z = z + v[self.bias.name].reshape(-1, gr, 1, 1, fo)
+        return torch.einsum("gnqpc,bgnpc->bnq", g, z)
 
 
 class _LinearLayer(_PatchLayer):
@@ -760,45 +822,54 @@ class _Compiler:
         if _has_hooks(m):
             raise UnsupportedModuleError(desc, "it has hooks")
         t = type(m)
-        own = [n for n, _ in m.named_parameters(recurse=False)]
-        if t is nn.Sequential:
+        if t is nn.Sequential or t is Residual:
+            return self.container(m, path, desc)
+        if t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.PReLU):
+            return self.layer(m, path)
+        if t in (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d):
+            return self.norm(m, path, desc)
+        if t in PARAMETER_FREE:
+            return self.parameter_free(m, desc)
+        raise UnsupportedModuleError(desc, "not a supported layer type")
+
+    def container(self, m: nn.Module, path: str, desc: str) -> _Node:
+        """``nn.Sequential`` or :class:`Residual`: their children, compiled."""
+        if type(m) is nn.Sequential:
             # _modules, not named_children(): the latter skips a module listed twice
             children = list(m._modules.items())
             if any(c is None for _, c in children):
                 raise UnsupportedModuleError(desc, "a child module is None")
             return _SeqNode([self.compile(c, _join(path, n)) for n, c in children if c is not None])
-        if t is Residual:
-            res: Any = m
-            body = self.compile(res.body, _join(path, "body"))
-            short = None
-            if res.shortcut is not None:
-                short = self.compile(res.shortcut, _join(path, "shortcut"))
-            if own:
-                raise UnsupportedModuleError(desc, "Residual has parameters of its own")
-            return _ResidualNode(body, short)
-        if t is nn.Linear:
-            w = self.param(m, "weight", path)
-            assert w is not None
-            return self.add(_LinearLayer(w, self.param(m, "bias", path)))
-        if t in (nn.Conv1d, nn.Conv2d):
-            w = self.param(m, "weight", path)
-            assert w is not None
-            return self.add(_ConvLayer(m, w, self.param(m, "bias", path)))
-        if t in (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d):
-            return self.norm(m, path, desc)
-        if t is nn.PReLU:
-            w = self.param(m, "weight", path)
+        res: Any = m
+        body = self.compile(res.body, _join(path, "body"))
+        short = None
+        if res.shortcut is not None:
+            short = self.compile(res.shortcut, _join(path, "shortcut"))
+        if next(m.named_parameters(recurse=False), None) is not None:
+            raise UnsupportedModuleError(desc, "Residual has parameters of its own")
+        return _ResidualNode(body, short)
+
+    def layer(self, m: nn.Module, path: str) -> _Node:
+        """``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` and ``nn.PReLU``."""
+        w = self.param(m, "weight", path)
+        assert w is not None
+        if type(m) is nn.PReLU:
             neg = lambda x: torch.clamp(x, max=0.0)  # noqa: E731
             return self.add(_AffineNormLayer(neg, w, None, channel_dim=True, base=torch.relu))
-        if t in PARAMETER_FREE:
-            if own or next(m.children(), None) is not None:
-                raise UnsupportedModuleError(desc, "unexpected parameters or submodules")
-            if t in _DROPOUT and m.training:
-                raise UnsupportedModuleError(desc, "dropout in train mode is random")
-            if t in _POOL and getattr(m, "return_indices", False):
-                raise UnsupportedModuleError(desc, "return_indices=True")
-            return _FnNode(m, desc, _acting_dims(m))
-        raise UnsupportedModuleError(desc, "not a supported layer type")
+        if type(m) is nn.Linear:
+            return self.add(_LinearLayer(w, self.param(m, "bias", path)))
+        return self.add(_ConvLayer(m, w, self.param(m, "bias", path)))
+
+    def parameter_free(self, m: nn.Module, desc: str) -> _Node:
+        t = type(m)
+        own = next(m.named_parameters(recurse=False), None)
+        if own is not None or next(m.children(), None) is not None:
+            raise UnsupportedModuleError(desc, "unexpected parameters or submodules")
+        if t in _DROPOUT and m.training:
+            raise UnsupportedModuleError(desc, "dropout in train mode is random")
+        if t in _POOL and getattr(m, "return_indices", False):
+            raise UnsupportedModuleError(desc, "return_indices=True")
+        return _FnNode(m, desc, _acting_dims(m))
 
     def norm(self, m: nn.Module, path: str, desc: str) -> _Node:
         mm: Any = m
@@ -860,6 +931,96 @@ def _default_apply(module: nn.Module) -> Callable[[dict[str, Tensor], Tensor], T
     return apply
 
 
+@dataclass(frozen=True)
+class MemoryPlan:
+    r"""How :class:`StructuredBackend` splits its work to stay within ``budget`` bytes.
+
+    The budget is shared out as follows (the results that a caller asks for,
+    :math:`DD^\top` of ``[QN, QN]``, :math:`D` of ``[QN, K]``, a batch of
+    products, are not counted: their size is the caller's choice):
+
+    * one sample chunk's factors and the activations of its backward pass:
+      at most ``budget / 4`` (:attr:`chunk` samples);
+    * the factors of all samples, kept for :meth:`StructuredBackend.jvp`,
+      :meth:`~StructuredBackend.vjp` and :meth:`~StructuredBackend.ntk` at the
+      same point, only when they take at most ``budget / 2`` (:attr:`store`);
+    * the largest temporary of a Gram block or of a batch of products: at most
+      ``budget / 8`` (:meth:`temp_entries`).
+
+    Attributes
+    ----------
+    budget : int
+        Bytes.
+    itemsize : int
+        Bytes per entry (4 for float32, 8 for float64).
+    chunk : int
+        Samples per chunk.
+    factor_bytes : int
+        Bytes of the layer factors of one sample (at the chosen chunk size).
+    activation_bytes : int
+        Bytes of the backward pass's activations per sample
+        (about :math:`Q + 2` copies of the layer outputs).
+    n_samples : int
+    """
+
+    budget: int
+    itemsize: int
+    chunk: int
+    factor_bytes: int
+    activation_bytes: int
+    n_samples: int
+
+    @property
+    def store(self) -> bool:
+        """Whether the factors of all samples are kept (at most ``budget / 2``)."""
+        return self.n_samples * self.factor_bytes <= self.budget // 2
+
+    def temp_entries(self) -> int:
+        """Entries of the largest temporary: ``budget / 8`` bytes."""
+        return max(1, self.budget // (8 * self.itemsize))
+
+    def rows(self, per_row: int, total: int) -> int:
+        """Rows of a batched product per pass, ``per_row`` entries of temporaries each."""
+        return items_within(self.temp_entries(), per_row, total)
+
+
+def chunk_plan(
+    budget: int,
+    itemsize: int,
+    n_samples: int,
+    per_sample: Callable[[int], tuple[int, int]],
+    chunk_size: int | None = None,
+) -> MemoryPlan:
+    r"""The :class:`MemoryPlan` of a network: the largest chunk within ``budget / 4``.
+
+    Parameters
+    ----------
+    budget, itemsize, n_samples : int
+    per_sample : callable
+        ``per_sample(chunk) -> (factor entries, activation entries)`` per sample
+        when the samples are processed ``chunk`` at a time (the per-layer route,
+        hence the factor size, may depend on the chunk).
+    chunk_size : int, optional
+        A fixed chunk (the caller's choice; the budget then only decides
+        :attr:`MemoryPlan.store`).
+
+    Examples
+    --------
+    >>> plan = chunk_plan(1 << 20, 8, 1000, lambda n: (100, 28))
+    >>> plan.chunk, plan.chunk * 8 * (100 + 28) <= (1 << 20) // 4, plan.store
+    (256, True, False)
+    """
+    n_total = max(1, int(n_samples))
+    chunk = n_total if chunk_size is None else max(1, min(int(chunk_size), n_total))
+    feat, act = per_sample(chunk)
+    if chunk_size is None:
+        fit = items_within(budget // 4, itemsize * (feat + act), n_total)
+        if fit < chunk:
+            chunk = fit
+            feat, act = per_sample(chunk)
+    return MemoryPlan(int(budget), itemsize, chunk, itemsize * feat, itemsize * act, n_total)
+
+
 class StructuredBackend:
     r"""Per-layer structured engine for :math:`x[\theta]`, :math:`D` and :math:`DD^\top`.
 
@@ -879,15 +1040,20 @@ class StructuredBackend:
     num_outputs : int
         Q.
     chunk_size : int or None
-        Samples per chunk; ``None`` chooses it from a memory budget
-        (all samples when their layer factors take at most 256 MiB).
+        Samples per chunk; ``None`` chooses it from the memory budget
+        (:class:`MemoryPlan`).
     fallback : FuncBackend, optional
         Engine used for ``outputs``, ``jacobian`` and for ``jvp``/``vjp``
-        at points where the layer factors are not cached.  Built from
+        at points where the layer factors are not kept.  Built from
         ``module`` when omitted.
     route : {"auto", "jacobian", "structured"}
         Route for layers with positions (convolutions, ``Linear`` on
         sequences); ``"auto"`` picks the cheaper per layer.
+    memory_budget : int, optional
+        Bytes of temporaries (:class:`MemoryPlan`); default: the fallback's
+        ``memory_budget`` (:data:`~subriemann.engines.base.MEMORY_BUDGET`),
+        which is then set to the same value, so that the two engines share one
+        budget.
 
     Raises
     ------
@@ -897,12 +1063,16 @@ class StructuredBackend:
 
     Notes
     -----
-    After :meth:`ntk`, the layer factors and outputs at that :math:`\theta`
-    are kept when they fit in 512 MiB, so that :meth:`outputs`, :meth:`vjp`
+    The layer factors at one :math:`\theta` are kept when they fit in half the
+    budget (:attr:`MemoryPlan.store`): after :meth:`ntk`, and after the second
+    product (:meth:`jvp`, :meth:`vjp`, or one batched call) at the same point,
+    so that :meth:`outputs`, :meth:`vjp`
     (:math:`D^\top u = \sum_l G_l^\top\mathrm{diag}(u) A_l`), :meth:`jvp` and
-    :meth:`pullback` at the same point cost a few matrix products and no
-    network evaluation.  The cache is keyed on the tensor ``theta`` (and
-    dropped when it is modified in place).
+    :meth:`pullback` there cost a few matrix products and no network
+    evaluation (a Krylov solve makes many).  A single product at a new point
+    goes through the fallback (one pass instead of :math:`Q` backward passes).
+    The cache is keyed on the tensor ``theta`` (and dropped when it is
+    modified in place).
 
     The structured computations are not differentiable in :math:`\theta`:
     when ``theta`` is traced by autograd or a :mod:`torch.func` transform,
@@ -912,6 +1082,8 @@ class StructuredBackend:
     name = "structured"
     #: ``jvp`` and ``vjp`` accept batches ``[..., K]`` / ``[..., QN]``.
     batched = True
+    #: How the memory budget is shared out (set at construction).
+    plan: MemoryPlan
 
     def __init__(
         self,
@@ -923,6 +1095,7 @@ class StructuredBackend:
         fallback: FuncBackend | None = None,
         *,
         route: str = "auto",
+        memory_budget: int | None = None,
     ) -> None:
         if route not in ("auto", "jacobian", "structured"):
             raise ValueError(f"route must be 'auto', 'jacobian' or 'structured', got {route!r}")
@@ -941,12 +1114,50 @@ class StructuredBackend:
         self.fallback = fallback or FuncBackend(
             _default_apply(module), layout, inputs, num_outputs, chunk_size
         )
+        if memory_budget is not None:
+            check_int(memory_budget, "memory_budget", low=1)
+            self.fallback.memory_budget = int(memory_budget)
         self._cache: tuple[Tensor, int, list[list[Any]], list[Tensor]] | None = None
-        self._probe(module, route, chunk_size)
+        self._miss: tuple[Tensor, int] | None = None  # the last point of an uncached product
+        shapes = self._probe(module)
+        self._plan_chunks(shapes, route, chunk_size)
+
+    def set_inputs(self, inputs: Tensor) -> None:
+        """Evaluate on a new batch of the same shape, dtype and device (e.g. the next
+        mini-batch of a training loop): the compiled network, its routes and the memory
+        plan are kept, the factors of the old batch are dropped.
+
+        Raises
+        ------
+        ValueError
+            A batch of another shape, dtype or device (build a new engine for it).
+        """
+        old = self.inputs
+        if (inputs.shape, inputs.dtype, inputs.device) != (old.shape, old.dtype, old.device):
+            raise ValueError(
+                f"set_inputs needs a batch like the engine's ({tuple(old.shape)}, {old.dtype}, "
+                f"{old.device}), got ({tuple(inputs.shape)}, {inputs.dtype}, {inputs.device})"
+            )
+        self.inputs = self.fallback.inputs = inputs
+        self._cache = self._miss = None
+
+    @property
+    def memory_budget(self) -> int:
+        """Bytes of temporaries, shared with the fallback engine (:class:`MemoryPlan`)."""
+        return int(self.fallback.memory_budget)
+
+    @memory_budget.setter
+    def memory_budget(self, value: int) -> None:
+        check_int(value, "memory_budget", low=1)
+        self.fallback.memory_budget = int(value)
+        self.plan = replace(self.plan, budget=int(value))
+        for layer in self.layers:
+            layer.block_entries = self.plan.temp_entries()
+        self._cache = None
 
     # -- construction helpers ----------------------------------------------------
-    def _probe(self, module: nn.Module, route: str, chunk_size: int | None) -> None:
-        """Run the interpreter on two samples: shapes, and agreement with the module."""
+    def _probe(self, module: nn.Module) -> list[Any]:
+        """Run the interpreter on two samples: per-layer shapes, and agreement with the module."""
         named = dict(module.named_parameters())
         theta0 = self.layout.flatten({n: named[n].detach() for n in self.layout.names})
         x = self.inputs[:2]
@@ -970,27 +1181,32 @@ class StructuredBackend:
             raise UnsupportedModuleError(
                 _describe(module, ""), "the interpreted forward pass disagrees with the module"
             )
-        n_total = int(self.inputs.shape[0])
+        self.itemsize = torch.finfo(ref.dtype).bits // 8
+        return shapes
+
+    def _plan_chunks(self, shapes: list[Any], route: str, chunk_size: int | None) -> None:
+        """Per-layer routes and the chunk of samples within the budget (:func:`chunk_plan`)."""
         q = self.num_outputs
         self.out_shapes = [s_out for _, s_out in shapes]
+        # activations of the vectorised backward: about (Q + 2) copies of the layer outputs
+        act = (q + 2) * sum(int(s.numel()) for s in self.out_shapes)
 
-        def setup(n: int) -> None:
+        def per_sample(n: int) -> tuple[int, int]:
             for layer, (s_in, s_out) in zip(self.layers, shapes):
                 layer.setup(s_in, s_out, n, q, route)
+            return self._feature_numel(), act
 
-        chunk = n_total if chunk_size is None else max(1, min(int(chunk_size), n_total))
-        setup(chunk)
-        itemsize = torch.finfo(ref.dtype).bits // 8
-        feat = itemsize * self._feature_numel()
-        # activations of the vectorised backward: about (Q + 2) copies of the layer outputs
-        act = itemsize * (q + 2) * sum(int(s.numel()) for s in self.out_shapes)
-        if chunk_size is None and chunk * (feat + act) > _FEATURE_BUDGET:
-            chunk = max(1, _FEATURE_BUDGET // (feat + act))
-            setup(chunk)
-            feat = itemsize * self._feature_numel()
-        self.chunk_size = chunk
-        self.bounds = [(a, min(n_total, a + chunk)) for a in range(0, n_total, chunk)]
-        self.store_all = n_total * feat <= _STORE_BUDGET
+        n_total = int(self.inputs.shape[0])
+        self.plan = chunk_plan(self.memory_budget, self.itemsize, n_total, per_sample, chunk_size)
+        self.chunk_size = size = self.plan.chunk
+        self.bounds = [(a, min(n_total, a + size)) for a in range(0, n_total, size)]
+        for layer in self.layers:
+            layer.block_entries = self.plan.temp_entries()
+
+    @property
+    def store_all(self) -> bool:
+        """Whether the factors of all samples are kept at a point (:attr:`MemoryPlan.store`)."""
+        return self.plan.store
 
     def _feature_numel(self) -> int:
         q = self.num_outputs
@@ -1045,20 +1261,42 @@ class StructuredBackend:
         return feats, y.detach()
 
     def _cached(self, theta: Tensor) -> tuple[list[list[Any]], list[Tensor]] | None:
-        """The factors kept by the last :meth:`ntk`, if it was at this very ``theta``."""
+        """The factors kept at this very ``theta`` (by :meth:`ntk` or :meth:`factors`)."""
         if self._cache is None or not _plain(theta):
             return None
         key, version, feats, ys = self._cache
         if key._version != version:  # the tensor we keyed on was modified in place
             self._cache = None
             return None
-        if theta is key or (
-            key.shape == theta.shape
-            and key.device == theta.device
-            and key.dtype == theta.dtype
-            and torch.equal(key, theta)
-        ):
-            return feats, ys
+        return (feats, ys) if _same_point(key, theta) else None
+
+    def factors(self, theta: Tensor) -> tuple[list[list[Any]], list[Tensor]] | None:
+        """The layer factors and outputs of all sample chunks at ``theta``, kept.
+
+        Computed once per point (one forward and one reverse pass per chunk),
+        when they fit in half the memory budget (:attr:`MemoryPlan.store`);
+        ``None`` otherwise, and for a ``theta`` that autograd traces.
+        """
+        hit = self._cached(theta)
+        if hit is not None or not self.store_all or not _plain(theta):
+            return hit
+        computed = [self._features(theta, a, b) for a, b in self.bounds]
+        self._cache = (theta, theta._version, [f for f, _ in computed], [y for _, y in computed])
+        return self._cache[2], self._cache[3]
+
+    def _product_factors(self, theta: Tensor, batched: bool):
+        """Factors for a product at ``theta``: kept ones, or new ones for a batch of products or
+        at the second product with the same (unmodified) tensor ``theta``."""
+        hit = self._cached(theta)
+        if hit is not None or not self.store_all or not _plain(theta):
+            return hit
+        # the same tensor, unmodified, a second time: a solver is at work at this point
+        miss = self._miss
+        again = miss is not None and miss[0] is theta and miss[1] == theta._version
+        if batched or again:
+            self._miss = None
+            return self.factors(theta)
+        self._miss = (theta, theta._version)
         return None
 
     # -- interface ----------------------------------------------------------------
@@ -1070,56 +1308,88 @@ class StructuredBackend:
         return self.fallback.outputs(theta)
 
     def jacobian(self, theta: Tensor) -> Tensor:
-        r"""Dense :math:`D`, shape ``[QN, K]`` (delegated to the fallback engine)."""
+        r"""Dense :math:`D`, shape ``[QN, K]`` (delegated to the fallback engine, same budget)."""
         return self.fallback.jacobian(theta)
+
+    def _trainable_layers(self) -> list[_Layer]:
+        return [layer for layer in self.layers if layer.trainable]
+
+    def _product_rows(self, total: int) -> int:
+        """Rows of a batched product per pass: temporaries within the budget."""
+        q = self.num_outputs
+        per_row = max(
+            sum(layer.row_numel(b - a, q) for layer in self._trainable_layers())
+            for a, b in self.bounds
+        )
+        return self.plan.rows(2 * per_row, total)
+
+    def rows_per_pass(self, theta: Tensor) -> int:
+        """How many rows of a batched :meth:`jvp` / :meth:`vjp` one pass takes within the budget:
+        from the layer factors when they are kept (:attr:`MemoryPlan.store`), else the
+        fallback's (:meth:`FuncBackend.rows_per_pass`)."""
+        if self.store_all and _plain(theta):
+            return self._product_rows(1 << 30)
+        return self.fallback.rows_per_pass(theta)
 
     def jvp(self, theta: Tensor, tangent_vec: Tensor) -> Tensor:
         r""":math:`Dv`, shape ``[..., QN]`` for ``tangent_vec`` of shape ``[..., K]``.
 
-        From the layer factors cached by :meth:`ntk` at this ``theta`` when
-        available, :math:`(Dv)_{jq} = \sum_l g^l_{jq}\cdot(V_l a^l_j + v_{b,l})`;
-        otherwise (and under :mod:`torch.func` transforms) by the fallback.
+        From the layer factors when they are kept at this ``theta``
+        (:meth:`factors`), :math:`(Dv)_{jq} = \sum_l g^l_{jq}\cdot(V_l a^l_j + v_{b,l})`,
+        a batch in passes whose temporaries stay within the budget; otherwise
+        (and under :mod:`torch.func` transforms) by the fallback.
         """
-        hit = self._cached(theta)
+        hit = self._product_factors(theta, tangent_vec.ndim > 1)
         if hit is None:
             return _rowwise(self.fallback, "jvp", theta, tangent_vec)
-        if tangent_vec.ndim > 1:
-            flat = tangent_vec.reshape(-1, tangent_vec.shape[-1])
-            out = torch.stack([self.jvp(theta, r) for r in flat])
-            return out.reshape(*tangent_vec.shape[:-1], out.shape[-1])
-        v = self.layout.unflatten(tangent_vec)
+        flat = tangent_vec.reshape(-1, tangent_vec.shape[-1])
+        rows = self._product_rows(flat.shape[0])
+        out = torch.cat(
+            [self._jvp_rows(hit[0], flat[i : i + rows]) for i in range(0, flat.shape[0], rows)]
+        )
+        return out.reshape(*tangent_vec.shape[:-1], out.shape[-1])
+
+    def _jvp_rows(self, feats: list[list[Any]], v: Tensor) -> Tensor:
+        views = self.layout.unflatten(v)
         parts = []
-        for (a, b), fs in zip(self.bounds, hit[0]):
-            acc = torch.zeros(b - a, self.num_outputs, dtype=theta.dtype, device=theta.device)
+        for fs in feats:
+            acc = None
             for layer, f in zip(self.layers, fs):
                 if layer.trainable:
-                    acc = acc + layer.jvp(f, v)
-            parts.append(acc.reshape(-1))
-        return torch.cat(parts)
+                    z = layer.jvp(f, views)
+                    acc = z if acc is None else acc + z
+            assert acc is not None
+            parts.append(acc.reshape(v.shape[0], -1))
+        return torch.cat(parts, dim=1)
 
     def vjp(self, theta: Tensor, output_covec: Tensor) -> Tensor:
         r""":math:`D^\top u`, shape ``[..., K]`` for ``output_covec`` of shape ``[..., QN]``.
 
-        From the layer factors cached by :meth:`ntk` at this ``theta`` when
-        available, :math:`D^\top u = \sum_l \sum_{jq} u_{jq}\, g^l_{jq}\otimes
-        (a^l_j, 1)` (a few matrix products, no network evaluation);
-        otherwise (and under :mod:`torch.func` transforms) by the fallback.
+        From the layer factors when they are kept at this ``theta``
+        (:meth:`factors`), :math:`D^\top u = \sum_l \sum_{jq} u_{jq}\, g^l_{jq}\otimes
+        (a^l_j, 1)` (a few matrix products, no network evaluation), a batch in
+        passes within the budget; otherwise (and under :mod:`torch.func`
+        transforms) by the fallback.
         """
-        hit = self._cached(theta)
+        hit = self._product_factors(theta, output_covec.ndim > 1)
         if hit is None:
             return _rowwise(self.fallback, "vjp", theta, output_covec)
-        if output_covec.ndim > 1:
-            flat = output_covec.reshape(-1, output_covec.shape[-1])
-            out = torch.stack([self.vjp(theta, r) for r in flat])
-            return out.reshape(*output_covec.shape[:-1], out.shape[-1])
+        flat = output_covec.reshape(-1, output_covec.shape[-1])
+        rows = self._product_rows(flat.shape[0])
+        out = torch.cat(
+            [self._vjp_rows(hit[0], flat[i : i + rows]) for i in range(0, flat.shape[0], rows)]
+        )
+        return out.reshape(*output_covec.shape[:-1], out.shape[-1])
+
+    def _vjp_rows(self, feats: list[list[Any]], u: Tensor) -> Tensor:
         q = self.num_outputs
-        res = torch.zeros_like(theta)
+        res = u.new_zeros(u.shape[0], self.layout.dim)
         views = self.layout.unflatten(res)
-        for (a, b), fs in zip(self.bounds, hit[0]):
-            u = output_covec[a * q : b * q].view(b - a, q)
+        for (a, b), fs in zip(self.bounds, feats):
+            ub = u[:, a * q : b * q].reshape(-1, b - a, q)
             for layer, f in zip(self.layers, fs):
                 if layer.trainable:
-                    layer.vjp_into(f, u, views)
+                    layer.vjp_into(f, ub, views)
         return res
 
     def pullback(
@@ -1127,8 +1397,8 @@ class StructuredBackend:
     ) -> tuple[Tensor, Tensor]:
         r"""``(x, D^T covec_fn(x))`` (see :meth:`FuncBackend.pullback`).
 
-        Served from the cached factors when :meth:`ntk` was just evaluated at
-        this ``theta``; otherwise by the fallback.
+        Served from the kept factors when there are some at this ``theta``;
+        otherwise by the fallback.
         """
         if self._cached(theta) is not None:
             x = self.outputs(theta)
@@ -1139,58 +1409,184 @@ class StructuredBackend:
         x = self.fallback.outputs(theta)
         return x, _rowwise(self.fallback, "vjp", theta, covec_fn(x))
 
-    def ntk(self, theta: Tensor) -> Tensor:
+    # -- parameter space: D^T D and shifted solves ---------------------------------------
+    def _kspace_layers(self) -> tuple[list[_Layer], list[tuple[int, int]]]:
+        """Trainable layers in the order of their parameters in theta, with their ranges."""
+        offsets = dict(zip(self.layout.names, self.layout.offsets))
+        found = []
+        for layer in self._trainable_layers():
+            refs = [(r.name, r.shape.numel()) for r in layer.refs if r.name is not None]
+            start = end = offsets[refs[0][0]]
+            for name, size in refs:
+                if offsets[name] != end:  # pragma: no cover - layouts follow named_parameters
+                    raise ValueError("the trainable tensors of a layer are not adjacent in theta")
+                end += size
+            found.append((start, end, layer))
+        found.sort(key=lambda t: t[0])
+        return [t[2] for t in found], [(t[0], t[1]) for t in found]
+
+    def _chunk_forms(self, theta: Tensor) -> Callable[[], Any]:
+        """A callable giving, per sample chunk, the layers' rows of D (kept or recomputed)."""
+        kept = self.factors(theta)
+        layers = self._kspace_layers()[0]
+
+        def forms():
+            for i, (a, b) in enumerate(self.bounds):
+                fs = kept[0][i] if kept is not None else self._features(theta, a, b)[0]
+                yield [layer.gram_form(fs[layer.index]) for layer in layers]
+
+        return forms
+
+    def _output_layer(self, theta: Tensor) -> int | None:
+        r"""The largest trainable layer whose Gram block is block diagonal (:math:`G_j^\top G_j`
+        diagonal on every sample: a ``Linear`` whose outputs are the network's), by its
+        position in :meth:`_kspace_layers`, if the factors are kept; ``None`` otherwise."""
+        kept = self.factors(theta)
+        layers = self._kspace_layers()[0]
+        if kept is None or len(layers) < 2:
+            return None
+        best, size = None, 0
+        for k, layer in enumerate(layers):
+            forms = [layer.gram_form(fs[layer.index]) for fs in kept[0]]
+            if forms[0].size > size and diagonal_kron(forms):
+                best, size = k, forms[0].size
+        return best
+
+    def param_gram(self, theta: Tensor) -> Tensor:
+        r""":math:`D^\top D`, ``[K, K]``, exactly symmetric, without forming :math:`D`.
+
+        Layer block by layer block from the factors (:mod:`~subriemann.engines.kspace`):
+        a dense layer's Kronecker rows make its blocks :math:`Q` times cheaper
+        than from the rows of :math:`D`.  Temporaries stay within the memory
+        budget; the result takes :math:`K^2` entries.
+        """
+        if not _plain(theta):
+            d = self.fallback.jacobian(theta)
+            return d.T @ d
+        q, temp = self.num_outputs, self.plan.temp_entries()
+        forms = self._chunk_forms(theta)()
+        return param_gram(forms, self._kspace_layers()[1], self.layout.dim, theta, q, temp)
+
+    def solve_param_gram(self, theta: Tensor, rhs: Tensor, shift: float) -> Tensor:
+        r""":math:`(D^\top D + \mu 1)^{-1}r` for ``rhs`` ``[K]`` or ``[K, b]`` and :math:`\mu > 0`.
+
+        Exact (Cholesky factorizations of symmetric positive definite matrices).
+        When the network ends with a ``Linear`` layer whose outputs are the
+        network's, its Gram block is block diagonal and is eliminated first
+        (:func:`~subriemann.engines.kspace.solve_shifted`): the one dense
+        factorization then has the size of the *other* parameters, and the
+        largest matrices are :math:`|C|\times K` instead of :math:`K\times K`.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from subriemann.engines import ParameterLayout, StructuredBackend
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+        ...                           torch.nn.Linear(4, 2)).double()
+        >>> named = dict(net.named_parameters())
+        >>> layout = ParameterLayout(list(named), [p.shape for p in named.values()])
+        >>> be = StructuredBackend(net, layout, torch.randn(20, 3, dtype=torch.float64), 2)
+        >>> theta = layout.flatten({n: p.detach() for n, p in named.items()})
+        >>> d = be.jacobian(theta)  # [QN, K] = [40, 26]: K < QN
+        >>> r = torch.randn(26, dtype=torch.float64)
+        >>> x = be.solve_param_gram(theta, r, 0.5)
+        >>> bool(torch.allclose(d.T @ (d @ x) + 0.5 * x, r))
+        True
+        """
+        if not _plain(theta):
+            raise ValueError("solve_param_gram is not differentiable in theta")
+        rhs = rhs.to(dtype=theta.dtype, device=theta.device)
+        return solve_shifted(
+            self._chunk_forms(theta), self._kspace_layers()[1], self.layout.dim, rhs,
+            float(shift), self.num_outputs, self.plan.temp_entries(), self._output_layer(theta),
+        )  # fmt: skip
+
+    def ntk(self, theta: Tensor, output_basis: Tensor | None = None) -> Tensor:
         r"""Empirical NTK :math:`DD^\top = \sum_l (A_lA_l^\top)\circ(G_lG_l^\top)`, ``[QN, QN]``.
 
         The upper triangle of a block on the diagonal is assembled in strips
         from the diagonal to the right (which saves up to 3/8 of the matrix
         products); the lower part is then filled by transposition, so that
-        the result is exactly symmetric.
+        the result is exactly symmetric.  The factors are kept
+        (:meth:`factors`) when they fit in half the budget, and recomputed per
+        block otherwise.
+
+        Parameters
+        ----------
+        theta : Tensor, shape=[K]
+        output_basis : Tensor, shape=[N, Q, R], optional
+            Per-sample output bases :math:`T_j`: then the result is
+            :math:`T^\top DD^\top T` (``[NR, NR]``, :math:`T` block diagonal),
+            assembled from the layer factors mixed by :math:`T_j` (a whitened
+            Gram matrix at the cost of one of size :math:`NR`; used by
+            :class:`~subriemann.optim.AdaptedGD` for the Fisher metric of
+            cross-entropy).
         """
-        q = self.num_outputs
-        qn = int(self.inputs.shape[0]) * q
-        layers = [layer for layer in self.layers if layer.trainable]
-        gram = torch.empty(qn, qn, dtype=theta.dtype, device=theta.device)
+        layers = self._trainable_layers()
+        if not _plain(theta) and layers:  # differentiated through: the generic engine is
+            if output_basis is not None:  # differentiable
+                raise ValueError("output_basis needs a plain theta (not traced by autograd)")
+            return self.fallback.ntk(theta)
+        q = self.num_outputs if output_basis is None else int(output_basis.shape[2])
+        gram = torch.empty(int(self.inputs.shape[0]) * q, int(self.inputs.shape[0]) * q,
+                           dtype=theta.dtype, device=theta.device)  # fmt: skip
         if not layers:
             return gram.zero_()
-        if not _plain(theta):  # differentiated through: the generic engine is differentiable
-            return self.fallback.ntk(theta)
-        feats: list[list[Any]] | None = None
-        if self.store_all:
-            hit = self._cached(theta)
-            if hit is None:
-                computed = [self._features(theta, a, b) for a, b in self.bounds]
-                hit = [f for f, _ in computed], [y for _, y in computed]
-                self._cache = (theta, theta._version, hit[0], hit[1])
-            feats = hit[0]
+        kept = self.factors(theta)
+        feats = None if kept is None else kept[0]
 
-        def block(fa: list[Any], fb: list[Any], ra: tuple[int, int], rb: tuple[int, int]) -> None:
-            # rows ra, columns rb (samples, absolute), rb[0] >= ra[0]; factors of those samples.
-            # The transposed block is mirrored below the diagonal.
-            out = gram[ra[0] * q : ra[1] * q, rb[0] * q : rb[1] * q]
-            out4 = out.view(ra[1] - ra[0], q, rb[1] - rb[0], q)
-            for k, layer in enumerate(layers):
-                layer.gram_into(out4, fa[k], fb[k], first=k == 0)
-            if rb[0] != ra[0]:
-                gram[rb[0] * q : rb[1] * q, ra[0] * q : ra[1] * q] = out.T
+        def chunk(i: int) -> list[Any]:
+            fs = feats[i] if feats is not None else self._features(theta, *self.bounds[i])[0]
+            fs = [f for f, layer in zip(fs, self.layers) if layer.trainable]
+            if output_basis is None:
+                return fs
+            t = output_basis[self.bounds[i][0] : self.bounds[i][1]]
+            return [layer.mix(f, t) for layer, f in zip(layers, fs)]
 
         for i, (a0, a1) in enumerate(self.bounds):
-            fa = feats[i] if feats is not None else self._features(theta, a0, a1)[0]
-            fa = [f for f, layer in zip(fa, self.layers) if layer.trainable]
-            n_a = a1 - a0
+            fa = chunk(i)
             # the diagonal block: its upper triangle in strips from the diagonal to the
             # right (one per row tile), then mirrored (exactly symmetric; A A^T need not be)
-            for s0, s1 in _tiles(n_a, q):
+            for s0, s1 in tiles(a1 - a0, q):
                 ft = [layer.take(f, s0, s1) for layer, f in zip(layers, fa)]
-                fr = [layer.take(f, s0, n_a) for layer, f in zip(layers, fa)]
-                block(ft, fr, (a0 + s0, a0 + s1), (a0 + s0, a1))
-            _mirror_upper(gram[a0 * q : a1 * q, a0 * q : a1 * q])
+                fr = [layer.take(f, s0, a1 - a0) for layer, f in zip(layers, fa)]
+                _gram_block(gram, layers, q, ft, fr, (a0 + s0, a0 + s1), (a0 + s0, a1))
+            mirror_upper(gram[a0 * q : a1 * q, a0 * q : a1 * q])
             for j in range(i + 1, len(self.bounds)):
-                b0, b1 = self.bounds[j]
-                fb = feats[j] if feats is not None else self._features(theta, b0, b1)[0]
-                fb = [f for f, layer in zip(fb, self.layers) if layer.trainable]
-                block(fa, fb, (a0, a1), (b0, b1))
+                _gram_block(gram, layers, q, fa, chunk(j), (a0, a1), self.bounds[j])
         return gram
+
+
+def _gram_block(
+    gram: Tensor,
+    layers: list[_Layer],
+    q: int,
+    fa: list[Any],
+    fb: list[Any],
+    ra: tuple[int, int],
+    rb: tuple[int, int],
+) -> None:
+    """Rows ``ra``, columns ``rb`` (samples) of :math:`DD^\\top` from the factors of those samples.
+
+    ``rb[0] >= ra[0]``; an off-diagonal block is mirrored below the diagonal.
+    """
+    out = gram[ra[0] * q : ra[1] * q, rb[0] * q : rb[1] * q]
+    out4 = out.view(ra[1] - ra[0], q, rb[1] - rb[0], q)
+    for k, layer in enumerate(layers):
+        layer.gram_into(out4, fa[k], fb[k], first=k == 0)
+    if rb[0] != ra[0]:
+        gram[rb[0] * q : rb[1] * q, ra[0] * q : ra[1] * q] = out.T
+
+
+def _same_point(key: Tensor, theta: Tensor) -> bool:
+    """Whether ``theta`` is the tensor ``key`` or equal to it (same shape, device and dtype)."""
+    return theta is key or (
+        key.shape == theta.shape
+        and key.device == theta.device
+        and key.dtype == theta.dtype
+        and torch.equal(key, theta)
+    )
 
 
 def _plain(theta: Tensor) -> bool:
@@ -1208,24 +1604,3 @@ def _rowwise(backend: Any, method: str, theta: Tensor, vec: Tensor) -> Tensor:
     flat = vec.reshape(-1, vec.shape[-1])
     out = torch.stack([fn(theta, r) for r in flat])
     return out.reshape(*vec.shape[:-1], out.shape[-1])
-
-
-def _tiles(n: int, q: int) -> list[tuple[int, int]]:
-    """Split ``n`` samples into up to 4 tiles of at least 64 rows (``Q`` rows per sample)."""
-    count = max(1, min(4, (n * q) // 64))
-    size = -(-n // count)
-    return [(a, min(n, a + size)) for a in range(0, n, size)]
-
-
-def _mirror_upper(m: Tensor, tile: int = 128) -> None:
-    """Copy the upper triangle of the square ``m`` onto its lower triangle, in place.
-
-    Strip by strip (``tile`` rows), so that the transposed reads stay in cache.
-    """
-    n = m.shape[0]
-    for i in range(0, n, tile):
-        i1 = min(n, i + tile)
-        blk = m[i:i1, i:i1]
-        blk.copy_(torch.triu(blk) + torch.triu(blk, 1).mT)
-        if i1 < n:
-            m[i1:, i:i1].copy_(m[i:i1, i1:].mT)

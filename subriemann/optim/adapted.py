@@ -59,16 +59,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import scipy.linalg
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from subriemann._warnings import warn_once
-from subriemann.engines import ParameterLayout, make_backend
-from subriemann.linalg import PointState
+from subriemann.engines import ParameterLayout, StructuredBackend, make_backend
+from subriemann.linalg import PointState, rank_threshold
+from subriemann.linalg.scipy_adapter import to_numpy, to_torch
 from subriemann.losses import CrossEntropyLoss, Loss, MSELoss, get_loss
 from subriemann.metrics.interpolated import check_lam
 from subriemann.space import NonFiniteError, output_matrix
+from subriemann.validation import check_choice, check_optional, check_real
 
 __all__ = ["AdaptedGD", "StepInfo"]
 
@@ -103,22 +106,12 @@ class StepInfo:
 
 
 def _check_lr(lr: Any) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-    if lr < 0:
-        raise ValueError(f"lr must be >= 0, got {lr}")
-    return float(lr)
+    return check_real(lr, "lr", low=0.0)
 
 
 def _check_rtol(rank_rtol: Any, rank_atol: Any) -> None:
-    if rank_rtol is not None and not (
-        isinstance(rank_rtol, (int, float)) and 0.0 <= rank_rtol < 1.0
-    ):
-        raise ValueError(f"rank_rtol must be None or a number in [0, 1), got {rank_rtol!r}")
-    if rank_atol is not None and not (
-        isinstance(rank_atol, (int, float)) and rank_atol >= 0.0 and math.isfinite(rank_atol)
-    ):
-        raise ValueError(f"rank_atol must be None or a finite number >= 0, got {rank_atol!r}")
+    check_optional(check_real, rank_rtol, "rank_rtol", low=0.0, high=1.0, high_open=True)
+    check_optional(check_real, rank_atol, "rank_atol", low=0.0)
 
 
 class _GramView:
@@ -154,31 +147,65 @@ def _chol_solve(chol: Tensor, rhs: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(chol.mT, z, upper=True).squeeze(1)
 
 
+def _shifted_solve(gram: Tensor, rhs: Tensor, lam: float) -> Tensor:
+    r""":math:`w = ((1-\lambda)1 + \lambda M)^{-1}r`, :math:`\lambda < 1`, in the dtype of ``gram``.
+
+    One Cholesky factorization in the precision :math:`M` was formed in, then one
+    step of iterative refinement in the same precision.  :math:`M` carries the
+    rounding of its dtype, a relative perturbation of order :math:`\epsilon`,
+    which bounds the accuracy of :math:`w` by :math:`\kappa\epsilon` whatever
+    precision factorizes it; one refinement step brings Cholesky's backward error
+    (up to :math:`c\,n\,\epsilon` in the worst case) down to :math:`O(\epsilon)`
+    (Skeel, Math. Comp. 35, 1980), so a float32 factorization of a float32
+    :math:`M` loses nothing against a float64 one, at half the cost.  If the
+    factorization fails (:math:`\kappa \gtrsim 1/\epsilon`), it is redone in float64.
+    """
+    a = gram * lam
+    a.diagonal().add_(1.0 - lam)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0 and a.dtype != torch.float64:
+        a, rhs = a.double(), rhs.double()
+        chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        raise torch.linalg.LinAlgError(
+            f"AdaptedGD: the Cholesky factorization of (1-lam)1 + lam M failed (lam={lam})"
+        )
+    r = rhs.to(a.dtype)
+    w = _chol_solve(chol, r)
+    return (w + _chol_solve(chol, r - a @ w)).to(gram.dtype)
+
+
 def _solve(
     gram: Tensor,
     rhs: Tensor,
     lam: float,
     num_params: int,
     rank_rtol: float,
-    rank_atol,
-    eps: float,
+    rank_atol: float | None,
 ) -> tuple[Tensor, dict[str, Any]]:
-    r""":math:`w = ((1-\lambda)1 + \lambda M)^{+}r` (thresholded at :math:`\lambda = 1`)."""
+    r""":math:`w = ((1-\lambda)1 + \lambda M)^{+}r` (thresholded at :math:`\lambda = 1`).
+
+    :math:`\lambda < 1`: :func:`_shifted_solve`.  :math:`\lambda = 1`: the certified
+    Cholesky factor in the dtype :math:`M` was formed in (a factorization that fails
+    only withholds the certificate), else the thresholded eigendecomposition in
+    float64, with :math:`\tau` from :func:`~subriemann.linalg.rank_threshold`; the
+    threshold stays that of the dtype :math:`M` was formed in.
+    """
     size = int(gram.shape[0])
-    st = PointState(_GramView(gram, num_params), rhs)  # type: ignore[arg-type]
     if lam < 1.0:
-        chol = st.cholesky(lam)
-        w = _chol_solve(chol, rhs)
+        w = _shifted_solve(gram, rhs, lam)
         return w, {"route": "cholesky", "size": size, "rank": size, "tau": float("nan")}
+    eps = torch.finfo(gram.dtype).eps
+    st = PointState(_GramView(gram, num_params), rhs)  # type: ignore[arg-type]
     cert = st.certified_cholesky(rank_atol, rank_rtol)
-    if cert is not None:
+    if cert is not None:  # it certifies sigma_min > tau for sigma_max <= |M|_F^(1/2)
         fro = float(torch.linalg.matrix_norm(gram))
-        tau = rank_atol if rank_atol is not None else rank_rtol * math.sqrt(fro)
+        tau = rank_threshold(math.sqrt(fro), rank_rtol, rank_atol)
         w = _chol_solve(cert, rhs)
         return w, {"route": "certified_cholesky", "size": size, "rank": size, "tau": tau}
-    u, s = st.ntk_eigh
+    u, s = _eigh64(gram)
     smax = float(s[0]) if s.numel() else 0.0
-    tau = float(rank_atol) if rank_atol is not None else rank_rtol * smax
+    tau = rank_threshold(smax, rank_rtol, rank_atol)
     if smax > 0 and tau < math.sqrt(eps) * smax:  # eps: of the dtype M was formed in
         warn_once(
             f"AdaptedGD: the rank threshold tau = {tau:.3g} is below what an eigendecomposition "
@@ -186,9 +213,30 @@ def _solve(
             f"{math.sqrt(eps) * smax:.3g}); raise rank_rtol"
         )
     keep = s > tau
-    coef = torch.where(keep, (u.T @ rhs) / torch.where(keep, s**2, 1.0), 0.0)
+    coef = torch.where(keep, (u.T @ rhs.double()) / torch.where(keep, s**2, 1.0), 0.0)
     info = {"route": "eigh", "size": size, "rank": int(keep.sum()), "tau": tau}
-    return u @ coef, info
+    return (u @ coef).to(gram.dtype), info
+
+
+def _eigh64(gram: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(U, sigma)``, :math:`M = U\operatorname{diag}(\sigma^2)U^\top`, descending, in float64.
+
+    In float64 because LAPACK's float32 eigh can fail to converge and MKL's ``ssyevd``
+    has returned NaN without an error on a rank-deficient batch Gram matrix.  MKL's
+    ``dsyevd`` has failed to converge on such matrices as well (one thread), where
+    SciPy's MRRR driver (``syevr``) succeeds: it is the fallback.
+    """
+    m = gram.double()
+    try:
+        evals, evecs = torch.linalg.eigh(m)
+        ok = bool(torch.isfinite(evals).all() and torch.isfinite(evecs).all())
+    except torch.linalg.LinAlgError:
+        ok = False
+    if not ok:
+        vals, vecs = scipy.linalg.eigh(to_numpy(m), driver="evr")
+        evals = to_torch(vals, m.dtype, m.device)
+        evecs = to_torch(vecs, m.dtype, m.device).reshape(vecs.shape)
+    return evecs.flip(1), evals.flip(0).clamp_min(0.0).sqrt()
 
 
 def _output_factor(loss: Loss, out: Tensor, targets: Tensor) -> tuple[Tensor | None, Tensor]:
@@ -345,8 +393,7 @@ class AdaptedGD(torch.optim.Optimizer):
                 f"AdaptedGD supports loss='mse' or 'cross_entropy', got {self.loss!r} "
                 "(the output metric G of another loss is not defined here)"
             )
-        if backend not in ("auto", "structured", "func"):
-            raise ValueError(f"backend must be 'auto', 'structured' or 'func', got {backend!r}")
+        check_choice(backend, "backend", ("auto", "structured", "func"))
         _check_rtol(rank_rtol, rank_atol)
         self.model = model
         self.backend = backend
@@ -355,6 +402,7 @@ class AdaptedGD(torch.optim.Optimizer):
         self.record_spectrum = bool(record_spectrum)
         self.last_step: StepInfo | None = None
         self._names = {id(p): n for n, p in model.named_parameters()}
+        self._engines: dict[tuple, Any] = {}  # per group and batch shape (see _engine)
         defaults = dict(
             lr=_check_lr(lr), lam=check_lam(lam), rank_rtol=rank_rtol, rank_atol=rank_atol
         )
@@ -409,7 +457,12 @@ class AdaptedGD(torch.optim.Optimizer):
             raise ValueError("the batch inputs contain NaN or inf")
         with torch.no_grad(), self._geometry_mode([]):  # eval-mode BatchNorm: no stat update
             q = self._apply({}, x[:1]).shape[1]
-        y = targets.to(device=ref.device)
+        y = self._targets(targets.to(device=ref.device), q, ref.dtype)
+        self.loss.check_targets(y)
+        return x, self.loss.prepare_targets(y)
+
+    def _targets(self, y: Tensor, q: int, dtype: torch.dtype) -> Tensor:
+        """Targets ``[n, Q]`` in ``dtype``: class indices one-hot (cross-entropy), checked."""
         if isinstance(self.loss, CrossEntropyLoss) and not y.is_floating_point():
             if y.ndim != 1:
                 raise ValueError(f"class-index targets must have shape (n,), got {tuple(y.shape)}")
@@ -418,7 +471,7 @@ class AdaptedGD(torch.optim.Optimizer):
                     f"class indices must lie in [0, {q}), got {int(y.min())}..{int(y.max())}"
                 )
             y = torch.nn.functional.one_hot(y.long(), q)
-        y = y.to(ref.dtype)
+        y = y.to(dtype)
         if y.ndim == 1:
             y = y.unsqueeze(1)
         if not torch.isfinite(y).all():
@@ -427,8 +480,7 @@ class AdaptedGD(torch.optim.Optimizer):
             raise ValueError(
                 f"model has {q} outputs per sample but targets have shape {tuple(y.shape)}"
             )
-        self.loss.check_targets(y)
-        return x, self.loss.prepare_targets(y)
+        return y
 
     @contextmanager
     def _geometry_mode(self, params: Sequence[Tensor]) -> Iterator[None]:
@@ -476,25 +528,14 @@ class AdaptedGD(torch.optim.Optimizer):
         layout = ParameterLayout(names, [p.shape for p in params])
         theta = torch.cat([p.detach().reshape(-1) for p in params])
         n, q = y.shape
-        engine = make_backend(self.backend, self.model, self._apply, layout, x, q)
-        ntk = engine.ntk(theta)
-        out = engine.outputs(theta).reshape(n, q)
-        if not (torch.isfinite(out).all() and torch.isfinite(ntk).all()):
-            raise NonFiniteError("model outputs or their Jacobian contain NaN or inf on this batch")
+        engine = self._engine(names, layout, x, q)
+        out, gram, t, r = self._batch_gram(engine, theta, y)
         cost = self.loss.value(out, y)
-        t, r = _output_factor(self.loss, out, y)
-        gram = _whiten(ntk, t, n, q)
         lam = group["lam"]
         rtol = group["rank_rtol"]
         if rtol is None:
             rtol = 10.0 * math.sqrt(torch.finfo(theta.dtype).eps)
-        # The factorization runs in float64 (LAPACK's float32 eigh can fail to converge on
-        # these Gram matrices); the threshold stays that of the dtype M was formed in.
-        eps = torch.finfo(theta.dtype).eps
-        w, info = _solve(
-            gram.double(), r.double(), lam, theta.numel(), rtol, group["rank_atol"], eps
-        )
-        w = w.to(theta.dtype)
+        w, info = _solve(gram, r, lam, theta.numel(), rtol, group["rank_atol"])
         u = w if t is None else torch.einsum("nqa,na->nq", t, w.reshape(n, -1)).reshape(-1)
         delta = engine.vjp(theta, u)
         info["engine"] = engine.name
@@ -502,6 +543,52 @@ class AdaptedGD(torch.optim.Optimizer):
             info["mu"] = _rate(gram, lam, info)
         dirs = [d.view_as(p) for d, p in zip(layout.unflatten(delta).values(), params)]
         return dirs, cost.detach(), info
+
+    def _engine(self, names: list[str], layout: ParameterLayout, x: Tensor, q: int) -> Any:
+        """The Jacobian engine of a group on this batch: the structured engine of the last step
+        with the same parameters and batch shape, pointed at the new batch (its compilation
+        and checks cost about an Adam step), or a new one (:func:`make_backend`)."""
+        key = (tuple(names), tuple(x.shape), x.dtype, x.device, q, self.backend)
+        engine = self._engines.get(key)
+        if isinstance(engine, StructuredBackend):
+            engine.set_inputs(x)
+            return engine
+        engine = make_backend(self.backend, self.model, self._apply, layout, x, q)
+        if isinstance(engine, StructuredBackend):
+            if len(self._engines) >= 4:  # a few batch shapes (e.g. the last, partial batch)
+                self._engines.pop(next(iter(self._engines)))
+            self._engines[key] = engine
+        return engine
+
+    def _batch_gram(
+        self, engine: Any, theta: Tensor, y: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        r"""``(x, M, T, r)``: outputs ``[n, Q]``, :math:`M = T^\top DD^\top T`, ``T`` and ``r``.
+
+        With the structured engine the layer factors are computed first (one
+        forward and one vectorised reverse pass); :math:`x`, then :math:`T`, come
+        from them, and :math:`M` is assembled from the factors mixed by
+        :math:`T_j` (size :math:`R`, never :math:`QN_B`).  Otherwise the NTK is
+        whitened afterwards (:func:`_whiten`).
+        """
+        n, q = y.shape
+        mixed = isinstance(engine, StructuredBackend)
+        if mixed:
+            engine.factors(theta)
+        else:
+            ntk = engine.ntk(theta)
+        out = engine.outputs(theta).reshape(n, q)
+        if not torch.isfinite(out).all():
+            raise NonFiniteError("model outputs contain NaN or inf on this batch")
+        t, r = _output_factor(self.loss, out, y)
+        if mixed:
+            gram = engine.ntk(theta, output_basis=t)
+        else:
+            gram = _whiten(ntk, t, n, q)
+        # a NaN or inf entry of D makes the diagonal entry of its row non-finite
+        if not torch.isfinite(gram.diagonal()).all():
+            raise NonFiniteError("model outputs or their Jacobian contain NaN or inf on this batch")
+        return out, gram, t, r
 
     def _research(self, params: list[Tensor], x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
         from subriemann.space import ParameterSpace
@@ -590,27 +677,34 @@ class AdaptedGD(torch.optim.Optimizer):
         x, y = self._prepare(inputs, targets)
         return self._step(x, y)
 
+    def _direction(
+        self, group: dict[str, Any], params: list[Tensor], x: Tensor, y: Tensor
+    ) -> tuple[list[Tensor], Tensor, dict[str, Any]]:
+        """The direction of one group's parameters, the batch cost, and what the step did."""
+        info: dict[str, Any] = {"lam": group["lam"], "lr": group["lr"]}
+        with self._geometry_mode(params):
+            if self.metric is not None:
+                dirs, c = self._research(params, x, y)
+                info["route"] = "metric"
+            elif group["lam"] == 0.0:
+                dirs, c = self._gradient(params, x, y)
+                info.update(route="gradient", rank=float("nan"), tau=float("nan"))
+            else:
+                dirs, c, extra = self._adapted(group, params, x, y)
+                info.update(extra)
+        return dirs, c, info
+
     def _step(self, x: Tensor, y: Tensor) -> float:
         plans = []
         cost: Tensor | None = None
         groups_info: list[dict[str, Any]] = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.requires_grad]
-            info: dict[str, Any] = {"lam": group["lam"], "lr": group["lr"]}
-            groups_info.append(info)
             if not params:
-                info["route"] = "none"
+                groups_info.append({"lam": group["lam"], "lr": group["lr"], "route": "none"})
                 continue
-            with self._geometry_mode(params):
-                if self.metric is not None:
-                    dirs, c = self._research(params, x, y)
-                    info["route"] = "metric"
-                elif group["lam"] == 0.0:
-                    dirs, c = self._gradient(params, x, y)
-                    info.update(route="gradient", rank=float("nan"), tau=float("nan"))
-                else:
-                    dirs, c, extra = self._adapted(group, params, x, y)
-                    info.update(extra)
+            dirs, c, info = self._direction(group, params, x, y)
+            groups_info.append(info)
             cost = c if cost is None else cost
             plans.append((group, params, dirs))
         if cost is None:  # nothing trainable: evaluate the cost only

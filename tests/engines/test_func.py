@@ -313,3 +313,27 @@ def test_jacobian_without_per_sample_vmap_within_a_tiny_budget(
     assert torch.allclose(be.jacobian(th), ref, rtol=0, atol=1e-12)
     picked = be._jacobian_reverse(th) if sp.output_dim <= sp.dim else be._jacobian_forward(th)
     assert torch.equal(be.jacobian(th), picked)
+
+
+def test_func_products_within_a_tiny_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FuncBackend's outputs, batched JVPs and VJPs and the pullback in sample chunks and row
+    blocks below a budget of a few kB (one sample, one row per pass), against jacrev of the
+    full batch (same arithmetic per entry: agreement to round-off, 1e-12)."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(
+        torch.nn.Unflatten(1, (1, 4, 4)), torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Tanh(),
+        torch.nn.Flatten(), torch.nn.Linear(48, 3),
+    ).double()  # fmt: skip
+    sp = sr.ParameterSpace(net, torch.randn(7, 16), torch.randn(7, 3), backend="func")
+    th = sp.initial_point()
+    d = reference_jacobian(net, sp.inputs, th)
+    be = sp.backend
+    x_ref = be.outputs(th)
+    monkeypatch.setattr(FuncBackend, "memory_budget", 4096)
+    assert len(be._pass_chunks(th)) == 7 and be._rows_within(th, 5, 1) == 1
+    v, u = torch.randn(5, sp.dim, dtype=torch.float64), torch.randn(5, 21, dtype=torch.float64)
+    assert torch.allclose(be.outputs(th), x_ref, rtol=0, atol=1e-12)
+    assert torch.allclose(be.jvp(th, v), v @ d.T, rtol=0, atol=1e-12)
+    assert torch.allclose(be.vjp(th, u), u @ d, rtol=0, atol=1e-12)
+    x, g = be.pullback(th, lambda x: 2.0 * x)
+    assert torch.allclose(g, d.T @ (2.0 * x_ref), rtol=0, atol=1e-12)

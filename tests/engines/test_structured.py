@@ -236,11 +236,8 @@ def test_both_position_routes(name, route):
     check_all(space, perturbed_point(space, seed=None))
 
 
-def test_structured_sub_blocks(monkeypatch):
-    """The ``"structured"`` route split into sub-blocks of a bounded temporary."""
-    import subriemann.engines.structured as mod
-
-    monkeypatch.setattr(mod, "_BLOCK_ENTRIES", 64)
+def test_structured_sub_blocks():
+    """The ``"structured"`` route split into sub-blocks of a bounded temporary (64 entries)."""
     build, shape, q, _ = CASES["conv1d"]
     model = build(q).to(DT)
     inputs = torch.randn(*shape, dtype=DT)
@@ -254,6 +251,8 @@ def test_structured_sub_blocks(monkeypatch):
         fallback=space.backend.fallback,
         route="structured",
     )
+    for layer in space.backend.layers:
+        layer.block_entries = 64
     check_all(space, perturbed_point(space, seed=None))
 
 
@@ -269,7 +268,7 @@ def test_diagonal_block_in_strips(chunk):
 
 def test_mirror_upper():
     """Lower triangle := upper triangle transposed, strip by strip, against ``triu``."""
-    from subriemann.engines.structured import _mirror_upper
+    from subriemann.engines.kspace import mirror_upper as _mirror_upper
 
     m = torch.randn(11, 11, dtype=DT)
     expected = torch.triu(m) + torch.triu(m, 1).T
@@ -547,3 +546,216 @@ def test_cuda():
     theta = perturbed_point(space, seed=None)
     assert theta.is_cuda
     check_all(space, theta)
+
+
+# -- parameter space: D^T D and shifted solves (engines.kspace) ---------------------------
+def _shifted_reference(d: Tensor, shift: float, rhs: Tensor) -> tuple[Tensor, float]:
+    """(D^T D + shift 1)^{-1} rhs by an eigendecomposition (independent of Cholesky), and the
+    tolerance of a backward-stable solve: 10 K cond eps relative (Cholesky's forward error
+    is at most c K cond eps; observed below 1e-14 here)."""
+    gram = d.T @ d
+    evals, evecs = torch.linalg.eigh(gram + shift * torch.eye(gram.shape[0], dtype=d.dtype))
+    x = evecs @ ((evecs.T @ rhs) / evals[:, None] if rhs.ndim == 2 else (evecs.T @ rhs) / evals)
+    cond = float(evals.max() / evals.min())
+    return x, 10.0 * gram.shape[0] * cond * torch.finfo(d.dtype).eps
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("route", ["auto", "structured", "jacobian"])
+def test_param_gram_and_shifted_solve(name, route):
+    """D^T D from the factors (Kronecker blocks of dense layers, rows of the others) and the
+    exact shifted solve (output layer eliminated where its block is block diagonal), against
+    jacrev's D; several chunks, several routes, rank-deficient D (K > QN in most cases)."""
+    torch.manual_seed(1)
+    build, shape, q, chunk = CASES[name]
+    model = build(q).to(DT)
+    space = structured_space(model, torch.randn(*shape, dtype=DT), q, chunk_size=chunk)
+    be = StructuredBackend(
+        space.module, space.layout, space.inputs, q, chunk, fallback=space.backend.fallback,
+        route=route,
+    )  # fmt: skip
+    theta = perturbed_point(space, seed=None)
+    d = reference_jacobian(space.module, space.inputs, theta)
+    gram = be.param_gram(theta)
+    close_to_max(gram, d.T @ d)
+    assert torch.equal(gram, gram.T)
+    rhs = torch.randn(space.dim, 2, dtype=DT)
+    ref, tol = _shifted_reference(d, 0.3, rhs)
+    close_to_max(be.solve_param_gram(theta, rhs, 0.3), ref, tol)
+    close_to_max(be.solve_param_gram(theta, rhs[:, 0], 0.3), ref[:, 0], tol)
+
+
+def test_output_layer_is_eliminated_first():
+    """A Linear whose outputs are the network's has G_j = 1: its block is block diagonal and
+    the solve eliminates it (one block for all outputs); after a Tanh the blocks differ;
+    after a LogSoftmax (G_j full) nothing is eliminated: the three paths of solve_shifted."""
+    from subriemann.engines.kspace import _assemble_schur
+
+    torch.manual_seed(2)
+    inputs = torch.randn(9, 1, 4, 4, dtype=DT)
+    head = [nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)]
+    # (model, blocks of the eliminated layer: 1 shared, 3 = one per output, 0 = none)
+    cases = [(nn.Sequential(*head), 1), (nn.Sequential(*head, nn.Tanh()), 3)]
+    cases.append((nn.Sequential(*head, nn.LogSoftmax(dim=-1)), 0))
+    for model, blocks in cases:
+        space = structured_space(copy.deepcopy(model).to(DT), inputs, 3)
+        theta = perturbed_point(space, seed=None)
+        be = space.backend
+        layers, ranges = be._kspace_layers()
+        found = be._output_layer(theta)
+        assert (found is not None) == (blocks > 0)
+        if found is not None:
+            assert layers[found] is be.layers[-1]
+            forms = be._chunk_forms(theta)()
+            parts = _assemble_schur(forms, ranges, found, theta, 3, be.plan.temp_entries())
+            assert parts.b.shape[0] == blocks
+        d = reference_jacobian(space.module, space.inputs, theta)
+        rhs = torch.randn(space.dim, dtype=DT)
+        ref, tol = _shifted_reference(d, 1e-2, rhs)
+        close_to_max(be.solve_param_gram(theta, rhs, 1e-2), ref, tol)
+
+
+def test_shifted_solve_on_a_rank_deficient_cnn():
+    """Zero first-layer weights under a ReLU: D^T D is singular (rank < K), the shifted
+    matrix is SPD and the solve exact; with shift 0 the Cholesky factorization refuses."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Unflatten(1, (1, 4, 4)), nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(3, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 4),
+    ).to(DT)  # fmt: skip
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.fill_(-1.0)  # every ReLU input < 0: conv 1 and conv 2's weight are dead
+    space = structured_space(model, torch.randn(12, 16, dtype=DT), 4)
+    theta = space.initial_point()
+    d = reference_jacobian(space.module, space.inputs, theta)
+    assert int(torch.linalg.matrix_rank(d)) < space.dim
+    be = space.backend
+    close_to_max(be.param_gram(theta), d.T @ d)
+    rhs = torch.randn(space.dim, dtype=DT)
+    ref, tol = _shifted_reference(d, 0.5, rhs)
+    close_to_max(be.solve_param_gram(theta, rhs, 0.5), ref, tol)
+    with pytest.raises(ValueError, match="shift must be positive"):
+        be.solve_param_gram(theta, rhs, 0.0)
+
+
+def test_param_gram_float32():
+    """float32 factors: D^T D to the float32 rounding of a sum of ~QN products (1e-5)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Unflatten(1, (1, 4, 4)), nn.Conv2d(1, 2, 3), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(8, 3))  # fmt: skip
+    space = sr.ParameterSpace(
+        model, torch.randn(10, 16), torch.zeros(10, 3), backend="structured", dtype=torch.float32
+    )
+    theta = space.initial_point()
+    gram = space.backend.param_gram(theta)
+    assert gram.dtype == torch.float32
+    d = reference_jacobian(copy.deepcopy(space.module).double(), space.inputs.double(),
+                           theta.double())  # fmt: skip
+    close_to_max(gram.double(), d.T @ d, rtol=1e-5)
+    rhs = torch.randn(space.dim)
+    ref, tol = _shifted_reference(d, 1.0, rhs.double())
+    # the float64 bound scaled to float32's eps
+    tol *= torch.finfo(torch.float32).eps / torch.finfo(DT).eps
+    close_to_max(space.backend.solve_param_gram(theta, rhs, 1.0).double(), ref, tol)
+
+
+# -- the memory budget --------------------------------------------------------------------
+def test_chunk_plan_arithmetic():
+    """chunk * (factors + activations) <= budget / 4 (or one sample), store iff all factors
+    fit in budget / 2, temporaries budget / 8: the shares of MemoryPlan."""
+    from subriemann.engines.base import items_within
+    from subriemann.engines.structured import chunk_plan
+
+    for budget, feat, act, n in [(1 << 20, 100, 28, 1000), (1 << 30, 5, 5, 10), (64, 100, 0, 7)]:
+        plan = chunk_plan(budget, 8, n, lambda c, f=feat, a=act: (f, a))
+        assert plan.chunk == items_within(budget // 4, 8 * (feat + act), n)
+        assert plan.chunk == 1 or plan.chunk * 8 * (feat + act) <= budget // 4
+        assert plan.store == (n * 8 * feat <= budget // 2)
+        assert plan.temp_entries() * 8 <= max(8, budget // 8)
+        assert plan.rows(10, 100) == items_within(plan.temp_entries(), 10, 100)
+    # a chunk-dependent factor size (the per-layer route) is re-evaluated at the chosen chunk
+    seen = []
+    plan = chunk_plan(1 << 14, 8, 100, lambda c: (seen.append(c) or 10 * (c > 50) + 5, 3))
+    assert seen == [100, 28] and plan.chunk == 28 and plan.factor_bytes == 8 * 5
+    assert chunk_plan(1 << 10, 8, 100, lambda c: (1000, 0), chunk_size=30).chunk == 30
+
+
+def test_a_tiny_budget_is_respected_and_changes_nothing():
+    """A small CNN with a budget of a few kB: chunks of one sample, products and Gram blocks in
+    pieces below the budget's temporaries, and every result as with the default budget
+    (against jacrev's D)."""
+    from subriemann.engines.kspace import sub_chunks
+
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Unflatten(1, (1, 5, 5)), nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(),
+        nn.Conv2d(3, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3),
+    ).to(DT)  # fmt: skip
+    space = structured_space(model, torch.randn(6, 25, dtype=DT), 3)
+    fallback = space.backend.fallback
+
+    def engine(budget: int) -> StructuredBackend:
+        return StructuredBackend(
+            space.module, space.layout, space.inputs, 3, fallback=fallback, memory_budget=budget
+        )
+
+    one = engine(64).plan  # one sample per chunk: its factor and activation bytes
+    budget = 7 * (one.factor_bytes + one.activation_bytes)
+    tiny = engine(budget)
+    assert tiny.memory_budget == fallback.memory_budget == budget
+    assert tiny.chunk_size == 1 and len(tiny.bounds) == 6  # 2 samples exceed budget / 4
+    assert tiny.plan.store  # the factors of all 6 samples fit in budget / 2
+    theta = perturbed_point(space, seed=None)
+    forms = next(iter(tiny._chunk_forms(theta)()))
+    assert len(sub_chunks(forms, 3, tiny.plan.temp_entries())) == 1  # one sample: indivisible
+    assert tiny._product_rows(5) < 5  # batched products in several passes
+    assert tiny.rows_per_pass(perturbed_point(space, seed=None)) == tiny._product_rows(1 << 30)
+    d = reference_jacobian(space.module, space.inputs, theta)
+    close_to_max(tiny.ntk(theta), d @ d.T)
+    v, u = torch.randn(5, space.dim, dtype=DT), torch.randn(5, space.output_dim, dtype=DT)
+    close_to_max(tiny.jvp(theta, v), v @ d.T)
+    close_to_max(tiny.vjp(theta, u), u @ d)
+    close_to_max(tiny.param_gram(theta), d.T @ d)
+    rhs = torch.randn(space.dim, dtype=DT)
+    ref, tol = _shifted_reference(d, 0.2, rhs)
+    close_to_max(tiny.solve_param_gram(theta, rhs, 0.2), ref, tol)
+    # a budget below one chunk's factors keeps nothing: every product recomputes or falls back
+    tiny.memory_budget = 64
+    assert not tiny.plan.store and tiny.factors(theta) is None
+    close_to_max(tiny.param_gram(theta), d.T @ d)
+    close_to_max(tiny.solve_param_gram(theta, rhs, 0.2), ref, tol)
+    close_to_max(tiny.vjp(theta, u), u @ d)
+
+
+def test_sub_chunks_split_the_samples():
+    from subriemann.engines.kspace import KronForm, RowsForm, sub_chunks
+
+    rows = RowsForm(torch.randn(10, 2, 7, dtype=DT))
+    kron = KronForm(torch.randn(10, 4, dtype=DT), torch.randn(10, 2, 3, dtype=DT), 3, True)
+    parts = sub_chunks([rows, kron], 2, 7 * 3 * 3)  # rows x kron: 21 entries per sample
+    assert [p[0].j.shape[0] for p in parts] == [3, 3, 3, 1]
+    assert torch.equal(torch.cat([p[1].a for p in parts]), kron.a)
+
+
+@pytest.mark.parametrize("name", ["mlp-relu-q3", "conv2d", "conv1d", "residual", "chunked-q2"])
+@pytest.mark.parametrize("route", ["auto", "structured", "jacobian"])
+def test_ntk_with_an_output_basis(name, route):
+    """ntk(theta, output_basis=T) = T^T D D^T T (T block diagonal, R = Q - 1 columns per
+    sample, as AdaptedGD's Fisher whitening) from the mixed factors, against jacrev's D."""
+    torch.manual_seed(6)
+    build, shape, q, chunk = CASES[name]
+    model = build(q).to(DT)
+    space = structured_space(model, torch.randn(*shape, dtype=DT), q, chunk_size=chunk)
+    be = StructuredBackend(
+        space.module, space.layout, space.inputs, q, chunk, fallback=space.backend.fallback,
+        route=route,
+    )  # fmt: skip
+    theta = perturbed_point(space, seed=None)
+    n = space.inputs.shape[0]
+    t = torch.randn(n, q, max(1, q - 1), dtype=DT)
+    d = reference_jacobian(space.module, space.inputs, theta)
+    dt = torch.einsum("nqr,nqk->nrk", t, d.view(n, q, -1)).reshape(-1, space.dim)
+    gram = be.ntk(theta, output_basis=t)
+    close_to_max(gram, dt @ dt.T)
+    assert torch.equal(gram, gram.T)

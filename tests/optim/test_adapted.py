@@ -405,3 +405,58 @@ def test_saturated_softmax_gives_a_finite_step():
     for _ in range(2):
         assert math.isfinite(opt.step(x.float(), labels))
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_engine_is_reused_across_batches_of_one_shape():
+    """The structured engine of a step serves the next batch of the same shape (set_inputs):
+    the steps are bit-identical to steps with a fresh engine each time; a batch of another
+    shape gets its own engine."""
+    net = _mlp(q=3)
+    twin = copy.deepcopy(net)
+    opt = AdaptedGD(net, lam=0.5, lr=0.5, loss="cross_entropy")
+    ref = AdaptedGD(twin, lam=0.5, lr=0.5, loss="cross_entropy")
+    g = torch.Generator().manual_seed(3)
+    for n in (6, 6, 6, 4):
+        x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        labels = torch.randint(0, 3, (n,), generator=g)
+        ref._engines.clear()
+        assert opt.step(x, labels) == ref.step(x, labels)
+        assert torch.equal(_flat(net), _flat(twin))
+    assert sorted(key[1][0] for key in opt._engines) == [4, 6]
+    engine = next(iter(opt._engines.values()))
+    with pytest.raises(ValueError, match="set_inputs needs a batch like"):
+        engine.set_inputs(torch.randn(5, 3, dtype=torch.float64))
+
+
+def test_lam1_eigh_survives_lapack_failures(monkeypatch):
+    """lam = 1 on a batch with repeated samples (M singular: no certificate, the thresholded
+    eigh).  MKL's float32 eigh has returned NaN without an error on such a matrix and its
+    float64 eigh has failed to converge (one thread): with both failures simulated, the step
+    comes from SciPy's MRRR eigh, stays finite and float32, and matches the float64 model's
+    step to the float32 bound of the module doc (100 kappa^2 eps32, 5e-4 here)."""
+    net64 = _mlp(q=3)
+    net32 = copy.deepcopy(net64).float()
+    x, _ = _data(n=4)
+    x = torch.cat([x, x[:2]])  # repeated samples: rank(D~) < R
+    labels = torch.tensor([0, 1, 2, 1, 0, 1])
+    eigh = torch.linalg.eigh
+
+    def broken_float32(a, *args, **kw):
+        if a.shape[-1] == 3:  # the 3 x 3 softmax Fisher blocks
+            return eigh(a, *args, **kw)
+        if a.dtype == torch.float64:
+            raise torch.linalg.LinAlgError("simulated: dsyevd failed to converge")
+        vals, vecs = eigh(a, *args, **kw)
+        return vals * float("nan"), vecs
+
+    th0 = _flat(net64)
+    AdaptedGD(net64, lam=1.0, lr=1.0, loss="cross_entropy").step(x, labels)
+    monkeypatch.setattr(torch.linalg, "eigh", broken_float32)
+    opt = AdaptedGD(net32, lam=1.0, lr=1.0, loss="cross_entropy")
+    opt.step(x.float(), labels)
+    assert opt.last_step.groups[0]["route"] == "eigh"
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in net32.parameters())
+    step64, step32 = _flat(net64) - th0, _flat(net32).double() - th0
+    d = _dense_d(_mlp(q=3), x)
+    tol = 100 * _kappa(d) ** 2 * float(np.finfo(np.float32).eps)
+    assert float((step32 - step64).norm() / step64.norm()) < tol

@@ -1,0 +1,424 @@
+r"""The parameter-space Gram matrix :math:`D^\top D` and its shifted solves, from layer factors.
+
+When :math:`K < QN` the smaller Gram matrix of :math:`D` (``[QN, K]``) is
+:math:`D^\top D` (``[K, K]``).  Forming it from a dense :math:`D` costs
+:math:`QN\,K^2` and the memory of :math:`D`; the structured engine
+(:class:`~subriemann.engines.structured.StructuredBackend`) has the rows of
+:math:`D` in factored form per layer and sample chunk, which this module
+contracts block by block, within the memory budget
+(:class:`~subriemann.engines.structured.MemoryPlan`):
+
+* a layer in **rows** form (:class:`RowsForm`: convolutions, normalization
+  layers) gives its per-sample rows :math:`J_{jq}` explicitly (``[n, Q, P_l]``);
+* a dense ``Linear`` layer is in **Kronecker** form (:class:`KronForm`): the
+  row of :math:`(W, b)` for sample :math:`j` and output :math:`q` is
+  :math:`g_{jq}\otimes\tilde a_j`, :math:`\tilde a_j = (a_j, 1)`, so the
+  Gram block of two such layers is
+  :math:`\sum_j (G_j^\top G'_j)\otimes(\tilde a_j\tilde a_j'^\top)`: a factor
+  :math:`Q` cheaper than from the rows, and blocks where
+  :math:`G_j^\top G'_j` vanishes for every sample are skipped.
+
+**Shifted solves** :math:`(D^\top D + \mu 1)x = r` (:func:`solve_shifted`,
+:math:`\mu > 0`).  The Cholesky factor of the whole :math:`K\times K`
+matrix costs :math:`K^3/3`; but the output layer of most networks, a
+``Linear`` whose outputs are the network's (:math:`G_j = 1`), has a
+block-diagonal Gram block :math:`\bigoplus_c \tilde A^\top\mathrm{diag}(w_c)\tilde A`,
+one block of size :math:`m+1` per output unit :math:`c`.  With that layer
+:math:`L` and the others :math:`C`,
+
+.. math::
+
+    \begin{pmatrix} F & E\\ E^\top & B\end{pmatrix}
+    \begin{pmatrix} x_C\\ x_L\end{pmatrix} = \begin{pmatrix} r_C\\ r_L\end{pmatrix},
+    \qquad S = F - E B^{-1}E^\top,
+
+:math:`F = D_C^\top D_C + \mu 1`, :math:`E = D_C^\top D_L`,
+:math:`B = D_L^\top D_L + \mu 1`: the Schur complement :math:`S` has the size
+:math:`|C|` of the other layers, and :math:`B` is factored block by block.
+Both factorizations are Cholesky factorizations of symmetric positive
+definite matrices (:math:`S` is the Schur complement of an SPD matrix), so
+the solve is backward stable with the condition number of
+:math:`D^\top D + \mu 1`, as the Cholesky factor of the whole matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from subriemann.engines.base import items_within
+
+__all__ = [
+    "RowsForm",
+    "KronForm",
+    "mirror_upper",
+    "tiles",
+    "param_gram",
+    "solve_shifted",
+    "diagonal_kron",
+]
+
+
+@dataclass
+class RowsForm:
+    """Rows of :math:`D` for one layer and a sample chunk: ``j`` of shape ``[n, Q, P_l]``."""
+
+    j: Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.j.shape[-1])
+
+
+@dataclass
+class KronForm:
+    r"""Rows :math:`g_{jq}\otimes\tilde a_j` of a dense layer's :math:`(W, b)`.
+
+    Attributes
+    ----------
+    a : Tensor, shape=[n, m']
+        :math:`\tilde a_j`: the layer inputs (``m_w`` columns, none when the
+        weight is frozen) followed by a column of ones when the bias is trainable.
+    g : Tensor, shape=[n, Q, c]
+        Output cotangents.
+    m_w : int
+        Columns of ``a`` that belong to the weight (row-major ``[c, m_w]``
+        in the layout, followed by the bias ``[c]``).
+    has_b : bool
+    """
+
+    a: Tensor
+    g: Tensor
+    m_w: int
+    has_b: bool
+
+    @property
+    def size(self) -> int:
+        return int(self.g.shape[-1]) * (self.m_w + int(self.has_b))
+
+    def to_layout(self, t: Tensor) -> Tensor:
+        """``[..., c, m']`` (native order) to ``[..., c*m_w + c]`` (the layout's: W, then b)."""
+        parts = [t[..., : self.m_w].flatten(-2)] if self.m_w else []
+        if self.has_b:
+            parts.append(t[..., self.m_w])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def from_layout(self, t: Tensor) -> Tensor:
+        """Inverse of :meth:`to_layout` on the last dimension: ``[..., P]`` to ``[..., c, m']``."""
+        c = int(self.g.shape[-1])
+        parts = [t[..., : c * self.m_w].unflatten(-1, (c, self.m_w))] if self.m_w else []
+        if self.has_b:
+            parts.append(t[..., c * self.m_w :].unsqueeze(-1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+Form = RowsForm | KronForm
+
+
+def tiles(n: int, q: int) -> list[tuple[int, int]]:
+    """Split ``n`` samples into up to 4 tiles of at least 64 rows (``Q`` rows per sample)."""
+    count = max(1, min(4, (n * q) // 64))
+    size = -(-n // count)
+    return [(a, min(n, a + size)) for a in range(0, n, size)]
+
+
+def mirror_upper(m: Tensor, tile: int = 128) -> None:
+    """Copy the upper triangle of the square ``m`` onto its lower triangle, in place.
+
+    Strip by strip (``tile`` rows), so that the transposed reads stay in cache.
+    """
+    n = m.shape[0]
+    for i in range(0, n, tile):
+        i1 = min(n, i + tile)
+        blk = m[i:i1, i:i1]
+        blk.copy_(torch.triu(blk) + torch.triu(blk, 1).mT)
+        if i1 < n:
+            m[i1:, i:i1].copy_(m[i:i1, i1:].mT)
+
+
+# ---------------------------------------------------------------------------
+# Gram blocks of two layers on one sample chunk
+# ---------------------------------------------------------------------------
+def _rows_rows(fa: RowsForm, fb: RowsForm) -> Tensor:
+    ja = fa.j.reshape(-1, fa.size)
+    return ja.T @ fb.j.reshape(-1, fb.size)
+
+
+def _rows_kron(fa: RowsForm, fb: KronForm) -> Tensor:
+    r""":math:`D_a^\top D_b` with ``b``'s columns in its native order, ``[P_a, c, m']``."""
+    n = fa.j.shape[0]
+    y = torch.einsum("nqp,nqc->npc", fa.j, fb.g)  # [n, P_a, c]
+    return (y.reshape(n, -1).T @ fb.a).reshape(fa.size, fb.g.shape[-1], -1)
+
+
+def add_upper_gram(out: Tensor, x: Tensor, alpha: float = 1.0, tile: int = 512) -> None:
+    r"""``out += alpha * x^T x`` on the upper triangle of tiles only (``x``: ``[r, p]``).
+
+    Up to 8 column tiles of at least ``tile`` columns: the blocks below the
+    diagonal (up to 7/16 of the products) are skipped; the caller mirrors the
+    upper triangle (:func:`mirror_upper`).
+    """
+    p = x.shape[1]
+    count = max(1, min(8, p // tile))
+    size = -(-p // count)
+    cuts = [(a, min(p, a + size)) for a in range(0, p, size)]
+    for a0, a1 in cuts:
+        out[a0:a1, a0:].addmm_(x[:, a0:a1].T, x[:, a0:], alpha=alpha)
+
+
+def _kron_kron(fa: KronForm, fb: KronForm) -> Tensor:
+    w = torch.einsum("nqc,nqd->ncd", fa.g, fb.g)  # [n, c_a, c_b]
+    n, ca, cb = w.shape
+    ma, mb = fa.a.shape[1], fb.a.shape[1]
+    blk = fa.a.new_zeros(ca, ma, cb, mb)
+    nonzero = (w != 0).any(dim=0)  # [c_a, c_b]: pairs that vanish on every sample are skipped
+    for c in range(ca):
+        nz = nonzero[c].nonzero().squeeze(1)
+        if nz.numel() == 0:
+            continue
+        z = (w[:, c, nz, None] * fb.a[:, None, :]).reshape(n, -1)
+        blk[c][:, nz] = (fa.a.T @ z).view(ma, nz.numel(), mb)
+    rows = fb.to_layout(blk)  # [c_a, m_a', P_b]
+    return fa.to_layout(rows.permute(2, 0, 1)).T
+
+
+def pair_block(fa: Form, fb: Form) -> Tensor:
+    """:math:`D_a^\\top D_b` on one sample chunk, ``[P_a, P_b]`` in layout order."""
+    if isinstance(fa, RowsForm):
+        if isinstance(fb, RowsForm):
+            return _rows_rows(fa, fb)
+        return fb.to_layout(_rows_kron(fa, fb))
+    if isinstance(fb, RowsForm):
+        return fa.to_layout(_rows_kron(fb, fa)).T
+    return _kron_kron(fa, fb)
+
+
+def add_pair(out: Tensor, fa: Form, fb: Form, same: bool) -> None:
+    """``out += D_a^T D_b`` (upper tiles only when ``same`` and in rows form)."""
+    if same and isinstance(fa, RowsForm):
+        add_upper_gram(out, fa.j.reshape(-1, fa.size))
+    else:
+        out += pair_block(fa, fb)
+
+
+def _temp_per_sample(forms: Sequence[Form], q: int) -> int:
+    """Entries of the largest per-sample temporary of :func:`pair_block` over these forms."""
+    out = 1
+    for fa in forms:
+        for fb in forms:
+            if isinstance(fa, RowsForm) and isinstance(fb, KronForm):
+                out = max(out, fa.size * int(fb.g.shape[-1]))
+            elif isinstance(fa, KronForm) and isinstance(fb, KronForm):
+                out = max(out, int(fb.g.shape[-1]) * int(fb.a.shape[1]) + q * int(fa.g.shape[-1]))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Assembly
+# ---------------------------------------------------------------------------
+def sub_chunks(forms: list[Form], q: int, temp_entries: int) -> list[list[Form]]:
+    """Split one chunk's forms into sample sub-chunks whose temporaries fit ``temp_entries``."""
+    n = int(forms[0].j.shape[0] if isinstance(forms[0], RowsForm) else forms[0].g.shape[0])
+    size = items_within(temp_entries, _temp_per_sample(forms, q), n)
+    if size >= n:
+        return [forms]
+    return [[_take(f, a, min(n, a + size)) for f in forms] for a in range(0, n, size)]
+
+
+def _take(f: Form, a: int, b: int) -> Form:
+    if isinstance(f, RowsForm):
+        return RowsForm(f.j[a:b])
+    return KronForm(f.a[a:b], f.g[a:b], f.m_w, f.has_b)
+
+
+def param_gram(
+    chunks: Any, ranges: list[tuple[int, int]], dim: int, like: Tensor, q: int, temp_entries: int
+) -> Tensor:
+    r""":math:`D^\top D`, ``[K, K]``, exactly symmetric, from the forms of every sample chunk.
+
+    Parameters
+    ----------
+    chunks : iterable of list of RowsForm or KronForm
+        Per sample chunk, one form per trainable layer.
+    ranges : list of (int, int)
+        The layout range of each trainable layer (contiguous, in layer order).
+    dim : int
+        :math:`K`.
+    like : Tensor
+        dtype and device.
+    q : int
+    temp_entries : int
+        Largest temporary of a block (entries); chunks are split below it.
+    """
+    gram = like.new_zeros(dim, dim)
+    for forms in chunks:
+        for sub in sub_chunks(forms, q, temp_entries):
+            for i, (fa, (a0, a1)) in enumerate(zip(sub, ranges)):
+                for k, (fb, (b0, b1)) in enumerate(zip(sub[i:], ranges[i:])):
+                    add_pair(gram[a0:a1, b0:b1], fa, fb, same=k == 0)
+    mirror_upper(gram)
+    return gram
+
+
+def diagonal_kron(forms: Sequence[Form]) -> bool:
+    r"""Whether a layer's Kronecker rows have :math:`G_j^\top G_j` diagonal on these samples."""
+    f = forms[0]
+    if not isinstance(f, KronForm):
+        return False
+    for g in forms:
+        assert isinstance(g, KronForm)
+        w = torch.einsum("nqc,nqd->ncd", g.g, g.g)
+        if bool((w - torch.diag_embed(w.diagonal(dim1=1, dim2=2))).any()):
+            return False
+    return True
+
+
+def _cholesky(a: Tensor, what: str) -> Tensor:
+    chol, info = torch.linalg.cholesky_ex(a)
+    if bool(info.ne(0).any()):
+        raise torch.linalg.LinAlgError(f"{what} is not positive definite (Cholesky failed)")
+    return chol
+
+
+def _chol_solve(chol: Tensor, rhs: Tensor) -> Tensor:
+    z = torch.linalg.solve_triangular(chol, rhs, upper=False)
+    return torch.linalg.solve_triangular(chol.mT, z, upper=True)
+
+
+@dataclass
+class _Schur:
+    """The pieces of the block elimination on a block-diagonal output layer ``L``."""
+
+    f: Tensor  # [|C|, |C|], upper triangle
+    e: Tensor  # [|C|, c, m']
+    b: Tensor  # [c, m', m'], or [1, m', m'] when every block is the same
+    form: KronForm  # the output layer's layout (m_w, has_b)
+
+
+def _assemble_schur(
+    chunks: Any, ranges: list[tuple[int, int]], last: int, like: Tensor, q: int, temp: int
+) -> _Schur:
+    r""":math:`F`, :math:`E` and the blocks of :math:`B` (unshifted), accumulated over chunks.
+
+    :math:`B_c = \tilde A^\top\mathrm{diag}(w_c)\tilde A` with :math:`w_{jc} =
+    (G_j^\top G_j)_{cc}`; when :math:`w_c` is the same for every :math:`c` (e.g.
+    :math:`G_j = 1`), one block serves all.
+    """
+    c_ranges = [r for i, r in enumerate(ranges) if i != last]
+    starts = [0]
+    for lo, hi in c_ranges:
+        starts.append(starts[-1] + hi - lo)
+    f = like.new_zeros(starts[-1], starts[-1])
+    e: Any = None
+    blocks: dict[str, Tensor] = {}
+    lf: Any = None
+    for forms in chunks:
+        for sub in sub_chunks(forms, q, temp):
+            lf = sub[last]
+            others = [x for i, x in enumerate(sub) if i != last]
+            c, m = lf.g.shape[-1], lf.a.shape[1]
+            if e is None:
+                e = like.new_zeros(starts[-1], c, m)
+            for i, fa in enumerate(others):
+                rows = slice(starts[i], starts[i + 1])
+                for k, fb in enumerate(others[i:], start=i):
+                    add_pair(f[rows, starts[k] : starts[k + 1]], fa, fb, same=k == i)
+                e[rows] += _native_pair(fa, lf)
+            _add_blocks(blocks, lf)
+    mirror_upper(f)
+    b = blocks["same"].unsqueeze(0) if "same" in blocks else blocks["each"]
+    return _Schur(f, e, b, lf)
+
+
+def _native_pair(fa: Form, lf: KronForm) -> Tensor:
+    r""":math:`D_a^\top D_L` with ``L``'s columns in native order, ``[P_a, c, m']``."""
+    if isinstance(fa, RowsForm):
+        return _rows_kron(fa, lf)
+    return lf.from_layout(_kron_kron(fa, lf))
+
+
+def _add_blocks(blocks: dict[str, Tensor], lf: KronForm) -> None:
+    r"""Add :math:`\tilde A^\top\mathrm{diag}(w_c)\tilde A` (one block if the :math:`w_c` agree)."""
+    w = (lf.g * lf.g).sum(dim=1)  # [n, c]: the diagonal of G_j^T G_j
+    same = "each" not in blocks and bool((w == w[:, :1]).all())
+    if same:
+        blk = (lf.a * w[:, :1]).T @ lf.a
+        blocks["same"] = blocks["same"] + blk if "same" in blocks else blk
+        return
+    if "same" in blocks:  # an earlier chunk had equal weights: expand
+        blocks["each"] = blocks.pop("same").expand(w.shape[1], -1, -1).clone()
+    blk = torch.einsum("nc,nf,ng->cfg", w, lf.a, lf.a)
+    blocks["each"] = blocks["each"] + blk if "each" in blocks else blk
+
+
+def solve_shifted(
+    chunks: Callable[[], Any],
+    ranges: list[tuple[int, int]],
+    dim: int,
+    rhs: Tensor,
+    shift: float,
+    q: int,
+    temp_entries: int,
+    output_layer: int | None,
+) -> Tensor:
+    r""":math:`(D^\top D + \mu 1)^{-1}r`, ``rhs`` of shape ``[K]`` or ``[K, b]``, :math:`\mu > 0`.
+
+    With ``output_layer`` (the index of a layer in Kronecker form whose
+    :math:`G_j^\top G_j` is diagonal, :func:`diagonal_kron`) by the block
+    elimination of the module docstring; otherwise by the Cholesky factor of
+    :func:`param_gram` plus :math:`\mu 1`.
+
+    Parameters
+    ----------
+    chunks : callable
+        Returns a fresh iterable of per-chunk form lists (it is iterated once).
+    """
+    if not shift > 0.0:
+        raise ValueError(f"shift must be positive, got {shift!r}")
+    vec = rhs.ndim == 1
+    r = rhs.unsqueeze(1) if vec else rhs
+    if output_layer is None:
+        gram = param_gram(chunks(), ranges, dim, r, q, temp_entries)
+        gram.diagonal().add_(shift)
+        x = _chol_solve(_cholesky(gram, "D^T D + shift 1"), r)
+        return x.squeeze(1) if vec else x
+    parts = _assemble_schur(chunks(), ranges, output_layer, r, q, temp_entries)
+    x = _schur_solve(parts, ranges, output_layer, r, shift)
+    return x.squeeze(1) if vec else x
+
+
+def _schur_solve(
+    parts: _Schur, ranges: list[tuple[int, int]], last: int, r: Tensor, shift: float
+) -> Tensor:
+    r"""Block elimination: :math:`x_C = S^{-1}(r_C - EB^{-1}r_L)`,
+    :math:`x_L = B^{-1}(r_L - E^\top x_C)`."""
+    l0, l1 = ranges[last]
+    keep = [torch.arange(a, b, device=r.device) for i, (a, b) in enumerate(ranges) if i != last]
+    c_idx = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long, device=r.device)
+    nc, c, m = parts.e.shape
+    b = parts.b
+    b.diagonal(dim1=1, dim2=2).add_(shift)
+    chol = _cholesky(b, "a block of D_L^T D_L + shift 1")  # [c or 1, m', m']
+    r_l = parts.form.from_layout(r[l0:l1].T).permute(1, 2, 0)  # [c, m', b]
+    e_t = parts.e.permute(1, 2, 0)  # [c, m', |C|]
+    if chol.shape[0] == 1:  # one block for all c: one triangular solve with c * |C| columns
+        v = torch.linalg.solve_triangular(chol[0], e_t.permute(1, 0, 2).reshape(m, -1), upper=False)
+        v = v.view(m, c, nc).permute(1, 0, 2)
+    else:
+        v = torch.linalg.solve_triangular(chol, e_t, upper=False)  # L_c^{-1} E_c^T
+    y = torch.linalg.solve_triangular(chol, r_l, upper=False)  # L_c^{-1} r_L
+    s = parts.f
+    s.diagonal().add_(shift)
+    add_upper_gram(s, v.reshape(c * m, nc), alpha=-1.0)  # S = F - E B^{-1} E^T
+    mirror_upper(s)
+    rhs_c = r[c_idx] - torch.einsum("cmi,cmb->ib", v, y)
+    x_c = _chol_solve(_cholesky(s, "the Schur complement"), rhs_c)  # [|C|, b]
+    x_l = torch.linalg.solve_triangular(chol.mT, y - v @ x_c, upper=True)  # [c, m', b]
+    out = torch.empty_like(r)
+    out[c_idx] = x_c
+    out[l0:l1] = parts.form.to_layout(x_l.permute(2, 0, 1)).T
+    return out
