@@ -9,12 +9,12 @@ implements (:class:`~subriemann.engines.FuncBackend`,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["ParameterLayout", "JacobianBackend", "MEMORY_BUDGET", "items_within"]
+__all__ = ["ParameterLayout", "JacobianBackend", "MEMORY_BUDGET", "items_within", "plain_tensor"]
 
 MEMORY_BUDGET: int = 1 << 30
 """Default bytes that one engine pass may allocate for its temporaries (1 GiB).
@@ -89,6 +89,19 @@ class ParameterLayout:
         return [slice(a, b) for a, b in zip(self.offsets, self.offsets[1:])]
 
 
+def plain_tensor(theta: Tensor) -> bool:
+    """Whether ``theta`` is an ordinary tensor (not traced by autograd or :mod:`torch.func`).
+
+    Examples
+    --------
+    >>> plain_tensor(torch.zeros(3)), plain_tensor(torch.zeros(3, requires_grad=True))
+    (True, False)
+    """
+    if theta.requires_grad:
+        return False
+    return not torch._C._functorch.is_functorch_wrapped_tensor(theta)
+
+
 class JacobianBackend(Protocol):
     """What :class:`~subriemann.ParameterSpace` needs from an engine.
 
@@ -101,6 +114,26 @@ class JacobianBackend(Protocol):
     #: whether ``jvp`` and ``vjp`` accept batches ``[..., K]`` / ``[..., QN]``
     #: (otherwise the space calls them one vector at a time)
     batched: bool
+    #: whether :meth:`param_gram` and :meth:`solve_param_gram` work from layer factors,
+    #: without forming :math:`D` (then they are the cheap route for :math:`K < QN`)
+    gram_from_factors: bool
+
+    @property
+    def fallback(self) -> Any:
+        """The generic :mod:`torch.func` engine this one delegates to (itself if generic)."""
+        ...
+
+    def rows_per_pass(self, theta: Tensor) -> int:
+        """How many JVP/VJP rows one batched pass computes within the memory budget."""
+        ...
+
+    def param_gram(self, theta: Tensor) -> Tensor:
+        r""":math:`D^\top D`, ``[K, K]``."""
+        ...
+
+    def solve_param_gram(self, theta: Tensor, rhs: Tensor, shift: float) -> Tensor:
+        r""":math:`(D^\top D + \mu 1)^{-1}r` for ``rhs`` ``[K]`` or ``[K, b]``, :math:`\mu > 0`."""
+        ...
 
     def outputs(self, theta: Tensor) -> Tensor: ...
 

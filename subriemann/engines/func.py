@@ -100,6 +100,8 @@ class FuncBackend:
     name = "func"
     #: ``jvp`` and ``vjp`` accept batches ``[..., K]`` / ``[..., QN]``.
     batched = True
+    #: :meth:`param_gram` forms :math:`D` (no layer factors to work from).
+    gram_from_factors = False
     #: Largest block :math:`D_p` (in entries) that ``ntk`` forms at once (and at
     #: most ``memory_budget`` bytes): :math:`2^{27}` float64 entries are 1 GiB.
     ntk_block_entries: int = 1 << 27
@@ -444,6 +446,25 @@ class FuncBackend:
     def _block_entries(self, theta: Tensor) -> int:
         """Largest block of :math:`D` that ``ntk`` forms: ``ntk_block_entries``, within budget."""
         return min(self.ntk_block_entries, self.memory_budget // theta.element_size())
+
+    @property
+    def fallback(self) -> FuncBackend:
+        """This engine is the generic one: itself."""
+        return self
+
+    def param_gram(self, theta: Tensor) -> Tensor:
+        r""":math:`D^\top D`, ``[K, K]``, from the dense :math:`D` (formed within the budget)."""
+        d = self.jacobian(theta)
+        return d.T @ d
+
+    def solve_param_gram(self, theta: Tensor, rhs: Tensor, shift: float) -> Tensor:
+        r""":math:`(D^\top D + \mu 1)^{-1}r` by a Cholesky factorization (:math:`\mu > 0`)."""
+        a = self.param_gram(theta)
+        a.diagonal().add_(float(shift))
+        chol = torch.linalg.cholesky(a)
+        col = rhs.unsqueeze(1) if rhs.ndim == 1 else rhs
+        out = torch.cholesky_solve(col.to(a.dtype), chol)
+        return out.squeeze(1) if rhs.ndim == 1 else out
 
     def ntk(self, theta: Tensor) -> Tensor:
         qn = self.inputs.shape[0] * self.num_outputs

@@ -100,7 +100,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from subriemann.engines.base import ParameterLayout, items_within
+from subriemann.engines.base import ParameterLayout, items_within, plain_tensor
 from subriemann.engines.func import FuncBackend
 from subriemann.engines.kspace import (
     KronForm,
@@ -1082,6 +1082,8 @@ class StructuredBackend:
     name = "structured"
     #: ``jvp`` and ``vjp`` accept batches ``[..., K]`` / ``[..., QN]``.
     batched = True
+    #: :meth:`param_gram` and :meth:`solve_param_gram` work from the layer factors.
+    gram_from_factors = True
     #: How the memory budget is shared out (set at construction).
     plan: MemoryPlan
 
@@ -1262,7 +1264,7 @@ class StructuredBackend:
 
     def _cached(self, theta: Tensor) -> tuple[list[list[Any]], list[Tensor]] | None:
         """The factors kept at this very ``theta`` (by :meth:`ntk` or :meth:`factors`)."""
-        if self._cache is None or not _plain(theta):
+        if self._cache is None or not plain_tensor(theta):
             return None
         key, version, feats, ys = self._cache
         if key._version != version:  # the tensor we keyed on was modified in place
@@ -1278,7 +1280,7 @@ class StructuredBackend:
         ``None`` otherwise, and for a ``theta`` that autograd traces.
         """
         hit = self._cached(theta)
-        if hit is not None or not self.store_all or not _plain(theta):
+        if hit is not None or not self.store_all or not plain_tensor(theta):
             return hit
         computed = [self._features(theta, a, b) for a, b in self.bounds]
         self._cache = (theta, theta._version, [f for f, _ in computed], [y for _, y in computed])
@@ -1288,7 +1290,7 @@ class StructuredBackend:
         """Factors for a product at ``theta``: kept ones, or new ones for a batch of products or
         at the second product with the same (unmodified) tensor ``theta``."""
         hit = self._cached(theta)
-        if hit is not None or not self.store_all or not _plain(theta):
+        if hit is not None or not self.store_all or not plain_tensor(theta):
             return hit
         # the same tensor, unmodified, a second time: a solver is at work at this point
         miss = self._miss
@@ -1327,7 +1329,7 @@ class StructuredBackend:
         """How many rows of a batched :meth:`jvp` / :meth:`vjp` one pass takes within the budget:
         from the layer factors when they are kept (:attr:`MemoryPlan.store`), else the
         fallback's (:meth:`FuncBackend.rows_per_pass`)."""
-        if self.store_all and _plain(theta):
+        if self.store_all and plain_tensor(theta):
             return self._product_rows(1 << 30)
         return self.fallback.rows_per_pass(theta)
 
@@ -1460,7 +1462,7 @@ class StructuredBackend:
         than from the rows of :math:`D`.  Temporaries stay within the memory
         budget; the result takes :math:`K^2` entries.
         """
-        if not _plain(theta):
+        if not plain_tensor(theta):
             d = self.fallback.jacobian(theta)
             return d.T @ d
         q, temp = self.num_outputs, self.plan.temp_entries()
@@ -1494,7 +1496,7 @@ class StructuredBackend:
         >>> bool(torch.allclose(d.T @ (d @ x) + 0.5 * x, r))
         True
         """
-        if not _plain(theta):
+        if not plain_tensor(theta):
             raise ValueError("solve_param_gram is not differentiable in theta")
         rhs = rhs.to(dtype=theta.dtype, device=theta.device)
         return solve_shifted(
@@ -1524,7 +1526,7 @@ class StructuredBackend:
             cross-entropy).
         """
         layers = self._trainable_layers()
-        if not _plain(theta) and layers:  # differentiated through: the generic engine is
+        if not plain_tensor(theta) and layers:  # differentiated through: the generic engine is
             if output_basis is not None:  # differentiable
                 raise ValueError("output_basis needs a plain theta (not traced by autograd)")
             return self.fallback.ntk(theta)
@@ -1587,13 +1589,6 @@ def _same_point(key: Tensor, theta: Tensor) -> bool:
         and key.dtype == theta.dtype
         and torch.equal(key, theta)
     )
-
-
-def _plain(theta: Tensor) -> bool:
-    """Whether ``theta`` is an ordinary tensor (not traced by autograd or torch.func)."""
-    if theta.requires_grad:
-        return False
-    return not torch._C._functorch.is_functorch_wrapped_tensor(theta)
 
 
 def _rowwise(backend: Any, method: str, theta: Tensor, vec: Tensor) -> Tensor:

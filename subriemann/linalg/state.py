@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from subriemann.engines import FuncBackend
+from subriemann.engines.base import plain_tensor
 from subriemann.linalg.spectral import dense_svd_fits, gram_rounding, r_svd
 from subriemann.validation import check_choice
 
@@ -98,11 +99,10 @@ class PointState:
     def cost_grad(self) -> Tensor:
         r""":math:`\nabla_\theta C = D^\top\nabla_x C`."""
         if "dC" not in self._cache:
-            pullback = getattr(self.space.backend, "pullback", None)
-            if pullback is None or "x" in self._cache or "D" in self._cache:
+            if "x" in self._cache or "D" in self._cache:
                 self._cache["dC"] = self.vjp(self.output_grad)
             else:  # one forward pass gives x[theta] and serves the VJP
-                self._cache["dC"] = pullback(self.theta, self._output_grad_of)[1]
+                self._cache["dC"] = self.space.backend.pullback(self.theta, self._output_grad_of)[1]
         return self._cache["dC"]
 
     def _output_grad_of(self, x: Tensor) -> Tensor:
@@ -173,7 +173,17 @@ class PointState:
     @property
     def param_gram(self) -> Tensor:
         r""":math:`D^\top D`, ``[K, K]``, formed once per point (the solve and the rank monitor)."""
-        return self.memo("param_gram", lambda: self.jacobian.T @ self.jacobian)
+        return self.memo("param_gram", self._param_gram)
+
+    def _param_gram(self) -> Tensor:
+        backend = self.space.backend
+        if "D" not in self._cache and backend.gram_from_factors and plain_tensor(self.theta):
+            return backend.param_gram(self.theta)  # from layer factors, without D
+        return self.jacobian.T @ self.jacobian
+
+    def solves_param_gram(self) -> bool:
+        r"""Whether the engine solves :math:`(D^\top D + \mu 1)x = r` from layer factors here."""
+        return bool(self.space.backend.gram_from_factors) and plain_tensor(self.theta)
 
     @property
     def param_eigh(self) -> tuple[Tensor, Tensor]:
@@ -401,7 +411,7 @@ def prefill_states(space: ParameterSpace, thetas: Tensor, need: str) -> list[Poi
         structured engine's fallback).
     """
     check_choice(need, "need", ("cost_grad", "svd"))
-    fb = getattr(space.backend, "fallback", space.backend)
+    fb = space.backend.fallback
     if not isinstance(fb, FuncBackend):
         raise ValueError(f"the {type(space.backend).__name__} engine cannot be vectorised")
     states = [space.point_state(t) for t in thetas]

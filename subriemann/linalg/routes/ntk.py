@@ -167,6 +167,12 @@ class NTKRoute(SolverRoute):
             if state.output_is_smaller:
                 z = torch.cholesky_solve(rhs.unsqueeze(1), state.cholesky(lam)).squeeze(1)
                 return state.vjp(z), info
+            if state.solves_param_gram() and not state.has(("param_chol", lam)):
+                # ((1-lam) 1 + lam D^T D) x = b  <=>  (D^T D + mu 1) x = b / lam, mu = (1-lam)/lam:
+                # the engine eliminates its output layer, never forming D (docs/scale.md)
+                mu = (1.0 - lam) / lam
+                b = state.vjp(rhs) / lam
+                return state.space.backend.solve_param_gram(state.theta, b, mu), info
             chol = state.param_cholesky(lam)
             return torch.cholesky_solve(state.vjp(rhs).unsqueeze(1), chol).squeeze(1), info
         if state.output_is_smaller:

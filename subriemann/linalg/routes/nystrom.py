@@ -322,9 +322,8 @@ class NystromRoute(MatrixFreeRoute):
         if lam == 1.0:
             return super().solve(state, rhs, lam, threshold)
         small = state.output_is_smaller
-        engine = getattr(state.space.backend, "fallback", state.space.backend)
-        if hasattr(engine, "rows_per_pass"):  # batched sketch rows within the memory budget
-            self.nystrom.block = min(32, engine.rows_per_pass(state.theta))
+        # batched sketch rows within the memory budget
+        self.nystrom.block = min(32, state.space.backend.rows_per_pass(state.theta))
         b = (rhs if small else state.vjp(rhs)) / lam
         z, info = self.nystrom.solve(
             gram_rows(state, small), b, (1.0 - lam) / lam, rtol=self.rtol, maxiter=self.maxiter
