@@ -1343,7 +1343,7 @@ class StructuredBackend:
         """
         hit = self._product_factors(theta, tangent_vec.ndim > 1)
         if hit is None:
-            return _rowwise(self.fallback, "jvp", theta, tangent_vec)
+            return self.fallback.jvp(theta, tangent_vec)
         flat = tangent_vec.reshape(-1, tangent_vec.shape[-1])
         rows = self._product_rows(flat.shape[0])
         out = torch.cat(
@@ -1375,7 +1375,7 @@ class StructuredBackend:
         """
         hit = self._product_factors(theta, output_covec.ndim > 1)
         if hit is None:
-            return _rowwise(self.fallback, "vjp", theta, output_covec)
+            return self.fallback.vjp(theta, output_covec)
         flat = output_covec.reshape(-1, output_covec.shape[-1])
         rows = self._product_rows(flat.shape[0])
         out = torch.cat(
@@ -1409,7 +1409,7 @@ class StructuredBackend:
         if fb is not None:
             return fb(theta, covec_fn)
         x = self.fallback.outputs(theta)
-        return x, _rowwise(self.fallback, "vjp", theta, covec_fn(x))
+        return x, self.fallback.vjp(theta, covec_fn(x))
 
     # -- parameter space: D^T D and shifted solves ---------------------------------------
     def _kspace_layers(self) -> tuple[list[_Layer], list[tuple[int, int]]]:
@@ -1589,13 +1589,3 @@ def _same_point(key: Tensor, theta: Tensor) -> bool:
         and key.dtype == theta.dtype
         and torch.equal(key, theta)
     )
-
-
-def _rowwise(backend: Any, method: str, theta: Tensor, vec: Tensor) -> Tensor:
-    """``backend.<method>(theta, vec)`` for ``vec`` of shape ``[..., d]``."""
-    fn = getattr(backend, method)
-    if vec.ndim == 1 or getattr(backend, "batched", False):
-        return fn(theta, vec)
-    flat = vec.reshape(-1, vec.shape[-1])
-    out = torch.stack([fn(theta, r) for r in flat])
-    return out.reshape(*vec.shape[:-1], out.shape[-1])
