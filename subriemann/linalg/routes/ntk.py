@@ -167,9 +167,13 @@ class NTKRoute(SolverRoute):
             if state.output_is_smaller:
                 z = torch.cholesky_solve(rhs.unsqueeze(1), state.cholesky(lam)).squeeze(1)
                 return state.vjp(z), info
-            if state.solves_param_gram() and not state.has(("param_chol", lam)):
+            first = not state.has(("param_chol", lam)) and not state.has(("engine_solve", lam))
+            if first and state.solves_param_gram():
                 # ((1-lam) 1 + lam D^T D) x = b  <=>  (D^T D + mu 1) x = b / lam, mu = (1-lam)/lam:
-                # the engine eliminates its output layer, never forming D (docs/scale.md)
+                # the engine eliminates its output layer, never forming D (docs/scale.md).  A
+                # second solve at this point (the band filter asks one per direction) reuses
+                # one Cholesky factor of the Gram matrix from the factors instead.
+                state.store(("engine_solve", lam), True)
                 mu = (1.0 - lam) / lam
                 b = state.vjp(rhs) / lam
                 return state.space.backend.solve_param_gram(state.theta, b, mu), info
