@@ -154,8 +154,10 @@ class Flow:
         self.state: State | None = None
         self.lockstep: Any = None  # a LockStep when integrated in a batch
         self.book = continuation.SegmentBook()
-        # the band filter, where the vector field depends on tau at all (not lambda = 0)
-        self.banded = opts.rank_band > 0.0 and not metric.is_euclidean
+        # the band filter, only where the vector field depends on tau at all: a field that
+        # cannot jump at a rank change (lambda < 1, Euclidean) keeps every direction, so its
+        # thresholded gradients G(t) all agree and filtering would only repeat the solve
+        self.banded = opts.rank_band > 0.0 and self.field_jumps
         self.last_filter: tuple[Tensor, float] | None = None  # (theta, deviation)
 
     # -- evaluation ----------------------------------------------------------------
