@@ -152,6 +152,12 @@ def _flow_options(g: Any) -> None:
                    help="band filter of the flows: singular values between tau and "
                    "BETA * sigma_max are weighed down smoothly instead of cut at tau "
                    "(docs/flows.md); 0 = the exact thresholded flow (default: 1e-3)")
+    g.add_argument("--rank-every", dest="rank_every", metavar="N|auto",
+                   help="singular values at every N-th accepted step of the flows whose field "
+                   "cannot jump at a rank change (lambda < 1, euclidean); rank events are "
+                   "still located between them (docs/scale.md); auto = 1 on small problems, "
+                   "else so that monitoring costs at most about half the integration "
+                   "(default: auto)")
     g.add_argument("--max-time", dest="max_time", metavar="SECONDS",
                    help="wall-time budget per flow; 0 = none (default: 60)")
     g.add_argument("--seed", metavar="SEED",
@@ -322,7 +328,7 @@ def _one_flow(run: _Run, problem: Problem, opts: Options, ms: MetricSpec, tag: s
         traj = gradient_flow(
             space, problem.theta0, opts.s_end, rtol=opts.rtol, atol=opts.atol,
             max_time=opts.max_time, checkpoint=ckpt, resume=ckpt if opts.resume else None,
-            progress=progress, rank_band=opts.rank_band,
+            progress=progress, rank_band=opts.rank_band, rank_every=opts.rank_every,
         )
     assert isinstance(traj, Trajectory)
     names: dict[str, Any] = {"name": ms.name, "spec": ms.spec, "label": ms.label, "lam": ms.lam}

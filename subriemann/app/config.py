@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "atol": None,  # rtol / 100
     "rank_rtol": 1e-6,
     "rank_band": 1e-3,  # gradient_flow's band filter above tau (docs/flows.md); 0: off
+    "rank_every": "auto",  # gradient_flow's monitor cadence (docs/scale.md)
     "max_time": 60.0,
     "seed": 0,
     "out": "subriemann-report",
@@ -225,12 +226,15 @@ class Options:
     resume: bool
     overwrite: bool = False
     rank_band: float = 1e-3
+    rank_every: int | str = "auto"
 
     def fingerprint(self) -> str:
         """Hash of the settings that define the flows (not ``out``, ``threads``, ...)."""
         d = {k: v for k, v in asdict(self).items() if k not in NOT_FINGERPRINTED}
         if d["rank_band"] == DEFAULTS["rank_band"]:  # option added later: at its default the
             del d["rank_band"]  # fingerprint is that of the runs written before it existed
+        if d["rank_every"] == DEFAULTS["rank_every"]:
+            del d["rank_every"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def settings(self) -> dict[str, Any]:
@@ -284,7 +288,15 @@ def _flow_options(v: dict[str, Any]) -> dict[str, Any]:
                                high=1.0, high_open=True),
         "max_time": max_time or None,  # 0: no budget
         "seed": _as_int(v["seed"], "seed", 0),
+        "rank_every": _as_rank_every(v.get("rank_every", DEFAULTS["rank_every"])),
     }
+
+
+def _as_rank_every(value: Any) -> int | str:
+    """``"auto"`` or a positive integer (the monitor's cadence, ``FlowOptions.rank_every``)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return _as_int(value, "rank_every", 1)
 
 
 def _run_options(v: dict[str, Any]) -> dict[str, Any]:

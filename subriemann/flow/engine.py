@@ -19,7 +19,8 @@ Integrators (:mod:`subriemann.integrators`, by name in ``method``):
   Gauss–Newton step :math:`-\eta D^+\nabla_xC` at :math:`\lambda = 1` and plain
   gradient descent at :math:`\lambda = 0`.
 
-**Rank events** are monitored at every accepted step with a threshold
+**Rank events** are monitored at every accepted step (or every ``rank_every``-th,
+with a bisection over the steps in between when the rank differs) with a threshold
 :math:`\tau` that stays fixed along the flow (:mod:`subriemann.flow.events`).
 At :math:`\lambda = 1` the vector field jumps at a rank change; a step across
 the jump that fails error control is cut at the crossing and the flow
@@ -69,6 +70,8 @@ __all__ = ["gradient_flow", "METHODS", "RANK_METHODS", "Flow", "State"]
 
 # Consecutive non-finite evaluations (each shrinking the step 4x) before "nonfinite".
 _MAX_NONFINITE = 25
+# Below this QN * K a spectrum costs about a vector field: rank_every="auto" monitors each step.
+CHEAP_SPECTRUM = 4_000_000
 # Consecutive rejected steps before "step_size_collapsed" (a safety net: h shrinks by at
 # least 4x per rejection and collapses long before).
 _MAX_REJECTIONS = 200
@@ -158,6 +161,14 @@ class Flow:
         # cannot jump at a rank change (lambda < 1, Euclidean) keeps every direction, so its
         # thresholded gradients G(t) all agree and filtering would only repeat the solve
         self.banded = opts.rank_band > 0.0 and self.field_jumps
+        # the monitor's cadence (FlowOptions.rank_every): None = "auto", resolved at step 1
+        if opts.rank_every not in (1, "auto") and self.field_jumps:
+            raise ValueError(
+                f"rank_every = {opts.rank_every} needs a vector field that cannot jump at a rank "
+                f"change; {type(metric).__name__} may (field_may_jump): use rank_every=1")
+        self.rank_every: int | None = (
+            1 if self.field_jumps or not opts.monitor_rank
+            else None if opts.rank_every == "auto" else int(opts.rank_every))
         self.last_filter: tuple[Tensor, float] | None = None  # (theta, deviation)
 
     # -- evaluation ----------------------------------------------------------------
@@ -276,6 +287,7 @@ class Flow:
                                             "n_rec", "n_events")}
         meta |= {"v0norm": self.v0norm, "nfev": self.nfev, "n_rejected": self.n_rejected,
                  "cheap_sv": self.cheap_sv, "description": self.description,
+                 "rank_every": self.rank_every,
                  "segments": self.book.to_meta()}
         return {"meta": meta, "arrays": arrays}
 
@@ -306,7 +318,8 @@ class Flow:
             num_outputs=sp.num_outputs,
             loss=getattr(sp.loss, "name", type(sp.loss).__name__),
             counters={"nfev": self.nfev, "n_steps": 0 if st is None else st.n_steps,
-                      "n_rejected": self.n_rejected, "wall_time": self.wall_before + wall},
+                      "n_rejected": self.n_rejected, "wall_time": self.wall_before + wall,
+                      "rank_every": self.rank_every},
             settings=self.o.settings(),
             problem=dict(self.problem),
             segments=self.book.segments(),
@@ -452,6 +465,11 @@ class _Run:
         self.nonfinite_streak = 0
         self.rejected_before = 0
         self.last_failure = ""
+        # the monitor's cadence: accepted, unmonitored states (s, theta, f) since the last
+        # monitored state, the anchor (rank_every > 1 only; empty otherwise)
+        self.window: list[tuple[float, Tensor, Tensor]] = []
+        self.anchor: State | None = None
+        self.checkpoint_owed = False
 
     # -- start -------------------------------------------------------------------------
     def tau_at(self, sv: Tensor) -> float:
@@ -528,12 +546,14 @@ class _Run:
             self.begin(theta0)
         if not self.moving_tau:
             fl.metric.rank_atol = fl.tau  # fixed along the flow (the flow's own copy)
+        self.anchor = fl.state
         self.open_bar()
         status = self.initial_status()
         self.rejected_before = fl.n_rejected
         try:
             while status is None:
                 status = self.iterate()
+            self.flush()
         except KeyboardInterrupt:
             status = self.interrupted()
         finally:
@@ -546,6 +566,8 @@ class _Run:
     def interrupted(self) -> FlowStatus:
         """Drop what an interrupted commit left half-done; the status says where."""
         fl = self.fl
+        if self.window:  # back to the last monitored state (a checkpoint resumes from there)
+            fl.state, self.window = self.anchor, []
         assert fl.state is not None
         del fl.rec[fl.state.n_rec:]
         del fl.events[fl.state.n_events:]
@@ -562,9 +584,42 @@ class _Run:
         if fl.rec[-1].s == st.s or not (self.save_all or not reached):
             return
         try:
-            fl.rec.append(fl.row(st.s, st.theta, st.f, st.sv if self.o.monitor_rank else None))
+            monitored = self.o.monitor_rank and not self.window
+            fl.rec.append(fl.row(st.s, st.theta, st.f, st.sv if monitored else None))
         except _Failure:
             fl.rec.append(fl.row(st.s, st.theta, st.f, torch.full_like(st.sv, math.nan)))
+
+    def flush(self) -> None:
+        """Monitor the state the flow stops at when it lies inside a window (``rank_every``)."""
+        fl, a = self.fl, self.anchor
+        st = fl.state
+        if not self.window or st is None or a is None:
+            return
+        try:
+            sv = fl.sv(st.theta)
+            found = events.locate_in_window(fl, [(a.s, a.theta, a.f), *self.window], a.sv, sv)
+        except _Failure:
+            fl.state, self.window = a, []  # the last monitored state is the last good one
+            return
+        fl.events.extend(found)
+        fl.state = replace(st, sv=sv, rank=fl.rank_of(sv), s_prev=a.s, sv_prev=a.sv,
+                           n_events=len(fl.events))
+        self.window, self.anchor = [], fl.state
+        fl.record_modes(st.s, st.theta, sv)
+
+    def monitor_due(self, st: State, plan: _Plan) -> bool:
+        """Whether the step being tried is monitored: every ``rank_every``-th accepted step
+        (counted from ``s = 0``, so a resumed run monitors where the whole run does) and
+        every landing on a save time."""
+        every = self.fl.rank_every
+        return every is None or every <= 1 or plan.landing or (st.n_steps + 1) % every == 0
+
+    def resolve_cadence(self, t_sv: float, t_step: float) -> int:
+        """``rank_every="auto"``: twice the measured cost of a spectrum over that of a step."""
+        sp = self.fl.space
+        if sp.output_dim * sp.dim <= CHEAP_SPECTRUM:
+            return 1
+        return max(1, math.ceil(2.0 * t_sv / max(t_step, 1e-9)))
 
     def iterate(self) -> FlowStatus | None:
         """One attempted step: a status when the flow stops, else None."""
@@ -602,7 +657,7 @@ class _Run:
         fl, o = self.fl, self.o
         h_free = st.h if st.h is not None else fl.initial_step(st.theta, st.f)
         h = min(h_free, o.max_step)
-        if o.monitor_rank:
+        if o.monitor_rank and fl.rank_every == 1:  # with a cadence the steps ignore the monitor
             h = events.cap_near_tau(fl, h, st)
         on_grid = st.grid_index < len(self.grid)
         target = self.grid[st.grid_index] if on_grid else fl.s_end
@@ -632,11 +687,16 @@ class _Run:
         fl, o = self.fl, self.o
         h = plan.h
         try:
+            t0 = time.perf_counter()
             y1, f1, err = fl.step(st.theta, st.f, h)
-            # rank monitor at accepted steps; at a rejected one only where the vector
-            # field may jump at a rank change (a rejection may then be an event)
-            watch = o.monitor_rank and (not o.adaptive or err <= 1.0 or fl.field_jumps)
+            t1 = time.perf_counter()
+            # rank monitor at accepted (monitored) steps; at a rejected one only where the
+            # vector field may jump at a rank change (a rejection may then be an event)
+            accepted = not o.adaptive or err <= 1.0
+            watch = o.monitor_rank and (accepted or fl.field_jumps) and self.monitor_due(st, plan)
             sv1 = fl.sv(y1) if watch else None
+            if watch and accepted and fl.rank_every is None:
+                fl.rank_every = self.resolve_cadence(time.perf_counter() - t1, t1 - t0)
         except _Failure as failure:
             if not o.adaptive:
                 return FlowStatus("nonfinite", f"at s = {st.s:.9g}: {failure}")
@@ -699,6 +759,11 @@ class _Run:
             return []
         found: list[RankChange] = []
         try:
+            if self.window:  # unmonitored steps since the anchor: search them
+                a = self.anchor
+                assert a is not None
+                points = [(a.s, a.theta, a.f), *self.window, (st.s + step.h, step.y1, step.f1)]
+                return events.locate_in_window(fl, points, a.sv, step.sv1)
             for k in events.crossings(fl, st.sv, step.sv1):
                 ev = events.locate(fl, st.s, st.theta, st.f, step.h, k, st.sv, step.sv1, step.y1)
                 assert ev is not None  # the accepted end is past the crossing
@@ -740,8 +805,9 @@ class _Run:
             new_events = new_events[:1]
         on_grid_landing = step.landing and plan.on_grid
         sv1 = step.sv1
+        monitored = sv1 is not None or not o.monitor_rank
         rows: list[_Row] = []
-        if self.save_all or on_grid_landing or stop_here is not None:
+        if (self.save_all and monitored) or on_grid_landing or stop_here is not None:
             try:
                 if sv1 is None:  # not monitored: singular values at saved points only
                     sv1 = fl.sv(step.y1)
@@ -752,17 +818,34 @@ class _Run:
             sv1 = st.sv  # stale, unused: the rank is not monitored
         fl.rec.extend(rows)
         fl.events.extend(new_events)
-        fl.state = State(
+        self.advance(st, State(
             s=s1, theta=step.y1, f=step.f1, sv=sv1, rank=fl.rank_of(sv1),
             n_steps=st.n_steps + 1, grid_index=st.grid_index + 1 if on_grid_landing
-            else st.grid_index, s_prev=st.s, sv_prev=st.sv, h=step.new_h, n_rec=len(fl.rec),
-            n_events=len(fl.events),
-        )
-        if o.monitor_rank:
-            fl.record_modes(s1, step.y1, sv1)
+            else st.grid_index, s_prev=st.s_prev, sv_prev=st.sv_prev, h=step.new_h,
+            n_rec=len(fl.rec), n_events=len(fl.events),
+        ), monitored)
         if self.bar is not None:
             self.bar.update(s1 - st.s)
         return stop_here if stop_here is not None else self.after_commit()
+
+    def advance(self, st: State, new: State, monitored: bool) -> None:
+        """Replace the state by ``new``; a monitored state becomes the anchor of the cadence.
+
+        The rate of the singular values (:func:`~subriemann.flow.events.cap_near_tau`)
+        is taken between consecutive monitored states; an unmonitored state keeps
+        the singular values of the anchor and joins the window.
+        """
+        fl = self.fl
+        if monitored:
+            a = self.anchor if self.anchor is not None else st
+            new = replace(new, s_prev=a.s, sv_prev=a.sv)
+        fl.state = new
+        if monitored:
+            self.window, self.anchor = [], new
+            if self.o.monitor_rank:
+                fl.record_modes(new.s, new.theta, new.sv)
+        else:
+            self.window.append((new.s, new.theta, new.f))
 
     def after_commit(self) -> FlowStatus | None:
         """The stops after an accepted step: chattering, cost, equilibrium; a checkpoint."""
@@ -791,7 +874,10 @@ class _Run:
         if fl.v0norm and vnorm <= o.stall_tol * fl.v0norm:
             return FlowStatus("equilibrium_reached",
                               f"|V| = {vnorm:.3e} <= {o.stall_tol:.1e} |V(0)| at s = {st.s:.9g}")
-        if self.checkpoint is not None and st.n_steps % o.checkpoint_every == 0:
+        # a checkpoint at a monitored state only (a resumed run starts with no window)
+        self.checkpoint_owed |= st.n_steps % o.checkpoint_every == 0
+        if self.checkpoint is not None and self.checkpoint_owed and not self.window:
+            self.checkpoint_owed = False
             self.save_checkpoint("running")
         return None
 
@@ -809,6 +895,8 @@ def _restore(fl: Flow, path: Path) -> Trajectory | None:
     dev = fl.space.device
     fl.tau = traj.rank_tau
     fl.cheap_sv = bool(integ.get("cheap_sv", False))
+    if fl.rank_every is None or "rank_every" in integ:
+        fl.rank_every = integ.get("rank_every", fl.rank_every)
     fl.book = continuation.SegmentBook.from_meta(integ.get("segments"))
     fl.v0norm = integ["v0norm"]
     fl.nfev, fl.n_rejected = integ["nfev"], integ["n_rejected"]

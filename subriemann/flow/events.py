@@ -24,8 +24,8 @@ from torch import Tensor
 
 from subriemann.flow.trajectory import RankChange
 
-__all__ = ["CAP_BAND", "old_branch_tau", "substep", "locate", "crossings", "cap_near_tau",
-           "first_crossing", "chattering"]
+__all__ = ["CAP_BAND", "old_branch_tau", "substep", "locate", "locate_in_window", "crossings",
+           "cap_near_tau", "first_crossing", "chattering"]
 
 CAP_BAND = 1e-3
 """A singular value approaching tau moves at most ``max(gap / 2, CAP_BAND * tau)`` per step."""
@@ -155,6 +155,46 @@ def locate(fl: Flow, s0: float, y0: Tensor, f0: Tensor, h: float, k: int, sv0: T
         s_bracket=hi - lo,
     )
     return ev, y_hi, sv_hi, err_hi
+
+def locate_in_window(fl: Flow, points: list[tuple[float, Tensor, Tensor]], sv_first: Tensor,
+                     sv_last: Tensor) -> list[RankChange]:
+    r"""The rank events between two monitored states with unmonitored accepted steps between.
+
+    ``points`` are the accepted states ``(s, theta, f)`` from one monitored
+    state (singular values ``sv_first``) to the next (``sv_last``), each
+    consecutive pair one accepted step of the flow (the monitor's cadence
+    ``rank_every``).  While the sides of :math:`\tau` differ between the
+    left end and ``sv_last``, bisection over the states (one spectrum per
+    probe) narrows them to one step in which the side changes, and
+    :func:`locate` places the crossings inside that step exactly as for a
+    monitored step; the search then goes on from its right end.  A crossing
+    and its return between two probes with equal sides are not seen.
+    """
+    svs = {0: sv_first, len(points) - 1: sv_last}
+
+    def side(i: int) -> Tensor:
+        if i not in svs:
+            svs[i] = fl.sv(points[i][1])
+        return svs[i] > fl.tau
+
+    found: list[RankChange] = []
+    lo, end = 0, len(points) - 1
+    while lo < end and not torch.equal(side(lo), side(end)):
+        hi = end
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if torch.equal(side(mid), side(lo)):
+                lo = mid
+            else:
+                hi = mid
+        s0, y0, f0 = points[lo]
+        for k in crossings(fl, svs[lo], svs[hi]):
+            ev = locate(fl, s0, y0, f0, points[hi][0] - s0, k, svs[lo], svs[hi], points[hi][1])
+            assert ev is not None  # the accepted end of the step is past the crossing
+            found.append(ev[0])
+        lo = hi
+    return sorted(found, key=lambda e: e.s)
+
 
 def crossings(fl: Flow, sv0: Tensor, sv1: Tensor) -> list[int]:
     """Indices :math:`k` with :math:`\\sigma_k - \\tau` of opposite signs at the ends."""

@@ -111,6 +111,22 @@ class FlowOptions:
         :func:`~subriemann.gradient_flow`).
     progress : bool
         Show a progress bar (tqdm).
+    rank_every : int or "auto"
+        Compute the singular values at every ``rank_every``-th accepted step
+        (and at every saved point) instead of at every accepted step, where the
+        vector field cannot jump at a rank change (``metric.field_may_jump``
+        false: :math:`\lambda < 1`, Euclidean); 1 for the other metrics.
+        When the rank differs between two monitored steps, the step of the
+        crossing is found by bisection over the accepted states in between and
+        the event is located in it exactly as with ``rank_every=1``; a rank
+        that drops and recovers between two monitored steps is not seen (as
+        within one step at ``rank_every=1``).  With ``save_at`` unset, the
+        saved points are the monitored steps.  ``"auto"``: 1 where the
+        spectrum is cheap (:math:`QN\cdot K \le 4\cdot10^6`), else the
+        ratio of the measured costs of one spectrum and of one step at
+        :math:`s = 0`, times 2, so that monitoring adds at most about half the
+        integration's time (resolved once and recorded; a resumed run keeps it).
+        See docs/scale.md.
     rank_band : float
         :math:`\beta` of the continuation through rank loss
         (:mod:`subriemann.flow.continuation`): directions with
@@ -141,6 +157,7 @@ class FlowOptions:
     checkpoint_every: int = 50
     progress: bool = False
     rank_band: float = 1e-3
+    rank_every: int | str = 1
     min_event_step: float = field(default=0.0)
 
     @classmethod
@@ -177,6 +194,11 @@ class FlowOptions:
             self.save_at = _save_grid(self.save_at, self.s_end)
         self.rank_band = check_real(self.rank_band, "rank_band", low=0.0, high=1.0,
                                     high_open=True)
+        if self.rank_every != "auto":
+            if isinstance(self.rank_every, str):
+                raise ValueError(f"rank_every must be a positive integer or 'auto', "
+                                 f"got {self.rank_every!r}")
+            self.rank_every = check_int(self.rank_every, "rank_every", low=1)
         self.min_event_step = max(1e-10 * self.s_end, 1e-12)
 
     def _validate_steps(self) -> None:

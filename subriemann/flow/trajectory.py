@@ -197,7 +197,8 @@ class Trajectory:
     num_samples, num_outputs : int
     loss : str
     counters : dict
-        ``nfev``, ``n_steps``, ``n_rejected``, ``wall_time``.
+        ``nfev``, ``n_steps``, ``n_rejected``, ``wall_time``, and ``rank_every``
+        (the monitor's cadence as resolved, see ``FlowOptions.rank_every``).
     settings : dict
         The solver options.
     problem : dict

@@ -251,6 +251,8 @@ BAD = [
     (["run", "--rtol", "0"], "rtol"),
     (["run", "--rank-rtol", "2"], "rank_rtol"),
     (["run", "--max-time", "-5"], "max_time"),
+    (["run", "--rank-every", "0"], "rank_every"),
+    (["run", "--rank-every", "often"], "rank_every"),
     (["run", "--seed", "-3"], "seed"),
     (["run", "--seed", "1.5"], "seed"),
     (["run", "--threads", "0"], "threads"),
