@@ -76,14 +76,13 @@ from subriemann.app.problem import Problem, build_problem, say
 from subriemann.app.sweep import command as sweep_command
 from subriemann.flow import gradient_flow
 from subriemann.flow.checkpoint import problem_fingerprint
+from subriemann.flow.options import SMALL_PROBLEM
 from subriemann.flow.trajectory import Trajectory
 
 __all__ = ["main", "UsageError", "one_line_warnings"]
 
 _BUDGET = ("max_time_reached", "max_steps_reached")
 _PER_RUN = ("resume", "overwrite")  # how a run treats --out: never taken from the stored run
-SMALL_PROBLEM = 4_000_000
-"""QN·K up to which ``subriemann run`` uses one torch thread unless ``--threads`` says otherwise."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -307,6 +306,15 @@ def _announce(info: dict[str, Any], specs: list[MetricSpec], opts: Options) -> N
         f"{budget} per flow; report in {opts.out}")
 
 
+LARGE_PROBLEM_SAVES = 20
+"""Evenly spaced saves of a flow when QN·K > SMALL_PROBLEM (50 below): each saved point costs
+one spectrum of D, 5–10 s on the full digits set (docs/scale.md)."""
+
+
+def _saves(space: Any) -> int:
+    return 50 if space.output_dim * space.dim <= SMALL_PROBLEM else LARGE_PROBLEM_SAVES
+
+
 def _one_flow(run: _Run, problem: Problem, opts: Options, ms: MetricSpec, tag: str,
               progress: bool) -> bool:
     """Run (or keep, with ``--resume``) one flow and record it; False if it was interrupted.
@@ -329,6 +337,7 @@ def _one_flow(run: _Run, problem: Problem, opts: Options, ms: MetricSpec, tag: s
             space, problem.theta0, opts.s_end, rtol=opts.rtol, atol=opts.atol,
             max_time=opts.max_time, checkpoint=ckpt, resume=ckpt if opts.resume else None,
             progress=progress, rank_band=opts.rank_band, rank_every=opts.rank_every,
+            min_saves=_saves(space),
         )
     assert isinstance(traj, Trajectory)
     names: dict[str, Any] = {"name": ms.name, "spec": ms.spec, "label": ms.label, "lam": ms.lam}

@@ -59,7 +59,7 @@ from subriemann.flow.checkpoint import (
     problem_fingerprint,
     read_checkpoint,
 )
-from subriemann.flow.options import METHODS, RANK_METHODS, RESUME_FREE, FlowOptions
+from subriemann.flow.options import METHODS, RANK_METHODS, RESUME_FREE, SMALL_PROBLEM, FlowOptions
 from subriemann.flow.trajectory import FlowStatus, RankChange, Trajectory, existing_npz
 from subriemann.integrators import TABLEAUS, StepController, rk_step
 from subriemann.linalg import rank_threshold
@@ -70,8 +70,6 @@ __all__ = ["gradient_flow", "METHODS", "RANK_METHODS", "Flow", "State"]
 
 # Consecutive non-finite evaluations (each shrinking the step 4x) before "nonfinite".
 _MAX_NONFINITE = 25
-# Below this QN * K a spectrum costs about a vector field: rank_every="auto" monitors each step.
-CHEAP_SPECTRUM = 4_000_000
 # Consecutive rejected steps before "step_size_collapsed" (a safety net: h shrinks by at
 # least 4x per rejection and collapses long before).
 _MAX_REJECTIONS = 200
@@ -617,7 +615,7 @@ class _Run:
     def resolve_cadence(self, t_sv: float, t_step: float) -> int:
         """``rank_every="auto"``: twice the measured cost of a spectrum over that of a step."""
         sp = self.fl.space
-        if sp.output_dim * sp.dim <= CHEAP_SPECTRUM:
+        if sp.output_dim * sp.dim <= SMALL_PROBLEM:
             return 1
         return max(1, math.ceil(2.0 * t_sv / max(t_step, 1e-9)))
 

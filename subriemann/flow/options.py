@@ -16,13 +16,18 @@ from typing import Any
 from subriemann.integrators import TABLEAUS
 from subriemann.validation import check_bool, check_choice, check_int, check_optional, check_real
 
-__all__ = ["FlowOptions", "METHODS", "RANK_METHODS", "RESUME_FREE"]
+__all__ = ["FlowOptions", "METHODS", "RANK_METHODS", "RESUME_FREE", "SMALL_PROBLEM"]
 
 METHODS = tuple(TABLEAUS)
 """The integrators of :func:`~subriemann.gradient_flow` (the tableaus' names)."""
 
 RANK_METHODS = ("auto", "metric", "ntk")
 """How the rank monitor computes singular values (see :func:`~subriemann.gradient_flow`)."""
+
+SMALL_PROBLEM = 4_000_000
+"""QN·K up to which a problem is small: one spectrum of D costs about one vector field
+(``rank_every="auto"`` monitors every step; ``subriemann run`` uses one thread and saves
+50 points)."""
 
 RESUME_FREE = ("max_steps", "max_time", "checkpoint_every", "progress")
 """Options that may differ between a run and its resumption (budgets and presentation)."""

@@ -103,4 +103,4 @@ def test_rank_every_errors():
     # "auto" on a small problem (QN * K <= 4e6) monitors every step; a jumping metric too
     assert sr.gradient_flow(space, start, 1.0, rank_every="auto").counters["rank_every"] == 1
     assert _flow(rank_every="auto").counters["rank_every"] == 1
-    assert math.isfinite(engine.CHEAP_SPECTRUM)
+    assert math.isfinite(engine.SMALL_PROBLEM)
