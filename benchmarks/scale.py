@@ -168,10 +168,22 @@ def flows(n_samples: int, s_end: float, budget: float) -> list[dict]:
     for f in summary.get("flows", []):
         row = {k: f.get(k) for k in ("label", "s_final", "n_steps", "nfev", "n_rejected")}
         row["status"] = f.get("status", {}).get("code")
+        row.update(_monitor(out / (f.get("trajectory") or "")))
         row["wall_time"] = round(float(f.get("wall_time") or 0.0), 1)
         row["s_final"] = round(float(row["s_final"] or 0.0), 4)
         rows.append(row)
     return [{"total_s": total, "n_samples": n_samples, "s_end": s_end, "report": str(out)}] + rows
+
+
+def _monitor(path: Path) -> dict:
+    """The monitor's cadence as resolved and the saved points (one spectrum each) of a flow."""
+    try:
+        from subriemann import Trajectory
+
+        traj = Trajectory.load(path)
+    except (OSError, ValueError):
+        return {}
+    return {"rank_every": traj.counters.get("rank_every"), "saved": int(traj.s.numel())}
 
 
 def _goal_lines(rows: list[dict]) -> list[str]:
@@ -236,8 +248,9 @@ def render(res: dict) -> str:
             f"--loss cross_entropy --s-end {head['s_end']:g}`: {head['total_s']:.0f} s "
             "in all (the three default metrics, report included).",
             "",
-            "| flow | status | s reached | accepted steps | evaluations | rejected | wall (s) |",
-            "|---|---|---|---|---|---|---|",
+            "| flow | status | s reached | accepted steps | evaluations | rejected | wall (s) | "
+            "rank_every | saved points |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for f in fl[1:]:
             lines.append(
@@ -254,6 +267,8 @@ def render(res: dict) -> str:
                                 "nfev",
                                 "n_rejected",
                                 "wall_time",
+                                "rank_every",
+                                "saved",
                             )
                         ),
                         "",
