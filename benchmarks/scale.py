@@ -89,7 +89,9 @@ def worker(problem: str, route: str, check: bool = False) -> dict:
     qn, k = sp.output_dim, sp.dim
     row = {"problem": problem, "route": route, "K": k, "QN": qn}
     small = min(qn, k)
-    dense = 8.0 * (qn * k + small * small)
+    # the ntk route of an engine with layer factors forms the small Gram only, never D
+    factored = route == "ntk" and getattr(sp.backend, "gram_from_factors", False)
+    dense = 8.0 * (small * small + (0 if factored else qn * k))
     if route in ("ntk", "svd") and dense > DENSE_BYTES:
         return {**row, "skipped": f"dense D and Gram need {dense / 1e9:.1f} GB"}
     if route == "svd" and qn * k > 8e7:
@@ -114,7 +116,7 @@ def worker(problem: str, route: str, check: bool = False) -> dict:
     row.update(first_s=times[0], second_s=times[1], iterations=iters)
     nys = getattr(m, "_nystrom", None)
     if nys is not None and nys.precond is not None:
-        row["precond_rank"] = nys.precond.rank
+        row.update(precond_rank=nys.precond.rank, sketch=nys.sketch_source, builds=nys.builds)
     row["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if check:  # against the metric's default route at the last point (after the peak)
         ref = sp.equip_with_metric(InterpolatedMetric, lam=0.5).metric.gradient(point)
@@ -195,6 +197,8 @@ def _row(r: dict) -> str:
     notes = [r.get("skipped") or r.get("error") or ""]
     if "rel_diff_auto" in r:
         notes.append(f"rel. diff. to the default route {r['rel_diff_auto']:.1e}")
+    if "sketch" in r:
+        notes.append(f"Nyström sketch from {r['sketch']}, {r['builds']} build(s)")
     notes.append(r.get("note_prev", ""))
     note = "; ".join(n for n in notes if n)
     head = f"| {r['problem']} | {r.get('K', '')} | {r.get('QN', '')} | {r['route']} | "
