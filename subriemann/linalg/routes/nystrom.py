@@ -53,10 +53,11 @@ from subriemann.linalg.krylov import pcg
 from subriemann.linalg.routes.base import Threshold
 from subriemann.linalg.routes.matrix_free import MatrixFreeRoute
 from subriemann.linalg.state import PointState
-from subriemann.validation import check_int, check_optional, check_real
+from subriemann.validation import check_bool, check_int, check_optional, check_real
 
 __all__ = [
     "NystromPreconditioner",
+    "CholeskyPreconditioner",
     "nystrom_sketch",
     "NystromSolver",
     "NystromRoute",
@@ -101,6 +102,51 @@ class NystromPreconditioner:
         return r + self.u @ (scale * (self.u.T @ r))
 
 
+@dataclass
+class CholeskyPreconditioner:
+    r"""The preconditioner :math:`P = G_0 + \mu 1` from a formed Gram matrix :math:`G_0`.
+
+    The limit :math:`\ell = n` of :class:`NystromPreconditioner` (then
+    :math:`\hat G = G_0` and :math:`P^{-1} \propto (G_0 + \mu 1)^{-1}`): exact at the
+    point where :math:`G_0` was formed, and at a nearby point with Gram matrix
+    :math:`G` the preconditioned operator is
+    :math:`1 + (G_0 + \mu 1)^{-1}(G - G_0)`, of condition at most
+    :math:`(1 + \|G - G_0\|/\mu)/(1 - \|G - G_0\|/\mu)`.
+
+    Attributes
+    ----------
+    chol : Tensor, shape=[n, n]
+        Lower Cholesky factor of :math:`G_0 + \mu 1`.
+    mu : float
+    """
+
+    chol: Tensor
+    mu: float
+
+    @classmethod
+    def factor(cls, gram: Tensor, mu: float) -> CholeskyPreconditioner | None:
+        r"""From :math:`G_0` (``[n, n]``, symmetric PSD); ``None`` if rounding made
+        :math:`G_0 + \mu 1` fail its Cholesky factorization."""
+        shifted = gram.clone()
+        shifted.diagonal().add_(mu)
+        chol, info = torch.linalg.cholesky_ex(shifted)
+        return cls(chol, mu) if int(info) == 0 else None
+
+    @property
+    def rank(self) -> int:
+        """:math:`n` (the whole space)."""
+        return int(self.chol.shape[0])
+
+    def apply(self, r: Tensor) -> Tensor:
+        r""":math:`P^{-1}r = (G_0 + \mu 1)^{-1}r`, two triangular solves.
+
+        Parameters
+        ----------
+        r : Tensor, shape=[n]
+        """
+        return torch.cholesky_solve(r.unsqueeze(1), self.chol).squeeze(1)
+
+
 def _nystrom_factor(omega: Tensor, y: Tensor) -> tuple[Tensor, float]:
     r"""``(B, shift)`` with :math:`\hat G + \text{shift}\cdot QQ^\top = BB^\top` (FTU, Alg. 2.1)."""
     q, r = torch.linalg.qr(omega)
@@ -120,7 +166,7 @@ def _nystrom_factor(omega: Tensor, y: Tensor) -> tuple[Tensor, float]:
 
 
 def nystrom_eigenvalues(omega: Tensor, y: Tensor) -> Tensor:
-    r"""The eigenvalues :math:`\hat\lambda` of :func:`nystrom_sketch`, descending, without vectors."""
+    r"""The eigenvalues :math:`\hat\lambda` of :func:`nystrom_sketch` (descending), no vectors."""
     b, shift = _nystrom_factor(omega, y)
     gram = b.T @ b
     return (torch.linalg.eigvalsh(0.5 * (gram + gram.T)).flip(0) - shift).clamp_min(0.0)
@@ -212,7 +258,7 @@ class NystromSolver:
         ``SKETCH_COPIES`` matrices ``[n, ℓ]`` fit in ``memory_budget``.
     rho : float
         Stop growing the sketch once :math:`\hat\lambda_\ell \le \rho\mu` and
-        :math:`\|G - \hat G\|_2 \le \rho\mu` (:meth:`build`).
+        :math:`\hat\lambda_\ell + \|G - \hat G\|_2 \le 2\rho\mu` (:meth:`build`).
     reuse_iters : int
         A preconditioner built at an earlier point gets at most this many
         iterations; a solve that needs more rebuilds it at its own point and
@@ -228,7 +274,7 @@ class NystromSolver:
 
     Attributes
     ----------
-    precond : NystromPreconditioner or None
+    precond : NystromPreconditioner or CholeskyPreconditioner or None
         The preconditioner in use.
     builds : int
         How many preconditioners were built.
@@ -260,7 +306,7 @@ class NystromSolver:
         self.block = check_int(block, "block", low=1)
         self.memory_budget = check_int(memory_budget, "memory_budget", low=1)
         self.gen = torch.Generator(device="cpu").manual_seed(check_int(seed, "seed"))
-        self.precond: NystromPreconditioner | None = None
+        self.precond: NystromPreconditioner | CholeskyPreconditioner | None = None
         self.builds = 0
         self.last_sketch_products = 0
         self.sketch_source = ""
@@ -285,9 +331,9 @@ class NystromSolver:
     ) -> NystromPreconditioner:
         r"""Sketch :math:`G` adaptively and return the preconditioner of :math:`G + \mu 1`.
 
-        The rank doubles from ``start`` until both :math:`\hat\lambda_\ell \le \rho\mu`
-        and the error :math:`E = \|G - \hat G\|_2` (estimated by
-        :func:`sketch_error`) is at most :math:`\rho\mu`, or the cap
+        The rank doubles from ``start`` until :math:`\hat\lambda_\ell \le \rho\mu`
+        and :math:`\hat\lambda_\ell + E \le 2\rho\mu`, with the error
+        :math:`E = \|G - \hat G\|_2` estimated by :func:`sketch_error`, or the cap
         (:meth:`rank_cap`); the sketch is extended, never recomputed.  Then the
         preconditioned operator has condition number at most
         :math:`(\hat\lambda_\ell + \mu + E)/\mu \le 1 + 2\rho` (FTU, Prop. 5.3),
@@ -322,7 +368,7 @@ class NystromSolver:
             pre = NystromPreconditioner(*nystrom_sketch(omega, y), mu)
             # exact at ell = n (up to the shift nu); otherwise E by power iteration
             self.last_error = 0.0 if ell >= n else sketch_error(gram_rows, pre, self.gen)
-            if ell >= cap or self.last_error <= self.rho * mu:
+            if ell >= cap or float(pre.lam_hat[-1]) + self.last_error <= 2.0 * self.rho * mu:
                 break
             ell = min(2 * ell, cap)
         self.builds += 1
@@ -375,6 +421,7 @@ class NystromSolver:
         # the preconditioner was built too far away: build one here, go on from z
         bnorm = float(rhs.norm())
         rows = self._build_here(gram_rows, rhs, mu, gram)
+        assert self.precond is not None
         res = rhs - _shifted(rows, mu)(z)
         rnorm = float(res.norm())
         more = None if maxiter is None else maxiter - info.iterations
@@ -400,11 +447,20 @@ class NystromSolver:
         """Build the preconditioner at this point; the products to use here (from ``G``
         when ``gram`` gives it)."""
         g = gram() if gram is not None else None
-        rows = gram_rows if g is None else (lambda w: w @ g)
-        start = self.precond.rank if self.precond is not None else None
-        self.precond = self.build(rows, rhs.shape[0], mu, rhs, start=start)
-        self.sketch_source = "products" if g is None else "gram"
         self._key = (rhs.shape[0], float(mu), rhs.dtype)
+        self.sketch_source = "products" if g is None else "gram"
+        if g is None:
+            rows = gram_rows
+        else:
+            rows = _products_with(g)
+            exact = CholeskyPreconditioner.factor(g, mu)
+            if exact is not None:  # the l = n limit of the Nystrom preconditioner, cheaper here
+                self.precond, self.last_error, self.last_sketch_products = exact, 0.0, 0
+                self.builds += 1
+                return rows
+        last = self.precond
+        start = last.rank if isinstance(last, NystromPreconditioner) else None
+        self.precond = self.build(rows, rhs.shape[0], mu, rhs, start=start)
         return rows
 
     def _fresh(
@@ -419,6 +475,11 @@ class NystromSolver:
         rows = self._build_here(gram_rows, rhs, mu, gram)
         assert self.precond is not None
         return pcg(_shifted(rows, mu), rhs, self.precond.apply, rtol=rtol, maxiter=maxiter)
+
+
+def _products_with(gram: Tensor) -> Callable[[Tensor], Tensor]:
+    r""":math:`W \mapsto WG` with a formed :math:`G`."""
+    return lambda w: w @ gram
 
 
 def _shifted(gram_rows: Callable[[Tensor], Tensor], mu: float) -> Callable[[Tensor], Tensor]:
@@ -477,15 +538,22 @@ class NystromRoute(MatrixFreeRoute):
     r"""The ``"matrix_free"`` route with Nyström-preconditioned CG for :math:`\lambda < 1`.
 
     CG on :math:`\lambda(G + \mu 1)`, :math:`\mu = (1-\lambda)/\lambda`, in the
-    smaller space, preconditioned by :class:`NystromSolver` (built from batched
-    JVP/VJP sketches, reused over nearby points); stopped on the true residual
-    at ``rtol`` or warned.  At :math:`\lambda = 1` it is the ``"matrix_free"``
-    LSMR, and ``sharp`` and ``project`` are those of ``"matrix_free"``.
+    smaller space, preconditioned by :class:`NystromSolver` (reused over nearby
+    points); stopped on the true residual at ``rtol`` or warned.  The
+    preconditioner is built from the Gram matrix :math:`G` where that is cheap
+    (:func:`formed_gram`: the Cholesky factor of :math:`G + \mu 1`,
+    :class:`CholeskyPreconditioner`), else from a randomized sketch of batched
+    JVP/VJP products (:class:`NystromPreconditioner`).  At :math:`\lambda = 1` it
+    is the ``"matrix_free"`` LSMR, and ``sharp`` and ``project`` are those of
+    ``"matrix_free"``.
 
     Parameters
     ----------
     rtol, maxiter, accuracy
         As :class:`~subriemann.linalg.routes.MatrixFreeRoute`.
+    use_gram : bool
+        Whether to build from a cheap :math:`G` (default); ``False`` always
+        sketches by products (the route for problems whose :math:`G` does not fit).
     **nystrom
         Options of :class:`NystromSolver` (``rank0``, ``max_rank``, ``rho``,
         ``reuse_iters``, ``block``, ``seed``).
@@ -504,10 +572,15 @@ class NystromRoute(MatrixFreeRoute):
         rtol: float = 1e-12,
         maxiter: int | None = None,
         accuracy: float = ACCURACY,
+        use_gram: bool = True,
         **nystrom: Any,
     ) -> None:
         super().__init__(rtol, maxiter, accuracy)
+        self.use_gram = check_bool(use_gram, "use_gram")
         self.nystrom = NystromSolver(**nystrom)
+
+    def description(self) -> dict[str, object]:
+        return {**super().description(), "use_gram": self.use_gram}
 
     def solve(
         self, state: PointState, rhs: Tensor, lam: float, threshold: Threshold
@@ -520,9 +593,10 @@ class NystromRoute(MatrixFreeRoute):
         self.nystrom.block = max(1, int(backend.rows_per_pass(state.theta)))
         self.nystrom.memory_budget = int(getattr(backend, "memory_budget", MEMORY_BUDGET))
         b = (rhs if small else state.vjp(rhs)) / lam
+        budget = self.nystrom.memory_budget
         z, info = self.nystrom.solve(
             gram_rows(state, small), b, (1.0 - lam) / lam, rtol=self.rtol, maxiter=self.maxiter,
-            gram=lambda: formed_gram(state, small, self.nystrom.memory_budget),
+            gram=(lambda: formed_gram(state, small, budget)) if self.use_gram else None,
         )  # fmt: skip
         check_converged(info)
         return (state.vjp(z) if small else z), info
