@@ -17,24 +17,39 @@ Matrix Anal. Appl. 44, 2023) removes them:
 1. a sketch :math:`Y = G\Omega` with a Gaussian test matrix
    :math:`\Omega\in\mathbb{R}^{n\times\ell}` (``ℓ`` JVPs and VJPs, batched);
 2. the Nyström approximation :math:`\hat G = Y(\Omega^\top Y)^+Y^\top
-   = U\hat\Lambda U^\top` (a stabilised Cholesky and a thin SVD,
-   :func:`nystrom_sketch`);
+   = U\hat\Lambda U^\top` (a stabilised Cholesky factorization and the
+   eigendecomposition of an :math:`\ell\times\ell` matrix, :func:`nystrom_sketch`);
 3. the preconditioner
    :math:`P^{-1} = (\hat\lambda_\ell+\mu)\,U(\hat\Lambda+\mu 1)^{-1}U^\top
    + (1 - UU^\top)`.
 
-With :math:`E = \|G - \hat G\|`, the preconditioned operator has condition
-number at most :math:`(\hat\lambda_\ell + \mu + E)/\mu` (FTU, Prop. 5.3), so a
-rank with :math:`\hat\lambda_\ell \lesssim \mu` gives a small, data-independent
-iteration count.  The rank is chosen adaptively: it doubles from ``rank0``
-until :math:`\hat\lambda_\ell \le \rho\,\mu` (default :math:`\rho = 1`) or the
-memory budget ``max_rank`` is met; the sketch is extended, never recomputed.
+With :math:`E = \|G - \hat G\|_2`, the preconditioned operator has condition
+number at most :math:`(\hat\lambda_\ell + \mu + E)/\mu` (FTU, Prop. 5.3).  The
+rank follows the problem: it doubles from ``rank0`` until
+:math:`\hat\lambda_\ell \le \rho\mu` and :math:`\hat\lambda_\ell + E \le 2\rho\mu`
+(:math:`E` estimated by power iteration, :func:`sketch_error`), so that the
+bound is :math:`1 + 2\rho` (3 at the default :math:`\rho = 1`: at most about 25 CG
+iterations for ``rtol = 1e-12``), or until :math:`\ell = n` or the memory budget;
+the sketch is extended, never recomputed.
+
+**When the Gram matrix is cheap** (:func:`formed_gram`: the engine forms
+:math:`G` from layer factors and it fits the memory budget, or the point already
+holds it), a sketch of :math:`\ell` products costs more than :math:`G` itself
+(at the benchmarks' sizes, :math:`G` costs from half a product to a few
+hundred, while the rank needed is hundreds to thousands), and the sketch
+:math:`G\Omega` alone (:math:`2n^2\ell` flops) costs more than the Cholesky
+factor of :math:`G + \mu 1` (:math:`n^3/3`) once :math:`\ell > n/6`.  There the
+preconditioner is that Cholesky factor (:class:`CholeskyPreconditioner`, the
+limit :math:`\ell = n` of :math:`P`): exact at the point where it is built, and
+reused at the next points as the Nyström one.
 
 A preconditioner only changes the speed of CG, never its answer: the true
 residual is checked at the end (:func:`~subriemann.linalg.pcg`), so one built at
-a nearby point of a flow is reused as long as it keeps the iteration count low
-(:class:`NystromSolver`).  :class:`NystromRoute` is the ``"matrix_free"`` route
-with this solver for :math:`\lambda < 1` (LSMR at :math:`\lambda = 1`).
+a nearby point of a flow is reused; a reused one gets at most ``reuse_iters``
+iterations (30), after which one is built at the current point and CG goes on
+from its iterate (:class:`NystromSolver`).  :class:`NystromRoute` is the
+``"matrix_free"`` route with this solver for :math:`\lambda < 1` (LSMR at
+:math:`\lambda = 1`).
 """
 
 from __future__ import annotations
@@ -61,6 +76,9 @@ __all__ = [
     "nystrom_sketch",
     "NystromSolver",
     "NystromRoute",
+    "nystrom_eigenvalues",
+    "sketch_error",
+    "SKETCH_COPIES",
     "gram_rows",
     "formed_gram",
 ]
@@ -144,7 +162,9 @@ class CholeskyPreconditioner:
         ----------
         r : Tensor, shape=[n]
         """
-        return torch.cholesky_solve(r.unsqueeze(1), self.chol).squeeze(1)
+        # two triangular solves (torch.cholesky_solve copies the factor: 10x slower here)
+        z = torch.linalg.solve_triangular(self.chol, r.unsqueeze(1), upper=False)
+        return torch.linalg.solve_triangular(self.chol.mT, z, upper=True).squeeze(1)
 
 
 def _nystrom_factor(omega: Tensor, y: Tensor) -> tuple[Tensor, float]:
