@@ -433,7 +433,9 @@ class NystromSolver:
         key = (rhs.shape[0], float(mu), rhs.dtype)
         if self.precond is None or self._key != key:
             self.precond = None
-            return self._fresh(gram_rows, rhs, mu, rtol, maxiter, gram)
+            rows = self._build_here(gram_rows, rhs, mu, gram)
+            assert self.precond is not None
+            return pcg(_shifted(rows, mu), rhs, self.precond.apply, rtol=rtol, maxiter=maxiter)
         limit = self.reuse_iters if maxiter is None else min(maxiter, self.reuse_iters)
         z, info = pcg(_shifted(gram_rows, mu), rhs, self.precond.apply, rtol=rtol, maxiter=limit)
         if info.converged or (maxiter is not None and maxiter <= self.reuse_iters):
@@ -482,19 +484,6 @@ class NystromSolver:
         start = last.rank if isinstance(last, NystromPreconditioner) else None
         self.precond = self.build(rows, rhs.shape[0], mu, rhs, start=start)
         return rows
-
-    def _fresh(
-        self,
-        gram_rows: Callable[[Tensor], Tensor],
-        rhs: Tensor,
-        mu: float,
-        rtol: float,
-        maxiter: int | None,
-        gram: Callable[[], Tensor | None] | None,
-    ) -> tuple[Tensor, SolverInfo]:
-        rows = self._build_here(gram_rows, rhs, mu, gram)
-        assert self.precond is not None
-        return pcg(_shifted(rows, mu), rhs, self.precond.apply, rtol=rtol, maxiter=maxiter)
 
 
 def _products_with(gram: Tensor) -> Callable[[Tensor], Tensor]:
