@@ -82,6 +82,11 @@ def kspace_gradient(sp, point, lam: float):
     return be.solve_param_gram(point, u, (1.0 - lam) / lam) / lam
 
 
+def factored_engine(sp) -> bool:
+    """Whether the space's engine forms Gram matrices from layer factors (never D)."""
+    return bool(getattr(sp.backend, "gram_from_factors", False))
+
+
 def _solver(route: str):
     """The metric's ``solver=`` for a row: ``kspace`` is the engine (its metric route is
     ``auto``), ``nystrom_sketch`` the Nyström route that never forms the Gram matrix."""
@@ -104,10 +109,13 @@ def worker(problem: str, route: str, check: bool = False) -> dict:
     row = {"problem": problem, "route": route, "K": k, "QN": qn}
     small = min(qn, k)
     # the ntk route of an engine with layer factors forms the small Gram only, never D
-    factored = route == "ntk" and getattr(sp.backend, "gram_from_factors", False)
+    factored = route == "ntk" and factored_engine(sp)
     dense = 8.0 * (small * small + (0 if factored else qn * k))
     if route in ("ntk", "svd") and dense > DENSE_BYTES:
         return {**row, "skipped": f"dense D and Gram need {dense / 1e9:.1f} GB"}
+    gram_fits = 8.0 * small * small <= getattr(sp.backend, "memory_budget", 0)
+    if route == "nystrom_sketch" and not (factored_engine(sp) and gram_fits):
+        return {**row, "skipped": "the nystrom row sketches by products already"}
     if route == "svd" and qn * k > 8e7:
         return {**row, "skipped": "SVD of D: minutes"}
     if route == "kspace" and (qn <= k or not hasattr(sp.backend, "solve_param_gram")):
