@@ -19,6 +19,7 @@ from subriemann.linalg.routes.nystrom import (
     NystromPreconditioner,
     NystromRoute,
     NystromSolver,
+    formed_gram,
     nystrom_sketch,
 )
 from subriemann.metrics import InterpolatedMetric
@@ -59,12 +60,12 @@ def test_pcg_matches_direct_solve_and_preconditioning_helps() -> None:
     assert info.iterations <= 30
 
 
-@pytest.mark.parametrize("n, width, dead", [(30, 12, 0), (30, 12, 4), (4, 24, 0), (4, 24, 6)])
+@pytest.mark.parametrize("n, width, dead", [(60, 12, 0), (60, 12, 4), (4, 24, 0), (4, 24, 6)])
 @pytest.mark.parametrize("lam", [0.3, 0.9])
 def test_nystrom_route_matches_svd(n: int, width: int, dead: int, lam: float) -> None:
-    # K < QN (n = 30) and QN < K (n = 4), full-rank and rank-deficient D.  Both routes give
-    # g_lam^{-1} D^T r exactly up to the CG tolerance 1e-12 times cond(g_lam) <= 1 + lam
-    # sigma_max^2 / (1 - lam) ~ 1e3: 1e-8 relative is safe.
+    # K = 74 < QN = 120 (n = 60) and QN = 8 < K = 146 (n = 4), full-rank and rank-deficient
+    # D.  Both routes give g_lam^{-1} D^T r exactly up to the CG tolerance 1e-12 times
+    # cond(g_lam) <= 1 + lam sigma_max^2 / (1 - lam) ~ 1e3: 1e-8 relative is safe.
     sp = dead_units_space(n, width, dead=dead)
     th = sp.initial_point()
     ref = sp.equip_with_metric(InterpolatedMetric, lam=lam, solver="svd").metric.gradient(th)
@@ -101,11 +102,11 @@ def _structured(n: int, width: int, dead: int) -> sr.ParameterSpace:
     return sr.ParameterSpace(sp.module, sp.inputs, sp.targets, backend="structured")
 
 
-@pytest.mark.parametrize("n, dead", [(30, 0), (30, 4), (4, 0), (4, 6)])
+@pytest.mark.parametrize("n, dead", [(60, 0), (60, 4), (4, 0), (4, 6)])
 @pytest.mark.parametrize("use_gram", [True, False])
 def test_nystrom_route_on_factor_engine_matches_svd(n: int, dead: int, use_gram: bool) -> None:
     # The structured engine forms G from layer factors: the route factors G + mu 1
-    # (use_gram) or sketches by products.  K = 50 < QN = 60 (n = 30) and QN = 8 < K
+    # (use_gram) or sketches by products.  K = 74 < QN = 120 (n = 60) and QN = 8 < K
     # (n = 4), full-rank and rank-deficient D.  Both routes solve the SPD system
     # of condition <= 1 + lam sigma_max^2 / (1 - lam) ~ 1e3 to rtol 1e-12: 1e-8 relative.
     sp = _structured(n, 12, dead)
@@ -184,3 +185,21 @@ def test_sketch_of_zero_gram() -> None:
     u, lam = nystrom_sketch(omega, torch.zeros(10, 4, dtype=torch.float64))
     assert float(lam.abs().max()) <= 1e-28
     assert torch.allclose(u.T @ u, torch.eye(4, dtype=torch.float64), atol=1e-12)
+
+
+def test_formed_gram_policy() -> None:
+    # G is taken only when it is cheap: from layer factors within the budget, or already held
+    # by the point.  Where it is taken, it is D^T D (K = 74 < QN = 120) against jacrev's D.
+    sp = _structured(60, 12, 0)
+    state = sp.point_state(sp.initial_point())
+    n = sp.dim
+    assert formed_gram(state, False, n * n * 8 - 1) is None  # one byte short of the budget
+    g = formed_gram(state, False, n * n * 8)
+    assert g is not None
+    d = torch.func.jacrev(sp.outputs)(sp.initial_point())
+    assert torch.allclose(g, d.T @ d, rtol=0, atol=1e-12 * float((d.T @ d).norm()))
+    generic = dead_units_space(60, 12)  # no layer factors: products, unless the point holds G
+    st = generic.point_state(generic.initial_point())
+    assert formed_gram(st, False, 1 << 30) is None
+    st.param_gram  # noqa: B018  (formed, e.g. by the rank monitor)
+    assert formed_gram(st, False, 0) is not None
