@@ -520,11 +520,11 @@ def formed_gram(state: PointState, small_is_output: bool, budget: int) -> Tensor
     :math:`G` (:math:`DD^\top` or :math:`D^\top D`, ``[n, n]``) is cheap when the
     state already holds it (e.g. formed by the rank monitor), or when the engine
     forms it from layer factors (``backend.gram_from_factors``, without
-    :math:`D`) and its :math:`n^2` entries fit in ``budget`` bytes.  Then a
-    sketch :math:`G\Omega` is one matrix product: the factor-based Gram costs
-    about as much as :math:`O(n/Q)` products with :math:`G` (a few dozen at the
-    benchmarks' sizes) where the sketch needs up to :math:`n`.  The Gram is kept
-    in the state, so that the rank monitor reuses it.
+    :math:`D`) and its :math:`n^2` entries fit in ``budget`` bytes.  In the
+    benchmarks (``docs/scale.md``) forming it from the factors cost from half a
+    product with :math:`G` (a JVP and a VJP) to a few hundred, where a sketch
+    needs hundreds to thousands of products.  The Gram is kept in the state, so
+    that the rank monitor reuses it.
 
     Parameters
     ----------
