@@ -4,7 +4,9 @@
     python benchmarks/scale.py --quick    # a small CNN (ntk, kspace) and a 60-sample digits run
 
 One λ = 0.5 Riemannian gradient per route (``ntk`` dense push-through, ``svd``,
-``cg`` = ``matrix_free`` unpreconditioned CG, ``nystrom`` = Nyström PCG, and
+``cg`` = ``matrix_free`` unpreconditioned CG, ``nystrom`` = Nyström PCG (its
+preconditioner from the Gram matrix where the engine forms that cheaply),
+``nystrom_sketch`` = Nyström PCG from a randomized sketch of products only, and
 ``kspace``: the structured engine's exact shifted solve in parameter space,
 ``StructuredBackend.solve_param_gram``, for :math:`K < QN`), each in
 its own process so that its peak RSS (``ru_maxrss``) is its own: the first
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROUTES = ["ntk", "svd", "matrix_free", "nystrom", "kspace"]
+ROUTES = ["ntk", "svd", "matrix_free", "nystrom", "nystrom_sketch", "kspace"]
 PROBLEMS = ["S", "M", "L", "digits-mlp", "digits-cnn", "digits-cnn-small"]
 DENSE_BYTES = 4e9  # a dense route whose D and Gram exceed this is not run (memory budget)
 BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
@@ -80,6 +82,23 @@ def kspace_gradient(sp, point, lam: float):
     return be.solve_param_gram(point, u, (1.0 - lam) / lam) / lam
 
 
+def factored_engine(sp) -> bool:
+    """Whether the space's engine forms Gram matrices from layer factors (never D)."""
+    return bool(getattr(sp.backend, "gram_from_factors", False))
+
+
+def _solver(route: str):
+    """The metric's ``solver=`` for a row: ``kspace`` is the engine (its metric route is
+    ``auto``), ``nystrom_sketch`` the Nyström route that never forms the Gram matrix."""
+    if route == "kspace":
+        return "auto"
+    if route == "nystrom_sketch":
+        from subriemann.linalg.routes import NystromRoute
+
+        return NystromRoute(use_gram=False)
+    return route
+
+
 def worker(problem: str, route: str, check: bool = False) -> dict:
     import torch
 
@@ -89,15 +108,20 @@ def worker(problem: str, route: str, check: bool = False) -> dict:
     qn, k = sp.output_dim, sp.dim
     row = {"problem": problem, "route": route, "K": k, "QN": qn}
     small = min(qn, k)
-    dense = 8.0 * (qn * k + small * small)
+    # the ntk route of an engine with layer factors forms the small Gram only, never D
+    factored = route == "ntk" and factored_engine(sp)
+    dense = 8.0 * (small * small + (0 if factored else qn * k))
     if route in ("ntk", "svd") and dense > DENSE_BYTES:
         return {**row, "skipped": f"dense D and Gram need {dense / 1e9:.1f} GB"}
+    gram_fits = 8.0 * small * small <= getattr(sp.backend, "memory_budget", 0)
+    if route == "nystrom_sketch" and not (factored_engine(sp) and gram_fits):
+        return {**row, "skipped": "the nystrom row sketches by products already"}
     if route == "svd" and qn * k > 8e7:
         return {**row, "skipped": "SVD of D: minutes"}
     if route == "kspace" and (qn <= k or not hasattr(sp.backend, "solve_param_gram")):
         return {**row, "skipped": "QN <= K (the solve is in output space)"}
     theta = sp.initial_point()
-    solver = "auto" if route == "kspace" else route  # kspace: the engine, not a metric route
+    solver = _solver(route)
     m = sp.equip_with_metric(InterpolatedMetric, lam=0.5, solver=solver).metric
     sp.cost_grad(theta + 1.0)  # warm-up (imports, engine set-up)
     t0 = time.perf_counter()
@@ -114,7 +138,8 @@ def worker(problem: str, route: str, check: bool = False) -> dict:
     row.update(first_s=times[0], second_s=times[1], iterations=iters)
     nys = getattr(m, "_nystrom", None)
     if nys is not None and nys.precond is not None:
-        row["precond_rank"] = nys.precond.rank
+        row.update(precond_rank=nys.precond.rank, sketch=nys.sketch_source, builds=nys.builds,
+                   sketch_error=nys.last_error)  # fmt: skip
     row["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if check:  # against the metric's default route at the last point (after the peak)
         ref = sp.equip_with_metric(InterpolatedMetric, lam=0.5).metric.gradient(point)
@@ -207,6 +232,8 @@ def _row(r: dict) -> str:
     notes = [r.get("skipped") or r.get("error") or ""]
     if "rel_diff_auto" in r:
         notes.append(f"rel. diff. to the default route {r['rel_diff_auto']:.1e}")
+    if "sketch" in r:
+        notes.append(f"preconditioner from {r['sketch']}, {r['builds']} build(s)")
     notes.append(r.get("note_prev", ""))
     note = "; ".join(n for n in notes if n)
     head = f"| {r['problem']} | {r.get('K', '')} | {r.get('QN', '')} | {r['route']} | "
