@@ -371,7 +371,7 @@ class PointState:
         return min(self.space.output_dim, self.space.dim)
 
     def gram(self) -> Tensor:
-        r"""The smaller Gram matrix :math:`G`: :attr:`ntk` (:math:`QN \le K`) or :attr:`param_gram`."""
+        r"""The smaller Gram matrix: :attr:`ntk` (:math:`QN \le K`) or :attr:`param_gram`."""
         return self.ntk if self.output_is_smaller else self.param_gram
 
     def shifted_cholesky(self, lam: float) -> Tensor:

@@ -142,7 +142,7 @@ def eigh_error(s: Tensor, keep: Tensor) -> float:
 
 @dataclass
 class ReferenceFactor:
-    r"""The Cholesky factor of :math:`A(\theta_{\rm ref}) = (1-\lambda)1 + \lambda G(\theta_{\rm ref})`.
+    r"""The Cholesky factor of :math:`A = (1-\lambda)1 + \lambda G` at a reference point.
 
     Kept by :class:`NTKRoute` from the last point where it factored, to precondition
     conjugate gradients at nearby points (:meth:`NTKRoute.reuse_solve`).
@@ -349,7 +349,7 @@ class NTKRoute(SolverRoute):
     def pcg_rtol(
         b: Tensor, lam: float, ref: ReferenceFactor, target: float, c: float, kappa: float
     ) -> float:
-        r"""The relative residual at which PCG stops, :math:`\|r\| \le \mathrm{target}\,c\,|\tilde v|/2`.
+        r"""Where PCG stops: :math:`\|r\| \le \mathrm{target}\,c\,|\tilde v|\,/\,2`.
 
         The certificate needs :math:`\|r\| \le \mathrm{target}\cdot c\,\|v\|`; the size
         of the answer is estimated at the reference, :math:`\tilde z = A_{\rm ref}^{-1}b`
@@ -377,9 +377,7 @@ class NTKRoute(SolverRoute):
             state.theta
         )
 
-    def reuse_solve(
-        self, state: PointState, rhs: Tensor, lam: float
-    ) -> tuple[Tensor, SolverInfo]:
+    def reuse_solve(self, state: PointState, rhs: Tensor, lam: float) -> tuple[Tensor, SolverInfo]:
         r""":math:`g_\lambda^{-1}D^\top u`, by PCG with the reference factor where it certifies.
 
         See the class notes.  Otherwise, and at a point that has its factor, the
