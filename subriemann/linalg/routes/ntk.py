@@ -244,18 +244,18 @@ class NTKRoute(SolverRoute):
     :math:`\|D^\top A^{-1}\| = \max_\sigma\sigma/((1-\lambda)+\lambda\sigma^2) \le
     1/(2\sqrt{\lambda(1-\lambda)})`.  So with :math:`\eta = \|r\|/(c\|v\|)`,
     :math:`c = 1-\lambda` or :math:`2\sqrt{\lambda(1-\lambda)}`, the relative error
-    is at most :math:`\eta/(1-\eta)` (this implies the classical
+    is at most :math:`\eta/(1-\eta)`, up to the rounding of the computed residual
+    (:math:`\approx\epsilon\kappa(A)`, below the target; this implies the classical
     :math:`\kappa(A)\,\|r\|/\|b\|`, and needs no bound of
     :math:`\lambda_{\max}` at the new point).  The target is
     :math:`\max(\mathrm{accuracy}, 10\,\epsilon\hat\kappa)`,
     :math:`\hat\kappa = 2\hat\lambda_{\max}/(1-\lambda)` from the reference's
     bound :math:`\hat\lambda_{\max}` (the :math:`\epsilon\kappa(A)` that a
     Cholesky solve at the point itself is accurate to; in float64 it is
-    ``accuracy``), and CG stops at the relative residual
-    :math:`\mathrm{target}/(2\hat\kappa)`, which meets it when
-    :math:`\lambda_{\max}(A(\theta)) \le 2\hat\lambda_{\max}` (the factor 2 is
-    room for the drift of :math:`G` between nearby points; the certificate does not
-    rely on it).  An answer that the certificate does not accept within
+    ``accuracy``; the factor 2 is room for the drift of :math:`G` between nearby
+    points).  CG stops at the residual that meets the target if :math:`\|v\|` is
+    at least half its value at the reference (:meth:`pcg_rtol`); the certificate
+    relies on neither estimate.  An answer that the certificate does not accept within
     ``reuse_maxiter`` iterations is dropped: the point is factored (the path
     without reuse) and its factor becomes the reference.  ``SolverInfo`` says which:
     ``solver="ntk+pcg"`` with the iterations, ``residual`` the certified error
@@ -424,7 +424,8 @@ class NTKRoute(SolverRoute):
         v = state.vjp(z) if small else z
         abs_err, vnorm = info.residual * float(b.norm()) / c, float(v.norm())
         eta = abs_err / vnorm if vnorm > 0.0 else (0.0 if abs_err == 0.0 else math.inf)
-        bound = eta / (1.0 - eta) if eta < 1.0 else math.inf
+        finite = math.isfinite(vnorm) and math.isfinite(abs_err)
+        bound = eta / (1.0 - eta) if finite and eta < 1.0 else math.inf
         reason = (
             "PCG preconditioned by the Cholesky factor at a nearby point: relative residual "
             f"{info.residual:.2g}, relative error <= {bound:.2g}"
