@@ -16,6 +16,12 @@ Eigenvalues of a Gram matrix carry an absolute error of about
 where none applies, an :class:`~subriemann.linalg.AccuracyWarning` gives the
 estimated error.  Singular values below :math:`\sqrt{\epsilon}\,\sigma_{\max}`
 are not resolved on this route (a threshold below that warns).
+
+For :math:`\lambda < 1` and a Gram dimension in :data:`REUSE_MIN_DIM` ..
+:data:`REUSE_MAX_DIM`, the route keeps the Cholesky factor of the last point it
+factored (:class:`ReferenceFactor`) and solves at nearby points by conjugate
+gradients preconditioned with it, certified a posteriori or refactored
+(:class:`NTKRoute`, docs/scale.md).
 """
 
 from __future__ import annotations
