@@ -291,13 +291,15 @@ class NTKRoute(SolverRoute):
         self.reference: ReferenceFactor | None = None
 
     def description(self) -> dict[str, object]:
-        return {
-            "solver": self.name,
-            "accuracy": self.accuracy,
-            "reuse_min_dim": self.reuse_min_dim,
-            "reuse_max_dim": self.reuse_max_dim,
-            "reuse_maxiter": self.reuse_maxiter,
+        """The name, ``accuracy``, and the reuse options that differ from their defaults."""
+        out: dict[str, object] = {"solver": self.name, "accuracy": self.accuracy}
+        reuse = {
+            "reuse_min_dim": (self.reuse_min_dim, REUSE_MIN_DIM),
+            "reuse_max_dim": (self.reuse_max_dim, REUSE_MAX_DIM),
+            "reuse_maxiter": (self.reuse_maxiter, REUSE_MAXITER),
         }
+        out.update({k: v for k, (v, default) in reuse.items() if v != default})
+        return out
 
     def prepare(self, state: PointState) -> None:
         """Form the NTK first: the structured engine gives :math:`x[\\theta]` in the same pass."""
