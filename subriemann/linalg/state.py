@@ -364,6 +364,37 @@ class PointState:
             ("param_chol", lam), lambda: _shifted_cholesky(self.param_gram, lam, "D^T D")
         )
 
+    # -- the shifted Gram operator in the smaller space ------------------------------
+    @property
+    def gram_dim(self) -> int:
+        r""":math:`n = \min(QN, K)`, the size of the smaller Gram matrix."""
+        return min(self.space.output_dim, self.space.dim)
+
+    def gram(self) -> Tensor:
+        r"""The smaller Gram matrix: :attr:`ntk` (:math:`QN \le K`) or :attr:`param_gram`."""
+        return self.ntk if self.output_is_smaller else self.param_gram
+
+    def shifted_cholesky(self, lam: float) -> Tensor:
+        r"""Cholesky factor of :math:`(1-\lambda)1 + \lambda G` in the smaller space.
+
+        :meth:`cholesky` (:math:`G = DD^\top`) or :meth:`param_cholesky`
+        (:math:`G = D^\top D`), cached as those.
+        """
+        return self.cholesky(lam) if self.output_is_smaller else self.param_cholesky(lam)
+
+    def has_shifted_cholesky(self, lam: float) -> bool:
+        """Whether :meth:`shifted_cholesky` is already computed at this point."""
+        return self.has(("chol", lam) if self.output_is_smaller else ("param_chol", lam))
+
+    def shifted_gram_vec(self, lam: float, z: Tensor) -> Tensor:
+        r""":math:`((1-\lambda)1 + \lambda G)z` in the smaller space: one JVP and one VJP.
+
+        :math:`G = DD^\top` (``z`` of shape ``[QN]``) when :math:`QN \le K`,
+        else :math:`D^\top D` (``z`` of shape ``[K]``); never forms :math:`G`.
+        """
+        gz = self.jvp(self.vjp(z)) if self.output_is_smaller else self.vjp(self.jvp(z))
+        return (1.0 - lam) * z + lam * gz
+
 
 def _shifted_cholesky(gram: Tensor, lam: float, what: str) -> Tensor:
     r"""Cholesky factor of :math:`(1-\lambda)1 + \lambda G`, SPD for :math:`\lambda < 1`."""

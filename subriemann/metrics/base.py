@@ -174,7 +174,7 @@ class ParameterMetric(RiemannianMetric):
         A flow computes the singular values at a rejected step only where this
         is true (a rejection may then be a rank event, located on the old
         branch); elsewhere at accepted steps only.  The band filter of
-        :mod:`subriemann.flow.continuation` applies only where it is true (a
+        ``subriemann.flow.continuation`` applies only where it is true (a
         continuous field needs none).  ``True``, the safe answer,
         unless the metric knows its gradient is continuous across rank changes
         (the Euclidean metric, :math:`g_\lambda` with :math:`\lambda < 1`).

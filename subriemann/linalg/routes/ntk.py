@@ -16,6 +16,12 @@ Eigenvalues of a Gram matrix carry an absolute error of about
 where none applies, an :class:`~subriemann.linalg.AccuracyWarning` gives the
 estimated error.  Singular values below :math:`\sqrt{\epsilon}\,\sigma_{\max}`
 are not resolved on this route (a threshold below that warns).
+
+For :math:`\lambda < 1` and a Gram dimension in :data:`REUSE_MIN_DIM` ..
+:data:`REUSE_MAX_DIM`, the route keeps the Cholesky factor of the last point it
+factored (:class:`ReferenceFactor`) and solves at nearby points by conjugate
+gradients preconditioned with it, certified a posteriori or refactored
+(:class:`NTKRoute`, docs/scale.md).
 """
 
 from __future__ import annotations
@@ -23,23 +29,51 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from subriemann._warnings import warn_once
+from subriemann.engines.base import plain_tensor
 from subriemann.linalg.info import ACCURACY, AccuracyWarning, SolverInfo, error_decade
+from subriemann.linalg.krylov import pcg
 from subriemann.linalg.routes.base import OPEN_UNIT, SolverRoute, Threshold
 from subriemann.linalg.routes.svd import svd_project, svd_sharp
 from subriemann.linalg.spectral import eigenvalue_rounding, gram_rounding, interp_weights
 from subriemann.linalg.state import PointState
-from subriemann.validation import check_real
+from subriemann.validation import check_int, check_real
 
-__all__ = ["NTKRoute", "refine_push_through", "SVD_FALLBACK_LIMIT"]
+__all__ = [
+    "NTKRoute",
+    "ReferenceFactor",
+    "refine_push_through",
+    "SVD_FALLBACK_LIMIT",
+    "REUSE_MIN_DIM",
+    "REUSE_MAX_DIM",
+    "REUSE_MAXITER",
+]
 
 SVD_FALLBACK_LIMIT = 50_000_000
 r"""Largest :math:`QN\cdot K` for which the ``"ntk"`` route, when it cannot certify
 :data:`~subriemann.linalg.ACCURACY`, falls back to the dense SVD (otherwise it warns)."""
+
+REUSE_MIN_DIM = 1024
+r"""Smallest Gram dimension :math:`n = \min(QN, K)` at which the ``"ntk"`` route, for
+:math:`\lambda < 1`, reuses a nearby point's Cholesky factor as a PCG preconditioner.
+
+Below it forming and factoring the Gram matrix (:math:`QN\,n^2 + n^3/3` flops) costs
+little more than the few JVP/VJP pairs of PCG, and the route factors at every point."""
+
+REUSE_MAX_DIM = 8192
+r"""Largest :math:`n` for the reuse: the reference factor is an :math:`n\times n` matrix
+kept between points (0.5 GB in float64 at 8192), and above it the engine's factor-free
+parameter-space solve or the ``"nystrom"`` route are the better choice."""
+
+REUSE_MAXITER = 20
+r"""Most PCG iterations at a point before the ``"ntk"`` route gives up the reference factor
+and factors afresh (one JVP and one VJP each: 20 of them cost far less than a Gram matrix
+at :math:`n \ge` :data:`REUSE_MIN_DIM`)."""
 
 _EPS64 = float(torch.finfo(torch.float64).eps)
 
@@ -112,6 +146,64 @@ def eigh_error(s: Tensor, keep: Tensor) -> float:
     return eigenvalue_rounding(s) / denom if denom > 0 else math.inf
 
 
+@dataclass
+class ReferenceFactor:
+    r"""The Cholesky factor of :math:`A = (1-\lambda)1 + \lambda G` at a reference point.
+
+    Kept by :class:`NTKRoute` from the last point where it factored, to precondition
+    conjugate gradients at nearby points (:meth:`NTKRoute.reuse_solve`).
+
+    Attributes
+    ----------
+    chol : Tensor, shape=[n, n]
+        Lower Cholesky factor of :math:`A(\theta_{\rm ref})`.
+    lam : float
+    output_side : bool
+        :math:`G = DD^\top` (``n = QN``) when true, else :math:`D^\top D` (``n = K``).
+    lam_max : float
+        An upper bound of :math:`\lambda_{\max}(A(\theta_{\rm ref}))`:
+        :math:`(1-\lambda) + \lambda\min(\|G\|_\infty, \|G\|_F)` (both norms bound
+        the spectral norm of a symmetric matrix from above).
+    """
+
+    chol: Tensor
+    lam: float
+    output_side: bool
+    lam_max: float
+
+    @classmethod
+    def at(cls, state: PointState, lam: float, chol: Tensor) -> ReferenceFactor:
+        """The reference made of ``chol``, the factor at ``state`` (its Gram matrix is cached)."""
+        gram = state.gram()
+        norm = min(float(gram.abs().sum(1).max()), float(torch.linalg.matrix_norm(gram)))
+        return cls(chol, lam, state.output_is_smaller, (1.0 - lam) + lam * norm)
+
+    def matches(self, state: PointState, lam: float) -> bool:
+        r"""Same :math:`\lambda`, side, size, dtype and device as the system at ``state``."""
+        return (
+            self.lam == lam
+            and self.output_side == state.output_is_smaller
+            and self.chol.shape[0] == state.gram_dim
+            and self.chol.dtype == state.theta.dtype
+            and self.chol.device == state.theta.device
+        )
+
+    def precondition(self, r: Tensor) -> Tensor:
+        r""":math:`A(\theta_{\rm ref})^{-1}r` (:func:`factor_solve`)."""
+        return factor_solve(self.chol, r)
+
+
+def factor_solve(chol: Tensor, r: Tensor) -> Tensor:
+    r""":math:`L^{-\top}L^{-1}r` for a lower Cholesky factor :math:`L`: two triangular solves.
+
+    ``solve_triangular`` with :math:`L` and its transposed view, not
+    ``torch.cholesky_solve``, which for one right-hand side took 0.25–3 s at
+    :math:`n = 3\,466` on the shared CPU here (10–80 ms this way).
+    """
+    y = torch.linalg.solve_triangular(chol, r.unsqueeze(1), upper=False)
+    return torch.linalg.solve_triangular(chol.mT, y, upper=True).squeeze(1)
+
+
 class NTKRoute(SolverRoute):
     r"""Push-through in the smaller space (Cholesky / eigendecomposition of the Gram matrix).
 
@@ -119,7 +211,20 @@ class NTKRoute(SolverRoute):
     ----------
     accuracy : float
         Relative accuracy of the :math:`\lambda = 1` direction against the SVD
-        route (default :data:`~subriemann.linalg.ACCURACY`).
+        route, and of the preconditioned solves for :math:`\lambda < 1` (default
+        :data:`~subriemann.linalg.ACCURACY`).
+    reuse_min_dim, reuse_max_dim : int
+        The window of Gram dimensions :math:`n = \min(QN, K)` in which ``solve``
+        reuses a nearby point's Cholesky factor for :math:`\lambda < 1`
+        (:data:`REUSE_MIN_DIM`, :data:`REUSE_MAX_DIM`); outside it every point is
+        factored (or solved by the engine) as without reuse.
+    reuse_maxiter : int
+        PCG iterations allowed before the route factors afresh (:data:`REUSE_MAXITER`).
+
+    Attributes
+    ----------
+    reference : ReferenceFactor or None
+        The factor from the last point where ``solve`` factored (reuse window only).
 
     Notes
     -----
@@ -129,17 +234,72 @@ class NTKRoute(SolverRoute):
     :math:`\lambda < 1`, :math:`A = (1-\lambda)1+\lambda DD^\top`; at
     :math:`\lambda = 1` the guarantee of the module docstring.  For :math:`K < QN`
     ``sharp`` and ``project`` use the SVD.
+
+    **Reuse across nearby points** (``solve``, :math:`\lambda < 1`,
+    :math:`n` in the window, a plain :math:`\theta`).  A flow evaluates the
+    gradient at many nearby points, and at each the Gram matrix :math:`G` costs far
+    more than a product with it.  At a point without its own factor the route solves
+    :math:`A(\theta)z = b`, :math:`A = (1-\lambda)1 + \lambda G`, by conjugate
+    gradients (:func:`~subriemann.linalg.pcg`; a product is one JVP and one VJP,
+    :meth:`~subriemann.linalg.PointState.shifted_gram_vec`) preconditioned by
+    :math:`A(\theta_{\rm ref})^{-1}` (two triangular solves with the
+    :class:`ReferenceFactor`).  The answer is certified a posteriori: with the
+    true residual :math:`r = b - Az`, :math:`\|z - z^*\| = \|A^{-1}r\| \le
+    \|r\|/(1-\lambda)` because :math:`\lambda_{\min}(A) \ge 1-\lambda`; on the
+    output side the answer is :math:`v = D^\top z` and
+    :math:`\|D^\top A^{-1}\| = \max_\sigma\sigma/((1-\lambda)+\lambda\sigma^2) \le
+    1/(2\sqrt{\lambda(1-\lambda)})`.  So with :math:`\eta = \|r\|/(c\|v\|)`,
+    :math:`c = 1-\lambda` or :math:`2\sqrt{\lambda(1-\lambda)}`, the relative error
+    is at most :math:`\eta/(1-\eta)`, up to the rounding of the computed residual
+    (:math:`\approx\epsilon\kappa(A)`, below the target; this implies the classical
+    :math:`\kappa(A)\,\|r\|/\|b\|`, and needs no bound of
+    :math:`\lambda_{\max}` at the new point).  The target is
+    :math:`\max(\mathrm{accuracy}, 10\,\epsilon\hat\kappa)`,
+    :math:`\hat\kappa = 2\hat\lambda_{\max}/(1-\lambda)` from the reference's
+    bound :math:`\hat\lambda_{\max}` (the :math:`\epsilon\kappa(A)` that a
+    Cholesky solve at the point itself is accurate to; in float64 it is
+    ``accuracy``; the factor 2 is room for the drift of :math:`G` between nearby
+    points).  CG stops at the residual that meets the target if :math:`\|v\|` is
+    at least half its value at the reference (:meth:`pcg_rtol`); the certificate
+    relies on neither estimate.  An answer that the certificate does not accept within
+    ``reuse_maxiter`` iterations is dropped: the point is factored (the path
+    without reuse) and its factor becomes the reference.  ``SolverInfo`` says which:
+    ``solver="ntk+pcg"`` with the iterations, ``residual`` the certified error
+    bound and ``cond`` the Ritz estimate of :math:`\kappa(P^{-1}A)`; or
+    ``solver="ntk"`` with ``"new reference factor"`` in its ``reason``.  A second
+    solve at a point that has its factor uses it, as without reuse.  In the reuse
+    window the factor of :math:`D^\top D` is always a Cholesky factor of the Gram
+    matrix (never the engine's factor-free solve), since it must be kept.
     """
 
     name = "ntk"
     tags = frozenset({"gram", "exact_cut"})
     factorization = "ntk"
 
-    def __init__(self, accuracy: float = ACCURACY) -> None:
+    def __init__(
+        self,
+        accuracy: float = ACCURACY,
+        *,
+        reuse_min_dim: int = REUSE_MIN_DIM,
+        reuse_max_dim: int = REUSE_MAX_DIM,
+        reuse_maxiter: int = REUSE_MAXITER,
+    ) -> None:
         self.accuracy = check_real(accuracy, "accuracy", **OPEN_UNIT)
+        self.reuse_min_dim = check_int(reuse_min_dim, "reuse_min_dim", low=1)
+        self.reuse_max_dim = check_int(reuse_max_dim, "reuse_max_dim", low=1)
+        self.reuse_maxiter = check_int(reuse_maxiter, "reuse_maxiter", low=1)
+        self.reference: ReferenceFactor | None = None
 
     def description(self) -> dict[str, object]:
-        return {"solver": self.name, "accuracy": self.accuracy}
+        """The name, ``accuracy``, and the reuse options that differ from their defaults."""
+        out: dict[str, object] = {"solver": self.name, "accuracy": self.accuracy}
+        reuse = {
+            "reuse_min_dim": (self.reuse_min_dim, REUSE_MIN_DIM),
+            "reuse_max_dim": (self.reuse_max_dim, REUSE_MAX_DIM),
+            "reuse_maxiter": (self.reuse_maxiter, REUSE_MAXITER),
+        }
+        out.update({k: v for k, (v, default) in reuse.items() if v != default})
+        return out
 
     def prepare(self, state: PointState) -> None:
         """Form the NTK first: the structured engine gives :math:`x[\\theta]` in the same pass."""
@@ -162,6 +322,8 @@ class NTKRoute(SolverRoute):
     def solve(
         self, state: PointState, rhs: Tensor, lam: float, threshold: Threshold
     ) -> tuple[Tensor, SolverInfo]:
+        if lam < 1.0 and self.reuses(state):
+            return self.reuse_solve(state, rhs, lam)
         if lam < 1.0:  # SPD with kappa <= 1 + lam sigma_max^2 / (1 - lam): Cholesky
             info = SolverInfo.direct("ntk", "Cholesky of (1 - lam) 1 + lam G")
             if state.output_is_smaller:
@@ -189,6 +351,97 @@ class NTKRoute(SolverRoute):
             if cert is not None:
                 return self.cholesky_pseudoinverse(state, rhs, cert, threshold)
         return self.eigh_pseudoinverse(state, rhs, threshold)
+
+    # -- lam < 1: a nearby point's factor as the preconditioner ---------------------
+    @staticmethod
+    def pcg_rtol(
+        b: Tensor, lam: float, ref: ReferenceFactor, target: float, c: float, kappa: float
+    ) -> float:
+        r"""Where PCG stops: :math:`\|r\| \le \mathrm{target}\,c\,|\tilde v|\,/\,2`.
+
+        The certificate needs :math:`\|r\| \le \mathrm{target}\cdot c\,\|v\|`; the size
+        of the answer is estimated at the reference, :math:`\tilde z = A_{\rm ref}^{-1}b`
+        (two triangular solves), :math:`|\tilde v| = |\tilde z|`, or on the output side
+        :math:`|D_{\rm ref}^\top\tilde z|^2 = (\tilde z^\top b - (1-\lambda)|\tilde z|^2)/\lambda`;
+        the factor 1/2 is room for the drift of :math:`|v|`.  Without an estimate,
+        :math:`\mathrm{target}/(2\hat\kappa)`.
+        """
+        zt, bnorm = ref.precondition(b), float(b.norm())
+        if ref.output_side:
+            est = math.sqrt(max((float(zt @ b) - (1.0 - lam) * float(zt @ zt)) / lam, 0.0))
+        else:
+            est = float(zt.norm())
+        if est > 0.0 and bnorm > 0.0:
+            return min(0.5 * target * c * est / bnorm, 0.5)
+        return 0.5 * target / kappa
+
+    def reuses(self, state: PointState) -> bool:
+        r"""Whether ``solve`` (:math:`\lambda < 1`) takes the reuse path at ``state``.
+
+        :math:`n = \min(QN, K)` within ``[reuse_min_dim, reuse_max_dim]`` and a plain
+        :math:`\theta` (not a batched or traced one).
+        """
+        return self.reuse_min_dim <= state.gram_dim <= self.reuse_max_dim and plain_tensor(
+            state.theta
+        )
+
+    def reuse_solve(self, state: PointState, rhs: Tensor, lam: float) -> tuple[Tensor, SolverInfo]:
+        r""":math:`g_\lambda^{-1}D^\top u`, by PCG with the reference factor where it certifies.
+
+        See the class notes.  Otherwise, and at a point that has its factor, the
+        Cholesky solve at the point; a factor made here becomes the reference.
+        """
+        fresh = not state.has_shifted_cholesky(lam)
+        ref, note = self.reference, ""
+        if fresh and ref is not None and ref.matches(state, lam):
+            out, info = self.pcg_solve(state, rhs, lam, ref)
+            if info.converged:
+                return out, info
+            note = (
+                f" (PCG with the previous reference: error bound {info.residual:.2g} > "
+                f"{info.rtol:.2g} after {info.iterations} iterations)"
+            )
+        chol = state.shifted_cholesky(lam)
+        if fresh:
+            self.reference = ReferenceFactor.at(state, lam, chol)
+            note = "; new reference factor" + note
+        small = state.output_is_smaller
+        z = factor_solve(chol, rhs if small else state.vjp(rhs))
+        out = state.vjp(z) if small else z
+        return out, SolverInfo.direct("ntk", "Cholesky of (1 - lam) 1 + lam G" + note)
+
+    def pcg_solve(
+        self, state: PointState, rhs: Tensor, lam: float, ref: ReferenceFactor
+    ) -> tuple[Tensor, SolverInfo]:
+        r"""PCG on :math:`A(\theta)z = b` preconditioned by ``ref``, with its error certified.
+
+        Returns the answer and a :class:`~subriemann.linalg.SolverInfo` whose
+        ``residual`` is the certified bound of the relative error (class notes),
+        ``rtol`` the target and ``converged`` whether the bound meets it.
+        """
+        small = state.output_is_smaller
+        b = rhs if small else state.vjp(rhs)
+        kappa = 2.0 * ref.lam_max / (1.0 - lam)  # room 2 for the drift from the reference
+        target = max(self.accuracy, 10.0 * float(torch.finfo(b.dtype).eps) * kappa)
+        # |v - v*| <= |r| / c: c = lambda_min(A) >= 1 - lam, or 1 / |D^T A^-1| on the output side
+        c = 2.0 * math.sqrt(lam * (1.0 - lam)) if small else 1.0 - lam
+        z, info = pcg(
+            lambda w: state.shifted_gram_vec(lam, w), b, ref.precondition,
+            rtol=self.pcg_rtol(b, lam, ref, target, c, kappa), maxiter=self.reuse_maxiter,
+        )  # fmt: skip
+        v = state.vjp(z) if small else z
+        abs_err, vnorm = info.residual * float(b.norm()) / c, float(v.norm())
+        eta = abs_err / vnorm if vnorm > 0.0 else (0.0 if abs_err == 0.0 else math.inf)
+        finite = math.isfinite(vnorm) and math.isfinite(abs_err)
+        bound = eta / (1.0 - eta) if finite and eta < 1.0 else math.inf
+        reason = (
+            "PCG preconditioned by the Cholesky factor at a nearby point: relative residual "
+            f"{info.residual:.2g}, relative error <= {bound:.2g}"
+        )
+        return v, SolverInfo(
+            "ntk+pcg", info.iterations, bound, bound <= target, target, self.reuse_maxiter,
+            info.cond, reason,
+        )  # fmt: skip
 
     def accuracy_shift(self, state: PointState) -> float:
         r""":math:`\eta/\mathrm{accuracy}`: above it, :math:`\lambda_{\min}(DD^\top)` makes
