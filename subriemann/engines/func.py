@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
 from subriemann.engines.base import MEMORY_BUDGET, ParameterLayout, items_within
+from subriemann.triangular import cholesky_solve
 from subriemann.validation import check_int, check_optional
 
 __all__ = ["FuncBackend"]
@@ -462,9 +463,7 @@ class FuncBackend:
         a = self.param_gram(theta)
         a.diagonal().add_(float(shift))
         chol = torch.linalg.cholesky(a)
-        col = rhs.unsqueeze(1) if rhs.ndim == 1 else rhs
-        out = torch.cholesky_solve(col.to(a.dtype), chol)
-        return out.squeeze(1) if rhs.ndim == 1 else out
+        return cholesky_solve(chol, rhs.to(a.dtype))
 
     def ntk(self, theta: Tensor) -> Tensor:
         qn = self.inputs.shape[0] * self.num_outputs

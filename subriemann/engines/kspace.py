@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from subriemann.engines.base import items_within
+from subriemann.triangular import cholesky_solve
 
 __all__ = [
     "RowsForm",
@@ -284,11 +285,6 @@ def _cholesky(a: Tensor, what: str) -> Tensor:
     return chol
 
 
-def _chol_solve(chol: Tensor, rhs: Tensor) -> Tensor:
-    z = torch.linalg.solve_triangular(chol, rhs, upper=False)
-    return torch.linalg.solve_triangular(chol.mT, z, upper=True)
-
-
 @dataclass
 class _Schur:
     """The pieces of the block elimination on a block-diagonal output layer ``L``."""
@@ -384,7 +380,7 @@ def solve_shifted(
     if output_layer is None:
         gram = param_gram(chunks(), ranges, dim, r, q, temp_entries)
         gram.diagonal().add_(shift)
-        x = _chol_solve(_cholesky(gram, "D^T D + shift 1"), r)
+        x = cholesky_solve(_cholesky(gram, "D^T D + shift 1"), r)
         return x.squeeze(1) if vec else x
     parts = _assemble_schur(chunks(), ranges, output_layer, r, q, temp_entries)
     x = _schur_solve(parts, ranges, output_layer, r, shift)
@@ -416,7 +412,7 @@ def _schur_solve(
     add_upper_gram(s, v.reshape(c * m, nc), alpha=-1.0)  # S = F - E B^{-1} E^T
     mirror_upper(s)
     rhs_c = r[c_idx] - torch.einsum("cmi,cmb->ib", v, y)
-    x_c = _chol_solve(_cholesky(s, "the Schur complement"), rhs_c)  # [|C|, b]
+    x_c = cholesky_solve(_cholesky(s, "the Schur complement"), rhs_c)  # [|C|, b]
     x_l = torch.linalg.solve_triangular(chol.mT, y - v @ x_c, upper=True)  # [c, m', b]
     out = torch.empty_like(r)
     out[c_idx] = x_c
