@@ -159,14 +159,20 @@ class Flow:
         # cannot jump at a rank change (lambda < 1, Euclidean) keeps every direction, so its
         # thresholded gradients G(t) all agree and filtering would only repeat the solve
         self.banded = opts.rank_band > 0.0 and self.field_jumps
-        # the monitor's cadence (FlowOptions.rank_every): None = "auto", resolved at step 1
+        # the monitor's cadence (FlowOptions.rank_every): None = "auto", set at step 1
         if opts.rank_every not in (1, "auto") and self.field_jumps:
             raise ValueError(
                 f"rank_every = {opts.rank_every} needs a vector field that cannot jump at a rank "
                 f"change; {type(metric).__name__} may (field_may_jump): use rank_every=1")
+        small = space.output_dim * space.dim <= SMALL_PROBLEM
+        # with a cadence the steps ignore the monitor (no cap near tau), so that where it
+        # monitors never changes the path: only for explicit N > 1, or "auto" on large problems
+        self.cadence = (opts.monitor_rank and not self.field_jumps and opts.rank_every != 1
+                        and not (small and opts.rank_every == "auto"))
+        self.auto_cadence = self.cadence and opts.rank_every == "auto"
         self.rank_every: int | None = (
-            1 if self.field_jumps or not opts.monitor_rank
-            else None if opts.rank_every == "auto" else int(opts.rank_every))
+            None if self.auto_cadence else int(opts.rank_every) if self.cadence else 1)
+        self.timing = [0.0, 0, 0.0, 0]  # time and count of the steps, then of the spectra
         self.last_filter: tuple[Tensor, float] | None = None  # (theta, deviation)
 
     # -- evaluation ----------------------------------------------------------------
@@ -612,12 +618,21 @@ class _Run:
         every = self.fl.rank_every
         return every is None or every <= 1 or plan.landing or (st.n_steps + 1) % every == 0
 
-    def resolve_cadence(self, t_sv: float, t_step: float) -> int:
-        """``rank_every="auto"``: twice the measured cost of a spectrum over that of a step."""
-        sp = self.fl.space
-        if sp.output_dim * sp.dim <= SMALL_PROBLEM:
-            return 1
-        return max(1, math.ceil(2.0 * t_sv / max(t_step, 1e-9)))
+    def time_monitor(self, t_step: float, t_sv: float | None) -> None:
+        """``rank_every="auto"``: twice the mean cost of a spectrum over that of a step.
+
+        Updated at every monitored step from the times measured so far, so that
+        the cadence follows the costs along the flow (the first steps, which
+        form the first factorizations, are dearer than the later ones).
+        """
+        fl = self.fl
+        tm = fl.timing
+        tm[0], tm[1] = tm[0] + t_step, tm[1] + 1
+        if t_sv is None or not fl.auto_cadence:
+            return
+        tm[2], tm[3] = tm[2] + t_sv, tm[3] + 1
+        ratio = (tm[2] / tm[3]) / max(tm[0] / tm[1], 1e-9)
+        fl.rank_every = max(1, math.ceil(2.0 * ratio))
 
     def iterate(self) -> FlowStatus | None:
         """One attempted step: a status when the flow stops, else None."""
@@ -655,7 +670,7 @@ class _Run:
         fl, o = self.fl, self.o
         h_free = st.h if st.h is not None else fl.initial_step(st.theta, st.f)
         h = min(h_free, o.max_step)
-        if o.monitor_rank and fl.rank_every == 1:  # with a cadence the steps ignore the monitor
+        if o.monitor_rank and not fl.cadence:  # with a cadence the steps ignore the monitor
             h = events.cap_near_tau(fl, h, st)
         on_grid = st.grid_index < len(self.grid)
         target = self.grid[st.grid_index] if on_grid else fl.s_end
@@ -693,8 +708,7 @@ class _Run:
             accepted = not o.adaptive or err <= 1.0
             watch = o.monitor_rank and (accepted or fl.field_jumps) and self.monitor_due(st, plan)
             sv1 = fl.sv(y1) if watch else None
-            if watch and accepted and fl.rank_every is None:
-                fl.rank_every = self.resolve_cadence(time.perf_counter() - t1, t1 - t0)
+            self.time_monitor(t1 - t0, time.perf_counter() - t1 if watch and accepted else None)
         except _Failure as failure:
             if not o.adaptive:
                 return FlowStatus("nonfinite", f"at s = {st.s:.9g}: {failure}")

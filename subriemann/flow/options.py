@@ -127,11 +127,13 @@ class FlowOptions:
         that drops and recovers between two monitored steps is not seen (as
         within one step at ``rank_every=1``).  With ``save_at`` unset, the
         saved points are the monitored steps.  ``"auto"``: 1 where the
-        spectrum is cheap (:math:`QN\cdot K \le 4\cdot10^6`), else the
-        ratio of the measured costs of one spectrum and of one step at
-        :math:`s = 0`, times 2, so that monitoring adds at most about half the
-        integration's time (resolved once and recorded; a resumed run keeps it).
-        See docs/scale.md.
+        spectrum is cheap (:math:`QN\cdot K \le 4\cdot10^6`), else twice
+        the ratio of the mean measured costs of one spectrum and of one step,
+        updated at every monitored step, so that monitoring adds at most about
+        half the integration's time (the last value is
+        ``Trajectory.counters["rank_every"]``).  Where it monitors then
+        depends on timings, never the path: with a cadence the steps ignore the
+        monitor.  See docs/scale.md.
     rank_band : float
         :math:`\beta` of the continuation through rank loss
         (:mod:`subriemann.flow.continuation`): directions with

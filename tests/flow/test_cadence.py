@@ -104,3 +104,15 @@ def test_rank_every_errors():
     assert sr.gradient_flow(space, start, 1.0, rank_every="auto").counters["rank_every"] == 1
     assert _flow(rank_every="auto").counters["rank_every"] == 1
     assert math.isfinite(engine.SMALL_PROBLEM)
+
+
+def test_auto_cadence_on_a_large_problem(monkeypatch):
+    # pretend the problem is large: the cadence follows the measured costs, the steps do not
+    monkeypatch.setattr(engine, "SMALL_PROBLEM", 0)
+    auto = _flow(rank_every="auto")
+    fixed = _flow(rank_every=3)
+    assert auto.counters["rank_every"] >= 1 and auto.status.code == "s_end_reached"
+    # the path does not depend on where the monitor looked
+    assert torch.equal(auto.theta[-1], fixed.theta[-1])
+    assert [(e.rank_before, e.rank_after) for e in auto.events] == [(2, 1)]
+    assert auto.events[0].s == pytest.approx(3.0, abs=1e-6)
