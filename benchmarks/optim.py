@@ -306,7 +306,13 @@ def methods(task: Task, quick: bool) -> list[Method]:
                 "heavyball SOAP (eager)",
                 [3e-3, 1e-2],
                 task.batch,
-                lambda net, lr: soap(net.parameters(), lr=lr),
+                lambda net, lr: soap(
+                    net.parameters(),
+                    lr=lr,
+                    weight_decay=0.0,  # as for the other methods (heavyball's default: 0.01)
+                    # its state in the task's dtype (default float32: fails on float64 models)
+                    storage_dtype=str(next(net.parameters()).dtype).removeprefix("torch."),
+                ),
                 "torch",
             )
         )
@@ -841,7 +847,11 @@ def main(argv: list[str] | None = None) -> int:
                 + ("--quick" if args.quick else "heavyball not installed")
                 + ")"
             )
-            + ". K-FAC on curvlinops was not tried (not installed)."
+            + "; weight decay 0 (heavyball's default is 0.01) and its state in the task's "
+            "dtype (`storage_dtype`; the default float32 state failed on the float64 regression "
+            "tasks with `RuntimeError: expected scalar type Double but found Float`). K-FAC on "
+            "curvlinops: not installed, `pip install --dry-run curvlinops-for-pytorch` (3.0.1) "
+            "would replace torch 2.13.0 by 2.14.1 and add torchvision."
             + "".join(f" Failed: {f}." for f in failures)
         ),
     }
