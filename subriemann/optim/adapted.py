@@ -48,6 +48,13 @@ usually wants :math:`\lambda < 1` or :math:`\eta < 1` (``docs/optim.md``).
 For :math:`\sigma_i^2 \gg (1-\lambda)/\lambda` the output moves by
 :math:`\eta/\lambda` times the Gauss–Newton step, so :math:`\eta \approx \lambda`
 is the matching learning rate for :math:`\lambda < 1`.
+
+**The sampled Fisher** (``fisher="sampled"``, cross-entropy): :math:`G_j` is replaced
+by :math:`\hat g_j\hat g_j^\top`, :math:`\hat g_j = e_{\hat y_j} - p_j` with
+:math:`\hat y_j \sim \mathrm{Categorical}(p_j)` drawn at each step
+(:math:`\mathbb{E}\,\hat g_j\hat g_j^\top = G_j`), so the solve has size
+:math:`N_B` whatever :math:`Q`; the gradient is then not in the range of
+:math:`\hat T` and the step is assembled by Woodbury (:func:`_sampled_solve`).
 """
 
 from __future__ import annotations
