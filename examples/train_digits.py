@@ -10,7 +10,11 @@ during evaluation) is written to --out, with the numbers as JSON.
 
 Needs scikit-learn (pip install subriemann[data]).
 
-Run:  python examples/train_digits.py [--fast] [--epochs N] [--lam 0.5] [--out DIR]
+Run:  python examples/train_digits.py [--fast] [--epochs N] [--lam 0.5] [--fisher sampled]
+      [--out DIR]
+
+``--fisher sampled`` uses the Monte-Carlo Fisher (a solve of size batch instead of
+9 x batch per step; docs/optim.md).
 """
 
 from __future__ import annotations
@@ -83,6 +87,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--lam", type=float, default=0.5, help="lambda of AdaptedGD")
     ap.add_argument("--lr", type=float, default=0.25, help="learning rate of AdaptedGD")
     ap.add_argument("--adam-lr", type=float, default=1e-2)
+    ap.add_argument(
+        "--fisher", choices=("exact", "sampled"), default="exact", help="output metric of AdaptedGD"
+    )
     ap.add_argument("--out", default=None, help="output folder (default: a temporary one)")
     args = ap.parse_args(argv)
     epochs = 2 if args.fast else args.epochs
@@ -96,7 +103,8 @@ def main(argv=None) -> dict:
     net_adam = cnn()
     net_adam.load_state_dict(net.state_dict())  # the same initialization
 
-    opt = AdaptedGD(net, lam=args.lam, lr=args.lr, loss="cross_entropy")
+    sampled = {"fisher": "sampled", "seed": 0} if args.fisher == "sampled" else {}
+    opt = AdaptedGD(net, lam=args.lam, lr=args.lr, loss="cross_entropy", **sampled)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     ours = train(f"AdaptedGD lam={args.lam}", net, opt.step, x, y, xt, yt, epochs, batch, sched)
 

@@ -49,20 +49,25 @@ def _dense(net, x, labels):
     return d, p, d.T @ (p - y).reshape(-1)
 
 
-def _drawn(p, seed):
+def _drawn(p, seed, device="cpu"):
     """The documented draw: y_j ~ Categorical(p_j) by torch.multinomial with the seeded
-    generator, g_j = e_{y_j} - p_j."""
-    gen = torch.Generator().manual_seed(seed)
-    cls = torch.multinomial(torch.from_numpy(p), 1, generator=gen)[:, 0].numpy()
+    generator on the model's device, g_j = e_{y_j} - p_j."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    probs = torch.from_numpy(p).to(device)
+    cls = torch.multinomial(probs, 1, generator=gen)[:, 0].cpu().numpy()
     return np.eye(p.shape[1])[cls] - p
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("lam", [0.5, 1.0])
-def test_sampled_step_is_the_dense_solve_for_the_drawn_fisher(lam):
+def test_sampled_step_is_the_dense_solve_for_the_drawn_fisher(lam, device):
     net = _net()
     x, labels = _batch()
     d, p, grad = _dense(net, x, labels)
-    g = _drawn(p, seed=11)
+    g = _drawn(p, seed=11, device=device)
     f_hat = d.T @ block_diag(*[np.outer(r, r) for r in g]) @ d  # rank N = 6 < K = 115
     if lam < 1.0:
         metric = (1 - lam) * np.eye(d.shape[1]) + lam * f_hat
@@ -78,10 +83,11 @@ def test_sampled_step_is_the_dense_solve_for_the_drawn_fisher(lam):
         # error of M^{+2} about kappa(M) * eps; the reference pinv has the same bound
         tol = 1000 * ev[0] / ev[5] * EPS64
     th0 = _flat(net)
+    net = net.to(device)
     opt = AdaptedGD(net, lam=lam, lr=0.4, loss="cross_entropy", fisher="sampled", seed=11)
-    opt.step(x, labels)
+    opt.step(x.to(device), labels.to(device))
     np.testing.assert_allclose(
-        (_flat(net) - th0).numpy(), expected, rtol=0, atol=tol * np.abs(expected).max()
+        (_flat(net).cpu() - th0).numpy(), expected, rtol=0, atol=tol * np.abs(expected).max()
     )
     info = opt.last_step.groups[0]
     assert info["size"] == 6 and info["rank"] == 6  # a solve of size N, not (Q - 1) N = 12
