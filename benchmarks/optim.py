@@ -1,10 +1,12 @@
 """AdaptedGD against tuned Adam, SGD+momentum, LBFGS (and heavyball's SOAP) in one run.
 
-    python benchmarks/optim.py --threads 1   # full run (about 15-20 min on 2 cores)
+    python benchmarks/optim.py --threads 1   # full run (about 25 min on 2 loaded cores)
     python benchmarks/optim.py --quick    # smoke run (tests/benchmarks/test_optim.py)
+    python benchmarks/optim.py --render   # goals, section and plot again from optim.json
 
 Tasks: scikit-learn digits (all 1,797 samples, fixed stratified 80/20 split) with an MLP
-and a small CNN, cross-entropy, mini-batch 256 and full batch; the CLI's regression
+and a small CNN, cross-entropy, mini-batch 256 (AdaptedGD also 64, with the exact and the
+sampled Fisher; LBFGS full batch); the CLI's regression
 problem; a teacher-student regression with N = 2,000 and K = 19,985 (full batch); and
 the cost of one step on a 1M-parameter MLP at batch 256.  Every method's learning
 rate is tuned on a small grid with seed 0 (best time to target, else lowest final
@@ -182,7 +184,9 @@ def _teacher(quick: bool) -> Task:
         )
 
     k = sum(p.numel() for p in build().parameters())
-    budget = 0.3 if quick else 20.0
+    # 40 s: AdaptedGD's time to target is ~2 s on a loaded machine, so a baseline that does
+    # not reach the target within the budget decides the 1/10 goal (_regression_goals)
+    budget = 0.3 if quick else 40.0
     return Task(
         "teacher-student",
         "mse",
@@ -279,7 +283,7 @@ def methods(task: Task, quick: bool) -> list[Method]:
         ms.append(
             Method(
                 f"AdaptedGD lam=0.5 sampled Fisher (batch {task.batch})",
-                [0.1] if quick else [0.1, 0.25],
+                [0.1] if quick else [0.03, 0.1, 0.25],
                 task.batch,
                 lambda net, lr: AdaptedGD(net, lam=0.5, lr=lr, loss=loss, fisher="sampled", seed=0),
                 "adapted",
@@ -722,6 +726,29 @@ def _fmt(v: float | None, spec: str = ".3g") -> str:
     return "—" if v is None else format(v, spec)
 
 
+WHERE_IT_LOSES = [
+    "- **Wall time on the digits classification tasks.** With the exact Fisher a step at "
+    "batch 256 solves a (Q-1)N_B = 2,304 square system; on models of K = 4-5k parameters "
+    "that is tens of Adam steps of work (ms/step column), so AdaptedGD reaches Adam's test "
+    "accuracy in fewer epochs but in more seconds. Within the same training budget it makes "
+    "a few epochs only, and does not reach the training-loss target (mean CE 1e-3) there.",
+    "- **lam = 1 on cross-entropy** (undamped Newton steps on the logits: 1/p for a "
+    "misclassified sample) needs lr <= 0.1 and still stalls at batch 256; its Gram matrix is "
+    "rank-deficient in float32, so the step takes the float64 eigendecomposition route "
+    "(seconds per step at R = 2,304).",
+    "- **The sampled Fisher** costs about a sixth of the exact step, but its metric has rank "
+    "N_B: the gradient's component outside the N_B sampled directions moves as SGD with step "
+    "lr/(1-lam) on the summed cost. It needs more epochs than the exact Fisher and ends at a "
+    "lower test accuracy here; its value is the step cost at large Q N_B.",
+    "- **Cost per step at Q = 10, batch 256**: the exact step is about 11 Adam steps of "
+    "arithmetic before any overhead (docs/optim.md: the Gram matrix alone, "
+    "(Q-1)^2 N_B^2 sum of layer widths = 7.0e9 flops, is 5.7 Adam steps), so 3x is out of "
+    "reach for it; the sampled step is about 3.1 Adam steps of arithmetic, of which the "
+    "engine's backward pass over all Q outputs (only 2 directions per sample are used) is "
+    "1.1.",
+]
+
+
 def render(res: dict) -> str:
     out = [BEGIN, "## Training: AdaptedGD against tuned optimizers (`benchmarks/optim.py`)", ""]
     out.append(
@@ -768,7 +795,8 @@ def render(res: dict) -> str:
             f"| {r['K']:,} | {r['Q']} | {r['loss']} | {r['method']} | {r['ms']:.1f} "
             f"[{r['ms_min']:.1f}–{r['ms_max']:.1f}] | {r['x_adam']:.2f} | {r['peak_mb']:.0f} |"
         )
-    out += ["", f"![training loss against wall time]({res['plot']})", "", res["tried"], "", END]
+    out += ["", f"![training loss against wall time]({res['plot']})", "", res["tried"], ""]
+    out += ["### Where AdaptedGD loses, and why", "", *WHERE_IT_LOSES, "", END]
     return "\n".join(out)
 
 
