@@ -256,6 +256,11 @@ class Method:
 
 
 def methods(task: Task, quick: bool) -> list[Method]:
+    """AdaptedGD's variants, then the tuned baselines (and heavyball's SOAP when installed)."""
+    return _adapted_methods(task, quick) + _baseline_methods(task, quick)
+
+
+def _adapted_methods(task: Task, quick: bool) -> list[Method]:
     ce = task.loss == "ce"
     loss = "cross_entropy" if ce else "mse"
     ms = []
@@ -285,10 +290,16 @@ def methods(task: Task, quick: bool) -> list[Method]:
                 f"AdaptedGD lam=0.5 sampled Fisher (batch {task.batch})",
                 [0.1] if quick else [0.03, 0.1, 0.25],
                 task.batch,
+                # the same draws' seed in every run (runs differ by initialization and order)
                 lambda net, lr: AdaptedGD(net, lam=0.5, lr=lr, loss=loss, fisher="sampled", seed=0),
                 "adapted",
             )
         )
+    return ms
+
+
+def _baseline_methods(task: Task, quick: bool) -> list[Method]:
+    ms = []
     grid = [1e-3, 1e-2] if quick else [1e-3, 3e-3, 1e-2]
     ms.append(
         Method(
@@ -855,7 +866,7 @@ def rerender(out: Path) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny data, tiny budgets")
     ap.add_argument(
@@ -881,7 +892,29 @@ def main(argv: list[str] | None = None) -> int:
         help="measure nothing: rewrite the goals, the RESULTS.md section and the plot from "
         "the optim.json in --out",
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _tried(quick: bool, failures: list[str]) -> str:
+    """What was tried of the library optimizers, and what failed."""
+    hb = _heavyball() is not None
+    skipped = (
+        "" if hb and not quick else f" (not run here: {'--quick' if quick else 'not installed'})"
+    )
+    return (
+        "Library curvature-aware optimizer: heavyball 3.2.1 (`pip install heavyball`; it "
+        "leaves torch 2.13.0 in place) — SOAP, run eagerly because torch.compile of its "
+        f"kernels takes minutes per shape on a CPU{skipped}; weight decay 0 (heavyball's "
+        "default is 0.01) and its state in the task's dtype (`storage_dtype`; the default "
+        "float32 state failed on the float64 regression tasks with `RuntimeError: expected "
+        "scalar type Double but found Float`). K-FAC on curvlinops: not installed, "
+        "`pip install --dry-run curvlinops-for-pytorch` (3.0.1) would replace torch 2.13.0 by "
+        "2.14.1 and add torchvision." + "".join(f" Failed: {f}." for f in failures)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.render:
         return rerender(Path(args.out))
     if args.threads:
@@ -906,7 +939,7 @@ def main(argv: list[str] | None = None) -> int:
         cost_rows = step_cost(args.quick)
     for r in cost_rows:
         log(f"  K={r['K']} Q={r['Q']} {r['method']}: {r['ms']:.1f} ms ({r['x_adam']:.2f}x Adam)")
-    hb = _heavyball() is not None
+    loads = [load0, os.getloadavg()]
     res = {
         "quick": args.quick,
         "args": (" --quick" if args.quick else "")
@@ -918,31 +951,13 @@ def main(argv: list[str] | None = None) -> int:
         "wall": time.perf_counter() - t0,
         "note": "Absolute times on a shared machine are upper bounds; methods of one task ran "
         "in the same process one after the other. Load average (1/5/15 min, os.getloadavg) "
-        f"at the start {'/'.join(f'{v:.1f}' for v in load0)}, at the end "
-        f"{'/'.join(f'{v:.1f}' for v in os.getloadavg())}."
+        "at the start {}, at the end {}.".format(*("/".join(f"{v:.1f}" for v in x) for x in loads))
         + (f" {args.note}" if args.note else ""),
         "tasks": [{"name": t.name, "description": t.description} for t in task_list],
         "rows": rows,
         "step_cost": cost_rows,
         "plot": "optim.png",
-        "tried": (
-            "Library curvature-aware optimizer: heavyball 3.2.1 (`pip install heavyball`; it "
-            "leaves torch 2.13.0 in place) — SOAP, run eagerly because torch.compile of its "
-            "kernels takes minutes per shape on a CPU"
-            + (
-                ""
-                if hb and not args.quick
-                else " (not run here: "
-                + ("--quick" if args.quick else "heavyball not installed")
-                + ")"
-            )
-            + "; weight decay 0 (heavyball's default is 0.01) and its state in the task's "
-            "dtype (`storage_dtype`; the default float32 state failed on the float64 regression "
-            "tasks with `RuntimeError: expected scalar type Double but found Float`). K-FAC on "
-            "curvlinops: not installed, `pip install --dry-run curvlinops-for-pytorch` (3.0.1) "
-            "would replace torch 2.13.0 by 2.14.1 and add torchvision."
-            + "".join(f" Failed: {f}." for f in failures)
-        ),
+        "tried": _tried(args.quick, failures),
     }
     res["goals"] = goals(rows, cost_rows)
     plot(res, out / "optim.png")
