@@ -763,7 +763,7 @@ WHERE_IT_LOSES = [
 def render(res: dict) -> str:
     out = [BEGIN, "## Training: AdaptedGD against tuned optimizers (`benchmarks/optim.py`)", ""]
     out.append(
-        f"Measured in one run of `python benchmarks/optim.py{res['args']}` "
+        f"Measured with `python benchmarks/optim.py{res['args']}` "
         f"({res['platform']}, torch {res['torch']}, {res['threads']} threads, "
         f"{res['wall']:.0f} s in all). {res['note']} Learning rates tuned on the grid shown "
         "with seed 0 (best time to target, else lowest final loss), then seeds 0, 1, 2; "
@@ -853,6 +853,29 @@ def write_results(res: dict, md: Path) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     _write_atomic(md, text)
+
+
+def _merge_earlier(res: dict, path: Path) -> None:
+    """With --only: keep the rows of the other tasks (and the step cost) from the earlier run
+    in ``path``, so that the section shows every task; the note says which run each came from."""
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    if old.get("quick"):
+        return
+    ran = {t["name"] for t in res["tasks"]}
+    kept = [t for t in old["tasks"] if t["name"] not in ran]
+    res["rows"] = [r for r in old["rows"] if r["task"] not in ran] + res["rows"]
+    res["tasks"] = kept + res["tasks"]
+    took_cost = not res["step_cost"] and old["step_cost"]
+    if took_cost:
+        res["step_cost"] = old["step_cost"]
+    names = [t["name"] for t in kept] + (["step-cost"] if took_cost else [])
+    if names:
+        res["note"] += (
+            f" Rerun here: {', '.join(sorted(ran))}; {', '.join(names)} from the earlier run "
+            f"`python benchmarks/optim.py{old['args']}` ({old['wall']:.0f} s; {old['note']})"
+        )
 
 
 def rerender(out: Path) -> int:
@@ -959,7 +982,9 @@ def main(argv: list[str] | None = None) -> int:
         "plot": "optim.png",
         "tried": _tried(args.quick, failures),
     }
-    res["goals"] = goals(rows, cost_rows)
+    if args.only and not args.quick:
+        _merge_earlier(res, out / "optim.json")
+    res["goals"] = goals(res["rows"], res["step_cost"])
     plot(res, out / "optim.png")
     _write_atomic(out / "optim.json", json.dumps(res, indent=1, default=float))
     write_results(res, out / "RESULTS.md")
