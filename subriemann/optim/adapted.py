@@ -408,7 +408,7 @@ class AdaptedGD(torch.optim.Optimizer):
         with :math:`\hat y_j \sim \mathrm{Categorical}(p_j)` drawn anew at every
         step; :math:`\mathbb{E}\hat G_j = G_j` (an unbiased metric, not an unbiased
         step), a solve of size :math:`N_B` whatever :math:`Q` (at :math:`Q = 10`,
-        batch 256: a fifth of the exact step's time, twice an MSE step's, since the
+        batch 256: a quarter of the exact step's time, twice an MSE step's, since the
         engine's backward pass still runs over all :math:`Q` outputs;
         ``docs/optim.md``).  Use :math:`\lambda < 1`:
         at :math:`\lambda = 1` the step keeps only the gradient's component in the
