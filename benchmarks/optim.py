@@ -749,8 +749,9 @@ WHERE_IT_LOSES = [
     "(seconds per step at R = 2,304).",
     "- **The sampled Fisher** costs about a sixth of the exact step, but its metric has rank "
     "N_B: the gradient's component outside the N_B sampled directions moves as SGD with step "
-    "lr/(1-lam) on the summed cost. It needs more epochs than the exact Fisher and ends at a "
-    "lower test accuracy here; its value is the step cost at large Q N_B.",
+    "lr/(1-lam) on the summed cost. It wants a smaller lr and needs more epochs than the "
+    "exact Fisher (and than Adam) to reach Adam's test accuracy; its value is the step cost "
+    "at large Q N_B.",
     "- **Cost per step at Q = 10, batch 256**: the exact step is about 11 Adam steps of "
     "arithmetic before any overhead (docs/optim.md: the Gram matrix alone, "
     "(Q-1)^2 N_B^2 sum of layer widths = 7.0e9 flops, is 5.7 Adam steps), so 3x is out of "
@@ -820,24 +821,30 @@ def plot(res: dict, path: Path) -> None:
     names = [t["name"] for t in res["tasks"]]
     if not names:
         return
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.4))
+    # one colour per method across the panels, one legend for the figure
+    methods_seen = list(dict.fromkeys(r["method"] for r in res["rows"]))
+    cmap = plt.get_cmap("tab20")
+    colour = {m: cmap(i % 20) for i, m in enumerate(methods_seen)}
+    handles = {}
     for ax, name in zip(np.atleast_1d(axes), names):
         for r in (r for r in res["rows"] if r["task"] == name):
             c = np.array(r["curve"])
             y = c[:, 2] / c[0, 2] if name in ("cli-regression", "teacher-student") else c[:, 2]
-            ax.plot(
+            (line,) = ax.plot(
                 np.maximum(c[:, 0], 1e-3),
                 y,
-                label=r["method"],
+                color=colour[r["method"]],
                 lw=2 if r["method"].startswith("AdaptedGD") else 1,
             )
+            handles.setdefault(r["method"], line)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(name)
-        ax.set_xlabel("wall time (s)")
+        ax.set_xlabel("training wall time (s)")
         ax.set_ylabel("C / C(0)" if "regression" in name or "teacher" in name else "mean train CE")
-    np.atleast_1d(axes)[0].legend(fontsize=6)
-    fig.tight_layout()
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=4, fontsize=7)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
