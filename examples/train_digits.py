@@ -79,6 +79,29 @@ def train(name, net, step, x, y, xt, yt, epochs, batch, scheduler=None) -> dict:
     return {"curve": curve, "final_loss": curve[-1][1], "test_acc": curve[-1][2], "time": clock}
 
 
+def plot_curves(runs, path: Path) -> None:
+    """Mean training cross-entropy against the training wall time, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, res in runs:
+        t = [max(c[0], 1e-3) for c in res["curve"]]
+        ax.plot(t, [c[1] for c in res["curve"]], marker="o", ms=3, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training wall time (s)")
+    ax.set_ylabel("mean training cross-entropy")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fast", action="store_true", help="128 training samples, 2 epochs")
@@ -117,25 +140,10 @@ def main(argv=None) -> dict:
 
     theirs = train("Adam", net_adam, adam_step, x, y, xt, yt, epochs, batch)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for label, res in ((f"AdaptedGD λ={args.lam}", ours), (f"Adam lr={args.adam_lr}", theirs)):
-        t = [max(c[0], 1e-3) for c in res["curve"]]
-        ax.plot(t, [c[1] for c in res["curve"]], marker="o", ms=3, label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training wall time (s)")
-    ax.set_ylabel("mean training cross-entropy")
-    ax.legend()
-    fig.tight_layout()
-    tmp = out / "train_digits.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out / "train_digits.png")
-    plt.close(fig)
+    plot_curves(
+        ((f"AdaptedGD λ={args.lam}", ours), (f"Adam lr={args.adam_lr}", theirs)),
+        out / "train_digits.png",
+    )
     summary = {"adapted": ours, "adam": theirs, "epochs": epochs, "batch": batch}
     tmp = out / "train_digits.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
