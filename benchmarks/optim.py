@@ -483,6 +483,23 @@ def _med(vals: list[float]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def _thin(curve: list, most: int = 400) -> list:
+    """At most ``most`` points of a curve, log-spaced in the index (first and last kept):
+    the plot is log-log, and the classification curves (<= 400 epochs) stay whole."""
+    if len(curve) <= most:
+        return list(curve)
+    idx = np.unique(np.geomspace(1, len(curve), most).astype(int) - 1)
+    return [curve[0]] + [curve[i] for i in idx if i > 0]
+
+
+def _compact(row: dict) -> dict:
+    """A row for optim.json: thinned curves, no accuracy curves without a test set."""
+    out = dict(row, curve=_thin(row["curve"]))
+    has_acc = any(math.isfinite(a) for c in row["acc_curves"] for _, _, a in c)
+    out["acc_curves"] = [_thin(c) for c in row["acc_curves"]] if has_acc else []
+    return out
+
+
 def summarize(task: Task, method: Method, runs: list[dict], tuning: list[dict]) -> dict:
     ok = [r for r in runs if r["reached"]]
     times = [r["time"] for r in ok]
@@ -888,6 +905,7 @@ def _merge_earlier(res: dict, path: Path) -> None:
 def rerender(out: Path) -> int:
     """Goals, section and plot again from ``out/optim.json`` (no measurement)."""
     res = json.loads((out / "optim.json").read_text())
+    res["rows"] = [_compact(r) for r in res["rows"]]
     res["goals"] = goals(res["rows"], res["step_cost"])
     plot(res, out / "optim.png")
     _write_atomic(out / "optim.json", json.dumps(res, indent=1, default=float))
@@ -991,6 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.only and not args.quick:
         _merge_earlier(res, out / "optim.json")
+    res["rows"] = [_compact(r) for r in res["rows"]]
     res["goals"] = goals(res["rows"], res["step_cost"])
     plot(res, out / "optim.png")
     _write_atomic(out / "optim.json", json.dumps(res, indent=1, default=float))
