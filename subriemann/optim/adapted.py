@@ -78,6 +78,7 @@ from subriemann.linalg.scipy_adapter import to_numpy, to_torch
 from subriemann.losses import CrossEntropyLoss, Loss, MSELoss, get_loss
 from subriemann.metrics.interpolated import check_lam
 from subriemann.space import NonFiniteError, output_matrix
+from subriemann.triangular import cholesky_solve
 from subriemann.validation import check_choice, check_int, check_optional, check_real
 
 __all__ = ["AdaptedGD", "StepInfo"]
@@ -144,16 +145,6 @@ class _GramView:
         return theta
 
 
-def _chol_solve(chol: Tensor, rhs: Tensor) -> Tensor:
-    """:math:`(LL^\\top)^{-1}b` by two triangular solves.
-
-    ``torch.cholesky_solve`` takes about a second for one right-hand side at
-    :math:`n = 2304` on CPU (torch 2.13), two ``solve_triangular`` calls a few ms.
-    """
-    z = torch.linalg.solve_triangular(chol, rhs.unsqueeze(1), upper=False)
-    return torch.linalg.solve_triangular(chol.mT, z, upper=True).squeeze(1)
-
-
 def _shifted_solve(gram: Tensor, rhs: Tensor, lam: float) -> Tensor:
     r""":math:`w = ((1-\lambda)1 + \lambda M)^{-1}r`, :math:`\lambda < 1`, in the dtype of ``gram``.
 
@@ -178,8 +169,8 @@ def _shifted_solve(gram: Tensor, rhs: Tensor, lam: float) -> Tensor:
             f"AdaptedGD: the Cholesky factorization of (1-lam)1 + lam M failed (lam={lam})"
         )
     r = rhs.to(a.dtype)
-    w = _chol_solve(chol, r)
-    return (w + _chol_solve(chol, r - a @ w)).to(gram.dtype)
+    w = cholesky_solve(chol, r)
+    return (w + cholesky_solve(chol, r - a @ w)).to(gram.dtype)
 
 
 def _solve(
@@ -208,7 +199,7 @@ def _solve(
     if cert is not None:  # it certifies sigma_min > tau for sigma_max <= |M|_F^(1/2)
         fro = float(torch.linalg.matrix_norm(gram))
         tau = rank_threshold(math.sqrt(fro), rank_rtol, rank_atol)
-        w = _chol_solve(cert, rhs)
+        w = cholesky_solve(cert, rhs)
         return w, {"route": "certified_cholesky", "size": size, "rank": size, "tau": tau}
     u, s = _eigh64(gram)
     smax = float(s[0]) if s.numel() else 0.0
