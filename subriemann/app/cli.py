@@ -155,7 +155,7 @@ def _flow_options(g: Any) -> None:
                    help="singular values at every N-th accepted step of the flows whose field "
                    "cannot jump at a rank change (lambda < 1, euclidean); rank events are "
                    "still located between them (docs/scale.md); auto = 1 on small problems, "
-                   "else so that monitoring costs at most about half the integration "
+                   "else so that the cadence costs at most about a third of the integration "
                    "(default: auto)")
     g.add_argument("--max-time", dest="max_time", metavar="SECONDS",
                    help="wall-time budget per flow; 0 = none (default: 60)")

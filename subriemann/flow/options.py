@@ -127,10 +127,10 @@ class FlowOptions:
         that drops and recovers between two monitored steps is not seen (as
         within one step at ``rank_every=1``).  With ``save_at`` unset, the
         saved points are the monitored steps.  ``"auto"``: 1 where the
-        spectrum is cheap (:math:`QN\cdot K \le 4\cdot10^6`), else twice
-        the ratio of the mean measured costs of one spectrum and of one step,
-        updated at every monitored step, so that monitoring adds at most about
-        half the integration's time (the last value is
+        spectrum is cheap (:math:`QN\cdot K \le 4\cdot10^6`), else three
+        times the ratio of the mean measured costs of one spectrum and of one
+        step, updated at every monitored step, so that the cadence's spectra add
+        at most about a third of the integration's time (the last value is
         ``Trajectory.counters["rank_every"]``).  Where it monitors then
         depends on timings, never the path: with a cadence the steps ignore the
         monitor.  See docs/scale.md.
