@@ -247,12 +247,19 @@ def _row(r: dict) -> str:
     )
 
 
+def _command(res: dict) -> str:
+    """The command line of a run without its ``--note`` (the note follows as a sentence)."""
+    args = res.get("args", "--quick" if res["quick"] else "")
+    note = res.get("note")
+    return args.replace(f"--note {note}", "").strip() if note else args
+
+
 def render(res: dict) -> str:
     lines = [
         BEGIN,
         "## Scale (issue 17): routes at λ = 0.5 and full-digits flows",
         "",
-        f"`python benchmarks/scale.py {res.get('args', '--quick' if res['quick'] else '')}` on "
+        f"`python benchmarks/scale.py {_command(res)}` on "
         f"{res['cores']} cores ({res['platform']}, torch {res['torch']}), float64.  "
         "One process per row (peak RSS includes ~0.3 GB of interpreter and torch).  "
         "*first*: a gradient at a new point (Nyström: with its preconditioner build); "
