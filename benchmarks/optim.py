@@ -902,14 +902,19 @@ def _merge_earlier(res: dict, path: Path) -> None:
         )
 
 
-def rerender(out: Path) -> int:
-    """Goals, section and plot again from ``out/optim.json`` (no measurement)."""
-    res = json.loads((out / "optim.json").read_text())
+def _publish(res: dict, out: Path) -> None:
+    """Goals, plot, ``optim.json`` and the RESULTS.md section from the rows of ``res``."""
     res["rows"] = [_compact(r) for r in res["rows"]]
     res["goals"] = goals(res["rows"], res["step_cost"])
     plot(res, out / "optim.png")
     _write_atomic(out / "optim.json", json.dumps(res, indent=1, default=float))
     write_results(res, out / "RESULTS.md")
+
+
+def rerender(out: Path) -> int:
+    """Goals, section and plot again from ``out/optim.json`` (no measurement)."""
+    res = json.loads((out / "optim.json").read_text())
+    _publish(res, out)
     print("\n".join(res["goals"]))
     return 0
 
@@ -1009,11 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.only and not args.quick:
         _merge_earlier(res, out / "optim.json")
-    res["rows"] = [_compact(r) for r in res["rows"]]
-    res["goals"] = goals(res["rows"], res["step_cost"])
-    plot(res, out / "optim.png")
-    _write_atomic(out / "optim.json", json.dumps(res, indent=1, default=float))
-    write_results(res, out / "RESULTS.md")
+    _publish(res, out)
     log("\n".join(res["goals"]))
     log(f"done in {res['wall']:.0f} s; wrote {out / 'RESULTS.md'}")
     return 0
