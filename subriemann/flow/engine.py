@@ -19,8 +19,9 @@ Integrators (:mod:`subriemann.integrators`, by name in ``method``):
   Gauss–Newton step :math:`-\eta D^+\nabla_xC` at :math:`\lambda = 1` and plain
   gradient descent at :math:`\lambda = 0`.
 
-**Rank events** are monitored at every accepted step (or every ``rank_every``-th,
-with a bisection over the steps in between when the rank differs) with a threshold
+**Rank events** are monitored at every accepted step (or every ``rank_every``-th and
+wherever a singular value comes near :math:`\tau`, with a bisection over the steps in
+between when the rank differs) with a threshold
 :math:`\tau` that stays fixed along the flow (:mod:`subriemann.flow.events`).
 At :math:`\lambda = 1` the vector field jumps at a rank change; a step across
 the jump that fails error control is cut at the crossing and the flow
@@ -77,6 +78,10 @@ _MAX_REJECTIONS = 200
 
 class _Failure(ArithmeticError):
     """The vector field or the singular values could not be evaluated (NaN/inf)."""
+
+
+class _OutOfTime(Exception):
+    """``max_time`` ran out between two evaluations of a step's stages."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,7 @@ class Flow:
         self.tableau = TABLEAUS[opts.method]
         self.controller = StepController(opts.rtol, opts.atol, self.tableau.order - 1)
         self.nfev = 0
+        self.deadline: float | None = None  # set while a step's stages are evaluated
         self.n_rejected = 0
         self.rec: list[_Row] = []
         self.events: list[RankChange] = []
@@ -190,7 +196,7 @@ class Flow:
 
     def band_field(self, theta: Tensor) -> Tensor:
         """The metric's gradient with the band filter (:mod:`~subriemann.flow.continuation`)."""
-        sv = self.metric.singular_values(theta)
+        sv = self.metric.gradient_spectrum(theta)
         top = continuation.band_top(self.tau, sv, self.o.rank_band)
         g, _, dev = continuation.filtered_gradient(
             lambda t: self.metric_at(t).gradient(theta), sv, self.tau, top)
@@ -229,6 +235,8 @@ class Flow:
 
         Raises :class:`_Failure` on NaN/inf.
         """
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise _OutOfTime
         self.nfev += 1
         try:
             v = self.evaluate("field", theta, tau)
@@ -613,10 +621,23 @@ class _Run:
 
     def monitor_due(self, st: State, plan: _Plan) -> bool:
         """Whether the step being tried is monitored: every ``rank_every``-th accepted step
-        (counted from ``s = 0``, so a resumed run monitors where the whole run does) and
-        every landing on a save time."""
+        (counted from ``s = 0``, so a resumed run monitors where the whole run does), every
+        landing on a save time, and every step that ends beyond the anchor's horizon.
+
+        The horizon: from the last monitored state (the anchor), a singular value moving
+        towards :math:`\tau` at the rate measured between the last two monitored states
+        covers half its distance to :math:`\tau` (at least ``CAP_BAND`` :math:`\tau`;
+        :func:`~subriemann.flow.events.cap_near_tau`, the cap of the steps at
+        ``rank_every = 1``).  Near :math:`\tau` the flow is thus monitored at every step,
+        and a dip below :math:`\tau` and back is not lost between two monitored states
+        of the cadence.  The steps themselves never change (the path does not depend on
+        the monitor); only the spectra are added.
+        """
         every = self.fl.rank_every
-        return every is None or every <= 1 or plan.landing or (st.n_steps + 1) % every == 0
+        if every is None or every <= 1 or plan.landing or (st.n_steps + 1) % every == 0:
+            return True
+        a = self.anchor
+        return a is not None and st.s + plan.h > a.s + events.cap_near_tau(self.fl, math.inf, a)
 
     def time_monitor(self, t_step: float, t_sv: float | None) -> None:
         """``rank_every="auto"``: three times the mean cost of a spectrum over that of a step.
@@ -654,6 +675,19 @@ class _Run:
         if not isinstance(new_events, list):
             return new_events
         return self.commit(st, plan, step, new_events)
+
+    def timed_step(self, st: State, h: float) -> tuple[Tensor, Tensor, float]:
+        """One step of the integrator, abandoned (:class:`_OutOfTime`) when ``max_time``
+        runs out before one of its stages: an evaluation can cost seconds at data scale, and
+        a step of six of them would overrun the budget by as much (not in lock-step, whose
+        stages are evaluated together)."""
+        fl, o = self.fl, self.o
+        if o.max_time is not None and fl.lockstep is None:
+            fl.deadline = self.start + o.max_time
+        try:
+            return fl.step(st.theta, st.f, h)
+        finally:
+            fl.deadline = None
 
     def budget_status(self, st: State) -> FlowStatus | None:
         fl, o = self.fl, self.o
@@ -704,7 +738,7 @@ class _Run:
         h = plan.h
         try:
             t0 = time.perf_counter()
-            y1, f1, err = fl.step(st.theta, st.f, h)
+            y1, f1, err = self.timed_step(st, h)
             t1 = time.perf_counter()
             # rank monitor at accepted (monitored) steps; at a rejected one only where the
             # vector field may jump at a rank change (a rejection may then be an event)
@@ -712,6 +746,10 @@ class _Run:
             watch = o.monitor_rank and (accepted or fl.field_jumps) and self.monitor_due(st, plan)
             sv1 = fl.sv(y1) if watch else None
             self.time_monitor(t1 - t0, time.perf_counter() - t1 if watch and accepted else None)
+        except _OutOfTime:
+            return FlowStatus(
+                "max_time_reached", f"after {o.max_time} s of wall time (inside the step from "
+                f"s = {st.s:.9g}, dropped; the flow ends at its last accepted state)")
         except _Failure as failure:
             if not o.adaptive:
                 return FlowStatus("nonfinite", f"at s = {st.s:.9g}: {failure}")

@@ -132,6 +132,12 @@ class ParameterMetric(RiemannianMetric):
         r"""Singular values of :math:`D[\theta]`, descending, shape ``[min(QN, K)]``."""
         return self.state(base_point).singular_values("svd")
 
+    def gradient_spectrum(self, base_point: Tensor) -> Tensor:
+        r"""Singular values at a point where :meth:`gradient` is taken too (the band filter
+        of a flow asks both): :meth:`singular_values`, unless a metric takes them from
+        the factorization its gradient makes anyway."""
+        return self.singular_values(base_point)
+
     def rank_threshold(self, base_point: Tensor) -> float:
         r"""The threshold :math:`\tau`: ``rank_atol``, or ``rank_rtol`` :math:`\sigma_{\max}`
         (:func:`~subriemann.linalg.rank_threshold`)."""

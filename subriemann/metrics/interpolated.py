@@ -204,6 +204,12 @@ class InterpolatedMetric(ParameterMetric):
         r"""Singular values of :math:`D[\theta]` from the route's factorization, descending."""
         return self.route.singular_values(self.state(base_point))
 
+    def gradient_spectrum(self, base_point: Tensor) -> Tensor:
+        r"""Singular values at a point whose gradient is taken too: the route's
+        :meth:`~subriemann.linalg.routes.SolverRoute.spectrum` at this :math:`\lambda`
+        (from the factorization the gradient takes, where it has them)."""
+        return self.route.spectrum(self.state(base_point), self.lam)
+
     # -- the tensor ----------------------------------------------------------------
     def metric_matrix(self, base_point: Tensor) -> Tensor:
         r""":math:`(1-\lambda)1 + \lambda D^\top D`, shape ``[..., K, K]``."""

@@ -59,8 +59,15 @@ def test_event_located_as_the_closed_form(every, monkeypatch):
     if every == 1:
         assert len(traj.s) == n_steps + 1  # a row per accepted step
     else:
-        # rows at the monitored steps (every 7th and the landing at s_end), s = 0 included
-        assert len(traj.s) == 1 + n_steps // every + (n_steps % every != 0)
+        # rows at the monitored steps (every 7th, the landing at s_end, and the steps beyond
+        # the anchor's horizon near tau), s = 0 included
+        assert 1 + n_steps // every + (n_steps % every != 0) <= len(traj.s) <= n_steps + 1
+        # the horizon: sigma_2 = |b| approaches tau = 1/2 and is monitored as it comes
+        # near: a window ends one step past half the gap left at its anchor, so the gap
+        # shrinks by less than a factor 10 from one monitored row to the next (the 7th
+        # steps alone: 0.09 -> 0.0044, a factor 20, from s = 1.88 to 2.93)
+        gaps = b[traj.s < traj.events[0].s] - 0.5
+        assert bool((gaps[1:] > 0.1 * gaps[:-1]).all()), gaps
         # spectra: s = 0, the monitored steps, the bisection probes and the event's
         # location (its regula falsi evaluations), far fewer than one per step + location
         assert count["n"] < n_steps

@@ -19,7 +19,7 @@ from scipy.integrate import solve_ivp
 import subriemann as sr
 from subriemann.flow import continuation
 from subriemann.metrics import InterpolatedMetric, OutputMetric, OutputPullbackMetric
-from tests.cases import SquareAndLine, one_sample_space
+from tests.cases import SquareAndLine, case_named, one_sample_space
 from tests.helpers import REPO_ROOT as ROOT
 
 
@@ -182,3 +182,21 @@ def test_family_member_meets_the_acceptance(kind, seed):
     assert row["max_cost_rise"] <= 1e-12 * row["cost0"]
     assert row["stationarity"] <= 1e-3
     assert row["events_checked"] == row["events"]
+
+
+def test_band_filter_takes_the_spectrum_from_the_gradients_eigh(monkeypatch):
+    """At lam = 1 with K < QN the 'ntk' route's gradient takes eigh of D^T D; the band filter
+    reads its singular values from it (one eigh per point, no eigvalsh besides)."""
+    space = case_named("mlp-tall").space(backend="func")
+    metric = sr.metrics.InterpolatedMetric(space, lam=1.0, solver="ntk")
+    assert space.output_dim > space.dim
+    calls = []
+    real = torch.linalg.eigvalsh
+    monkeypatch.setattr(torch.linalg, "eigvalsh", lambda a: calls.append(1) or real(a))
+    theta = space.initial_point() + 1e-3
+    s = metric.gradient_spectrum(theta)
+    metric.gradient(theta)
+    assert not calls
+    ref = torch.linalg.svdvals(space.jacobian(theta))
+    keep = ref > 1e-6 * ref[0]
+    assert torch.allclose(s[keep], ref[keep], rtol=1e-8, atol=0)

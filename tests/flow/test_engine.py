@@ -490,6 +490,32 @@ def test_cost_tol_stall_and_budgets():
     traj = sr.gradient_flow(space, theta0, 5.0, cost_tol=2 * c0)
     assert traj.status.code == "cost_tol_reached" and len(traj) == 1
 
+
+def test_max_time_stops_inside_a_step(monkeypatch):
+    """A budget that runs out between two stages ends the flow there: the step is dropped
+    and the trajectory ends at the last accepted state.  The clock is simulated: each
+    evaluation of the metric's gradient takes 1 s of it, so a dopri5 step takes 6."""
+    from subriemann.flow import engine
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(engine, "time", type("Clock", (), {
+        "perf_counter": staticmethod(lambda: clock["t"])}))
+    space, _ = flow_problem((2, 6, 1), 3, seed=4, metric=EuclideanMetric)
+    theta0 = space.initial_point()
+    real = EuclideanMetric.gradient
+
+    def slow(self, base_point):
+        clock["t"] += 1.0
+        return real(self, base_point)
+
+    monkeypatch.setattr(EuclideanMetric, "gradient", slow)
+    traj = sr.gradient_flow(space, theta0, 5.0, max_time=8.5)
+    assert traj.status.code == "max_time_reached" and "inside the step" in traj.status.message
+    # 1 (theta0) + 6 (the first step, accepted at t = 7) + 2 (the next step's stages that
+    # began before t = 8.5): the third stage of the second step is never evaluated
+    assert traj.counters["nfev"] == 9 and traj.counters["n_steps"] == 1
+    assert float(traj.s[-1]) > 0.0
+
     traj = sr.gradient_flow(space, theta0, 1.0)
     assert traj.status.code == "s_end_reached" and traj.status.successful
     assert float(traj.s[-1]) == 1.0

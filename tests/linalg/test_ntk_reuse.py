@@ -109,7 +109,7 @@ def test_reuse_path_against_svd_route(name: str, lam: float, dtype: torch.dtype)
     # a far point: PCG with the old reference cannot certify within the cap (lowered to 3 here,
     # below n: conjugate gradients terminate in at most n steps, n = 12 on the smallest case)
     far = perturbed_point(space, 3.0, seed=5)
-    route.reuse_maxiter = 3
+    route.reuse_maxiter, route.last_iterations = 3, 0  # (the refresh rule: test below)
     v, info = _solve(route, space, far, lam)
     route.reuse_maxiter = 20
     assert info.solver == "ntk" and "PCG with the previous reference" in info.reason, info
@@ -185,3 +185,42 @@ def test_reference_factor_matches_only_its_own_system() -> None:
     assert not ref.matches(PointState(other, other.initial_point()), 0.3)
     lin = sr.ParameterSpace(nn.Linear(3, 1).double(), torch.randn(80, 3), torch.randn(80, 1))
     assert not ref.matches(PointState(lin, lin.initial_point()), 0.3)  # K = 4: another size
+
+
+@pytest.mark.parametrize("name", ["param", "output"])
+def test_defect_correction_when_the_first_stop_is_too_loose(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PCG's first stop comes from the answer's size at the reference; when that is far too
+    loose (forced here: relative residual 1e-2) the route corrects the defect b - Az with a
+    tighter tolerance instead of dropping the reference, and still certifies its answer."""
+    space = SPACES[name](torch.float64)
+    route = NTKRoute(reuse_min_dim=1, reuse_maxiter=200)
+    theta0 = perturbed_point(space, 0.2, seed=1)
+    v0, _ = _solve(route, space, theta0, 0.5)
+    monkeypatch.setattr(NTKRoute, "pcg_rtol", staticmethod(lambda *a: 1e-2))
+    theta = theta0 - 1e-2 * v0
+    v, info = _solve(route, space, theta, 0.5)
+    assert info.solver == "ntk+pcg" and info.converged and info.residual <= info.rtol, info
+    _check(v, info, space, theta, 0.5)
+
+
+def test_refresh_rules_keep_the_reference_near() -> None:
+    """A point is factored without PCG after a solve that took most of the cap; and the last
+    point solved by PCG becomes the reference once its Gram matrix is formed (the monitor)."""
+    space = SPACES["param"](torch.float64)
+    route = NTKRoute(reuse_min_dim=1)
+    theta0 = perturbed_point(space, 0.2, seed=1)
+    v0, _ = _solve(route, space, theta0, 0.5)
+    st = PointState(space, theta0 - 1e-3 * v0)
+    _, info = route.solve(st, st.output_grad, 0.5, THR)
+    assert info.solver == "ntk+pcg" and route.last_pcg_state is st
+    st.gram_singular_values  # noqa: B018  (what the rank monitor forms at an accepted point)
+    v, info = _solve(route, space, theta0 - 2e-3 * v0, 0.5)
+    assert info.solver == "ntk+pcg" and info.converged, info
+    assert torch.equal(route.reference.chol, st.shifted_cholesky(0.5))
+    route.last_iterations = route.reuse_maxiter  # as after a solve that took the whole cap
+    theta = theta0 - 3e-3 * v0
+    v, info = _solve(route, space, theta, 0.5)
+    assert info.solver == "ntk" and "the last PCG took" in info.reason, info
+    _check(v, info, space, theta, 0.5)

@@ -186,6 +186,10 @@ def test_route_singular_values_and_threshold(case: Case, name: str) -> None:
     assert np.all(s[~keep] <= np.sqrt(100 * EPS) * ref[0])
     assert route.tau(st, Threshold(RTOL)) == pytest.approx(RTOL * ref[0], rel=1e-12)
     assert route.tau(st, Threshold(RTOL, rank_atol=0.25)) == 0.25
+    for lam in (0.5, 1.0):  # what a metric at lam reports (ntk at lam = 1, K < QN: its eigh)
+        s = route.spectrum(_fresh_state(case), lam).numpy()
+        assert np.allclose(s[keep], ref[keep], rtol=1e-12 * KAPPA**2, atol=0)
+        assert np.all(s[~keep] <= np.sqrt(100 * EPS) * ref[0])
 
 
 def test_routes_as_metric_solvers(case: Case) -> None:

@@ -108,6 +108,9 @@ class AutoRoute(SolverRoute):
     def singular_values(self, state: PointState) -> Tensor:
         return self._at(state).singular_values(state)
 
+    def spectrum(self, state: PointState, lam: float) -> Tensor:
+        return self._at(state).spectrum(state, lam)
+
     def prepare(self, state: PointState) -> None:
         self._at(state).prepare(state)
 

@@ -103,6 +103,14 @@ class SolverRoute(ABC):
         r"""Singular values of :math:`D`, descending, from this route's factorization."""
         return state.singular_values(self.factorization)
 
+    def spectrum(self, state: PointState, lam: float) -> Tensor:
+        r"""The singular values a metric at :math:`\lambda` reports (its rank monitor).
+
+        Those of :meth:`singular_values`; a route whose :math:`\lambda` solve takes a
+        factorization that has them anyway returns them from it instead.
+        """
+        return self.singular_values(state)
+
     def tau(self, state: PointState, threshold: Threshold) -> float:
         r"""The rank threshold :math:`\tau` at this point (from :meth:`singular_values`)."""
         return rank_threshold(
