@@ -168,7 +168,9 @@ def locate_in_window(fl: Flow, points: list[tuple[float, Tensor, Tensor]], sv_fi
     probe) narrows them to one step in which the side changes, and
     :func:`locate` places the crossings inside that step exactly as for a
     monitored step; the search then goes on from its right end.  A crossing
-    and its return between two probes with equal sides are not seen.
+    and its return between two probes with equal sides are not seen here; the
+    flow's horizon near :math:`\tau` (``_Run.monitor_due`` in
+    :mod:`subriemann.flow.engine`) keeps such windows to one step.
     """
     svs = {0: sv_first, len(points) - 1: sv_last}
 

@@ -123,9 +123,12 @@ class FlowOptions:
         false: :math:`\lambda < 1`, Euclidean); 1 for the other metrics.
         When the rank differs between two monitored steps, the step of the
         crossing is found by bisection over the accepted states in between and
-        the event is located in it exactly as with ``rank_every=1``; a rank
-        that drops and recovers between two monitored steps is not seen (as
-        within one step at ``rank_every=1``).  With ``save_at`` unset, the
+        the event is located in it exactly as with ``rank_every=1``.  A step
+        that ends beyond the last monitored state's horizon (where a singular
+        value approaching :math:`\tau` at its measured rate would cover half
+        its distance) is monitored too, so that near :math:`\tau` every step is
+        and a rank that drops and recovers is seen as at ``rank_every=1``
+        (unless within one step).  With ``save_at`` unset, the
         saved points are the monitored steps.  ``"auto"``: 1 where the
         spectrum is cheap (:math:`QN\cdot K \le 4\cdot10^6`), else three
         times the ratio of the mean measured costs of one spectrum and of one

@@ -374,6 +374,10 @@ class PointState:
         r"""The smaller Gram matrix: :attr:`ntk` (:math:`QN \le K`) or :attr:`param_gram`."""
         return self.ntk if self.output_is_smaller else self.param_gram
 
+    def has_gram(self) -> bool:
+        """Whether :meth:`gram` is already formed at this point."""
+        return self.has("ntk" if self.output_is_smaller else "param_gram")
+
     def shifted_cholesky(self, lam: float) -> Tensor:
         r"""Cholesky factor of :math:`(1-\lambda)1 + \lambda G` in the smaller space.
 

@@ -450,8 +450,7 @@ class NTKRoute(SolverRoute):
         a Cholesky factorization (:math:`n^3/3`) then buys a reference at an accepted point of
         the flow, without the Gram matrix (:math:`QN\,n^2`) that a refactorization costs."""
         st = self.last_pcg_state
-        key = "ntk" if st is not None and st.output_is_smaller else "param_gram"
-        if st is None or not st.has(key) or self.reference is None:
+        if st is None or self.reference is None or not st.has_gram():
             return
         if self.reference.matches(st, lam):
             self.reference = ReferenceFactor.at(st, lam, st.shifted_cholesky(lam))
