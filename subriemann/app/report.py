@@ -189,6 +189,8 @@ _FLOW = _obj({
     "nfev": _INT,
     "n_steps": _INT,
     "n_rejected": _INT,
+    "monitor_time": _NUM,
+    "n_spectra": _INT,
     "trajectory": _STR_OR_NULL,
     "checkpoint": _STR_OR_NULL,
 })
@@ -561,6 +563,8 @@ def analyse_flow(
         "nfev": int(cnt.get("nfev", 0)),
         "n_steps": int(cnt.get("n_steps", 0)),
         "n_rejected": int(cnt.get("n_rejected", 0)),
+        "monitor_time": float(cnt.get("monitor_time", 0.0)),
+        "n_spectra": int(cnt.get("n_spectra", 0)),
         "trajectory": trajectory_file,
         "checkpoint": checkpoint_file,
     }
@@ -641,6 +645,7 @@ _COLUMNS = (
     ("steps", "steps"),
     ("nfev", "nfev"),
     ("wall", "wall time"),
+    ("monitor", "rank monitor"),
 )
 
 
@@ -662,6 +667,7 @@ def _row(f: Mapping[str, Any]) -> dict[str, str]:
         "steps": str(f["n_steps"]),
         "nfev": str(f["nfev"]),
         "wall": f"{f['wall_time']:.1f} s",
+        "monitor": f"{f.get('monitor_time', 0.0):.1f} s ({f.get('n_spectra', 0)} spectra)",
     }
 
 

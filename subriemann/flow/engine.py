@@ -44,6 +44,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -179,6 +181,11 @@ class Flow:
         self.rank_every: int | None = (
             None if self.auto_cadence else int(opts.rank_every) if self.cadence else 1)
         self.timing = [0.0, 0, 0.0, 0]  # time and count of the steps, then of the spectra
+        # what the rank monitor cost: seconds (spectra, and the sub-steps that locate events)
+        # and the number of spectra; counted across a resume (Trajectory.counters)
+        self.monitor_time = 0.0
+        self.n_spectra = 0
+        self._monitor_depth = 0
         self.last_filter: tuple[Tensor, float] | None = None  # (theta, deviation)
 
     # -- evaluation ----------------------------------------------------------------
@@ -246,10 +253,24 @@ class Flow:
             raise _Failure("the vector field is NaN or inf")
         return -v.detach()
 
+    @contextmanager
+    def monitoring(self) -> Iterator[None]:
+        """Count the time of the block as the rank monitor's (nested blocks once)."""
+        self._monitor_depth += 1
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._monitor_depth -= 1
+            if self._monitor_depth == 0:
+                self.monitor_time += time.perf_counter() - t0
+
     def sv(self, theta: Tensor) -> Tensor:
         """Singular values of :math:`D[\\theta]`, descending; raises :class:`_Failure` on NaN."""
+        self.n_spectra += 1
         try:
-            s = self.evaluate("sv", theta)
+            with self.monitoring():
+                s = self.evaluate("sv", theta)
         except (NonFiniteError, torch.linalg.LinAlgError) as err:
             raise _Failure(f"singular values of D: {one_line(err)}") from None
         if not bool(torch.isfinite(s).all()):
@@ -331,7 +352,8 @@ class Flow:
             loss=getattr(sp.loss, "name", type(sp.loss).__name__),
             counters={"nfev": self.nfev, "n_steps": 0 if st is None else st.n_steps,
                       "n_rejected": self.n_rejected, "wall_time": self.wall_before + wall,
-                      "rank_every": self.rank_every},
+                      "rank_every": self.rank_every, "monitor_time": self.monitor_time,
+                      "n_spectra": self.n_spectra},
             settings=self.o.settings(),
             problem=dict(self.problem),
             segments=self.book.segments(),
@@ -608,8 +630,9 @@ class _Run:
         if not self.window or st is None or a is None:
             return
         try:
-            sv = fl.sv(st.theta)
-            found = events.locate_in_window(fl, [(a.s, a.theta, a.f), *self.window], a.sv, sv)
+            with fl.monitoring():
+                sv = fl.sv(st.theta)
+                found = events.locate_in_window(fl, [(a.s, a.theta, a.f), *self.window], a.sv, sv)
         except _Failure:
             fl.state, self.window = a, []  # the last monitored state is the last good one
             return
@@ -791,7 +814,8 @@ class _Run:
             return None
         try:
             k = events.first_crossing(fl, st, sv1, cross)
-            found = events.locate(fl, st.s, st.theta, st.f, h, k, st.sv, sv1, None)
+            with fl.monitoring():
+                found = events.locate(fl, st.s, st.theta, st.f, h, k, st.sv, sv1, None)
             f_hi = fl.field(found[1]) if found is not None and found[3] <= 1.0 else None
         except _Failure as failure:
             self.reject(st, 0.25 * h, failure)
@@ -805,27 +829,32 @@ class _Run:
 
     def step_events(self, st: State, step: _Step) -> list[RankChange] | FlowStatus | None:
         """The rank events inside an accepted step, by time (None: rejected after all)."""
-        fl = self.fl
         if step.jump is not None:
             return [step.jump]
         if step.sv1 is None:
             return []
-        found: list[RankChange] = []
         try:
-            if self.window:  # unmonitored steps since the anchor: search them
-                a = self.anchor
-                assert a is not None
-                points = [(a.s, a.theta, a.f), *self.window, (st.s + step.h, step.y1, step.f1)]
-                return events.locate_in_window(fl, points, a.sv, step.sv1)
-            for k in events.crossings(fl, st.sv, step.sv1):
-                ev = events.locate(fl, st.s, st.theta, st.f, step.h, k, st.sv, step.sv1, step.y1)
-                assert ev is not None  # the accepted end is past the crossing
-                found.append(ev[0])
+            with self.fl.monitoring():
+                return self.locate_events(st, step, step.sv1)
         except _Failure as failure:
             if not self.o.adaptive:
                 return FlowStatus("nonfinite", f"at s = {st.s:.9g}: {failure}")
             self.reject(st, 0.25 * step.h)
             return None
+
+    def locate_events(self, st: State, step: _Step, sv1: Tensor) -> list[RankChange]:
+        """The events of an accepted step whose end has singular values ``sv1``, by time."""
+        fl = self.fl
+        if self.window:  # unmonitored steps since the anchor: search them
+            a = self.anchor
+            assert a is not None
+            points = [(a.s, a.theta, a.f), *self.window, (st.s + step.h, step.y1, step.f1)]
+            return events.locate_in_window(fl, points, a.sv, sv1)
+        found: list[RankChange] = []
+        for k in events.crossings(fl, st.sv, sv1):
+            ev = events.locate(fl, st.s, st.theta, st.f, step.h, k, st.sv, sv1, step.y1)
+            assert ev is not None  # the accepted end is past the crossing
+            found.append(ev[0])
         return sorted(found, key=lambda e: e.s)
 
     def rank_stop(self, step: _Step, new_events: list[RankChange]
@@ -954,6 +983,8 @@ def _restore(fl: Flow, path: Path) -> Trajectory | None:
     fl.v0norm = integ["v0norm"]
     fl.nfev, fl.n_rejected = integ["nfev"], integ["n_rejected"]
     fl.wall_before = float(traj.counters.get("wall_time", 0.0))
+    fl.monitor_time = float(traj.counters.get("monitor_time", 0.0))
+    fl.n_spectra = int(traj.counters.get("n_spectra", 0))
     n_rec, n_events = integ["n_rec"], integ["n_events"]
     fl.rec = [
         _Row(float(traj.s[i]), traj.theta[i].to(dev), traj.outputs[i].to(dev),

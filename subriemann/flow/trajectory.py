@@ -12,7 +12,8 @@ File format (``Trajectory.save``): one ``.npz`` archive holding
   ``status`` (code and message), ``metric`` (the metric's description),
   ``rank_rtol``, ``rank_tau`` (the absolute threshold :math:`\tau` used),
   ``num_samples``, ``num_outputs``, ``loss``, ``counters`` (``nfev``,
-  ``n_steps``, ``n_rejected``, ``wall_time``), ``settings`` (the solver
+  ``n_steps``, ``n_rejected``, ``wall_time``, ``rank_every``, ``monitor_time``,
+  ``n_spectra``), ``settings`` (the solver
   options), ``problem`` (the fingerprint of the problem, see
   :func:`subriemann.flow.checkpoint.problem_fingerprint`) and the scalar
   fields of the events.
@@ -197,8 +198,11 @@ class Trajectory:
     num_samples, num_outputs : int
     loss : str
     counters : dict
-        ``nfev``, ``n_steps``, ``n_rejected``, ``wall_time``, and ``rank_every``
-        (the monitor's cadence as resolved, see ``FlowOptions.rank_every``).
+        ``nfev``, ``n_steps``, ``n_rejected``, ``wall_time``, ``rank_every``
+        (the monitor's cadence as resolved, see ``FlowOptions.rank_every``),
+        ``monitor_time`` (seconds of ``wall_time`` in the rank monitor: every
+        spectrum of :math:`D` and the sub-steps that locate rank events) and
+        ``n_spectra`` (the spectra computed).  All add up across a resume.
     settings : dict
         The solver options.
     problem : dict

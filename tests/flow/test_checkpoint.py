@@ -60,6 +60,8 @@ def test_checkpoint_and_resume_ignore_the_suffix(tmp_path, reference, ckpt_name,
     assert_same_arrays(full, reference)
     assert full.counters["n_steps"] == reference.counters["n_steps"]
     assert full.counters["nfev"] == reference.counters["nfev"]
+    # the monitor's count carries over too (its time is a measurement, not compared)
+    assert full.counters["n_spectra"] == reference.counters["n_spectra"]
     assert Trajectory.load(tmp_path / "run").status.code == "s_end_reached"
 
 

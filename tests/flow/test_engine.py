@@ -37,6 +37,7 @@ from tests.cases import (
     flow_problem,
     mlp_problems,
     one_sample_space,
+    run_event_flow,
 )
 from tests.references import flat_params, mse_by_hand, reference_outputs
 
@@ -519,6 +520,35 @@ def test_max_time_stops_inside_a_step(monkeypatch):
     traj = sr.gradient_flow(space, theta0, 1.0)
     assert traj.status.code == "s_end_reached" and traj.status.successful
     assert float(traj.s[-1]) == 1.0
+
+
+def test_monitor_time_counts_spectra_and_event_location(monkeypatch):
+    """``counters["monitor_time"]`` is the time of the spectra and of the sub-steps that
+    locate events, nothing else.  The clock is simulated: a vector field costs 1 s of it,
+    a spectrum 100 s, so every second of it is attributed by construction."""
+    from subriemann.flow import engine
+
+    clock = {"t": 0.0, "sv": 0}
+    monkeypatch.setattr(engine, "time", type("Clock", (), {
+        "perf_counter": staticmethod(lambda: clock["t"])}))
+    real = engine.Flow.compute
+
+    def timed(self, kind, payload):
+        if kind == "sv":
+            clock["t"] += 100.0
+            clock["sv"] += 1
+        elif kind == "field":
+            clock["t"] += 1.0
+        return real(self, kind, payload)
+
+    monkeypatch.setattr(engine.Flow, "compute", timed)
+    traj = run_event_flow()
+    c = traj.counters
+    assert len(traj.events) == 1 and c["n_spectra"] == clock["sv"]
+    assert c["wall_time"] == 100.0 * clock["sv"] + c["nfev"]
+    located = c["monitor_time"] - 100.0 * c["n_spectra"]  # fields evaluated by the location
+    assert located == int(located) and located >= 5  # at least one dopri5 sub-step
+    assert c["nfev"] - located >= 5 * c["n_steps"]  # the steps' own stages are not counted
 
 
 def test_equilibrium_at_the_start():

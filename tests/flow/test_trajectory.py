@@ -80,7 +80,8 @@ def test_file_layout_is_as_documented(event_traj, tmp_path):
     assert set(meta) >= {"status", "metric", "rank_rtol", "rank_tau", "num_samples",
                          "num_outputs", "loss", "counters", "settings", "events"}
     assert meta["events"][0]["rank_before"] == 2 and meta["settings"]["s_end"] == 4.0
-    assert set(meta["counters"]) == {"nfev", "n_steps", "n_rejected", "wall_time", "rank_every"}
+    assert set(meta["counters"]) == {"nfev", "n_steps", "n_rejected", "wall_time", "rank_every",
+                                     "monitor_time", "n_spectra"}
 
 
 def test_load_errors(tmp_path):
