@@ -39,19 +39,16 @@ import math
 from collections.abc import Callable
 from dataclasses import astuple, replace
 
+import torch
 from torch import Tensor
 
 from subriemann.flow.trajectory import Segment
 
-__all__ = ["band_top", "smoothstep", "filtered_gradient", "SegmentBook"]
+__all__ = ["band_top", "band_weights", "smoothstep", "filtered_gradient", "SegmentBook"]
 
 def smoothstep(t: float) -> float:
     """:math:`w(t) = 3t^2 - 2t^3` on :math:`[0, 1]`, 0 below and 1 above (:math:`C^1`)."""
-    if t <= 0.0:
-        return 0.0
-    if t >= 1.0:
-        return 1.0
-    return t * t * (3.0 - 2.0 * t)
+    return float(band_weights(torch.tensor(float(t), dtype=torch.float64), 0.0, 1.0))
 
 
 def band_top(tau: float, sv: Tensor, rank_band: float) -> float:
@@ -59,6 +56,21 @@ def band_top(tau: float, sv: Tensor, rank_band: float) -> float:
     smax = float(sv[0]) if sv.numel() else 0.0
     top = rank_band * smax
     return top if top > tau > 0.0 else 0.0
+
+
+def band_weights(sv: Tensor, tau: float, top: float) -> Tensor:
+    r"""The weights :math:`w((\sigma_i - \tau)/(b - \tau))` of the filter, ``[..., r]``:
+    0 at :math:`\sigma \le \tau`, 1 at :math:`\sigma \ge b` (``top`` :math:`= b > \tau`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> w = band_weights(torch.tensor([2.0, 0.55, 0.1, 0.0], dtype=torch.float64), 0.1, 1.0)
+    >>> [round(x, 6) for x in w.tolist()]
+    [1.0, 0.5, 0.0, 0.0]
+    """
+    t = ((sv - tau) / (top - tau)).clamp(0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
 
 
 def band_indices(sv: Tensor, tau: float, top: float) -> list[int]:
@@ -82,12 +94,13 @@ def filtered_gradient(grad_at: Callable[[float], Tensor], sv: Tensor, tau: float
     out = g_prev
     weights: dict[int, float] = {}
     n = sv.numel()
+    ws = band_weights(sv, tau, top)
     for k in band:
         sk = float(sv[k])
         below = float(sv[k + 1]) if k + 1 < n else 0.0
         t_k = tau if k == band[-1] or below <= tau else math.sqrt(sk * below)
         g_k = grad_at(t_k)
-        w = smoothstep((sk - tau) / (top - tau))
+        w = float(ws[k])
         weights[k] = w
         out = out + w * (g_k - g_prev)
         g_prev = g_k

@@ -202,11 +202,24 @@ class Flow:
         return self._at_tau[tau]
 
     def band_field(self, theta: Tensor) -> Tensor:
-        """The metric's gradient with the band filter (:mod:`~subriemann.flow.continuation`)."""
+        """The metric's gradient with the band filter (:mod:`~subriemann.flow.continuation`):
+        from one factorization where the metric weighs its spectrum itself
+        (``weighted_gradient``), else as the sum of its thresholded gradients."""
         sv = self.metric.gradient_spectrum(theta)
-        top = continuation.band_top(self.tau, sv, self.o.rank_band)
-        g, _, dev = continuation.filtered_gradient(
-            lambda t: self.metric_at(t).gradient(theta), sv, self.tau, top)
+        tau = self.tau
+        top = continuation.band_top(tau, sv, self.o.rank_band)
+        at_tau = self.metric_at(tau)
+        g = None
+        if continuation.band_indices(sv, tau, top):
+            g = at_tau.weighted_gradient(
+                theta, lambda s: continuation.band_weights(s, tau, top))
+        if g is None:
+            g, _, dev = continuation.filtered_gradient(
+                lambda t: self.metric_at(t).gradient(theta), sv, tau, top)
+        else:
+            exact = at_tau.gradient(theta)
+            norm = float(exact.norm())
+            dev = float((g - exact).norm()) / norm if norm > 0 else 0.0
         self.last_filter = (theta, dev)
         return g
 

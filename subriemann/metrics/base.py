@@ -19,7 +19,7 @@ matrix-free or push-through forms.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -137,6 +137,18 @@ class ParameterMetric(RiemannianMetric):
         of a flow asks both): :meth:`singular_values`, unless a metric takes them from
         the factorization its gradient makes anyway."""
         return self.singular_values(base_point)
+
+    def weighted_gradient(
+        self, base_point: Tensor, weights: Callable[[Tensor], Tensor]
+    ) -> Tensor | None:
+        r"""The gradient with spectral weights :math:`\phi` on the singular directions of
+        :math:`D`, from one factorization, or ``None`` (the default) where the metric
+        offers none.
+
+        A flow's band filter (``subriemann.flow.continuation``) asks it first; on
+        ``None`` it sums the metric's thresholded gradients, one per direction in the band.
+        """
+        return None
 
     def rank_threshold(self, base_point: Tensor) -> float:
         r"""The threshold :math:`\tau`: ``rank_atol``, or ``rank_rtol`` :math:`\sigma_{\max}`

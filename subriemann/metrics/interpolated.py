@@ -14,6 +14,7 @@ in ``last_solve``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -271,6 +272,34 @@ class InterpolatedMetric(ParameterMetric):
             return st.cost_grad
         self.route.prepare(st)
         return self.sharp_pullback(st.output_grad, st.theta)
+
+    def weighted_gradient(
+        self, base_point: Tensor, weights: Callable[[Tensor], Tensor]
+    ) -> Tensor | None:
+        r"""At :math:`\lambda = 1`,
+        :math:`\sum_{\sigma_i>\tau}\phi(\sigma_i)\,\sigma_i^{-1}(u_i^\top\nabla_xC)\,v_i`
+        from the route's one factorization
+        (:meth:`~subriemann.linalg.routes.SolverRoute.weighted_solve`, checked against
+        ``accuracy`` like :meth:`gradient`); ``None`` at :math:`\lambda < 1` or on a route
+        without a spectral factorization.
+
+        Examples
+        --------
+        >>> import torch, subriemann as sr
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+        >>> space = sr.ParameterSpace(net, torch.randn(4, 2), torch.randn(4, 1))
+        >>> m = sr.metrics.InterpolatedMetric(space, lam=1.0, solver="svd")
+        >>> th = space.initial_point()
+        >>> bool(torch.allclose(m.weighted_gradient(th, torch.ones_like), m.gradient(th)))
+        True
+        """
+        if self.lam != 1.0:
+            return None
+        st = self.state(base_point)
+        self.route.prepare(st)
+        out = self.route.weighted_solve(st, st.output_grad, weights, self.threshold)
+        return None if out is None else self._record(out)
 
     def sharp_pullback(self, output_covec: Tensor, base_point: Tensor) -> Tensor:
         r""":math:`g_\lambda^+ D^\top u`, the sharp of a pulled-back covector, shape ``[K]``.

@@ -17,7 +17,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 import subriemann as sr
-from subriemann.flow import continuation
+from subriemann.flow import continuation, engine
 from subriemann.metrics import InterpolatedMetric, OutputMetric, OutputPullbackMetric
 from tests.cases import SquareAndLine, case_named, one_sample_space
 from tests.helpers import REPO_ROOT as ROOT
@@ -103,13 +103,13 @@ def test_constructed_case_follows_the_filtered_ode(name, monkeypatch):
     metric, kw, rate, filtered = CASES[name]
     space = one_sample_space(SquareAndLine(), [1.0, 0.0], metric, rank_atol=TAU, **kw)
     calls = []
-    real = continuation.filtered_gradient
-    monkeypatch.setattr(continuation, "filtered_gradient",
-                        lambda *a: calls.append(1) or real(*a))
+    real = engine.Flow.band_field
+    monkeypatch.setattr(engine.Flow, "band_field", lambda *a: calls.append(1) or real(*a))
     traj = sr.gradient_flow(space, space.initial_point(), S_END, rtol=1e-10, atol=1e-12,
                             rank_band=BAND)
     assert traj.status.code == "s_end_reached"
-    # one code path for every metric whose field depends on tau; none where it cannot jump
+    # one filter for every metric whose field depends on tau (from one factorization for
+    # "pullback", as the sum of thresholded gradients for "custom"); none where it cannot jump
     assert bool(calls) == filtered == space.metric.field_may_jump
     ref = _reference_b(rate, filtered)
     # both integrate to ~1e-10 relative; the C^1 kinks of w at the band's edges cost a few
@@ -200,3 +200,62 @@ def test_band_filter_takes_the_spectrum_from_the_gradients_eigh(monkeypatch):
     ref = torch.linalg.svdvals(space.jacobian(theta))
     keep = ref > 1e-6 * ref[0]
     assert torch.allclose(s[keep], ref[keep], rtol=1e-8, atol=0)
+
+
+# -- the filter from one factorization (weighted_gradient) ----------------------------------
+def _band_setup(case: str, solver: str):
+    """lambda = 1 on ``case`` with tau and the band top placed between the singular values
+    of D (dense SVD of the torch.func Jacobian: the independent reference), 2 directions
+    in the band and one dropped."""
+    space = case_named(case).space(backend="func")
+    theta = space.initial_point() + 1e-2
+    u, s, vh = torch.linalg.svd(space.jacobian(theta), full_matrices=False)
+    r = space.point_state(theta).output_grad
+    k = int((s > 1e-8 * s[0]).sum())  # the numerical rank of D
+    tau = float(s[k - 1] + s[k - 2]) / 2  # sigma_k dropped
+    top = float(s[k - 4] + s[k - 5]) / 2  # sigma_{k-3}, sigma_{k-2}... in the band
+    keep = s > tau
+    w = torch.where(keep, continuation.band_weights(s, tau, top), 0.0)
+    ref = vh.T @ (torch.where(keep, w / s, 0.0) * (u.T @ r))
+    metric = InterpolatedMetric(space, lam=1.0, solver=solver, rank_atol=tau)
+    return space, metric, theta, s, tau, top, ref
+
+
+@pytest.mark.parametrize("solver", ["ntk", "svd"])
+@pytest.mark.parametrize("case", ["mlp-tall", "mlp-ce"])
+def test_weighted_gradient_is_the_filtered_sum(case, solver):
+    """sum_i w_i (u_i^T r) / sigma_i v_i against the dense SVD.  The ntk route squares D: a
+    coefficient carries a relative error up to eta / sigma_i^2, eta ~ n eps sigma_max^2
+    (n <= 100 here), so 1e3 eps (sigma_max / sigma_live)^2 bounds it."""
+    space, metric, theta, s, tau, top, ref = _band_setup(case, solver)
+    got = metric.weighted_gradient(theta, lambda x: continuation.band_weights(x, tau, top))
+    assert got is not None and metric.last_solve.converged
+    live = float(s[s > tau][-1])
+    tol = 1e3 * torch.finfo(torch.float64).eps * (float(s[0]) / live) ** 2
+    assert float((got - ref).norm()) <= tol * float(ref.norm())
+    assert InterpolatedMetric(space, lam=0.5).weighted_gradient(theta, torch.ones_like) is None
+
+
+@pytest.mark.parametrize("solver", ["ntk", "svd"])
+def test_band_field_takes_one_factorization(solver, monkeypatch):
+    """The flow's band field from weighted_gradient is the sum of thresholded gradients (the
+    generic filter, forced by a metric that offers no weights) and costs one exact gradient
+    (for the deviation) instead of one per direction in the band."""
+    space, metric, theta, s, tau, top, ref = _band_setup("mlp-tall", solver)
+    fl = engine.Flow(space, metric, sr.flow.FlowOptions(s_end=1.0, rank_band=top / float(s[0])))
+    fl.tau = tau
+    calls = []
+    real = InterpolatedMetric.gradient
+    monkeypatch.setattr(InterpolatedMetric, "gradient",
+                        lambda self, p: calls.append(1) or real(self, p))
+    fast = fl.band_field(theta)
+    dev_fast = fl.last_filter[1]
+    assert len(calls) == 1
+    monkeypatch.setattr(InterpolatedMetric, "weighted_gradient", lambda self, p, w: None)
+    slow = fl.band_field(theta)
+    assert len(calls) > 3  # one per threshold: the band's top, each band direction
+    live = float(s[s > tau][-1])
+    tol = 1e3 * torch.finfo(torch.float64).eps * (float(s[0]) / live) ** 2
+    assert float((fast - slow).norm()) <= tol * float(slow.norm())
+    assert float((fast - ref).norm()) <= tol * float(ref.norm())
+    assert dev_fast == pytest.approx(fl.last_filter[1], rel=1e-6, abs=tol)

@@ -28,6 +28,7 @@ model: the operator is the point state, the solver an object with options).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -131,6 +132,21 @@ class SolverRoute(ABC):
         self, state: PointState, rhs: Tensor, lam: float, threshold: Threshold
     ) -> tuple[Tensor, SolverInfo]:
         r""":math:`g_\lambda^+D^\top u` for an output covector ``rhs`` :math:`u`, ``[QN]->[K]``."""
+
+    def weighted_solve(
+        self, state: PointState, rhs: Tensor, weights: Callable[[Tensor], Tensor],
+        threshold: Threshold,
+    ) -> tuple[Tensor, SolverInfo] | None:
+        r"""The :math:`\lambda = 1` solve with spectral weights :math:`\phi` (``weights``,
+        ``[r] -> [r]``, applied to the singular values), from one factorization:
+
+        .. math:: \sum_{\sigma_i > \tau} \phi(\sigma_i)\,\sigma_i^{-1}(u_i^\top u)\,v_i.
+
+        A flow's band filter asks it (``subriemann.flow.continuation``).  ``None``
+        (the default) where the route has no spectral factorization: the filter then
+        sums thresholded solves, one per direction in the band.
+        """
+        return None
 
     @abstractmethod
     def sharp(

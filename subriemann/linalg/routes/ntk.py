@@ -160,6 +160,24 @@ def eigh_error(s: Tensor, keep: Tensor) -> float:
     return eigenvalue_rounding(s) / denom if denom > 0 else math.inf
 
 
+def weighted_eigh_error(s: Tensor, phi: Tensor) -> float:
+    r"""Estimated relative error of a weighted pseudoinverse of a Gram matrix.
+
+    Each direction's coefficient :math:`\phi_i/\sigma_i^2` carries a relative
+    error up to :math:`\eta/\sigma_i^2` (:func:`eigh_error`), which counts with
+    its weight :math:`\phi_i \in [0, 1]`: the estimate is
+    :math:`\eta\max_i\phi_i/\sigma_i^2`.  With weights that are :math:`C^1`
+    in :math:`\sigma` (the band filter's), nothing jumps at a threshold, so the
+    turn of an eigenspace between close :math:`\sigma` changes the result only
+    by a term of the same order (no gap term, unlike :func:`eigh_error`).
+    """
+    live = phi > 0
+    if not bool(live.any()):
+        return 0.0
+    worst = float((phi[live] / s[live] ** 2).max())
+    return eigenvalue_rounding(s) * worst
+
+
 @dataclass
 class ReferenceFactor:
     r"""The Cholesky factor of :math:`A = (1-\lambda)1 + \lambda G` at a reference point.
@@ -548,33 +566,47 @@ class NTKRoute(SolverRoute):
             state, u, v, info.residual, "iterative refinement", threshold
         )
 
+    def weighted_solve(
+        self, state: PointState, rhs: Tensor, weights: Callable[[Tensor], Tensor],
+        threshold: Threshold,
+    ) -> tuple[Tensor, SolverInfo]:
+        """From the eigendecomposition of the smaller Gram matrix (:meth:`eigh_pseudoinverse`)."""
+        return self.eigh_pseudoinverse(state, rhs, threshold, weights)
+
     def eigh_pseudoinverse(
-        self, state: PointState, u: Tensor, threshold: Threshold
+        self, state: PointState, u: Tensor, threshold: Threshold,
+        weights: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[Tensor, SolverInfo]:
         r"""Thresholded pseudoinverse of the smaller Gram matrix, with ``accuracy`` checked.
 
-        The error estimate is :func:`eigh_error`; above ``accuracy`` the SVD takes
-        over (:meth:`accuracy_fallback`).
+        With ``weights`` :math:`\phi`, the kept direction :math:`i` counts
+        :math:`\phi(\sigma_i)` times (:meth:`weighted_solve`).  The error estimate is
+        :func:`eigh_error` (:func:`weighted_eigh_error` with weights); above
+        ``accuracy`` the SVD takes over (:meth:`accuracy_fallback`).
         """
         w, s = state.gram_eigh()
         keep = s > self.checked_tau(state, threshold, s)
         small = state.output_is_smaller
         rhs = u if small else state.vjp(u)
-        coef = torch.where(keep, (w.T @ rhs) / torch.where(keep, s**2, 1.0), 0.0)
+        if weights is None:
+            coef = torch.where(keep, (w.T @ rhs) / torch.where(keep, s**2, 1.0), 0.0)
+            est = eigh_error(s, keep)
+        else:
+            phi = torch.where(keep, weights(s), 0.0)
+            coef = torch.where(phi > 0, phi * (w.T @ rhs) / torch.where(phi > 0, s**2, 1.0), 0.0)
+            est = weighted_eigh_error(s, phi)
         v = state.vjp(w @ coef) if small else w @ coef
-        est = eigh_error(s, keep)
+        how = "thresholded eigendecomposition" + ("" if weights is None else ", spectral weights")
         if est <= self.accuracy:
-            return v, SolverInfo(
-                "ntk", 0, est, True, self.accuracy, reason="thresholded eigendecomposition"
-            )
-        how = "thresholded eigendecomposition"
-        return self.accuracy_fallback(state, u, v, est, how, threshold)
+            return v, SolverInfo("ntk", 0, est, True, self.accuracy, reason=how)
+        return self.accuracy_fallback(state, u, v, est, how, threshold, weights)
 
     def accuracy_fallback(
         self, state: PointState, u: Tensor, v: Tensor, est: float, how: str,
-        threshold: Threshold,
+        threshold: Threshold, weights: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[Tensor, SolverInfo]:
-        r"""SVD if :math:`QN\cdot K \le` :data:`SVD_FALLBACK_LIMIT`; else ``v``, warned."""
+        r"""SVD if :math:`QN\cdot K \le` :data:`SVD_FALLBACK_LIMIT` (with the spectral
+        ``weights``, if any); else ``v``, warned."""
         size = state.space.output_dim * state.space.dim
         note = (
             f"{how}: estimated relative error up to {error_decade(est)} > accuracy "
@@ -583,6 +615,8 @@ class NTKRoute(SolverRoute):
         if size <= SVD_FALLBACK_LIMIT:
             uu, s, vv = state.svd
             w = interp_weights(s, 1.0, self.tau(state, threshold))
+            if weights is not None:
+                w = w * weights(s)
             info = SolverInfo(
                 "svd", 0, 0.0, True, self.accuracy, reason=f"fallback to the SVD ({note})"
             )

@@ -9,6 +9,8 @@ the condition number) and an exact cut at :math:`\tau`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -76,6 +78,14 @@ class SVDRoute(SolverRoute):
         uu, s, v = state.svd
         w = interp_weights(s, lam, self.tau(state, threshold))
         return v @ (w * (uu.T @ rhs)), SolverInfo.direct("svd", "thin SVD")
+
+    def weighted_solve(
+        self, state: PointState, rhs: Tensor, weights: Callable[[Tensor], Tensor],
+        threshold: Threshold,
+    ) -> tuple[Tensor, SolverInfo]:
+        uu, s, v = state.svd
+        w = interp_weights(s, 1.0, self.tau(state, threshold)) * weights(s)
+        return v @ (w * (uu.T @ rhs)), SolverInfo.direct("svd", "thin SVD, spectral weights")
 
     def sharp(
         self, state: PointState, xi: Tensor, lam: float, threshold: Threshold
