@@ -645,7 +645,7 @@ _COLUMNS = (
     ("steps", "steps"),
     ("nfev", "nfev"),
     ("wall", "wall time"),
-    ("monitor", "rank monitor"),
+    ("monitor", "monitor (spectra)"),
 )
 
 
@@ -667,7 +667,7 @@ def _row(f: Mapping[str, Any]) -> dict[str, str]:
         "steps": str(f["n_steps"]),
         "nfev": str(f["nfev"]),
         "wall": f"{f['wall_time']:.1f} s",
-        "monitor": f"{f.get('monitor_time', 0.0):.1f} s ({f.get('n_spectra', 0)} spectra)",
+        "monitor": f"{f.get('monitor_time', 0.0):.1f} s ({f.get('n_spectra', 0)})",
     }
 
 
@@ -700,6 +700,7 @@ h1{font-size:1.6em;margin:0 0 .2em}h2{font-size:1.2em;margin:1.6em 0 .5em;
 border-bottom:1px solid #dde2ea;padding-bottom:.2em}
 .sub{color:#5a6475;margin:0 0 1em}
 table{border-collapse:collapse;font-size:.88em;margin:.5em 0;width:100%}
+.scroll{overflow-x:auto}
 th,td{border:1px solid #dde2ea;padding:4px 8px;text-align:left;white-space:nowrap}
 th{background:#f2f5f9}td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.wrap{white-space:normal;color:#4a5366;font-size:.95em;min-width:15em}
@@ -751,8 +752,8 @@ def _flows_table(summary: Mapping[str, Any]) -> str:
         cells += [f'<td class="num">{esc(r[k])}</td>' for k, _ in _COLUMNS[3:]]
         body.append(f'<tr class="{"ok" if f["status"]["code"] in _OK else "bad"}">'
                     f'{"".join(cells)}</tr>')
-    return (f'<table id="flows"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table>')
+    return (f'<div class="scroll"><table id="flows"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 def _num(v: float | None, fmt: str) -> str:
