@@ -44,7 +44,8 @@ from torch import Tensor
 
 from subriemann.flow.trajectory import Segment
 
-__all__ = ["band_top", "band_weights", "smoothstep", "filtered_gradient", "SegmentBook"]
+__all__ = ["band_top", "band_weights", "smoothstep", "deviation", "filtered_gradient",
+           "SegmentBook"]
 
 def smoothstep(t: float) -> float:
     """:math:`w(t) = 3t^2 - 2t^3` on :math:`[0, 1]`, 0 below and 1 above (:math:`C^1`)."""
@@ -78,6 +79,13 @@ def band_indices(sv: Tensor, tau: float, top: float) -> list[int]:
     return [i for i in range(sv.numel()) if tau < float(sv[i]) < top]
 
 
+def deviation(filtered: Tensor, exact: Tensor) -> float:
+    r"""The filter's relative deviation :math:`|G_w - G(\tau)|/|G(\tau)|` (0 when
+    :math:`G(\tau) = 0`)."""
+    norm = float(exact.norm())
+    return float((filtered - exact).norm()) / norm if norm > 0 else 0.0
+
+
 def filtered_gradient(grad_at: Callable[[float], Tensor], sv: Tensor, tau: float, top: float
                       ) -> tuple[Tensor, dict[int, float], float]:
     r"""The filtered gradient, the weights :math:`w` of the band directions, the deviation.
@@ -104,9 +112,7 @@ def filtered_gradient(grad_at: Callable[[float], Tensor], sv: Tensor, tau: float
         weights[k] = w
         out = out + w * (g_k - g_prev)
         g_prev = g_k
-    exact_norm = float(g_prev.norm())
-    dev = float((out - g_prev).norm()) / exact_norm if exact_norm > 0 else 0.0
-    return out, weights, dev
+    return out, weights, deviation(out, g_prev)
 
 
 class SegmentBook:

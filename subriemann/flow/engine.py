@@ -217,9 +217,7 @@ class Flow:
             g, _, dev = continuation.filtered_gradient(
                 lambda t: self.metric_at(t).gradient(theta), sv, tau, top)
         else:
-            exact = at_tau.gradient(theta)
-            norm = float(exact.norm())
-            dev = float((g - exact).norm()) / norm if norm > 0 else 0.0
+            dev = continuation.deviation(g, at_tau.gradient(theta))
         self.last_filter = (theta, dev)
         return g
 

@@ -233,6 +233,9 @@ def test_auto_route_delegates_at_a_point(case: Case) -> None:
     assert auto.resolve(*case.a.shape).name == "svd"
     v, info = auto.solve(st, u, 1.0, thr)
     assert info.solver == "svd" and _rel(v, case.solve(u.numpy(), 1.0)) <= C_EPS
+    out = auto.weighted_solve(st, u, torch.ones_like, thr)  # weights 1: the lam = 1 solve
+    assert out is not None and out[1].solver == "svd"
+    assert _rel(out[0], case.solve(u.numpy(), 1.0)) <= C_EPS
 
 
 def test_make_route_rejects_bad_input() -> None:

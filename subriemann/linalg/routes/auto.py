@@ -11,7 +11,7 @@ route that runs.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import Tensor
@@ -117,6 +117,11 @@ class AutoRoute(SolverRoute):
     def solve(self, state: PointState, rhs: Tensor, lam: float, threshold: Threshold
               ) -> tuple[Tensor, SolverInfo]:
         return self._at(state).solve(state, rhs, lam, threshold)
+
+    def weighted_solve(self, state: PointState, rhs: Tensor,
+                       weights: Callable[[Tensor], Tensor], threshold: Threshold
+                       ) -> tuple[Tensor, SolverInfo] | None:
+        return self._at(state).weighted_solve(state, rhs, weights, threshold)
 
     def sharp(self, state: PointState, xi: Tensor, lam: float, threshold: Threshold
               ) -> tuple[Tensor, SolverInfo]:

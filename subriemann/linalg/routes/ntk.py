@@ -39,8 +39,8 @@ from subriemann.engines.base import plain_tensor
 from subriemann.linalg.info import ACCURACY, AccuracyWarning, SolverInfo, error_decade
 from subriemann.linalg.krylov import pcg
 from subriemann.linalg.routes.base import OPEN_UNIT, SolverRoute, Threshold
-from subriemann.linalg.routes.svd import svd_project, svd_sharp
-from subriemann.linalg.spectral import eigenvalue_rounding, gram_rounding, interp_weights
+from subriemann.linalg.routes.svd import svd_project, svd_sharp, svd_solve
+from subriemann.linalg.spectral import eigenvalue_rounding, gram_rounding
 from subriemann.linalg.state import PointState
 from subriemann.triangular import cholesky_solve
 from subriemann.validation import check_int, check_real
@@ -588,13 +588,11 @@ class NTKRoute(SolverRoute):
         keep = s > self.checked_tau(state, threshold, s)
         small = state.output_is_smaller
         rhs = u if small else state.vjp(u)
-        if weights is None:
-            coef = torch.where(keep, (w.T @ rhs) / torch.where(keep, s**2, 1.0), 0.0)
-            est = eigh_error(s, keep)
-        else:
-            phi = torch.where(keep, weights(s), 0.0)
-            coef = torch.where(phi > 0, phi * (w.T @ rhs) / torch.where(phi > 0, s**2, 1.0), 0.0)
-            est = weighted_eigh_error(s, phi)
+        # phi = 1 on the kept directions without weights (a product by 1 is exact)
+        phi = keep.to(s.dtype) if weights is None else torch.where(keep, weights(s), 0.0)
+        live = phi > 0
+        coef = torch.where(live, phi * (w.T @ rhs) / torch.where(live, s**2, 1.0), 0.0)
+        est = eigh_error(s, keep) if weights is None else weighted_eigh_error(s, phi)
         v = state.vjp(w @ coef) if small else w @ coef
         how = "thresholded eigendecomposition" + ("" if weights is None else ", spectral weights")
         if est <= self.accuracy:
@@ -613,14 +611,11 @@ class NTKRoute(SolverRoute):
             f"{self.accuracy:.2g}"
         )
         if size <= SVD_FALLBACK_LIMIT:
-            uu, s, vv = state.svd
-            w = interp_weights(s, 1.0, self.tau(state, threshold))
-            if weights is not None:
-                w = w * weights(s)
+            state.svd  # noqa: B018  (the threshold then reads the same factorization)
             info = SolverInfo(
                 "svd", 0, 0.0, True, self.accuracy, reason=f"fallback to the SVD ({note})"
             )
-            return vv @ (w * (uu.T @ u)), info
+            return svd_solve(state, u, 1.0, self.tau(state, threshold), weights), info
         warnings.warn(
             f"the 'ntk' route cannot certify the accuracy {self.accuracy:.2g} of the lam = 1 "
             f"direction here ({note}; D is too large for the SVD fallback, QN*K = "

@@ -19,7 +19,19 @@ from subriemann.linalg.routes.base import SolverRoute, Threshold
 from subriemann.linalg.spectral import interp_weights
 from subriemann.linalg.state import PointState
 
-__all__ = ["SVDRoute", "svd_sharp", "svd_project"]
+__all__ = ["SVDRoute", "svd_solve", "svd_sharp", "svd_project"]
+
+
+def svd_solve(state: PointState, rhs: Tensor, lam: float, tau: float,
+              weights: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    r""":math:`g_\lambda^+D^\top u = V\operatorname{diag}(w_i\phi_i)U^\top u` from the thin SVD:
+    :math:`w_i` of :func:`~subriemann.linalg.interp_weights` (cut at :math:`\tau` when
+    :math:`\lambda = 1`), times the spectral ``weights`` :math:`\phi(\sigma_i)` if given."""
+    uu, s, v = state.svd
+    w = interp_weights(s, lam, tau)
+    if weights is not None:
+        w = w * weights(s)
+    return v @ (w * (uu.T @ rhs))
 
 
 def svd_sharp(state: PointState, xi: Tensor, lam: float, tau: float, restrict: bool) -> Tensor:
@@ -75,17 +87,17 @@ class SVDRoute(SolverRoute):
     def solve(
         self, state: PointState, rhs: Tensor, lam: float, threshold: Threshold
     ) -> tuple[Tensor, SolverInfo]:
-        uu, s, v = state.svd
-        w = interp_weights(s, lam, self.tau(state, threshold))
-        return v @ (w * (uu.T @ rhs)), SolverInfo.direct("svd", "thin SVD")
+        state.svd  # noqa: B018  (the threshold then reads the same factorization)
+        out = svd_solve(state, rhs, lam, self.tau(state, threshold))
+        return out, SolverInfo.direct("svd", "thin SVD")
 
     def weighted_solve(
         self, state: PointState, rhs: Tensor, weights: Callable[[Tensor], Tensor],
         threshold: Threshold,
     ) -> tuple[Tensor, SolverInfo]:
-        uu, s, v = state.svd
-        w = interp_weights(s, 1.0, self.tau(state, threshold)) * weights(s)
-        return v @ (w * (uu.T @ rhs)), SolverInfo.direct("svd", "thin SVD, spectral weights")
+        state.svd  # noqa: B018
+        out = svd_solve(state, rhs, 1.0, self.tau(state, threshold), weights)
+        return out, SolverInfo.direct("svd", "thin SVD, spectral weights")
 
     def sharp(
         self, state: PointState, xi: Tensor, lam: float, threshold: Threshold
