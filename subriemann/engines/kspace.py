@@ -39,6 +39,26 @@ Both factorizations are Cholesky factorizations of symmetric positive
 definite matrices (:math:`S` is the Schur complement of an SPD matrix), so
 the solve is backward stable with the condition number of
 :math:`D^\top D + \mu 1`, as the Cholesky factor of the whole matrix.
+
+**The sample side** (:func:`sample_side_solve`).  When the other layers are
+in rows form and :math:`G_j = 1` (the output layer's outputs are the
+network's), :math:`E_c = J_c^\top\tilde A` with :math:`J_c` (``[N, |C|]``)
+the rows of output :math:`c` and :math:`\tilde A` (``[N, m']``) the layer
+inputs, so that, by :math:`1 - \tilde A(\tilde A^\top\tilde A + \mu)^{-1}
+\tilde A^\top = \mu M^{-1}`, :math:`M = \tilde A\tilde A^\top + \mu 1_N`,
+
+.. math::
+
+    S = \mu\Bigl(1 + \sum_c Z_c^\top Z_c\Bigr),\qquad Z_c = L^{-1}J_c,
+    \quad M = LL^\top .
+
+This costs :math:`N^2 Q|C|` (one triangular solve) and :math:`NQ|C|^2` (one
+Gram matrix) instead of :math:`NQ|C|^2` plus
+:math:`(2Nm' + m'^2)Q|C| + m'Q|C|^2` for :math:`F`, :math:`E` and
+:math:`EB^{-1}E^\top`; it is chosen when :math:`N^2` is the smaller of the
+two extra terms' factors and the rows of all samples fit the memory budget.
+:math:`S` is then a sum of positive semidefinite terms and the identity: it
+is formed without the cancellation of :math:`F - EB^{-1}E^\top`.
 """
 
 from __future__ import annotations
@@ -61,6 +81,7 @@ __all__ = [
     "param_gram",
     "solve_shifted",
     "diagonal_kron",
+    "sample_side_solve",
 ]
 
 
@@ -360,23 +381,32 @@ def solve_shifted(
     q: int,
     temp_entries: int,
     output_layer: int | None,
+    n_samples: int | None = None,
 ) -> Tensor:
     r""":math:`(D^\top D + \mu 1)^{-1}r`, ``rhs`` of shape ``[K]`` or ``[K, b]``, :math:`\mu > 0`.
 
     With ``output_layer`` (the index of a layer in Kronecker form whose
     :math:`G_j^\top G_j` is diagonal, :func:`diagonal_kron`) by the block
-    elimination of the module docstring; otherwise by the Cholesky factor of
-    :func:`param_gram` plus :math:`\mu 1`.
+    elimination of the module docstring, on the sample side
+    (:func:`sample_side_solve`) where that applies and is cheaper; otherwise
+    by the Cholesky factor of :func:`param_gram` plus :math:`\mu 1`.
 
     Parameters
     ----------
     chunks : callable
-        Returns a fresh iterable of per-chunk form lists (it is iterated once).
+        Returns a fresh iterable of per-chunk form lists (iterated once, or
+        twice when the sample side turns out not to apply).
+    n_samples : int, optional
+        :math:`N`; without it the sample side is not tried.
     """
     if not shift > 0.0:
         raise ValueError(f"shift must be positive, got {shift!r}")
     vec = rhs.ndim == 1
     r = rhs.unsqueeze(1) if vec else rhs
+    if output_layer is not None and n_samples is not None:
+        x = sample_side_solve(chunks, ranges, output_layer, r, shift, temp_entries, n_samples)
+        if x is not None:
+            return x.squeeze(1) if vec else x
     if output_layer is None:
         gram = param_gram(chunks(), ranges, dim, r, q, temp_entries)
         gram.diagonal().add_(shift)
@@ -417,4 +447,108 @@ def _schur_solve(
     out = torch.empty_like(r)
     out[c_idx] = x_c
     out[l0:l1] = parts.form.to_layout(x_l.permute(2, 0, 1)).T
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The sample side
+# ---------------------------------------------------------------------------
+def _sample_side_cheaper(n: int, m: int, nc: int) -> bool:
+    r"""Whether :math:`N^2 Q|C|` (the triangular solve) undercuts
+    :math:`(2Nm' + m'^2)Q|C| + m'Q|C|^2` (:math:`E`, :math:`B^{-1/2}E^\top`, the update of
+    :math:`F`, at 5/8 of its products by :func:`add_upper_gram`)."""
+    return n * n <= 2 * n * m + m * m + (5 * m * nc) // 8
+
+
+def _gather_rows(
+    chunks: Callable[[], Any], last: int, temp_entries: int, n_samples: int
+) -> tuple[Tensor, Tensor, KronForm] | None:
+    r"""The rows :math:`J` (``[N, Q, |C|]``, a fresh tensor) of the other layers and
+    :math:`\tilde A` (``[N, m']``), or ``None`` where the sample side does not apply or
+    is not cheaper (decided on the first chunk, before anything is gathered)."""
+    j: Any = None
+    a: Any = None
+    lf: Any = None
+    row = 0
+    for forms in chunks():
+        lf = forms[last]
+        others = [f for i, f in enumerate(forms) if i != last]
+        if j is None:
+            if not others or not all(isinstance(f, RowsForm) for f in others):
+                return None
+            n_c, q, m = sum(f.size for f in others), int(lf.g.shape[1]), int(lf.a.shape[1])
+            fits = n_samples * q * n_c <= 4 * temp_entries  # budget / 2 bytes
+            if lf.g.shape[-1] != q or not fits or not _sample_side_cheaper(n_samples, m, n_c):
+                return None
+            eye = torch.eye(q, dtype=lf.g.dtype, device=lf.g.device)
+            j, a = lf.g.new_empty(n_samples, q, n_c), lf.a.new_empty(n_samples, m)
+        if not torch.equal(lf.g, eye.expand_as(lf.g)):  # G_j = 1 on every sample
+            return None
+        n, col = int(lf.a.shape[0]), 0
+        for f in others:
+            j[row : row + n, :, col : col + f.size] = f.j
+            col += f.size
+        a[row : row + n] = lf.a
+        row += n
+    if j is None or row != n_samples:
+        return None
+    return j, a, lf
+
+
+def sample_side_solve(
+    chunks: Callable[[], Any],
+    ranges: list[tuple[int, int]],
+    last: int,
+    r: Tensor,
+    shift: float,
+    temp_entries: int,
+    n_samples: int,
+) -> Tensor | None:
+    r""":math:`(D^\top D + \mu 1)^{-1}r` (``r``: ``[K, b]``) by the elimination on the
+    sample side (module docstring), or ``None`` where it does not apply.
+
+    .. math::
+
+        x_C = \mu^{-1}\Bigl(1 + \sum_c Z_c^\top Z_c\Bigr)^{-1}
+              \Bigl(r_C - \sum_c Z_c^\top L^{-1}\tilde A r_{L,c}\Bigr),\qquad
+        x_{L,c} = (\tilde A^\top\tilde A + \mu)^{-1}(r_{L,c} - \tilde A^\top J_c x_C),
+
+    with :math:`J_c x_C = L Z_c x_C`, so that :math:`J` is overwritten by :math:`Z`.
+    Three Cholesky factorizations of SPD matrices (:math:`M`, :math:`S/\mu`,
+    :math:`\tilde A^\top\tilde A + \mu`): backward stable with the condition
+    number of :math:`D^\top D + \mu 1`.
+    """
+    got = _gather_rows(chunks, last, temp_entries, n_samples)
+    if got is None:
+        return None
+    j, a, form = got
+    n, q, n_c = j.shape
+    b = r.shape[1]
+    l0, l1 = ranges[last]
+    keep = [torch.arange(lo, hi, device=r.device) for i, (lo, hi) in enumerate(ranges) if i != last]
+    c_idx = torch.cat(keep)
+    m_mat = a @ a.T
+    m_mat.diagonal().add_(shift)
+    chol = _cholesky(m_mat, "A A^T + shift 1")  # [N, N]
+    z = j.view(n, q * n_c)
+    torch.linalg.solve_triangular(chol, z, upper=False, out=z)  # J becomes Z = L^{-1} J
+    del j, m_mat
+    r_l = form.from_layout(r[l0:l1].T).permute(1, 2, 0)  # [c, m', b]
+    y = torch.linalg.solve_triangular(
+        chol, torch.einsum("nm,cmb->ncb", a, r_l).reshape(n, q * b), upper=False
+    ).reshape(n * q, b)  # L^{-1} A r_{L,c}
+    s = r.new_zeros(n_c, n_c)
+    add_upper_gram(s, z.view(n * q, n_c))
+    mirror_upper(s)
+    s.diagonal().add_(1.0)
+    rhs_c = r[c_idx] - z.view(n * q, n_c).T @ y
+    x_c = cholesky_solve(_cholesky(s, "the Schur complement"), rhs_c) / shift  # [|C|, b]
+    jx = (chol @ (z.view(n, q, n_c) @ x_c).view(n, q * b)).view(n, q, b)  # J_c x_C = L Z_c x_C
+    w = r_l - torch.einsum("nm,ncb->cmb", a, jx)
+    gram_a = a.T @ a
+    gram_a.diagonal().add_(shift)
+    x_l = cholesky_solve(_cholesky(gram_a, "A^T A + shift 1"), w)  # [c, m', b]
+    out = torch.empty_like(r)
+    out[c_idx] = x_c
+    out[l0:l1] = form.to_layout(x_l.permute(2, 0, 1)).T
     return out

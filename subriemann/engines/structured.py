@@ -1502,6 +1502,7 @@ class StructuredBackend:
         return solve_shifted(
             self._chunk_forms(theta), self._kspace_layers()[1], self.layout.dim, rhs,
             float(shift), self.num_outputs, self.plan.temp_entries(), self._output_layer(theta),
+            self.plan.n_samples,
         )  # fmt: skip
 
     def ntk(self, theta: Tensor, output_basis: Tensor | None = None) -> Tensor:

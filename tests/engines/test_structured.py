@@ -615,6 +615,37 @@ def test_output_layer_is_eliminated_first():
         close_to_max(be.solve_param_gram(theta, rhs, 1e-2), ref, tol)
 
 
+@pytest.mark.parametrize(
+    ("n", "chunk", "taken"), [(6, None, True), (7, 3, True), (40, None, False)]
+)
+def test_sample_side_elimination(n, chunk, taken):
+    """The elimination on the sample side, S = mu (1 + sum_c Z_c^T Z_c), Z_c = L^{-1} J_c
+    (kspace.sample_side_solve), against the dense shifted solve: taken on few samples (N^2
+    below the other side's terms; m' = 9, |C| = 20: N <= 13), gathered over several chunks;
+    declined on many samples, over the memory budget and after a Tanh (G_j != 1), where
+    solve_param_gram eliminates on the parameter side with the same answer."""
+    from subriemann.engines.kspace import sample_side_solve
+
+    torch.manual_seed(5)
+    inputs = torch.randn(n, 1, 4, 4, dtype=DT)
+    head = [nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)]
+    for model, g_is_one in [(nn.Sequential(*head), True), (nn.Sequential(*head, nn.Tanh()), False)]:
+        space = structured_space(copy.deepcopy(model).to(DT), inputs, 3, chunk_size=chunk)
+        theta = perturbed_point(space, seed=None)
+        be = space.backend
+        forms, ranges = be._chunk_forms(theta), be._kspace_layers()[1]
+        last = be._output_layer(theta)
+        d = reference_jacobian(space.module, space.inputs, theta)
+        rhs = torch.randn(space.dim, 2, dtype=DT)
+        ref, tol = _shifted_reference(d, 0.3, rhs)
+        x = sample_side_solve(forms, ranges, last, rhs, 0.3, be.plan.temp_entries(), n)
+        assert (x is not None) == (taken and g_is_one)
+        if x is not None:
+            close_to_max(x, ref, tol)
+            assert sample_side_solve(forms, ranges, last, rhs, 0.3, n * 3 * 20 // 4 - 1, n) is None
+        close_to_max(be.solve_param_gram(theta, rhs, 0.3), ref, tol)
+
+
 def test_shifted_solve_on_a_rank_deficient_cnn():
     """Zero first-layer weights under a ReLU: D^T D is singular (rank < K), the shifted
     matrix is SPD and the solve exact; with shift 0 the Cholesky factorization refuses."""
