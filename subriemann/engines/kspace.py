@@ -192,39 +192,70 @@ def add_upper_gram(out: Tensor, x: Tensor, alpha: float = 1.0, tile: int = 512) 
         out[a0:a1, a0:].addmm_(x[:, a0:a1].T, x[:, a0:], alpha=alpha)
 
 
-def _kron_kron(fa: KronForm, fb: KronForm) -> Tensor:
+def _outer_first(fa: KronForm, fb: KronForm) -> bool:
+    r"""Whether :func:`_kron_kron` contracts the samples against the outer products
+    :math:`\tilde a_j\tilde b_j^\top` (``[n, m_a m_b]``) rather than against
+    :math:`w_{j,cd}\tilde b_j` per output :math:`c` (``[n, c_b m_b]`` each): the same
+    flops, and the first streams fewer entries when :math:`m_a \le c_a c_b`."""
+    return int(fa.a.shape[1]) <= int(fa.g.shape[-1]) * int(fb.g.shape[-1])
+
+
+def _kron_kron(fa: KronForm, fb: KronForm, same: bool = False) -> Tensor:
+    r""":math:`\sum_j (G_j^\top G'_j)\otimes(\tilde a_j\tilde b_j^\top)` in layout order.
+
+    ``same``: ``fa`` and ``fb`` are one layer's, so the block is symmetric and
+    only the output pairs :math:`c \le d` are contracted (outer-product form).
+    Output pairs whose weight :math:`w_{j,cd} = (G_j^\top G'_j)_{cd}` vanishes on
+    every sample are skipped.
+    """
     w = torch.einsum("nqc,nqd->ncd", fa.g, fb.g)  # [n, c_a, c_b]
     n, ca, cb = w.shape
     ma, mb = fa.a.shape[1], fb.a.shape[1]
-    blk = fa.a.new_zeros(ca, ma, cb, mb)
     nonzero = (w != 0).any(dim=0)  # [c_a, c_b]: pairs that vanish on every sample are skipped
-    for c in range(ca):
-        nz = nonzero[c].nonzero().squeeze(1)
-        if nz.numel() == 0:
-            continue
-        z = (w[:, c, nz, None] * fb.a[:, None, :]).reshape(n, -1)
-        blk[c][:, nz] = (fa.a.T @ z).view(ma, nz.numel(), mb)
+    if _outer_first(fa, fb):
+        if same:
+            nonzero = torch.triu(nonzero)
+        pairs = nonzero.flatten().nonzero().squeeze(1)
+        outer = (fa.a[:, :, None] * fb.a[:, None, :]).reshape(n, ma * mb)
+        flat = fa.a.new_zeros(ca * cb, ma * mb)
+        flat[pairs] = w.reshape(n, ca * cb)[:, pairs].T @ outer
+        upper = flat.view(ca, cb, ma, mb)
+        if same:  # the pairs d < c from c < d; the pairs c = c once
+            diag = torch.arange(ca, device=w.device)
+            full = upper + upper.permute(1, 0, 3, 2)
+            full[diag, diag] -= upper[diag, diag]
+            upper = full
+        blk = upper.permute(0, 2, 1, 3)  # [c_a, m_a, c_b, m_b]
+    else:
+        blk = fa.a.new_zeros(ca, ma, cb, mb)
+        for c in range(ca):
+            nz = nonzero[c].nonzero().squeeze(1)
+            if nz.numel() == 0:
+                continue
+            z = (w[:, c, nz, None] * fb.a[:, None, :]).reshape(n, -1)
+            blk[c][:, nz] = (fa.a.T @ z).view(ma, nz.numel(), mb)
     rows = fb.to_layout(blk)  # [c_a, m_a', P_b]
     return fa.to_layout(rows.permute(2, 0, 1)).T
 
 
-def pair_block(fa: Form, fb: Form) -> Tensor:
-    """:math:`D_a^\\top D_b` on one sample chunk, ``[P_a, P_b]`` in layout order."""
+def pair_block(fa: Form, fb: Form, same: bool = False) -> Tensor:
+    """:math:`D_a^\\top D_b` on one sample chunk, ``[P_a, P_b]`` in layout order
+    (``same``: one layer's forms)."""
     if isinstance(fa, RowsForm):
         if isinstance(fb, RowsForm):
             return _rows_rows(fa, fb)
         return fb.to_layout(_rows_kron(fa, fb))
     if isinstance(fb, RowsForm):
         return fa.to_layout(_rows_kron(fb, fa)).T
-    return _kron_kron(fa, fb)
+    return _kron_kron(fa, fb, same)
 
 
 def add_pair(out: Tensor, fa: Form, fb: Form, same: bool) -> None:
-    """``out += D_a^T D_b`` (upper tiles only when ``same`` and in rows form)."""
+    """``out += D_a^T D_b`` (``same``: one layer's; upper tiles only in rows form)."""
     if same and isinstance(fa, RowsForm):
         add_upper_gram(out, fa.j.reshape(-1, fa.size))
     else:
-        out += pair_block(fa, fb)
+        out += pair_block(fa, fb, same)
 
 
 def _temp_per_sample(forms: Sequence[Form], q: int) -> int:
@@ -235,7 +266,10 @@ def _temp_per_sample(forms: Sequence[Form], q: int) -> int:
             if isinstance(fa, RowsForm) and isinstance(fb, KronForm):
                 out = max(out, fa.size * int(fb.g.shape[-1]))
             elif isinstance(fa, KronForm) and isinstance(fb, KronForm):
-                out = max(out, int(fb.g.shape[-1]) * int(fb.a.shape[1]) + q * int(fa.g.shape[-1]))
+                ma, mb = int(fa.a.shape[1]), int(fb.a.shape[1])
+                ca, cb = int(fa.g.shape[-1]), int(fb.g.shape[-1])
+                per = ma * mb + ca * cb if _outer_first(fa, fb) else cb * mb + q * ca
+                out = max(out, per)
     return out
 
 

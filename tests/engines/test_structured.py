@@ -764,7 +764,9 @@ def test_sub_chunks_split_the_samples():
 
     rows = RowsForm(torch.randn(10, 2, 7, dtype=DT))
     kron = KronForm(torch.randn(10, 4, dtype=DT), torch.randn(10, 2, 3, dtype=DT), 3, True)
-    parts = sub_chunks([rows, kron], 2, 7 * 3 * 3)  # rows x kron: 21 entries per sample
+    # per sample: rows x kron 7 * 3 = 21 entries; kron x kron (outer-product form,
+    # m' = 4 <= c * c = 9) 4 * 4 + 3 * 3 = 25: three samples within 75
+    parts = sub_chunks([rows, kron], 2, 25 * 3)
     assert [p[0].j.shape[0] for p in parts] == [3, 3, 3, 1]
     assert torch.equal(torch.cat([p[1].a for p in parts]), kron.a)
 
