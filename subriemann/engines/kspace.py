@@ -55,8 +55,8 @@ inputs, so that, by :math:`1 - \tilde A(\tilde A^\top\tilde A + \mu)^{-1}
 This costs :math:`N^2 Q|C|` (one triangular solve) and :math:`NQ|C|^2` (one
 Gram matrix) instead of :math:`NQ|C|^2` plus
 :math:`(2Nm' + m'^2)Q|C| + m'Q|C|^2` for :math:`F`, :math:`E` and
-:math:`EB^{-1}E^\top`; it is chosen when :math:`N^2` is the smaller of the
-two extra terms' factors and the rows of all samples fit the memory budget.
+:math:`EB^{-1}E^\top`; it is chosen where that is fewer flops and the rows
+of all samples and :math:`M` fit in half the memory budget.
 :math:`S` is then a sum of positive semidefinite terms and the identity: it
 is formed without the cancellation of :math:`F - EB^{-1}E^\top`.
 """
@@ -511,7 +511,7 @@ def _gather_rows(
             if not others or not all(isinstance(f, RowsForm) for f in others):
                 return None
             n_c, q, m = sum(f.size for f in others), int(lf.g.shape[1]), int(lf.a.shape[1])
-            fits = n_samples * q * n_c <= 4 * temp_entries  # budget / 2 bytes
+            fits = n_samples * (q * n_c + n_samples) <= 4 * temp_entries  # J and M: budget / 2
             if lf.g.shape[-1] != q or not fits or not _sample_side_cheaper(n_samples, m, n_c):
                 return None
             eye = torch.eye(q, dtype=lf.g.dtype, device=lf.g.device)
