@@ -293,21 +293,32 @@ def test_softmax_hessian_is_the_losses_one() -> None:
     assert torch.allclose(CrossEntropyLoss.hessian_blocks(x), blocks, atol=1e-14)
 
 
-def test_ntk_route_uses_the_engines_parameter_space_solve_when_k_below_qn(monkeypatch):
+@pytest.mark.parametrize(("n", "sample_side"), [(40, False), (16, True)])
+def test_ntk_route_uses_the_engines_parameter_space_solve_when_k_below_qn(
+    monkeypatch, n, sample_side
+):
     """K < QN, lam < 1, structured engine: the ``ntk`` route solves ((1-lam)1 + lam D^T D) x =
     D^T u through the engine's factor-based solve (never forming D), and agrees with the SVD
     route.  Both are backward stable solves of an SPD system of condition
-    kappa <= 1 + lam sigma_max^2 / (1 - lam) (~1e2 here): agreement to 1e-10 relative."""
-    from subriemann.engines import StructuredBackend
+    kappa <= 1 + lam sigma_max^2 / (1 - lam) (~1e2 here): agreement to 1e-10 relative.
+    The output layer is eliminated on the parameter side at N = 40 and on the sample side
+    at N = 16 (N^2 <= 2 N m' + m'^2 + 5 m' |C| / 8 with m' = 9, |C| = 20)."""
+    from subriemann.engines import StructuredBackend, kspace
 
     torch.manual_seed(3)
     net = torch.nn.Sequential(
         torch.nn.Unflatten(1, (1, 4, 4)), torch.nn.Conv2d(1, 2, 3), torch.nn.Tanh(),
         torch.nn.Flatten(), torch.nn.Linear(8, 3),
     ).double()  # fmt: skip
-    x, y = torch.randn(40, 16, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
+    x, y = torch.randn(n, 16, dtype=torch.float64), torch.randn(n, 3, dtype=torch.float64)
     space = sr.ParameterSpace(net, x, y, backend="structured")
-    assert space.dim < space.output_dim  # K = 47 < QN = 120
+    assert space.dim < space.output_dim  # K = 47 < QN = 3 N
+    sides: list[bool] = []
+    real_side = kspace.sample_side_solve
+    monkeypatch.setattr(
+        kspace, "sample_side_solve",
+        lambda *a: (lambda out: sides.append(out is not None) or out)(real_side(*a)),
+    )  # fmt: skip
     calls: list[float] = []
     real = StructuredBackend.solve_param_gram
 
@@ -320,6 +331,7 @@ def test_ntk_route_uses_the_engines_parameter_space_solve_when_k_below_qn(monkey
     ntk = sr.metrics.InterpolatedMetric(space, lam=0.4, solver="ntk").gradient(theta)
     svd = sr.metrics.InterpolatedMetric(space, lam=0.4, solver="svd").gradient(theta)
     assert calls == [pytest.approx(0.6 / 0.4)]
+    assert sides == [sample_side]
     assert float((ntk - svd).norm() / svd.norm()) <= 1e-10
 
 
