@@ -451,19 +451,44 @@ def solve_shifted(
     return x.squeeze(1) if vec else x
 
 
+def _scatter_solution(
+    r: Tensor, ranges: list[tuple[int, int]], last: int, x_c: Tensor, x_l: Tensor, form: KronForm
+) -> Tensor:
+    r"""``[K, b]`` in layout order from :math:`x_C` (``[|C|, b]``, the other layers in order)
+    and :math:`x_L` (``[c, m', b]``, the output layer's native order)."""
+    out = torch.empty_like(r)
+    start = 0
+    for i, (a, b) in enumerate(ranges):
+        if i != last:
+            out[a:b] = x_c[start : start + b - a]
+            start += b - a
+    l0, l1 = ranges[last]
+    out[l0:l1] = form.to_layout(x_l.permute(2, 0, 1)).T
+    return out
+
+
+def _output_rows(r: Tensor, ranges: list[tuple[int, int]], last: int, form: KronForm) -> Tensor:
+    """The rows of ``r`` (``[K, b]``) of the output layer, ``[c, m', b]`` (native order)."""
+    l0, l1 = ranges[last]
+    return form.from_layout(r[l0:l1].T).permute(1, 2, 0)
+
+
+def _other_rows(r: Tensor, ranges: list[tuple[int, int]], last: int) -> Tensor:
+    """The rows of ``r`` (``[K, b]``) of every layer but ``last``, in layer order."""
+    parts = [r[a:b] for i, (a, b) in enumerate(ranges) if i != last]
+    return torch.cat(parts) if parts else r[:0]
+
+
 def _schur_solve(
     parts: _Schur, ranges: list[tuple[int, int]], last: int, r: Tensor, shift: float
 ) -> Tensor:
     r"""Block elimination: :math:`x_C = S^{-1}(r_C - EB^{-1}r_L)`,
     :math:`x_L = B^{-1}(r_L - E^\top x_C)`."""
-    l0, l1 = ranges[last]
-    keep = [torch.arange(a, b, device=r.device) for i, (a, b) in enumerate(ranges) if i != last]
-    c_idx = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long, device=r.device)
     nc, c, m = parts.e.shape
     b = parts.b
     b.diagonal(dim1=1, dim2=2).add_(shift)
     chol = _cholesky(b, "a block of D_L^T D_L + shift 1")  # [c or 1, m', m']
-    r_l = parts.form.from_layout(r[l0:l1].T).permute(1, 2, 0)  # [c, m', b]
+    r_l = _output_rows(r, ranges, last, parts.form)  # [c, m', b]
     e_t = parts.e.permute(1, 2, 0)  # [c, m', |C|]
     if chol.shape[0] == 1:  # one block for all c: one triangular solve with c * |C| columns
         v = torch.linalg.solve_triangular(chol[0], e_t.permute(1, 0, 2).reshape(m, -1), upper=False)
@@ -475,13 +500,10 @@ def _schur_solve(
     s.diagonal().add_(shift)
     add_upper_gram(s, v.reshape(c * m, nc), alpha=-1.0)  # S = F - E B^{-1} E^T
     mirror_upper(s)
-    rhs_c = r[c_idx] - torch.einsum("cmi,cmb->ib", v, y)
+    rhs_c = _other_rows(r, ranges, last) - torch.einsum("cmi,cmb->ib", v, y)
     x_c = cholesky_solve(_cholesky(s, "the Schur complement"), rhs_c)  # [|C|, b]
     x_l = torch.linalg.solve_triangular(chol.mT, y - v @ x_c, upper=True)  # [c, m', b]
-    out = torch.empty_like(r)
-    out[c_idx] = x_c
-    out[l0:l1] = parts.form.to_layout(x_l.permute(2, 0, 1)).T
-    return out
+    return _scatter_solution(r, ranges, last, x_c, x_l, parts.form)
 
 
 # ---------------------------------------------------------------------------
@@ -558,16 +580,13 @@ def sample_side_solve(
     j, a, form = got
     n, q, n_c = j.shape
     b = r.shape[1]
-    l0, l1 = ranges[last]
-    keep = [torch.arange(lo, hi, device=r.device) for i, (lo, hi) in enumerate(ranges) if i != last]
-    c_idx = torch.cat(keep)
     m_mat = a @ a.T
     m_mat.diagonal().add_(shift)
     chol = _cholesky(m_mat, "A A^T + shift 1")  # [N, N]
     z = j.view(n, q * n_c)
     torch.linalg.solve_triangular(chol, z, upper=False, out=z)  # J becomes Z = L^{-1} J
     del j, m_mat
-    r_l = form.from_layout(r[l0:l1].T).permute(1, 2, 0)  # [c, m', b]
+    r_l = _output_rows(r, ranges, last, form)  # [c, m', b]
     y = torch.linalg.solve_triangular(
         chol, torch.einsum("nm,cmb->ncb", a, r_l).reshape(n, q * b), upper=False
     ).reshape(n * q, b)  # L^{-1} A r_{L,c}
@@ -575,14 +594,11 @@ def sample_side_solve(
     add_upper_gram(s, z.view(n * q, n_c))
     mirror_upper(s)
     s.diagonal().add_(1.0)
-    rhs_c = r[c_idx] - z.view(n * q, n_c).T @ y
+    rhs_c = _other_rows(r, ranges, last) - z.view(n * q, n_c).T @ y
     x_c = cholesky_solve(_cholesky(s, "the Schur complement"), rhs_c) / shift  # [|C|, b]
     jx = (chol @ (z.view(n, q, n_c) @ x_c).view(n, q * b)).view(n, q, b)  # J_c x_C = L Z_c x_C
     w = r_l - torch.einsum("nm,ncb->cmb", a, jx)
     gram_a = a.T @ a
     gram_a.diagonal().add_(shift)
     x_l = cholesky_solve(_cholesky(gram_a, "A^T A + shift 1"), w)  # [c, m', b]
-    out = torch.empty_like(r)
-    out[c_idx] = x_c
-    out[l0:l1] = form.to_layout(x_l.permute(2, 0, 1)).T
-    return out
+    return _scatter_solution(r, ranges, last, x_c, x_l, form)
