@@ -573,6 +573,27 @@ def sample_side_solve(
     Three Cholesky factorizations of SPD matrices (:math:`M`, :math:`S/\mu`,
     :math:`\tilde A^\top\tilde A + \mu`): backward stable with the condition
     number of :math:`D^\top D + \mu 1`.
+
+    Examples
+    --------
+    Explicit rows ``j`` (``[N, Q, P]``) for one layer and an output layer whose
+    rows are :math:`e_q\otimes a_n` (:math:`G_j = 1`, weight only), against the
+    dense solve:
+
+    >>> import torch
+    >>> from subriemann.engines.kspace import KronForm, RowsForm, sample_side_solve
+    >>> _ = torch.manual_seed(0)
+    >>> n, q, p, m = 6, 3, 5, 4
+    >>> j, a = torch.randn(n, q, p, dtype=torch.float64), torch.randn(n, m, dtype=torch.float64)
+    >>> g = torch.eye(q, dtype=torch.float64).expand(n, q, q)
+    >>> forms = [RowsForm(j), KronForm(a, g, m, False)]
+    >>> d = torch.cat([j.reshape(n * q, p),
+    ...                torch.einsum("qc,ni->nqci", g[0], a).reshape(n * q, q * m)], dim=1)
+    >>> r = torch.randn(p + q * m, 2, dtype=torch.float64)
+    >>> x = sample_side_solve(lambda: [forms], [(0, p), (p, p + q * m)], 1, r, 0.5, 10**6, n)
+    >>> ref = torch.linalg.solve(d.T @ d + 0.5 * torch.eye(p + q * m, dtype=torch.float64), r)
+    >>> bool(torch.allclose(x, ref, rtol=1e-10, atol=1e-12))
+    True
     """
     got = _gather_rows(chunks, last, temp_entries, n_samples)
     if got is None:
