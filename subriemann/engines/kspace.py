@@ -406,6 +406,11 @@ def _add_blocks(blocks: dict[str, Tensor], lf: KronForm) -> None:
     blocks["each"] = blocks["each"] + blk if "each" in blocks else blk
 
 
+def _check_shift(shift: float) -> None:
+    if not shift > 0.0:
+        raise ValueError(f"shift must be positive, got {shift!r}")
+
+
 def solve_shifted(
     chunks: Callable[[], Any],
     ranges: list[tuple[int, int]],
@@ -433,8 +438,7 @@ def solve_shifted(
     n_samples : int, optional
         :math:`N`; without it the sample side is not tried.
     """
-    if not shift > 0.0:
-        raise ValueError(f"shift must be positive, got {shift!r}")
+    _check_shift(shift)
     vec = rhs.ndim == 1
     r = rhs.unsqueeze(1) if vec else rhs
     if output_layer is not None and n_samples is not None:
@@ -595,6 +599,7 @@ def sample_side_solve(
     >>> bool(torch.allclose(x, ref, rtol=1e-10, atol=1e-12))
     True
     """
+    _check_shift(shift)
     got = _gather_rows(chunks, last, temp_entries, n_samples)
     if got is None:
         return None

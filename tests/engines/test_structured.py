@@ -643,6 +643,8 @@ def test_sample_side_elimination(n, chunk, taken):
         if x is not None:
             close_to_max(x, ref, tol)
             assert sample_side_solve(forms, ranges, last, rhs, 0.3, n * 3 * 20 // 4 - 1, n) is None
+            with pytest.raises(ValueError, match="shift must be positive"):
+                sample_side_solve(forms, ranges, last, rhs, -0.3, be.plan.temp_entries(), n)
         close_to_max(be.solve_param_gram(theta, rhs, 0.3), ref, tol)
 
 
