@@ -77,7 +77,7 @@ def kspace_gradient(sp, point, lam: float):
     r"""The λ-gradient :math:`\lambda^{-1}(D^\top D + \mu 1)^{-1}D^\top\nabla_x C`,
     :math:`\mu = (1-\lambda)/\lambda`, from the structured engine alone (``kspace``)."""
     be = sp.backend
-    be.factors(point)  # one forward and one reverse pass per chunk; x and D^T u from them
+    be.factors(point)  # one forward and one reverse pass per chunk; x, D^T u and the solve use them
     u = be.vjp(point, sp.output_grad(be.outputs(point)))
     return be.solve_param_gram(point, u, (1.0 - lam) / lam) / lam
 
@@ -101,6 +101,11 @@ def _solver(route: str):
 
 def worker(problem: str, route: str, check: bool = False) -> dict:
     import torch
+
+    from subriemann.app.allocator import keep_freed_memory
+
+    if os.environ.get("SUBRIEMANN_MALLOC", "keep") != "default":
+        keep_freed_memory()  # as the command line does (app/allocator.py)
 
     from subriemann.metrics import InterpolatedMetric
 
@@ -144,7 +149,24 @@ def worker(problem: str, route: str, check: bool = False) -> dict:
     if check:  # against the metric's default route at the last point (after the peak)
         ref = sp.equip_with_metric(InterpolatedMetric, lam=0.5).metric.gradient(point)
         row["rel_diff_auto"] = float((grads[-1] - ref).norm() / ref.norm())
+        _check_mixed(sp, point, grads[-1], row)
     return row
+
+
+def _check_mixed(sp, point, grad, row: dict) -> None:
+    """Where the last solve was refined from float32 (engines/mixed.py): its backward errors,
+    and the gradient against the direct float64 elimination at the same point."""
+    be = sp.backend
+    info = getattr(be, "last_refinement", None)
+    if info is None:
+        return
+    row["refinement"] = info.backward_errors
+    mode, be.mixed_precision = be.mixed_precision, False
+    try:
+        direct = kspace_gradient(sp, point, 0.5)
+    finally:
+        be.mixed_precision = mode
+    row["rel_diff_direct"] = float((grad - direct).norm() / direct.norm())
 
 
 def run_worker(problem: str, route: str, timeout: float, check: bool = False) -> dict:
@@ -258,6 +280,10 @@ def _row(r: dict) -> str:
     notes = [r.get("skipped") or r.get("error") or ""]
     if "rel_diff_auto" in r:
         notes.append(f"rel. diff. to the default route {r['rel_diff_auto']:.1e}")
+    if "refinement" in r:
+        etas = ", ".join(f"{e:.0e}" for e in r["refinement"])
+        notes.append(f"float32 factors refined (backward errors {etas}); "
+                     f"rel. diff. to the float64 elimination {r['rel_diff_direct']:.1e}")
     if "sketch" in r:
         notes.append(f"preconditioner from {r['sketch']}, {r['builds']} build(s)")
     notes.append(r.get("note_prev", ""))
@@ -289,7 +315,11 @@ def render(res: dict) -> str:
         f"{res['cores']} cores ({res['platform']}, torch {res['torch']}), float64.  "
         "One process per row (peak RSS includes ~0.3 GB of interpreter and torch).  "
         "*first*: a gradient at a new point (Nyström: with its preconditioner build); "
-        "*second*: at a nearby point (preconditioner reused)."
+        "*second*: at a nearby point (preconditioner reused).  "
+        + ("glibc's malloc as set up (`SUBRIEMANN_MALLOC=default`)."
+           if res.get("malloc") == "default" else
+           "Freed memory kept for reuse, as the command line does "
+           "(`subriemann.app.allocator.keep_freed_memory`).")
         + (f"  {res['note']}" if res.get("note") else ""),
         "",
         *_goal_lines(res["gradients"]),
@@ -403,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         "gradients": [],
         "flows": [],
         "note": a.note,
+        "malloc": os.environ.get("SUBRIEMANN_MALLOC", "keep"),
         "args": " ".join(sys.argv[1:] if argv is None else argv),
     }
     for prob in problems:

@@ -8,6 +8,8 @@ r"""Engines that evaluate the network and differentiate it: outputs, :math:`D`, 
   per-layer structured NTK for common layers, never forming :math:`D`;
 * :mod:`~subriemann.engines.kspace`: :math:`D^\top D` and its shifted solves from
   the structured engine's layer factors (the parameter-space route when :math:`K < QN`);
+* :mod:`~subriemann.engines.mixed`: those solves from a ``float32`` factorization refined
+  to ``float64`` accuracy (large convolutional networks);
 * the one memory budget of the engines: :data:`MEMORY_BUDGET`, :func:`items_within`
   (:class:`~subriemann.engines.structured.MemoryPlan` shares it out);
 * :mod:`~subriemann.engines.select`: :func:`make_backend` picks one.

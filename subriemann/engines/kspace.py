@@ -82,6 +82,8 @@ __all__ = [
     "solve_shifted",
     "diagonal_kron",
     "sample_side_solve",
+    "SampleSide",
+    "gather_rows",
 ]
 
 
@@ -520,12 +522,31 @@ def _sample_side_cheaper(n: int, m: int, nc: int) -> bool:
     return n * n <= 2 * n * m + m * m + (5 * m * nc) // 8
 
 
-def _gather_rows(
-    chunks: Callable[[], Any], last: int, temp_entries: int, n_samples: int
+def gather_rows(
+    chunks: Callable[[], Any], last: int, temp_entries: int, n_samples: int,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, KronForm] | None:
     r"""The rows :math:`J` (``[N, Q, |C|]``, a fresh tensor) of the other layers and
     :math:`\tilde A` (``[N, m']``), or ``None`` where the sample side does not apply or
-    is not cheaper (decided on the first chunk, before anything is gathered)."""
+    is not cheaper (decided on the first chunk, before anything is gathered).
+
+    ``dtype`` (default: that of the forms) is the dtype of the gathered copies.
+
+    Examples
+    --------
+    Two chunks of 3 samples, one layer of explicit rows (5 parameters) and an
+    output layer with :math:`G_j = 1` (:math:`Q = 2`, :math:`m' = 4`), gathered
+    in ``float32``:
+
+    >>> import torch
+    >>> from subriemann.engines.kspace import KronForm, RowsForm, gather_rows
+    >>> eye = torch.eye(2, dtype=torch.float64).expand(3, 2, 2)
+    >>> chunk = [RowsForm(torch.ones(3, 2, 5, dtype=torch.float64)),
+    ...          KronForm(torch.ones(3, 4, dtype=torch.float64), eye, 4, False)]
+    >>> j, a, form = gather_rows(lambda: [chunk, chunk], 1, 10**6, 6, torch.float32)
+    >>> tuple(j.shape), tuple(a.shape), j.dtype
+    ((6, 2, 5), (6, 4), torch.float32)
+    """
     j: Any = None
     a: Any = None
     lf: Any = None
@@ -541,7 +562,8 @@ def _gather_rows(
             if lf.g.shape[-1] != q or not fits or not _sample_side_cheaper(n_samples, m, n_c):
                 return None
             eye = torch.eye(q, dtype=lf.g.dtype, device=lf.g.device)
-            j, a = lf.g.new_empty(n_samples, q, n_c), lf.a.new_empty(n_samples, m)
+            j = lf.g.new_empty(n_samples, q, n_c, dtype=dtype or lf.g.dtype)
+            a = lf.a.new_empty(n_samples, m, dtype=dtype or lf.a.dtype)
         if not torch.equal(lf.g, eye.expand_as(lf.g)):  # G_j = 1 on every sample
             return None
         n, col = int(lf.a.shape[0]), 0
@@ -600,31 +622,91 @@ def sample_side_solve(
     True
     """
     _check_shift(shift)
-    got = _gather_rows(chunks, last, temp_entries, n_samples)
+    got = gather_rows(chunks, last, temp_entries, n_samples)
     if got is None:
         return None
     j, a, form = got
-    n, q, n_c = j.shape
-    b = r.shape[1]
-    m_mat = a @ a.T
-    m_mat.diagonal().add_(shift)
-    chol = _cholesky(m_mat, "A A^T + shift 1")  # [N, N]
-    z = j.view(n, q * n_c)
-    torch.linalg.solve_triangular(chol, z, upper=False, out=z)  # J becomes Z = L^{-1} J
-    del j, m_mat
-    r_l = _output_rows(r, ranges, last, form)  # [c, m', b]
-    y = torch.linalg.solve_triangular(
-        chol, torch.einsum("nm,cmb->ncb", a, r_l).reshape(n, q * b), upper=False
-    ).reshape(n * q, b)  # L^{-1} A r_{L,c}
-    s = r.new_zeros(n_c, n_c)
-    add_upper_gram(s, z.view(n * q, n_c))
-    mirror_upper(s)
-    s.diagonal().add_(1.0)
-    rhs_c = _other_rows(r, ranges, last) - z.view(n * q, n_c).T @ y
-    x_c = cholesky_solve(_cholesky(s, "the Schur complement"), rhs_c) / shift  # [|C|, b]
-    jx = (chol @ (z.view(n, q, n_c) @ x_c).view(n, q * b)).view(n, q, b)  # J_c x_C = L Z_c x_C
-    w = r_l - torch.einsum("nm,ncb->cmb", a, jx)
-    gram_a = a.T @ a
-    gram_a.diagonal().add_(shift)
-    x_l = cholesky_solve(_cholesky(gram_a, "A^T A + shift 1"), w)  # [c, m', b]
-    return _scatter_solution(r, ranges, last, x_c, x_l, form)
+    return SampleSide.factor(j, a, form, ranges, last, shift, r.dtype).solve(r)
+
+
+@dataclass
+class SampleSide:
+    r"""The factors of the sample-side elimination, for solves with any right-hand side.
+
+    :math:`Z` (``z``, ``[N Q, |C|]``) is in the dtype of the rows it was
+    made from (``float32`` rows make the preconditioner of
+    :mod:`~subriemann.engines.mixed`); everything else, and every solve, is
+    in the working dtype.
+
+    Examples
+    --------
+    The factors of :func:`sample_side_solve`'s example, kept for a second
+    right-hand side:
+
+    >>> import torch
+    >>> from subriemann.engines.kspace import KronForm, SampleSide
+    >>> _ = torch.manual_seed(0)
+    >>> n, q, p, m = 6, 3, 5, 4
+    >>> j, a = torch.randn(n, q, p, dtype=torch.float64), torch.randn(n, m, dtype=torch.float64)
+    >>> d = torch.cat([j.reshape(n * q, p), torch.einsum("qc,ni->nqci", torch.eye(q,
+    ...                dtype=torch.float64), a).reshape(n * q, q * m)], dim=1)
+    >>> form = KronForm(a, torch.eye(q, dtype=torch.float64).expand(n, q, q), m, False)
+    >>> fac = SampleSide.factor(j.clone(), a, form, [(0, p), (p, p + q * m)], 1, 0.5,
+    ...                         torch.float64)
+    >>> r = torch.randn(p + q * m, 1, dtype=torch.float64)
+    >>> ref = torch.linalg.solve(d.T @ d + 0.5 * torch.eye(p + q * m, dtype=torch.float64), r)
+    >>> bool(torch.allclose(fac.solve(r), ref, rtol=1e-10, atol=1e-12))
+    True
+    """
+
+    chol_m: Tensor  # [N, N]: M = A A^T + mu 1 = L L^T
+    z: Tensor  # [N Q, |C|]: Z = L^{-1} J, sample-major rows
+    chol_s: Tensor  # [|C|, |C|]: S / mu = 1 + Z^T Z
+    chol_a: Tensor  # [m', m']: A^T A + mu 1
+    a: Tensor  # [N, m']
+    form: KronForm
+    ranges: list[tuple[int, int]]
+    last: int
+    shift: float
+
+    @classmethod
+    def factor(
+        cls, j: Tensor, a: Tensor, form: KronForm, ranges: list[tuple[int, int]], last: int,
+        shift: float, dtype: torch.dtype,
+    ) -> SampleSide:
+        r"""Factor from the rows ``j`` (``[N, Q, |C|]``, overwritten by :math:`Z`) and
+        :math:`\tilde A` (``a``, ``[N, m']``); ``dtype`` is the working dtype."""
+        n, q, n_c = j.shape
+        a = a.to(dtype)
+        m_mat = a @ a.T
+        m_mat.diagonal().add_(shift)
+        chol = _cholesky(m_mat, "A A^T + shift 1")  # [N, N]
+        del m_mat
+        z = j.view(n, q * n_c)
+        torch.linalg.solve_triangular(chol.to(z.dtype), z, upper=False, out=z)  # J -> Z
+        s = z.new_zeros(n_c, n_c)
+        add_upper_gram(s, z.view(n * q, n_c))
+        mirror_upper(s)
+        s = s.to(dtype)
+        s.diagonal().add_(1.0)
+        gram_a = a.T @ a
+        gram_a.diagonal().add_(shift)
+        return cls(chol, z.view(n * q, n_c), _cholesky(s, "the Schur complement"),
+                   _cholesky(gram_a, "A^T A + shift 1"), a, form, ranges, last, shift)
+
+    def solve(self, r: Tensor) -> Tensor:
+        r""":math:`(D^\top D + \mu 1)^{-1}r` for ``r`` of shape ``[K, b]`` (formulas of
+        :func:`sample_side_solve`)."""
+        n, nq, n_c = self.a.shape[0], self.z.shape[0], self.z.shape[1]
+        q, b, z = nq // n, r.shape[1], self.z
+        r_l = _output_rows(r, self.ranges, self.last, self.form)  # [c, m', b]
+        y = torch.linalg.solve_triangular(
+            self.chol_m, torch.einsum("nm,cmb->ncb", self.a, r_l).reshape(n, q * b), upper=False
+        ).reshape(n * q, b)  # L^{-1} A r_{L,c}
+        rhs_c = _other_rows(r, self.ranges, self.last) - (z.T @ y.to(z.dtype)).to(r.dtype)
+        x_c = cholesky_solve(self.chol_s, rhs_c) / self.shift  # [|C|, b]
+        zx = (z.view(n, q, n_c) @ x_c.to(z.dtype)).to(r.dtype)
+        jx = (self.chol_m @ zx.view(n, q * b)).view(n, q, b)  # J_c x_C = L Z_c x_C
+        w = r_l - torch.einsum("nm,ncb->cmb", self.a, jx)
+        x_l = cholesky_solve(self.chol_a, w)  # [c, m', b]
+        return _scatter_solution(r, self.ranges, self.last, x_c, x_l, self.form)

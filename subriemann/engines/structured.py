@@ -111,6 +111,7 @@ from subriemann.engines.kspace import (
     solve_shifted,
     tiles,
 )
+from subriemann.engines.mixed import MIN_FLOPS, Refinement, mixed_solve
 from subriemann.nn import Residual
 from subriemann.validation import check_int
 
@@ -1054,6 +1055,14 @@ class StructuredBackend:
         ``memory_budget`` (:data:`~subriemann.engines.base.MEMORY_BUDGET`),
         which is then set to the same value, so that the two engines share one
         budget.
+    mixed_precision : {"auto", True, False}
+        Whether :meth:`solve_param_gram` at a ``float64`` point factors in
+        ``float32`` and refines to ``float64`` accuracy
+        (:mod:`~subriemann.engines.mixed`); ``"auto"`` where the sample-side
+        elimination applies and costs at least
+        :data:`~subriemann.engines.mixed.MIN_FLOPS`, ``True`` at any size.  The
+        result meets the backward error of the direct ``float64`` solve, which
+        is taken wherever the refinement does not reach it.
 
     Raises
     ------
@@ -1098,7 +1107,15 @@ class StructuredBackend:
         *,
         route: str = "auto",
         memory_budget: int | None = None,
+        mixed_precision: bool | str = "auto",
     ) -> None:
+        if mixed_precision not in (True, False, "auto"):
+            raise ValueError(
+                f"mixed_precision must be True, False or 'auto', got {mixed_precision!r}"
+            )
+        self.mixed_precision = mixed_precision
+        #: What the last :meth:`solve_param_gram` refined (``None``: solved directly).
+        self.last_refinement: Refinement | None = None
         if route not in ("auto", "jacobian", "structured"):
             raise ValueError(f"route must be 'auto', 'jacobian' or 'structured', got {route!r}")
         compiler = _Compiler(layout)
@@ -1499,11 +1516,33 @@ class StructuredBackend:
         if not plain_tensor(theta):
             raise ValueError("solve_param_gram is not differentiable in theta")
         rhs = rhs.to(dtype=theta.dtype, device=theta.device)
+        self.last_refinement = None
+        if self.mixed_precision and theta.dtype == torch.float64 and shift > 0:
+            x = self._mixed_solve(theta, rhs.unsqueeze(1) if rhs.ndim == 1 else rhs, float(shift))
+            if x is not None:
+                return x.squeeze(1) if rhs.ndim == 1 else x
         return solve_shifted(
             self._chunk_forms(theta), self._kspace_layers()[1], self.layout.dim, rhs,
             float(shift), self.num_outputs, self.plan.temp_entries(), self._output_layer(theta),
             self.plan.n_samples,
         )  # fmt: skip
+
+    def _mixed_solve(self, theta: Tensor, rhs: Tensor, shift: float) -> Tensor | None:
+        """:func:`~subriemann.engines.mixed.mixed_solve` with the kept layer factors (or None)."""
+        kept = self.factors(theta)  # the rows, cast to float32, and the float64 products
+        last = self._output_layer(theta)
+        if kept is None or last is None:
+            return None
+        got = mixed_solve(
+            self._chunk_forms(theta), self._kspace_layers()[1], last, rhs, shift,
+            self.plan.temp_entries(), self.plan.n_samples,
+            lambda v: self.jvp(theta, v), lambda u: self.vjp(theta, u),
+            MIN_FLOPS if self.mixed_precision == "auto" else 0,
+        )  # fmt: skip
+        if got is None:
+            return None
+        self.last_refinement = got[1]
+        return got[0]
 
     def ntk(self, theta: Tensor, output_basis: Tensor | None = None) -> Tensor:
         r"""Empirical NTK :math:`DD^\top = \sum_l (A_lA_l^\top)\circ(G_lG_l^\top)`, ``[QN, QN]``.

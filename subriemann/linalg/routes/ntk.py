@@ -379,6 +379,9 @@ class NTKRoute(SolverRoute):
                 # one Cholesky factor of the Gram matrix from the factors instead.
                 state.store(("engine_solve", lam), True)
                 mu = (1.0 - lam) / lam
+                keep = getattr(state.space.backend, "factors", None)
+                if keep is not None:  # the solve forms them: D^T u from them, not a new pass
+                    keep(state.theta)
                 b = state.vjp(rhs) / lam
                 return state.space.backend.solve_param_gram(state.theta, b, mu), info
             chol = state.param_cholesky(lam)
