@@ -7,8 +7,9 @@ and its first touch faults each 4 kB page in: on the digits CNN of
 a quarter to a third of a :math:`\lambda = 0.5` gradient (docs/scale.md,
 "The allocator").  :func:`keep_freed_memory` makes ``malloc`` serve large
 requests from its heap and keep what is freed there (``mallopt``:
-``M_MMAP_MAX = 0``, ``M_TRIM_THRESHOLD`` at its maximum), so that the next
-temporary of the same size reuses pages already mapped.  The price: the
+``M_MMAP_MAX = 0``, ``M_TRIM_THRESHOLD`` at its maximum), so that later
+temporaries reuse pages already mapped (those that fit in a freed block: one of
+exactly the same size may not, as the aligned request is a little larger).  The price: the
 process keeps its peak memory until it exits (the peak itself is unchanged).
 
 This is a choice for a whole process, so the library never makes it; the
