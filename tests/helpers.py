@@ -56,8 +56,8 @@ def assert_same_events(a: list[RankChange], b: list[RankChange]) -> None:
     """Two lists of rank events are equal field by field (tensors bit for bit)."""
     assert len(a) == len(b)
     for e, f in zip(a, b):
-        assert (e.s, e.rank_before, e.rank_after, e.index, e.tau, e.s_bracket) == (
-            f.s, f.rank_before, f.rank_after, f.index, f.tau, f.s_bracket
+        assert (e.s, e.rank_before, e.rank_after, e.index, e.tau, e.s_bracket, e.s_noise) == (
+            f.s, f.rank_before, f.rank_after, f.index, f.tau, f.s_bracket, f.s_noise
         )
         assert torch.equal(e.theta, f.theta)
         assert torch.equal(e.singular_values_before, f.singular_values_before)

@@ -46,6 +46,8 @@ class Flow(Protocol):
 
     def rank_of(self, sv: Tensor) -> int: ...
 
+    def sv_rounding(self, sv: Tensor) -> float: ...
+
 
 class State(Protocol):
     """What :func:`cap_near_tau` and :func:`first_crossing` use of an integrator state."""
@@ -92,7 +94,14 @@ def locate(fl: Flow, s0: float, y0: Tensor, f0: Tensor, h: float, k: int, sv0: T
 
     A regula falsi with the Illinois modification, falling back to
     bisection whenever the bracket does not halve, until the bracket is at
-    most ``event_tol`` wide.  ``y1`` is the accepted end of the step, or
+    most ``event_tol`` wide, or narrower than the *noise band*
+    :math:`2\delta/|\sigma_k'|`: the stretch of :math:`s` over which
+    :math:`\sigma_k - \tau` stays within the rounding :math:`\delta` of the
+    computed singular values near :math:`\tau` (``fl.sv_rounding``), where
+    the sign of the computed difference says nothing more.  The slope
+    :math:`\sigma_k'` is the secant of the last bracket whose ends differ by
+    more than :math:`8\delta` (first: the whole step).  The band is the event's
+    ``s_noise``.  ``y1`` is the accepted end of the step, or
     ``None`` for a rejected step (then the end is the old-branch sub-step,
     and ``None`` is returned when :math:`\sigma_k` does not cross on it).
     Returns the event, the point just after the crossing, its singular
@@ -107,29 +116,29 @@ def locate(fl: Flow, s0: float, y0: Tensor, f0: Tensor, h: float, k: int, sv0: T
     y_hi: Tensor | None = None
     err_hi = 0.0
     tol = fl.o.event_tol
+    delta = fl.sv_rounding(sv0)
+    raw = [g_lo, g_hi]  # the computed values at the ends (g_lo, g_hi are halved by Illinois)
+    band = _noise_band(delta, raw, h)
     width_before = [hi - lo, hi - lo]  # widths one and two iterations ago
     last_side = 0
     for _ in range(200):
         width = hi - lo
-        if width <= tol:
+        if abs(raw[1] - raw[0]) > 8.0 * delta:  # the secant is above the noise: the slope
+            band = _noise_band(delta, raw, width)
+        if width <= max(tol, band):
             break
-        if width > 0.5 * width_before[0] or g_lo == g_hi:  # no halving in two steps
-            mid = 0.5 * (lo + hi)
-        else:
-            mid = lo + width * g_lo / (g_lo - g_hi)
-            margin = min(0.25 * tol, 0.01 * width)
-            mid = min(max(mid, lo + margin), hi - margin)
+        mid = _probe(lo, hi, g_lo, g_hi, width > 0.5 * width_before[0], tol)
         width_before = [width_before[1], width]
         ym, err_m = substep(fl, y0, f0, mid, tau_old)
         svm = fl.sv(ym)
         gm = float(svm[k]) - tau
         if (gm > 0) == above0:
-            lo, g_lo, sv_lo = mid, gm, svm
+            lo, g_lo, sv_lo, raw[0] = mid, gm, svm, gm
             if last_side == -1:
                 g_hi *= 0.5  # Illinois: halve the retained end's value
             last_side = -1
         else:
-            hi, g_hi, sv_hi, y_hi, err_hi = mid, gm, svm, ym, err_m
+            hi, g_hi, sv_hi, y_hi, err_hi, raw[1] = mid, gm, svm, ym, err_m, gm
             if last_side == 1:
                 g_lo *= 0.5
             last_side = 1
@@ -153,8 +162,26 @@ def locate(fl: Flow, s0: float, y0: Tensor, f0: Tensor, h: float, k: int, sv0: T
         index=k,
         tau=tau,
         s_bracket=hi - lo,
+        s_noise=band,
     )
     return ev, y_hi, sv_hi, err_hi
+
+
+def _probe(lo: float, hi: float, g_lo: float, g_hi: float, stalled: bool, tol: float) -> float:
+    """The next point: the secant's root (kept off the ends), or the midpoint when the
+    bracket did not halve in two iterations (``stalled``)."""
+    if stalled or g_lo == g_hi:
+        return 0.5 * (lo + hi)
+    width = hi - lo
+    mid = lo + width * g_lo / (g_lo - g_hi)
+    margin = min(0.25 * tol, 0.01 * width)
+    return min(max(mid, lo + margin), hi - margin)
+
+
+def _noise_band(delta: float, raw: list[float], width: float) -> float:
+    r""":math:`2\delta/|\sigma_k'|` with the secant :math:`|g_1 - g_0|/w` as the slope."""
+    slope = abs(raw[1] - raw[0]) / width if width > 0.0 else 0.0
+    return 2.0 * delta / slope if slope > 0.0 else 0.0
 
 def locate_in_window(fl: Flow, points: list[tuple[float, Tensor, Tensor]], sv_first: Tensor,
                      sv_last: Tensor) -> list[RankChange]:

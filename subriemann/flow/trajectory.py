@@ -122,6 +122,12 @@ class RankChange:
         The absolute rank threshold.
     s_bracket : float
         Width of the final bisection bracket in :math:`s`.
+    s_noise : float
+        Width in :math:`s` of the band where :math:`|\sigma_k - \tau|` is within the
+        rounding of the computed singular values (:math:`2\delta/|\sigma_k'|`, with
+        :math:`\delta = \epsilon\sigma_{\max}^2/2\tau`): the crossing is known to
+        about ``max(s_bracket, s_noise)``, and the search stops once the bracket is
+        inside the band.
     """
 
     s: float
@@ -133,6 +139,7 @@ class RankChange:
     index: int
     tau: float
     s_bracket: float = 0.0
+    s_noise: float = 0.0
 
     @property
     def t(self) -> float:
@@ -290,6 +297,7 @@ class Trajectory:
                     "index": e.index,
                     "tau": e.tau,
                     "s_bracket": e.s_bracket,
+                    "s_noise": e.s_noise,
                 }
                 for e in self.events
             ],
@@ -365,6 +373,7 @@ class Trajectory:
                         index=ev["index"],
                         tau=ev["tau"],
                         s_bracket=ev.get("s_bracket", 0.0),
+                        s_noise=ev.get("s_noise", 0.0),
                     )
                     for i, ev in enumerate(meta["events"])
                 ]
