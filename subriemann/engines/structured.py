@@ -1489,9 +1489,11 @@ class StructuredBackend:
     def solve_param_gram(self, theta: Tensor, rhs: Tensor, shift: float) -> Tensor:
         r""":math:`(D^\top D + \mu 1)^{-1}r` for ``rhs`` ``[K]`` or ``[K, b]`` and :math:`\mu > 0`.
 
-        Exact (Cholesky factorizations of symmetric positive definite matrices).
-        When the network ends with a ``Linear`` layer whose outputs are the
-        network's, its Gram block is block diagonal and is eliminated first
+        Exact (Cholesky factorizations of symmetric positive definite matrices;
+        on large convolutional networks from ``float32`` factors refined to the
+        same backward error, ``mixed_precision``).  When the network ends with a
+        ``Linear`` layer whose outputs are the network's, its Gram block is
+        block diagonal and is eliminated first
         (:func:`~subriemann.engines.kspace.solve_shifted`): the one dense
         factorization then has the size of the *other* parameters, and the
         largest matrices are :math:`|C|\times K` instead of :math:`K\times K`.
