@@ -168,6 +168,29 @@ def mixed_solve(
         ``None`` where the sample side does not apply, the solve is too small
         or too ill-conditioned for ``float32``, or the refinement did not
         reach its target: then solve directly.
+
+    Examples
+    --------
+    The rows of :func:`~subriemann.engines.kspace.sample_side_solve`'s example,
+    with the products of the dense :math:`D` (``min_flops=0``: at any size):
+
+    >>> import torch
+    >>> from subriemann.engines.kspace import KronForm, RowsForm
+    >>> _ = torch.manual_seed(0)
+    >>> n, q, p, m = 6, 3, 5, 4
+    >>> j, a = torch.randn(n, q, p, dtype=torch.float64), torch.randn(n, m, dtype=torch.float64)
+    >>> g = torch.eye(q, dtype=torch.float64).expand(n, q, q)
+    >>> forms = [RowsForm(j), KronForm(a, g, m, False)]
+    >>> d = torch.cat([j.reshape(n * q, p),
+    ...                torch.einsum("qc,ni->nqci", g[0], a).reshape(n * q, q * m)], dim=1)
+    >>> r = torch.randn(p + q * m, 1, dtype=torch.float64)
+    >>> x, info = mixed_solve(lambda: [forms], [(0, p), (p, p + q * m)], 1, r, 0.5, 10**6, n,
+    ...                       lambda v: v @ d.T, lambda u: u @ d, min_flops=0)
+    >>> info.converged, len(info.backward_errors) > 1
+    (True, True)
+    >>> ref = torch.linalg.solve(d.T @ d + 0.5 * torch.eye(p + q * m, dtype=torch.float64), r)
+    >>> bool(torch.allclose(x, ref, rtol=1e-12, atol=1e-14))
+    True
     """
     got = gather_rows(chunks, last, temp_entries, n_samples, torch.float32)
     if got is None:
