@@ -102,10 +102,9 @@ def _solver(route: str):
 def worker(problem: str, route: str, check: bool = False) -> dict:
     import torch
 
-    from subriemann.app.allocator import keep_freed_memory
+    from subriemann.app.allocator import set_up_from_environment
 
-    if os.environ.get("SUBRIEMANN_MALLOC", "keep") != "default":
-        keep_freed_memory()  # as the command line does (app/allocator.py)
+    set_up_from_environment()  # as the command line does (app/allocator.py)
 
     from subriemann.metrics import InterpolatedMetric
 

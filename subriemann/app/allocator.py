@@ -13,7 +13,8 @@ exactly the same size may not, as the aligned request is a little larger).  The 
 process keeps its peak memory until it exits (the peak itself is unchanged).
 
 This is a choice for a whole process, so the library never makes it; the
-command line (``subriemann run``, ``sweep``) makes it at start-up, and a
+command line (``subriemann run``, ``sweep``) makes it at start-up
+(:func:`set_up_from_environment`; ``SUBRIEMANN_MALLOC=default`` opts out), and a
 script can call :func:`keep_freed_memory` itself.  (PyTorch's CPU tuning
 guide recommends jemalloc or TCMalloc for the same reason.)
 """
@@ -22,9 +23,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "set_up_from_environment"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -58,3 +60,26 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def set_up_from_environment() -> bool:
+    """What the command line does at start-up: :func:`keep_freed_memory`, unless the
+    environment sets ``SUBRIEMANN_MALLOC=default``.
+
+    Returns
+    -------
+    bool
+        Whether freed memory is now kept.
+
+    Examples
+    --------
+    >>> import os
+    >>> from subriemann.app.allocator import set_up_from_environment
+    >>> os.environ["SUBRIEMANN_MALLOC"] = "default"
+    >>> set_up_from_environment()
+    False
+    >>> del os.environ["SUBRIEMANN_MALLOC"]
+    """
+    if os.environ.get("SUBRIEMANN_MALLOC", "keep") == "default":
+        return False
+    return keep_freed_memory()

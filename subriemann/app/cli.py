@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -66,7 +65,7 @@ import torch
 
 from subriemann import __version__
 from subriemann.app import plots, report
-from subriemann.app.allocator import keep_freed_memory
+from subriemann.app.allocator import set_up_from_environment
 from subriemann.app.config import (
     DEFAULT_N_SAMPLES,
     DEFAULTS,
@@ -496,8 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Warnings reach stderr as one line each (:func:`one_line_warnings`).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if os.environ.get("SUBRIEMANN_MALLOC", "keep") != "default":
-        keep_freed_memory()  # large temporaries without page faults (app/allocator.py)
+    set_up_from_environment()  # large temporaries without page faults (app/allocator.py)
     try:
         with one_line_warnings():
             parser = _parser()

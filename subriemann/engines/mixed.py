@@ -192,6 +192,12 @@ def mixed_solve(
     >>> bool(torch.allclose(x, ref, rtol=1e-12, atol=1e-14))
     True
     """
+    first = next(iter(chunks()), None)  # the size from the first chunk, before any copy
+    if first is None:
+        return None
+    n_c = sum(f.size for i, f in enumerate(first) if i != last)
+    if n_samples**2 * int(first[last].g.shape[1]) * n_c < min_flops:
+        return None
     got = gather_rows(chunks, last, temp_entries, n_samples, torch.float32)
     if got is None:
         return None
@@ -199,7 +205,7 @@ def mixed_solve(
     n, q, n_c = j.shape
     cols = torch.cat([j.view(n * q, n_c).square().sum(dim=0), a.square().sum(dim=0)])
     norm_a = shift + float(cols.max())  # max_i |D e_i|^2 <= |D^T D|_2
-    if n * n * q * n_c < min_flops or torch.finfo(j.dtype).eps * norm_a / shift > 0.1:
+    if torch.finfo(j.dtype).eps * norm_a / shift > 0.1:
         return None
     factor = SampleSide.factor(j, a, form, ranges, last, shift, rhs.dtype)
     del j
